@@ -1,0 +1,134 @@
+"""Which implementation of a fused op runs.
+
+Backends:
+  eager   the PyTorch reference (any device)
+  cpp     the C++ CPU kernels of bisenet_fast._C (CPU tensors)
+  cuda    the CUDA kernels of bisenet_fast._C (CUDA tensors; only if compiled with CUDA)
+  triton  the Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
+
+By default ("auto") each op picks its fused kernel for the tensors' device: cpp on CPU,
+and on CUDA the op's preferred GPU backend among those available. `use(name)` (a
+context manager, thread-local) or the BISENET_FAST_BACKEND environment variable force
+one; a forced backend that cannot run the call raises instead of silently running
+something else.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+from typing import Iterator, Sequence
+
+import torch
+
+NAMES = ("eager", "cpp", "cuda", "triton")
+ENV_VAR = "BISENET_FAST_BACKEND"
+
+_local = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that is not built, not installed, or cannot run the call."""
+
+
+def _compiled_with_cuda() -> bool:
+    from bisenet_fast._C import build_info
+
+    return bool(build_info()["cuda"])
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _why_unavailable(name: str) -> str | None:
+    """None if `name` can run on this machine, else the reason it cannot."""
+    if name in ("eager", "cpp"):
+        return None
+    if name == "cuda":
+        if not _compiled_with_cuda():
+            return "bisenet_fast._C was built without CUDA (rebuild with FORCE_CUDA=1 where nvcc exists)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+    if name == "triton":
+        if not _triton_installed():
+            return "the triton package is not installed"
+        if not (torch.cuda.is_available() or triton_interpreted()):
+            return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+        return None
+    raise ValueError(f"unknown backend {name!r}; expected one of {NAMES}")
+
+
+def available() -> list[str]:
+    """The backends that can run on this machine, e.g. ['eager', 'cpp', 'cuda', 'triton']."""
+    return [name for name in NAMES if _why_unavailable(name) is None]
+
+
+def _check_name(name: str) -> None:
+    if name not in NAMES and name != "auto":
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {NAMES}")
+
+
+def current() -> str:
+    """The forced backend ('auto' when none): use() wins over BISENET_FAST_BACKEND."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in NAMES and name != "auto":
+        raise ValueError(f"{ENV_VAR}={name!r} is not a backend; expected 'auto' or one of {NAMES}")
+    return name
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[str]:
+    """Force backend `name` ('auto' restores the default choice) inside the block."""
+    _check_name(name)
+    if name != "auto":
+        reason = _why_unavailable(name)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cuda", "triton")) -> str:
+    """The backend that runs `op` on tensors of `device` under the current choice."""
+    name = current()
+    if name == "auto":
+        if device.type == "cpu":
+            return "cpp"
+        if device.type == "cuda":
+            for candidate in gpu_preference:
+                if _why_unavailable(candidate) is None:
+                    return candidate
+            raise BackendUnavailableError(
+                f"{op}: no fused GPU backend is available ({', '.join(gpu_preference)} both unavailable); "
+                "use bisenet_fast.backends.use('eager') to run the reference"
+            )
+        raise BackendUnavailableError(f"{op}: tensors on {device.type} are only supported by backend 'eager'")
+    reason = _why_unavailable(name)
+    if reason is not None:
+        raise BackendUnavailableError(f"{op}: backend {name!r} is not available: {reason}")
+    if name == "cpp" and device.type != "cpu":
+        raise BackendUnavailableError(f"{op}: backend 'cpp' runs CPU tensors, got tensors on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(f"{op}: backend 'cuda' runs CUDA tensors, got tensors on {device}")
+    if name == "triton" and device.type == "cpu" and not triton_interpreted():
+        raise BackendUnavailableError(
+            f"{op}: backend 'triton' got CPU tensors; set TRITON_INTERPRET=1 (before importing bisenet_fast) "
+            "to run Triton kernels on the CPU"
+        )
+    return name

@@ -1,0 +1,5 @@
+from bisenet_fast.models.bisenetv2 import BiSeNetV2
+from bisenet_fast.models.fcn_head import FCNHead
+from bisenet_fast.models.segmentor import BiSeNetV2Segmentor
+
+__all__ = ["BiSeNetV2", "BiSeNetV2Segmentor", "FCNHead"]

@@ -1,0 +1,11 @@
+"""Fused operators. Each has an eager reference (the oracle) and fused kernels chosen
+through bisenet_fast.backends."""
+from bisenet_fast.ops.bga import bga_aggregate, bga_aggregate_reference
+from bisenet_fast.ops.ohem_cross_entropy import ohem_cross_entropy, ohem_cross_entropy_reference
+
+__all__ = [
+    "bga_aggregate",
+    "bga_aggregate_reference",
+    "ohem_cross_entropy",
+    "ohem_cross_entropy_reference",
+]

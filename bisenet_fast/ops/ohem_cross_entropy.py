@@ -1,0 +1,87 @@
+"""OHEM top-k cross-entropy on head-resolution logits (spec §6, mmseg 0.28+ semantics)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bisenet_fast import backends
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
+
+TARGET_DTYPES = (torch.uint8, torch.int32, torch.int64)
+
+
+def ohem_cross_entropy_reference(logits, target, *, thresh=0.7, min_kept=10000, ignore_index=255):
+    """Eager oracle: what mmseg's decode head does for one head's loss.
+
+    Upsample the logits to the label size, OHEMPixelSampler (threshold = max(thresh,
+    budget-th smallest ground-truth probability among valid pixels), keep p < threshold),
+    cross-entropy summed over kept pixels and divided by all N*H*W pixels.
+    """
+    n = logits.shape[0]
+    height, width = target.shape[-2:]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # mmseg computes losses in fp32 (force_fp32)
+    up = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    target = target.long()
+    valid = target != ignore_index
+    ce = F.cross_entropy(up, target, reduction="none", ignore_index=ignore_index)
+    if thresh is None:
+        weight = valid
+    else:
+        with torch.no_grad():
+            prob = up.softmax(dim=1).gather(1, target.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
+            valid_prob = prob[valid]
+            threshold = torch.tensor(thresh, dtype=prob.dtype, device=prob.device)
+            if valid_prob.numel() > 0:
+                kth = valid_prob.sort().values[min(min_kept * n, valid_prob.numel() - 1)]
+                threshold = torch.maximum(kth, threshold)
+            weight = valid & (prob < threshold)
+    return (ce * weight).sum() / (n * height * width)
+
+
+def check_ohem_inputs(logits, target, thresh, min_kept, ignore_index) -> None:
+    check_tensor("logits", logits, dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("target", target, dim=3, dtypes=TARGET_DTYPES, device=logits.device)
+    if target.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"target must have the batch size of logits ({logits.shape[0]}), got shape {tuple(target.shape)}"
+        )
+    if logits.shape[1] < 1 or min(logits.shape[-2:]) < 1 or min(target.shape[-2:]) < 1:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have non-empty class and spatial dims"
+        )
+    if thresh is not None and not 0.0 < float(thresh) <= 1.0:
+        raise ValueError(f"thresh must be None or a probability in (0, 1], got {thresh}")
+    if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 0:
+        raise ValueError(f"min_kept must be a non-negative int, got {min_kept!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_target_labels(logits, target, ignore_index) -> None:
+    """Labels other than ignore_index must be class ids in [0, C)."""
+    num_classes = logits.shape[1]
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"target holds label {value}, which is neither a class id in [0, {num_classes}) "
+            f"nor ignore_index ({ignore_index})"
+        )
+
+
+def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_index=255):
+    """Loss of one head (0-dim float32; float64 for float64 logits).
+
+    logits (N, C, h, w) at head resolution (float32/float16/bfloat16/float64); target
+    (N, H, W) integer labels (uint8/int32/int64). thresh=None: plain cross-entropy
+    averaged over N*H*W.
+    """
+    check_ohem_inputs(logits, target, thresh, min_kept, ignore_index)
+    backend = backends.resolve("ohem_cross_entropy", logits.device)
+    if backend == "eager":
+        check_target_labels(logits, target, ignore_index)
+        return ohem_cross_entropy_reference(
+            logits, target, thresh=thresh, min_kept=min_kept, ignore_index=ignore_index
+        )
+    raise NotImplementedError(f"ohem_cross_entropy: backend {backend!r} is not implemented yet")

@@ -1,0 +1,69 @@
+// Index math of size-based bilinear interpolation with align_corners=False, exactly as
+// ATen's upsample_bilinear2d computes it (float scale in/out, source clamped at 0), plus
+// its transpose: which destination indices read a given source index. Shared by the CPU
+// and CUDA kernels so both compute the same taps as F.interpolate.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace bisenet_fast {
+
+// One destination index along one axis reads source indices i0 and i1 with weights w0, w1.
+struct LinearTap {
+  int64_t i0;
+  int64_t i1;
+  float w0;
+  float w1;
+};
+
+BF_HOST_DEVICE float linear_scale(int64_t in_size, int64_t out_size) {
+  return static_cast<float>(in_size) / static_cast<float>(out_size);
+}
+
+BF_HOST_DEVICE LinearTap linear_tap(int64_t dst, int64_t in_size, float scale) {
+  float src = scale * (static_cast<float>(dst) + 0.5f) - 0.5f;
+  if (src < 0.f) src = 0.f;
+  LinearTap t;
+  t.i0 = static_cast<int64_t>(src);
+  if (t.i0 > in_size - 1) t.i0 = in_size - 1;
+  t.w1 = src - static_cast<float>(t.i0);
+  t.w0 = 1.f - t.w1;
+  t.i1 = t.i0 + (t.i0 < in_size - 1 ? 1 : 0);
+  return t;
+}
+
+// Weight with which destination `dst` reads source index `src` (0 if it does not).
+BF_HOST_DEVICE float linear_weight(const LinearTap& t, int64_t src) {
+  return (t.i0 == src ? t.w0 : 0.f) + (t.i1 == src ? t.w1 : 0.f);
+}
+
+// First destination index whose tap i0 is >= m (out_size if none). i0 is non-decreasing
+// in dst, so the destinations reading source index i form the range
+// [first_dst_with_i0_at_least(i - 1), first_dst_with_i0_at_least(i + 1)).
+BF_HOST_DEVICE int64_t first_dst_with_i0_at_least(int64_t m, int64_t in_size, int64_t out_size, float scale) {
+  if (m <= 0) return 0;
+  if (m > in_size - 1) return out_size;
+  // Analytic guess from src = scale * (dst + 0.5) - 0.5 >= m, then exact correction with
+  // the same float arithmetic as linear_tap so the range matches the forward taps.
+  int64_t dst = static_cast<int64_t>((static_cast<float>(m) + 0.5f) / scale - 0.5f) - 1;
+  if (dst < 0) dst = 0;
+  if (dst > out_size) dst = out_size;
+  while (dst < out_size && linear_tap(dst, in_size, scale).i0 < m) ++dst;
+  while (dst > 0 && linear_tap(dst - 1, in_size, scale).i0 >= m) --dst;
+  return dst;
+}
+
+struct DstRange {
+  int64_t begin;
+  int64_t end;
+};
+
+// Destination indices whose taps read source index `src`.
+BF_HOST_DEVICE DstRange dst_range_reading(int64_t src, int64_t in_size, int64_t out_size, float scale) {
+  return DstRange{first_dst_with_i0_at_least(src - 1, in_size, out_size, scale),
+                  first_dst_with_i0_at_least(src + 1, in_size, out_size, scale)};
+}
+
+}  // namespace bisenet_fast

@@ -1,0 +1,59 @@
+// The one schema block of the bisenet_fast operator library, and the Python module that
+// exposes what was compiled. Kernels live in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu and
+// register themselves with TORCH_LIBRARY_IMPL; fake kernels and autograd are registered in
+// Python (bisenet_fast/ops/).
+#include <torch/extension.h>
+
+#ifndef BISENET_FAST_CUDA_ARCHS
+#define BISENET_FAST_CUDA_ARCHS ""
+#endif
+#ifndef BISENET_FAST_TORCH_VERSION
+#define BISENET_FAST_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(bisenet_fast, m) {
+  // OHEM top-k cross-entropy on logits upsampled in-kernel to the target's size.
+  // thresh=None: plain cross-entropy. Returns the loss (0-dim float32) and the
+  // probability threshold used (0-dim float32, +inf without OHEM), saved for backward.
+  m.def(
+      "ohem_cross_entropy_forward(Tensor logits, Tensor target, float? thresh, int min_kept, "
+      "int ignore_index) -> (Tensor loss, Tensor threshold)");
+  // Gradient w.r.t. the head-resolution logits (same shape and dtype as logits).
+  m.def(
+      "ohem_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
+      "Tensor threshold, int ignore_index) -> Tensor");
+
+  // Bilateral Guided Aggregation:
+  //   detail * sigmoid(up(semantic)) + up(detail_down * sigmoid(semantic_down))
+  // detail (N,C,H,W); semantic, detail_down, semantic_down (N,C,h,w); up = bilinear to (H,W).
+  m.def("bga_aggregate(Tensor detail, Tensor semantic, Tensor detail_down, Tensor semantic_down) -> Tensor");
+  // Gradients to (detail, semantic, detail_down, semantic_down).
+  m.def(
+      "bga_aggregate_backward(Tensor grad_out, Tensor detail, Tensor semantic, Tensor detail_down, "
+      "Tensor semantic_down) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef BISENET_FAST_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(BISENET_FAST_CUDA_ARCHS);
+  info["compiled_with_torch"] = std::string(BISENET_FAST_TORCH_VERSION);
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, module) {
+  module.def("build_info", &build_info, "What this build of bisenet_fast._C contains.");
+}

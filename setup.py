@@ -1,0 +1,74 @@
+"""Builds bisenet_fast._C: C++ CPU kernels always, CUDA kernels when CUDA is usable.
+
+CUDA is compiled when torch is a CUDA build and nvcc is found and a GPU is visible, or
+whenever FORCE_CUDA=1 (e.g. on a build machine without a GPU). FORCE_CUDA=0 disables it.
+TORCH_CUDA_ARCH_LIST picks the architectures (default: 8.0;8.6;8.9;9.0).
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    force = os.environ.get("FORCE_CUDA", "")
+    if force == "0":
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if force == "1":
+            raise RuntimeError(
+                "FORCE_CUDA=1 but "
+                + ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
+            )
+        return False
+    return force == "1" or torch.cuda.is_available()
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    define_macros = [("BISENET_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx_flags = ["-O3", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not want_cuda():
+        define_macros.append(("BISENET_FAST_CUDA_ARCHS", '""'))
+        return CppExtension(
+            "bisenet_fast._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    define_macros += [("BISENET_FAST_WITH_CUDA", None), ("BISENET_FAST_CUDA_ARCHS", f'"{archs}"')]
+    return CUDAExtension(
+        "bisenet_fast._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+        },
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=find_packages(include=["bisenet_fast", "bisenet_fast.*"]),
+    package_data={"bisenet_fast": ["configs/*.json"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={
+        "console_scripts": [
+            "bisenet-fast-train=bisenet_fast.train:main",
+            "bisenet-fast-eval=bisenet_fast.evaluate:main",
+            "bisenet-fast-demo=bisenet_fast.demo:main",
+        ]
+    },
+)
