@@ -6,21 +6,3 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import bisenet_fast as bf  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-requires_cuda_build = pytest.mark.skipif(
-    not (CUDA and bf.build_info()["cuda"]), reason="needs a CUDA device and bisenet_fast._C built with CUDA"
-)
-requires_triton = pytest.mark.skipif(
-    "triton" not in bf.backends.available(), reason="needs triton (on a GPU, or TRITON_INTERPRET=1 on the CPU)"
-)
-
-
-def triton_device() -> str:
-    """Where Triton kernels run in this session: the GPU, else the CPU interpreter."""
-    return "cuda" if CUDA else "cpu"
