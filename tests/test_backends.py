@@ -1,0 +1,86 @@
+"""Backend registry: what is available, forcing one, the environment override, errors."""
+import pytest
+import torch
+
+import bisenet_fast as bf
+from bisenet_fast.backends import BackendUnavailableError, resolve
+
+from tests.helpers import CUDA
+
+
+def test_available_lists_eager_and_cpp_always():
+    names = bf.backends.available()
+    assert names[:2] == ["eager", "cpp"]
+    assert ("cuda" in names) == (CUDA and bf.build_info()["cuda"])
+
+
+def test_auto_picks_cpp_on_cpu():
+    assert bf.backends.current() == "auto"
+    assert resolve("op", torch.device("cpu")) == "cpp"
+
+
+def test_use_forces_and_restores():
+    with bf.backends.use("eager") as name:
+        assert name == "eager" and bf.backends.current() == "eager"
+        assert resolve("op", torch.device("cpu")) == "eager"
+        with bf.backends.use("auto"):
+            assert resolve("op", torch.device("cpu")) == "cpp"
+        assert bf.backends.current() == "eager"
+    assert bf.backends.current() == "auto"
+
+
+def test_environment_variable_and_use_precedence(monkeypatch):
+    monkeypatch.setenv(bf.backends.ENV_VAR, "eager")
+    assert resolve("op", torch.device("cpu")) == "eager"
+    with bf.backends.use("cpp"):
+        assert resolve("op", torch.device("cpu")) == "cpp"
+    monkeypatch.setenv(bf.backends.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="BISENET_FAST_BACKEND='fastest' is not a backend"):
+        resolve("op", torch.device("cpu"))
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        with bf.backends.use("tensorrt"):
+            pass
+
+
+@pytest.mark.skipif(CUDA and bf.build_info()["cuda"], reason="the CUDA backend is available here")
+def test_unavailable_cuda_backend_raises_with_reason():
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is not available: "):
+        with bf.backends.use("cuda"):
+            pass
+
+
+def test_backend_that_cannot_run_the_device_raises():
+    with bf.backends.use("eager"):
+        pass
+    if "cuda" in bf.backends.available():
+        with bf.backends.use("cuda"):
+            with pytest.raises(BackendUnavailableError, match="runs CUDA tensors, got tensors on cpu"):
+                resolve("bga_aggregate", torch.device("cpu"))
+    with bf.backends.use("cpp"):
+        with pytest.raises(BackendUnavailableError, match="backend 'cpp' runs CPU tensors"):
+            resolve("bga_aggregate", torch.device("cuda", 0))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    if "triton" not in bf.backends.available():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not CUDA:
+        with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            with bf.backends.use("triton"):
+                pass
+
+
+def test_build_info_reports_the_build():
+    info = bf.build_info()
+    assert info["cpu"] is True
+    assert isinstance(info["cuda"], bool)
+    assert info["torch"] == torch.__version__
+    assert info["compiled_with_torch"] == torch.__version__
+    assert info["backends"] == bf.backends.available()
+    if info["cuda"]:
+        assert info["cuda_archs"]
+    assert set(info) >= {"cuda_archs", "openmp", "triton", "torch_cuda", "cuda_available"}
