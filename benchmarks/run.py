@@ -1,0 +1,84 @@
+"""Run every benchmark module (benchmarks/bench_*.py), print one table, write JSON.
+
+    python -m benchmarks.run [--device cuda] [--quick] [--only ohem,bga] [--out results.json]
+
+Each module exposes run(device: str, quick: bool) -> list[dict]; the JSON records the
+device, torch/triton versions, build and date with every row.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import pkgutil
+import sys
+import traceback
+
+import torch
+
+import benchmarks
+import bisenet_fast as bf
+from benchmarks.timing import device_name
+
+COLUMNS = ("op", "case", "impl", "dtype", "ms", "speedup_vs_eager", "peak_extra_mb", "gbps")
+
+
+def modules(only: list[str] | None):
+    names = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_"))
+    if only:
+        names = [n for n in names if any(key in n for key in only)]
+    return names
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+        return str(value)
+
+    table = [COLUMNS] + [tuple(cell(r.get(c)) for c in COLUMNS) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes (CI-sized)")
+    parser.add_argument("--only", default="", help="comma-separated substrings of module names")
+    parser.add_argument("--out", default=None, help="write the rows and metadata as JSON here")
+    args = parser.parse_args(argv)
+
+    meta = {
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "build": bf.build_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+    }
+    rows, failures = [], []
+    for name in modules([s for s in args.only.split(",") if s]):
+        print(f"== {name}", flush=True)
+        try:
+            module_rows = importlib.import_module(f"benchmarks.{name}").run(args.device, args.quick)
+        except Exception:  # one broken benchmark must not hide the others' numbers
+            failures.append(name)
+            traceback.print_exc()
+            continue
+        rows += module_rows
+        print(format_table(module_rows), flush=True)
+        if args.out:  # written after every module so a time-out still leaves results
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "rows": rows, "failed": failures}, f, indent=1)
+    print(f"\n{meta['device']} | torch {meta['torch']} | {meta['date']}")
+    print(format_table(rows))
+    if failures:
+        print(f"FAILED benchmark modules: {', '.join(failures)}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU validation in one go, for a lent GPU machine where torch, triton, nvcc, ninja and
+# pytest are already installed: build the extension in place with CUDA, run the whole
+# test suite (CUDA and Triton tests run natively there), run the benchmarks, and leave
+# logs and JSON in the folder given as argument.
+#
+#   scripts/gpu_check.sh OUT_DIR [STAGE_TIMEOUT_S]
+set -uo pipefail
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGE_TIMEOUT_S]}
+stage_timeout=${2:-240}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+py=${PYTHON:-python3}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nvcc --version | tail -2
+  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$out/env.txt"
+
+echo "== build" | tee "$out/build.log"
+export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+if ! timeout "$stage_timeout" $py setup.py build_ext --inplace >>"$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+$py -c "import bisenet_fast as bf; print(bf.build_info())" 2>&1 | tee -a "$out/build.log"
+
+echo "== tests"
+timeout "$stage_timeout" $py -m pytest tests -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" \
+  >"$out/tests.log" 2>&1
+tests_rc=$?
+tail -25 "$out/tests.log"
+
+echo "== benchmarks"
+timeout "$stage_timeout" $py -m benchmarks.run --device cuda --out "$out/bench.json" >"$out/bench.log" 2>&1
+bench_rc=$?
+tail -60 "$out/bench.log"
+echo "tests rc=$tests_rc bench rc=$bench_rc"
