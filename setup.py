@@ -64,11 +64,4 @@ setup(
     package_data={"bisenet_fast": ["configs/*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={
-        "console_scripts": [
-            "bisenet-fast-train=bisenet_fast.train:main",
-            "bisenet-fast-eval=bisenet_fast.evaluate:main",
-            "bisenet-fast-demo=bisenet_fast.demo:main",
-        ]
-    },
 )
