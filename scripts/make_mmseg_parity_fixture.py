@@ -27,10 +27,13 @@ from parity_weights import IGNORE_INDEX, INPUT_SEED, WEIGHT_SEED, make_inputs, m
 
 CONFIG_KEY = ("v1_2_2", "configs/bisenetv2/bisenetv2_fcn_4xb4-160k_cityscapes-1024x1024.py")
 # (name, input shape, stride of the stored subsample of the full-size logits)
-CASES = (("batch2", (2, 3, 96, 160), 4), ("odd", (1, 3, 67, 101), 2))
-# (name, OHEMPixelSampler thresh, min_kept): plain CE; the configs' thresh with a small
-# budget (threshold stays 0.7); and a low thresh whose budget-th probability raises it.
-SAMPLERS = (("ce", None, None), ("ohem", 0.7, 100), ("ohem_kth", 0.01, 1000))
+CASES = (("batch2", (2, 3, 64, 96), 4), ("odd", (1, 3, 67, 101), 2))
+# (name, OHEMPixelSampler thresh, min_kept), each reaching another branch of the sampler:
+# plain CE; the configs' thresh 0.7 with a small budget (threshold stays 0.7 and drops the
+# pixels predicted with p >= 0.7); a tiny thresh whose budget-th smallest probability
+# (min_kept * N, about 40% of the valid pixels here) becomes the threshold; and a
+# budget over the valid pixel count (threshold = the largest probability).
+SAMPLERS = (("ce", None, None), ("ohem", 0.7, 100), ("ohem_kth", 1e-6, 2200), ("ohem_all", 0.7, 40000))
 LOSS_KEYS = ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce", "aux_2.loss_ce", "aux_3.loss_ce")
 # Parameters whose gradients of the summed eval-mode loss are stored (small ones, spread
 # over the network: first conv, GE/CE/BGA blocks, every head).
@@ -167,6 +170,7 @@ def main() -> None:
     with torch.no_grad():
         for case, shape, stride in CASES:
             image, labels = make_inputs(shape)
+            out[f"{case}/input_shape"] = np.array(shape, dtype=np.int64)
             samples = data_samples(labels)
             metas = [s.metainfo for s in samples]
             feats = model.extract_feat(image)
