@@ -36,6 +36,7 @@ from bisenet_fast.models.fcn_head import FCNHead
 INFERENCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@torch.no_grad()
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, t) in float64 with bn(v) == v * s + t in eval mode."""
     if bn.running_mean is None or bn.running_var is None:
@@ -49,6 +50,7 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, t
     return scale, shift
 
 
+@torch.no_grad()
 def fold_conv_module(module: ConvModule) -> tuple[torch.Tensor, torch.Tensor]:
     """Folded (weight, bias) of conv -> bn in float64; the bias is always present."""
     weight = module.conv.weight.detach().double()

@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -54,6 +55,8 @@ inline void grouped_tap(const scalar_t* v, const acc_t* w, acc_t* acc, int64_t c
 
 at::Tensor ge_layer_stride1_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
                                 const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias) {
+  // The tile GEMMs below call ATen: keep them out of autograd (this op has no backward).
+  c10::InferenceMode inference_guard;
   check_cpu_inputs("ge_layer_stride1",
                    {{"x", &x}, {"y", &y}, {"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight},
                     {"pw_bias", &pw_bias}},
@@ -122,6 +125,8 @@ at::Tensor ge_layer_stride2_cpu(const at::Tensor& x, const at::Tensor& y, const 
                                 const at::Tensor& pw_weight, const at::Tensor& pw_bias, const at::Tensor& sc_dw_weight,
                                 const at::Tensor& sc_dw_bias, const at::Tensor& sc_pw_weight,
                                 const at::Tensor& sc_pw_bias) {
+  // The tile GEMMs below call ATen: keep them out of autograd (this op has no backward).
+  c10::InferenceMode inference_guard;
   check_cpu_inputs("ge_layer_stride2",
                    {{"x", &x}, {"y", &y}, {"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias},
                     {"dw1_weight", &dw1_weight}, {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight},
