@@ -42,9 +42,21 @@ void check_cpu_inputs(const char* op, std::initializer_list<std::pair<const char
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
 }
 
+template <int64_t kRatio, typename scalar_t, typename acc_t>
+inline void grouped_tap_fixed(const scalar_t* v, const acc_t* w, acc_t* acc, int64_t cin) {
+  for (int64_t c = 0; c < cin; ++c) {
+    const acc_t value = static_cast<acc_t>(v[c]);
+    for (int64_t r = 0; r < kRatio; ++r) acc[c * kRatio + r] += value * w[c * kRatio + r];
+  }
+}
+
 // acc[c*ratio + r] += v[c] * w[c*ratio + r]: one tap of the grouped conv for one pixel.
+// BiSeNetV2's ratios (6 for the expansion, 1 for the shortcut's depthwise conv) get
+// unrolled inner loops; any other ratio runs the same arithmetic with a runtime bound.
 template <typename scalar_t, typename acc_t>
 inline void grouped_tap(const scalar_t* v, const acc_t* w, acc_t* acc, int64_t cin, int64_t ratio) {
+  if (ratio == 6) return grouped_tap_fixed<6>(v, w, acc, cin);
+  if (ratio == 1) return grouped_tap_fixed<1>(v, w, acc, cin);
   for (int64_t c = 0; c < cin; ++c) {
     const acc_t value = static_cast<acc_t>(v[c]);
     const acc_t* wc = w + c * ratio;
