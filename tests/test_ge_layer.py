@@ -170,8 +170,10 @@ def test_triton_custom_op_fake(stride):
 @pytest.mark.parametrize("cin,cout,stride", NETWORK_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_network_configs_on_gpu(cin, cout, stride, dtype):
+    # float32 projections run as 3xTF32 dots on the GPU: held to the fused model's 1e-4 bar.
     args = make_inputs(2, cin, cout, stride, 33, 67, dtype, device="cuda")
-    assert_close_to_scale(run("triton", stride, args), reference_float64(stride, args), TOLERANCE[dtype])
+    rel = 1e-4 if dtype == torch.float32 else TOLERANCE[dtype]
+    assert_close_to_scale(run("triton", stride, args), reference_float64(stride, args), rel)
 
 
 # ---- Bad input: the same clear error whatever the backend -----------------------------------
