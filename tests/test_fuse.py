@@ -96,7 +96,7 @@ def test_low_precision(segmentor, image, bga_runs_fused, dtype, rel):
     assert_matches(out, unfused_logits(segmentor, image[:1]), rel)
 
 
-def test_cebock_gap_bn_is_folded(segmentor):
+def test_no_batchnorm_left_ceblock_gap_included(segmentor):
     fused = segmentor.fuse()
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
 
