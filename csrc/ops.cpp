@@ -31,6 +31,20 @@ TORCH_LIBRARY(bisenet_fast, m) {
   m.def(
       "bga_aggregate_backward(Tensor grad_out, Tensor detail, Tensor semantic, Tensor detail_down, "
       "Tensor semantic_down) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Gather-and-Expansion layer, inference form (BN folded into every conv; y = conv1(x)):
+  //   stride 1: relu(x + pw(relu(dw(y))))   dw 3x3 groups=cin, cin->mid; pw (cin, mid)
+  //   stride 2: relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x)))
+  //             dw0 3x3 s2 groups=cin cin->mid; dw1 3x3 depthwise on mid; sc_dw 3x3 s2
+  //             depthwise on x; pw (cout, mid); sc_pw (cout, cin).
+  // Every conv has its (folded) bias; outputs are channels_last. No backward.
+  m.def(
+      "ge_layer_stride1(Tensor x, Tensor y, Tensor dw_weight, Tensor dw_bias, Tensor pw_weight, "
+      "Tensor pw_bias) -> Tensor");
+  m.def(
+      "ge_layer_stride2(Tensor x, Tensor y, Tensor dw0_weight, Tensor dw0_bias, Tensor dw1_weight, "
+      "Tensor dw1_bias, Tensor pw_weight, Tensor pw_bias, Tensor sc_dw_weight, Tensor sc_dw_bias, "
+      "Tensor sc_pw_weight, Tensor sc_pw_bias) -> Tensor");
 }
 
 namespace {

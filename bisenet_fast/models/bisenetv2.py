@@ -180,6 +180,13 @@ class BiSeNetV2(nn.Module):
         outs = [self.bga(x_detail, semantic_outs[-1])] + semantic_outs[:-1]
         return tuple(outs[i] for i in self.out_indices)
 
+    def fuse(self, dtype: torch.dtype | None = None):
+        """The inference form (bisenet_fast/models/fused.py): BN folded, fused GE kernels,
+        channels_last, `dtype` float32 (default), float16 or bfloat16. This model is unchanged."""
+        from bisenet_fast.models.fused import FusedBiSeNetV2
+
+        return FusedBiSeNetV2(self, dtype)
+
 
 def resize_bilinear(x, size):
     """mmseg's resize for this model: size-based bilinear, align_corners=False."""

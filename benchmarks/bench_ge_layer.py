@@ -1,0 +1,109 @@
+"""Each distinct GE layer of BiSeNetV2 in inference (BN folded): the part after conv1 that the
+fused op replaces (expand dwconv -> projection + residual/shortcut + ReLU).
+
+impls: eager (the folded-BN reference, NCHW and channels_last), compile (torch.compile of
+the reference, GPU only), and the fused kernel (cpp on CPU, triton on GPU).
+
+    python -m benchmarks.bench_ge_layer [--device cuda] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import bisenet_fast as bf
+from benchmarks.timing import device_name, measure
+from bisenet_fast.models.bisenetv2 import GELayer
+from bisenet_fast.models.fused import FusedGELayer
+from bisenet_fast.ops import ge_layer as ge
+
+# (cin, cout, stride, input size as a fraction of the image) for every distinct GE layer.
+LAYERS = [(16, 32, 2, 4), (32, 32, 1, 8), (32, 64, 2, 8), (64, 64, 1, 16), (64, 128, 2, 16), (128, 128, 1, 32)]
+FULL_IMAGE = (1024, 2048)
+CPU_IMAGE = (512, 1024)  # the CPU target's setting
+QUICK_IMAGE = (256, 512)
+
+
+def _weights(fused: FusedGELayer) -> list[torch.Tensor]:
+    if fused.stride == 1:
+        return [fused.dw_weight, fused.dw_bias, fused.pw_weight, fused.pw_bias]
+    return [fused.dw0_weight, fused.dw0_bias, fused.dw1_weight, fused.dw1_bias, fused.pw_weight, fused.pw_bias,
+            fused.sc_dw_weight, fused.sc_dw_bias, fused.sc_pw_weight, fused.sc_pw_bias]
+
+
+def _layer(cin, cout, stride, device, dtype) -> FusedGELayer:
+    layer = GELayer(cin, cout, 6, stride)
+    for m in layer.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return FusedGELayer(layer.eval()).to(device=device, dtype=dtype)
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
+    image = QUICK_IMAGE if quick else (FULL_IMAGE if gpu else CPU_IMAGE)
+    fused_impl = "triton" if gpu else "cpp"
+    repeats = 5 if quick else (50 if gpu else 10)
+    rows = []
+    for dtype in dtypes:
+        for cin, cout, stride, frac in LAYERS:
+            h, w = image[0] // frac, image[1] // frac
+            fused = _layer(cin, cout, stride, device, dtype)
+            weights = _weights(fused)
+            x = torch.randn(1, cin, h, w, device=device, dtype=dtype).relu()
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                y_cl = fused.conv1(x_cl)
+            y = y_cl.contiguous()
+            reference = ge.ge_layer_stride1_reference if stride == 1 else ge.ge_layer_stride2_reference
+            op = ge.ge_layer_stride1 if stride == 1 else ge.ge_layer_stride2
+            candidates = [("eager", "NCHW", lambda: reference(x, y, *weights)),
+                          ("eager", "channels_last", lambda: reference(x_cl, y_cl, *weights))]
+            if gpu:
+                compiled = torch.compile(reference)
+                candidates.append(("compile", "channels_last", lambda: compiled(x_cl, y_cl, *weights)))
+            candidates.append((fused_impl, "channels_last", lambda: op(x_cl, y_cl, *weights)))
+            out_h, out_w = (h, w) if stride == 1 else ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
+            min_bytes = (2 * x.numel() + cout * out_h * out_w) * x.element_size()
+            base_ms = None
+            for impl, layout, fn in candidates:
+                with torch.inference_mode():
+                    timing = measure(fn, device, warmup=2 if quick else 5, repeats=repeats)
+                base_ms = base_ms if base_ms is not None else timing["ms"]
+                rows.append({
+                    "op": "ge_layer", "case": f"{cin}->{cout} s{stride}", "impl": impl, "layout": layout,
+                    "dtype": str(dtype).replace("torch.", ""), "shape": [1, cin, h, w],
+                    "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
+                    "speedup_vs_eager": base_ms / timing["ms"], "gbps": min_bytes / timing["ms"] / 1e6,
+                })
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'case':14} {'impl':8} {'layout':14} {'dtype':9} {'shape':20} {'ms':>9} {'ms_min':>9} {'vs eager':>8} {'GB/s':>7}")
+    for r in rows:
+        print(f"{r['case']:14} {r['impl']:8} {r['layout']:14} {r['dtype']:9} {str(r['shape']):20} "
+              f"{r['ms']:9.3f} {r['ms_min']:9.3f} {r['speedup_vs_eager']:8.2f} {r['gbps']:7.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    rows = run(args.device, args.quick)
+    print(f"# {device_name(args.device)}, torch {torch.__version__}, backends {bf.backends.available()}")
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name(args.device), "torch": torch.__version__, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

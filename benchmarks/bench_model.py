@@ -1,0 +1,109 @@
+"""Whole-network inference (BiSeNetV2Segmentor.forward: logits at the input size).
+
+impls: eager (the unfused model with every op's eager reference, NCHW and channels_last),
+compile (torch.compile of that model; GPU only, --compile-mode picks the mode), and the
+fused model from model.fuse() (its GE kernels: cpp on CPU, triton on GPU), on GPU also
+replayed as one CUDA graph. Sizes 1x3x1024x2048 (the published fps setting) and
+1x3x512x1024; float32, and float16 on GPU. Quick: 1x3x256x512 float32.
+
+    python -m benchmarks.bench_model [--device cuda] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import torch
+
+import bisenet_fast as bf
+from benchmarks.timing import device_name, measure
+from bisenet_fast.models.fused import capture_cuda_graph
+
+FULL_SIZES = [(1024, 2048), (512, 1024)]
+CPU_SIZES = [(512, 1024)]  # the CPU target's setting
+QUICK_SIZES = [(256, 512)]
+
+
+def _model(device) -> bf.BiSeNetV2Segmentor:
+    torch.manual_seed(0)
+    model = bf.BiSeNetV2Segmentor(num_classes=19)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.to(device).eval()
+
+
+def _eager(model):
+    def forward(x):
+        with bf.backends.use("eager"):
+            return model(x)
+
+    return forward
+
+
+def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    sizes = QUICK_SIZES if quick else (FULL_SIZES if gpu else CPU_SIZES)
+    dtypes = [torch.float32, torch.float16] if gpu and not quick else [torch.float32]
+    fused_impl = "triton" if gpu else "cpp"
+    repeats = 3 if quick else (30 if gpu else 5)
+    model = _model(device)
+    rows = []
+    for dtype in dtypes:
+        eager_model = copy.deepcopy(model).to(dtype)
+        eager_cl = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last)
+        fused = model.fuse(dtype=dtype)
+        compiled = torch.compile(eager_model, mode=compile_mode) if gpu else None
+        for h, w in sizes:
+            x = torch.randn(1, 3, h, w, device=device, dtype=dtype)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            candidates = [("eager", "NCHW", lambda: _eager(eager_model)(x)),
+                          ("eager", "channels_last", lambda: _eager(eager_cl)(x_cl))]
+            if compiled is not None:
+                candidates.append(("compile", f"NCHW mode={compile_mode}", lambda: _eager(compiled)(x)))
+            candidates.append((fused_impl, "fused channels_last", lambda: fused(x)))
+            if gpu:
+                with torch.inference_mode():
+                    graphed = capture_cuda_graph(fused, x)
+                candidates.append((fused_impl, "fused + CUDA graph", lambda: graphed(x)))
+            base_ms = None
+            for impl, variant, fn in candidates:
+                with torch.inference_mode():
+                    timing = measure(fn, device, warmup=1 if quick else 5, repeats=repeats)
+                base_ms = base_ms if base_ms is not None else timing["ms"]
+                rows.append({
+                    "op": "bisenetv2_inference", "case": variant, "impl": impl,
+                    "dtype": str(dtype).replace("torch.", ""), "shape": [1, 3, h, w],
+                    "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
+                    "speedup_vs_eager": base_ms / timing["ms"], "fps": 1e3 / timing["ms"],
+                })
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'impl':8} {'case':26} {'dtype':9} {'shape':18} {'ms':>9} {'ms_min':>9} {'vs eager':>8} {'fps':>7}")
+    for r in rows:
+        print(f"{r['impl']:8} {r['case']:26} {r['dtype']:9} {str(r['shape']):18} {r['ms']:9.2f} {r['ms_min']:9.2f} "
+              f"{r['speedup_vs_eager']:8.2f} {r['fps']:7.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode on GPU, e.g. max-autotune")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    rows = run(args.device, args.quick, args.compile_mode)
+    print(f"# {device_name(args.device)}, torch {torch.__version__}, backends {bf.backends.available()}")
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name(args.device), "torch": torch.__version__, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

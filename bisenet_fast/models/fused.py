@@ -1,0 +1,318 @@
+"""The inference form of BiSeNetV2: what `model.fuse()` returns.
+
+Every BatchNorm is folded into the conv before it (weight * gamma / sqrt(var + eps), bias
+beta - mean * gamma / sqrt(var + eps)), computed in float64 from the running statistics
+and then cast to the requested dtype. The CEBlock's standalone BN after global pooling is
+folded into conv_gap's input side (W' = W * s, b' = b + W @ t), so no BN remains. Each
+Gather-and-Expansion layer runs conv1 through ATen/cuDNN and the rest as the fused GE op
+(bisenet_fast.ops.ge_layer_stride1/2, which picks its backend through bisenet_fast.backends).
+Activations are channels_last; ReLUs after convs run in place on the conv's fresh output.
+
+The fused modules hold their folded weights as buffers (nothing to train) and refuse
+`.train()`; the source model is not modified.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bisenet_fast import ops
+from bisenet_fast.models.bisenetv2 import (
+    BGALayer,
+    BiSeNetV2,
+    CEBlock,
+    DetailBranch,
+    GELayer,
+    SemanticBranch,
+    StemBlock,
+    resize_bilinear,
+)
+from bisenet_fast.models.conv_module import ConvModule
+from bisenet_fast.models.fcn_head import FCNHead
+
+INFERENCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.no_grad()
+def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) in float64 with bn(v) == v * s + t in eval mode."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fuse(): BatchNorm without running statistics (track_running_stats=False) cannot be folded")
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+@torch.no_grad()
+def fold_conv_module(module: ConvModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folded (weight, bias) of conv -> bn in float64; the bias is always present."""
+    weight = module.conv.weight.detach().double()
+    bias = module.conv.bias.detach().double() if module.conv.bias is not None else weight.new_zeros(weight.shape[0])
+    if module.bn is None:
+        return weight, bias
+    scale, shift = bn_scale_shift(module.bn)
+    return weight * scale[:, None, None, None], bias * scale + shift
+
+
+class InferenceModule(nn.Module):
+    """Base of the fused modules: buffers only, eval mode only."""
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError(
+                f"{type(self).__name__} is the inference form returned by fuse() (BN folded, no backward); "
+                "train the unfused model instead"
+            )
+        return super().train(False)
+
+
+class FusedConv(InferenceModule):
+    """conv with folded BN as its bias, then an optional in-place ReLU."""
+
+    def __init__(self, weight, bias, *, stride=1, padding=0, groups=1, relu=False):
+        super().__init__()
+        self.register_buffer("weight", weight.float().contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", bias.float())
+        self.stride, self.padding, self.groups, self.relu = stride, padding, groups, relu
+
+    @classmethod
+    def from_conv_module(cls, module: ConvModule) -> "FusedConv":
+        weight, bias = fold_conv_module(module)
+        conv = module.conv
+        return cls(weight, bias, stride=conv.stride, padding=conv.padding, groups=conv.groups,
+                   relu=module.activate is not None)
+
+    def forward(self, x):
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return F.relu_(x) if self.relu else x
+
+
+def _fold_sequence(modules) -> nn.Sequential:
+    return nn.Sequential(*(FusedConv.from_conv_module(m) for m in modules))
+
+
+class FusedDetailBranch(InferenceModule):
+    def __init__(self, branch: DetailBranch):
+        super().__init__()
+        self.stages = nn.Sequential(*(_fold_sequence(stage) for stage in branch.detail_branch))
+
+    def forward(self, x):
+        return self.stages(x)
+
+
+class FusedStemBlock(InferenceModule):
+    def __init__(self, stem: StemBlock):
+        super().__init__()
+        self.conv_first = FusedConv.from_conv_module(stem.conv_first)
+        self.convs = _fold_sequence(stem.convs)
+        self.pool = stem.pool
+        self.fuse_last = FusedConv.from_conv_module(stem.fuse_last)
+
+    def forward(self, x):
+        x = self.conv_first(x)
+        return self.fuse_last(torch.cat([self.convs(x), self.pool(x)], dim=1))
+
+
+class FusedGELayer(InferenceModule):
+    """conv1 (dense 3x3, ATen/cuDNN) then the fused GE op on (x, conv1(x))."""
+
+    def __init__(self, layer: GELayer):
+        super().__init__()
+        self.stride = layer.stride
+        self.conv1 = FusedConv.from_conv_module(layer.conv1)
+        pw_weight, pw_bias = fold_conv_module(layer.conv2[0])
+        tensors = {"pw_weight": pw_weight.flatten(1), "pw_bias": pw_bias}
+        if layer.stride == 1:
+            tensors["dw_weight"], tensors["dw_bias"] = fold_conv_module(layer.dwconv[0])
+        else:
+            tensors["dw0_weight"], tensors["dw0_bias"] = fold_conv_module(layer.dwconv[0])
+            tensors["dw1_weight"], tensors["dw1_bias"] = fold_conv_module(layer.dwconv[1])
+            separable = layer.shortcut[0]
+            tensors["sc_dw_weight"], tensors["sc_dw_bias"] = fold_conv_module(separable.depthwise_conv)
+            sc_pw_weight, tensors["sc_pw_bias"] = fold_conv_module(separable.pointwise_conv)
+            tensors["sc_pw_weight"] = sc_pw_weight.flatten(1)
+        for name, value in tensors.items():
+            self.register_buffer(name, value.float().contiguous())
+
+    def forward(self, x):
+        y = self.conv1(x)
+        if self.stride == 1:
+            return ops.ge_layer_stride1(x, y, self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias)
+        return ops.ge_layer_stride2(
+            x, y, self.dw0_weight, self.dw0_bias, self.dw1_weight, self.dw1_bias, self.pw_weight, self.pw_bias,
+            self.sc_dw_weight, self.sc_dw_bias, self.sc_pw_weight, self.sc_pw_bias,
+        )
+
+
+class FusedCEBlock(InferenceModule):
+    """relu(W' mean(x) + b') broadcast-added to x, then conv_last; gap's BN is inside W', b'."""
+
+    def __init__(self, block: CEBlock):
+        super().__init__()
+        scale, shift = bn_scale_shift(block.gap[1])
+        weight, bias = fold_conv_module(block.conv_gap)
+        weight = weight.flatten(1)
+        self.register_buffer("gap_weight", (weight * scale[None, :]).float())
+        self.register_buffer("gap_bias", (bias + weight @ shift).float())
+        self.conv_last = FusedConv.from_conv_module(block.conv_last)
+
+    def forward(self, x):
+        context = F.relu(F.linear(x.mean(dim=(2, 3)), self.gap_weight, self.gap_bias))
+        return self.conv_last(x + context[:, :, None, None])
+
+
+class FusedSemanticBranch(InferenceModule):
+    def __init__(self, branch: SemanticBranch):
+        super().__init__()
+        self.stage_names = list(branch.stage_names)
+        for name in self.stage_names:
+            module = getattr(branch, name)
+            if isinstance(module, StemBlock):
+                fused = FusedStemBlock(module)
+            elif isinstance(module, CEBlock):
+                fused = FusedCEBlock(module)
+            else:
+                fused = nn.Sequential(*(FusedGELayer(layer) for layer in module))
+            self.add_module(name, fused)
+
+    def forward(self, x):
+        outs = []
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            outs.append(x)
+        return outs
+
+
+class FusedBGALayer(InferenceModule):
+    def __init__(self, bga: BGALayer):
+        super().__init__()
+        self.detail_dwconv = _fold_sequence(
+            (bga.detail_dwconv[0].depthwise_conv, bga.detail_dwconv[0].pointwise_conv)
+        )
+        self.detail_down = nn.Sequential(FusedConv.from_conv_module(bga.detail_down[0]), bga.detail_down[1])
+        self.semantic_conv = _fold_sequence(bga.semantic_conv)
+        self.semantic_dwconv = _fold_sequence(
+            (bga.semantic_dwconv[0].depthwise_conv, bga.semantic_dwconv[0].pointwise_conv)
+        )
+        self.conv = FusedConv.from_conv_module(bga.conv)
+
+    def forward(self, x_d, x_s):
+        fused = ops.bga_aggregate(
+            self.detail_dwconv(x_d), self.semantic_conv(x_s), self.detail_down(x_d), self.semantic_dwconv(x_s)
+        )
+        return self.conv(fused)
+
+
+def _prepare_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            "the fused model is inference-only (BN folded, no backward): call it under torch.no_grad() or "
+            "torch.inference_mode() with an input that does not require grad"
+        )
+    return x.to(dtype=dtype, memory_format=torch.channels_last)
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    dtype = torch.float32 if dtype is None else dtype
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"fuse(dtype=...) must be one of {INFERENCE_DTYPES}, got {dtype}")
+    return dtype
+
+
+class FusedBiSeNetV2(InferenceModule):
+    """Inference form of BiSeNetV2: same outputs (out_indices) in `dtype`, channels_last.
+
+    The input is converted to the model's dtype and to channels_last."""
+
+    def __init__(self, backbone: BiSeNetV2, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.dtype = _check_dtype(dtype)
+        self.out_indices = tuple(backbone.out_indices)
+        self.detail = FusedDetailBranch(backbone.detail)
+        self.semantic = FusedSemanticBranch(backbone.semantic)
+        self.bga = FusedBGALayer(backbone.bga)
+        device = next(backbone.parameters()).device
+        self.to(device=device, dtype=self.dtype)
+        super().train(False)
+
+    def forward(self, x):
+        x = _prepare_input(x, self.dtype)
+        x_detail = self.detail(x)
+        semantic_outs = self.semantic(x)
+        outs = [self.bga(x_detail, semantic_outs[-1])] + semantic_outs[:-1]
+        return tuple(outs[i] for i in self.out_indices)
+
+
+class FusedFCNHead(InferenceModule):
+    def __init__(self, head: FCNHead):
+        super().__init__()
+        self.in_index = head.in_index
+        self.convs = _fold_sequence(head.convs)
+        seg = head.conv_seg
+        self.conv_seg = FusedConv(seg.weight.detach().double(), seg.bias.detach().double())
+
+    def forward(self, inputs):
+        return self.conv_seg(self.convs(inputs[self.in_index]))
+
+
+class FusedBiSeNetV2Segmentor(InferenceModule):
+    """Inference form of BiSeNetV2Segmentor: forward(x) -> logits (N, classes, H, W) in `dtype`,
+    from the decode head only (the auxiliary heads only matter for training)."""
+
+    def __init__(self, segmentor, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.dtype = _check_dtype(dtype)
+        self.num_classes = segmentor.num_classes
+        self.backbone = FusedBiSeNetV2(segmentor.backbone, self.dtype)
+        self.decode_head = FusedFCNHead(segmentor.decode_head)
+        self.to(device=next(segmentor.parameters()).device, dtype=self.dtype)
+        super().train(False)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        return resize_bilinear(self.decode_head(self.backbone(x)), size)
+
+
+def capture_cuda_graph(model: nn.Module, example: torch.Tensor, warmup: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Record model(example) as a CUDA graph; returns run(x) that replays it.
+
+    For fixed input sizes on a GPU: run(x) copies x (same shape, dtype and device as
+    `example`) into the graph's static input and replays every kernel in one launch. The
+    returned tensor is the graph's static output, overwritten by the next call: clone it
+    to keep it. Kernels are compiled/autotuned during the `warmup` eager calls first.
+
+        fused = model.fuse(dtype=torch.float16).cuda()
+        run = capture_cuda_graph(fused, torch.empty(1, 3, 1024, 2048, device="cuda"))
+        logits = run(image)
+    """
+    if example.device.type != "cuda":
+        raise ValueError(f"capture_cuda_graph needs a CUDA example input, got one on {example.device}")
+    static_input = example.detach().clone()
+    side = torch.cuda.Stream(example.device)
+    side.wait_stream(torch.cuda.current_stream(example.device))
+    with torch.inference_mode(), torch.cuda.stream(side):
+        for _ in range(warmup):
+            model(static_input)
+    torch.cuda.current_stream(example.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        static_output = model(static_input)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape != static_input.shape or x.dtype != static_input.dtype or x.device != static_input.device:
+            raise ValueError(
+                f"this CUDA graph was captured for input {tuple(static_input.shape)} {static_input.dtype} on "
+                f"{static_input.device}, got {tuple(x.shape)} {x.dtype} on {x.device}"
+            )
+        static_input.copy_(x)
+        graph.replay()
+        return static_output
+
+    return run

@@ -1,0 +1,205 @@
+"""Gather-and-Expansion layer (spec §2.2), inference form: every BN already folded into its
+conv (weight and bias), so the layer is a chain of biased convs. The dense 3x3 `conv1`
+(x -> y) stays with cuDNN/ATen; these ops fuse everything after it, keeping the 6x
+expanded tensor on chip:
+
+stride 1 (cin == cout):
+    out = relu(x + pw(relu(dw(y))))                dw: 3x3 grouped (groups=cin), cin -> mid
+stride 2:
+    out = relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x)))
+          dw0: 3x3 grouped stride 2, cin -> mid (no ReLU); dw1: 3x3 depthwise stride 1 on
+          mid (ReLU); sc_dw: 3x3 depthwise stride 2 on x; pw/sc_pw: 1x1 projections.
+
+Every conv carries its folded bias; pw weights are 2-D (cout, cin_of_that_conv). mid is
+any multiple of cin (6 * cin in BiSeNetV2; output channel m of dw reads input channel
+m // (mid // cin), as in PyTorch's grouped conv). Outputs are channels_last.
+
+Inference only: no backward is defined, and calling with tensors that require grad while
+grad mode is on raises.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bisenet_fast import backends
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
+
+GPU_PREFERENCE = ("triton",)  # no CUDA C++ kernel for this op yet
+
+
+def ge_layer_stride1_reference(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
+    """Eager oracle: the folded-BN ops in plain PyTorch."""
+    mid = F.relu(F.conv2d(y, dw_weight, dw_bias, stride=1, padding=1, groups=y.shape[1]))
+    return F.relu(F.conv2d(mid, pw_weight[:, :, None, None], pw_bias) + x)
+
+
+def ge_layer_stride2_reference(
+    x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias
+):
+    """Eager oracle: the folded-BN ops in plain PyTorch."""
+    mid = F.conv2d(y, dw0_weight, dw0_bias, stride=2, padding=1, groups=y.shape[1])
+    mid = F.relu(F.conv2d(mid, dw1_weight, dw1_bias, stride=1, padding=1, groups=mid.shape[1]))
+    main = F.conv2d(mid, pw_weight[:, :, None, None], pw_bias)
+    short = F.conv2d(x, sc_dw_weight, sc_dw_bias, stride=2, padding=1, groups=x.shape[1])
+    short = F.conv2d(short, sc_pw_weight[:, :, None, None], sc_pw_bias)
+    return F.relu(main + short)
+
+
+def _check_weight(name, value, shape, like):
+    check_tensor(name, value, dtypes=(like.dtype,), device=like.device)
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+
+
+def _check_activations(x, y):
+    check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("y", y, dim=4, dtypes=(x.dtype,), device=x.device)
+    if tuple(y.shape) != tuple(x.shape):
+        raise ValueError(f"y (conv1's output) must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+
+
+def _check_mid(name, dw_weight, cin, like):
+    check_tensor(name, dw_weight, dim=4, dtypes=(like.dtype,), device=like.device)
+    mid = dw_weight.shape[0]
+    if tuple(dw_weight.shape[1:]) != (1, 3, 3) or mid % cin != 0 or mid == 0:
+        raise ValueError(
+            f"{name} must have shape (k * {cin}, 1, 3, 3) for a 3x3 grouped conv with groups={cin}, "
+            f"got {tuple(dw_weight.shape)}"
+        )
+    return mid
+
+
+def _check_no_grad(tensors, op):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{op} is an inference-only op (BN folded, no backward); run it under torch.no_grad() "
+            "or torch.inference_mode(), or use the unfused model for training"
+        )
+
+
+def check_stride1_inputs(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
+    _check_activations(x, y)
+    cin = x.shape[1]
+    mid = _check_mid("dw_weight", dw_weight, cin, x)
+    _check_weight("dw_bias", dw_bias, (mid,), x)
+    _check_weight("pw_weight", pw_weight, (cin, mid), x)  # residual: cout == cin
+    _check_weight("pw_bias", pw_bias, (cin,), x)
+    _check_no_grad((x, y, dw_weight, dw_bias, pw_weight, pw_bias), "ge_layer_stride1")
+
+
+def check_stride2_inputs(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
+    _check_activations(x, y)
+    cin = x.shape[1]
+    mid = _check_mid("dw0_weight", dw0_weight, cin, x)
+    _check_weight("dw0_bias", dw0_bias, (mid,), x)
+    _check_weight("dw1_weight", dw1_weight, (mid, 1, 3, 3), x)
+    _check_weight("dw1_bias", dw1_bias, (mid,), x)
+    check_tensor("pw_weight", pw_weight, dim=2, dtypes=(x.dtype,), device=x.device)
+    cout = pw_weight.shape[0]
+    if pw_weight.shape[1] != mid or cout == 0:
+        raise ValueError(f"pw_weight must have shape (cout, {mid}), got {tuple(pw_weight.shape)}")
+    _check_weight("pw_bias", pw_bias, (cout,), x)
+    _check_weight("sc_dw_weight", sc_dw_weight, (cin, 1, 3, 3), x)
+    _check_weight("sc_dw_bias", sc_dw_bias, (cin,), x)
+    _check_weight("sc_pw_weight", sc_pw_weight, (cout, cin), x)
+    _check_weight("sc_pw_bias", sc_pw_bias, (cout,), x)
+    _check_no_grad(
+        (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias),
+        "ge_layer_stride2",
+    )
+
+
+def _empty_like_output(x, cout, height, width):
+    return torch.empty(
+        (x.shape[0], cout, height, width), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+    )
+
+
+def _stride2_size(size):
+    return (size - 1) // 2 + 1
+
+
+@torch.library.register_fake("bisenet_fast::ge_layer_stride1")
+def _ge_layer_stride1_fake(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
+    return _empty_like_output(x, pw_weight.shape[0], x.shape[2], x.shape[3])
+
+
+@torch.library.register_fake("bisenet_fast::ge_layer_stride2")
+def _ge_layer_stride2_fake(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
+    return _empty_like_output(x, pw_weight.shape[0], _stride2_size(x.shape[2]), _stride2_size(x.shape[3]))
+
+
+@torch.library.custom_op("bisenet_fast_triton::ge_layer_stride1", mutates_args=())
+def _ge_layer_stride1_triton(
+    x: torch.Tensor, y: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, pw_weight: torch.Tensor, pw_bias: torch.Tensor
+) -> torch.Tensor:
+    from bisenet_fast.triton_kernels.ge_layer import ge_layer_stride1_triton
+
+    return ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias)
+
+
+@_ge_layer_stride1_triton.register_fake
+def _(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
+    return _ge_layer_stride1_fake(x, y, dw_weight, dw_bias, pw_weight, pw_bias)
+
+
+@torch.library.custom_op("bisenet_fast_triton::ge_layer_stride2", mutates_args=())
+def _ge_layer_stride2_triton(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dw0_weight: torch.Tensor,
+    dw0_bias: torch.Tensor,
+    dw1_weight: torch.Tensor,
+    dw1_bias: torch.Tensor,
+    pw_weight: torch.Tensor,
+    pw_bias: torch.Tensor,
+    sc_dw_weight: torch.Tensor,
+    sc_dw_bias: torch.Tensor,
+    sc_pw_weight: torch.Tensor,
+    sc_pw_bias: torch.Tensor,
+) -> torch.Tensor:
+    from bisenet_fast.triton_kernels.ge_layer import ge_layer_stride2_triton
+
+    return ge_layer_stride2_triton(
+        x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias
+    )
+
+
+@_ge_layer_stride2_triton.register_fake
+def _(*args):
+    return _ge_layer_stride2_fake(*args)
+
+
+def ge_layer_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
+    """relu(x + pw(relu(dw(y)))) with folded-BN weights; see the module docstring."""
+    check_stride1_inputs(x, y, dw_weight, dw_bias, pw_weight, pw_bias)
+    args = (x, y, dw_weight, dw_bias, pw_weight, pw_bias)
+    backend = backends.resolve("ge_layer_stride1", x.device, GPU_PREFERENCE)
+    if backend == "eager":
+        return ge_layer_stride1_reference(*args)
+    if backend == "triton":
+        return torch.ops.bisenet_fast_triton.ge_layer_stride1(*args)
+    if backend == "cuda":
+        raise backends.BackendUnavailableError(
+            "ge_layer_stride1: there is no CUDA C++ kernel for this op; use backend 'triton' (the default on GPU)"
+        )
+    return torch.ops.bisenet_fast.ge_layer_stride1(*args)
+
+
+def ge_layer_stride2(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
+    """relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x))) with folded-BN weights; see the module docstring."""
+    args = (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias)
+    check_stride2_inputs(*args)
+    backend = backends.resolve("ge_layer_stride2", x.device, GPU_PREFERENCE)
+    if backend == "eager":
+        return ge_layer_stride2_reference(*args)
+    if backend == "triton":
+        return torch.ops.bisenet_fast_triton.ge_layer_stride2(*args)
+    if backend == "cuda":
+        raise backends.BackendUnavailableError(
+            "ge_layer_stride2: there is no CUDA C++ kernel for this op; use backend 'triton' (the default on GPU)"
+        )
+    return torch.ops.bisenet_fast.ge_layer_stride2(*args)

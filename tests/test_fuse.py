@@ -1,0 +1,148 @@
+"""model.fuse(): the inference form (BN folded, fused GE op, channels_last, fp16/bf16) must
+match the unfused model. BN statistics and affines are randomised first, so a wrong fold
+cannot hide behind identity BNs."""
+import pytest
+import torch
+from torch import nn
+
+import bisenet_fast as bf
+from bisenet_fast.models.fused import FusedBiSeNetV2, FusedBiSeNetV2Segmentor, capture_cuda_graph
+from tests.helpers import requires_cuda
+
+
+def randomise_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            c = module.num_features
+            module.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+            module.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+            module.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            module.bias.data.copy_(torch.rand(c, generator=gen) * 0.6 - 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def segmentor():
+    torch.manual_seed(0)
+    return randomise_batchnorms(bf.BiSeNetV2Segmentor(num_classes=19))
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randn(2, 3, 70, 98, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def bga_runs_fused(monkeypatch):
+    """The BGA kernels come from another branch; until they are merged, run BGA's reference
+    so these tests exercise the fused GE kernels on the CPU."""
+    args = [torch.rand(1, 2, 4, 4)] + [torch.rand(1, 2, 2, 2)] * 3
+    try:
+        bf.ops.bga_aggregate(*args)
+    except NotImplementedError:
+        monkeypatch.setattr(bf.ops, "bga_aggregate", bf.ops.bga_aggregate_reference)
+
+
+def unfused_logits(model, x):
+    with torch.no_grad(), bf.backends.use("eager"):
+        return model(x)
+
+
+def assert_matches(actual, expected, rel):
+    assert actual.shape == expected.shape
+    scale = expected.abs().max()
+    err = (actual.float() - expected).abs().max()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel} x output scale {scale:.3g}"
+
+
+def test_fold_alone_matches_in_float32(segmentor, image):
+    # The eager backend runs each op's reference: this isolates the folding.
+    fused = segmentor.fuse()
+    with torch.no_grad(), bf.backends.use("eager"):
+        out = fused(image)
+    assert_matches(out, unfused_logits(segmentor, image), 1e-4)
+
+
+def test_fused_kernels_match_in_float32(segmentor, image, bga_runs_fused):
+    fused = segmentor.fuse()
+    assert isinstance(fused, FusedBiSeNetV2Segmentor)
+    with torch.no_grad():
+        out = fused(image)
+    assert out.dtype == torch.float32
+    assert_matches(out, unfused_logits(segmentor, image), 1e-4)
+
+
+def test_backbone_fuse_matches_every_output(segmentor, image, bga_runs_fused):
+    fused = segmentor.backbone.fuse()
+    assert isinstance(fused, FusedBiSeNetV2)
+    with torch.no_grad():
+        outs = fused(image)
+    with torch.no_grad(), bf.backends.use("eager"):
+        expected = segmentor.backbone(image)
+    assert len(outs) == len(expected) == 5
+    for out, ref in zip(outs, expected):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_matches(out, ref, 1e-4)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float16, 3e-2), (torch.bfloat16, 1e-1)])
+def test_low_precision(segmentor, image, bga_runs_fused, dtype, rel):
+    fused = segmentor.fuse(dtype=dtype)
+    assert all(b.dtype == dtype for b in fused.buffers())
+    with torch.no_grad():
+        out = fused(image[:1])
+    assert out.dtype == dtype
+    assert_matches(out, unfused_logits(segmentor, image[:1]), rel)
+
+
+def test_no_batchnorm_left_ceblock_gap_included(segmentor):
+    fused = segmentor.fuse()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+
+
+def test_fuse_leaves_the_model_untouched(segmentor, image):
+    before = {k: v.clone() for k, v in segmentor.state_dict().items()}
+    segmentor.fuse(dtype=torch.float16)
+    after = segmentor.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert segmentor.training is False
+
+
+def test_inference_only(segmentor, image):
+    fused = segmentor.fuse()
+    with pytest.raises(RuntimeError, match="inference form"):
+        fused.train()
+    fused.eval()  # eval stays allowed
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fused(image.clone().requires_grad_(True))
+
+
+def test_bad_dtype(segmentor):
+    with pytest.raises(ValueError, match="fuse\\(dtype=...\\) must be one of"):
+        segmentor.fuse(dtype=torch.float64)
+
+
+def test_capture_cuda_graph_needs_cuda(segmentor):
+    with pytest.raises(ValueError, match="CUDA example input"):
+        capture_cuda_graph(segmentor.fuse(), torch.zeros(1, 3, 64, 64))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.float16, 3e-2)])
+def test_gpu_fused_and_cuda_graph(segmentor, dtype, rel, monkeypatch):
+    # The float32 bar is 1e-4: keep cuDNN's convs (both models) off TF32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = bf.BiSeNetV2Segmentor(num_classes=19)
+    model.load_state_dict(segmentor.state_dict())
+    model = model.cuda().eval()
+    x = torch.randn(1, 3, 128, 192, device="cuda")
+    expected = unfused_logits(model, x)
+    fused = model.fuse(dtype=dtype)
+    with torch.no_grad():
+        out = fused(x)
+    assert_matches(out, expected, rel)
+    run = capture_cuda_graph(fused, x)
+    x2 = torch.randn_like(x)
+    assert_matches(run(x2), unfused_logits(model, x2), rel)

@@ -1,0 +1,219 @@
+"""The fused GE-layer inference op (bisenet_fast.ops.ge_layer_stride1/2) against its eager
+reference: every GE configuration of BiSeNetV2, odd sizes, layouts, dtypes, bad inputs,
+the fake kernel under torch.compile, Triton under the interpreter."""
+import pytest
+import torch
+
+import bisenet_fast as bf
+from bisenet_fast.ops import ge_layer as ge
+from tests.helpers import CUDA, requires_cuda, requires_triton, triton_device
+
+# (cin, cout, stride) of every GE layer in BiSeNetV2's semantic branch.
+NETWORK_CONFIGS = [(16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
+# Output-scale-relative tolerances against a float64 reference.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def make_inputs(n, cin, cout, stride, height, width, dtype=torch.float32, device="cpu", ratio=6, seed=0):
+    """(x, y, *weights) with weights scaled like folded BN convs of a trained net."""
+    gen = torch.Generator().manual_seed(seed)
+    mid = cin * ratio
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    x = randn(n, cin, height, width).relu()  # GE inputs follow a ReLU
+    y = randn(n, cin, height, width).relu()
+    if stride == 1:
+        weights = [randn(mid, 1, 3, 3, scale=0.3), randn(mid, scale=0.1), randn(cout, mid, scale=mid**-0.5),
+                   randn(cout, scale=0.1)]
+    else:
+        weights = [randn(mid, 1, 3, 3, scale=0.3), randn(mid, scale=0.1), randn(mid, 1, 3, 3, scale=0.3),
+                   randn(mid, scale=0.1), randn(cout, mid, scale=mid**-0.5), randn(cout, scale=0.1),
+                   randn(cin, 1, 3, 3, scale=0.3), randn(cin, scale=0.1), randn(cout, cin, scale=cin**-0.5),
+                   randn(cout, scale=0.1)]
+    return [x, y, *weights]
+
+
+def fused(stride):
+    return ge.ge_layer_stride1 if stride == 1 else ge.ge_layer_stride2
+
+
+def reference(stride):
+    return ge.ge_layer_stride1_reference if stride == 1 else ge.ge_layer_stride2_reference
+
+
+def reference_float64(stride, args):
+    return reference(stride)(*(a.double().cpu() for a in args))
+
+
+def assert_close_to_scale(actual, expected, rel):
+    assert actual.shape == expected.shape
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    scale = expected.abs().max().clamp_min(1e-6)
+    err = (actual.double().cpu() - expected).abs().max()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel} x output scale {scale:.3g}"
+
+
+def run(backend, stride, args):
+    with torch.no_grad(), bf.backends.use(backend):
+        return fused(stride)(*args)
+
+
+# ---- C++ CPU kernel -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cin,cout,stride", NETWORK_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_network_configs(cin, cout, stride, dtype):
+    args = make_inputs(2, cin, cout, stride, 9, 13, dtype)
+    assert_close_to_scale(run("cpp", stride, args), reference_float64(stride, args), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("height,width", [(1, 1), (2, 3), (5, 70), (67, 3)])
+def test_cpp_odd_sizes_cross_tiles(stride, height, width):
+    # widths > 64 and heights > 4 cross the CPU kernel's tile edges.
+    cin, cout = (8, 8) if stride == 1 else (8, 12)
+    args = make_inputs(1, cin, cout, stride, height, width, ratio=3)
+    assert_close_to_scale(run("cpp", stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_low_precision(stride, dtype):
+    args = make_inputs(2, 16, 16 if stride == 1 else 32, stride, 7, 9, dtype)
+    out = run("cpp", stride, args)
+    assert out.dtype == dtype
+    assert_close_to_scale(out, reference_float64(stride, args), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_cpp_layouts(stride, layout):
+    args = make_inputs(2, 8, 8 if stride == 1 else 16, stride, 6, 11)
+    expected = reference_float64(stride, args)
+    if layout == "channels_last":
+        args[0] = args[0].contiguous(memory_format=torch.channels_last)
+        args[1] = args[1].contiguous(memory_format=torch.channels_last)
+    else:  # non-contiguous views of bigger tensors, weights included
+        args = [torch.stack([a, torch.full_like(a, float("nan"))], dim=-1)[..., 0] for a in args]
+        assert not args[0].is_contiguous() and not args[2].is_contiguous()
+    assert_close_to_scale(run("cpp", stride, args), expected, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpp_deterministic(stride):
+    args = make_inputs(2, 16, 16 if stride == 1 else 32, stride, 11, 75)
+    assert torch.equal(run("cpp", stride, args), run("cpp", stride, args))
+
+
+def test_cpp_general_expansion_ratio():
+    args = make_inputs(1, 5, 5, 1, 4, 6, ratio=2)
+    assert_close_to_scale(run("cpp", 1, args), reference_float64(1, args), TOLERANCE[torch.float32])
+
+
+# ---- Registration: schema, fake kernel, torch.compile ---------------------------------------
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_opcheck(stride):
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 5, 6)
+    op = torch.ops.bisenet_fast.ge_layer_stride1 if stride == 1 else torch.ops.bisenet_fast.ge_layer_stride2
+    torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_compile_fullgraph_uses_fake_kernel(stride):
+    torch._dynamo.reset()
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 5, 7)
+    op = torch.ops.bisenet_fast.ge_layer_stride1 if stride == 1 else torch.ops.bisenet_fast.ge_layer_stride2
+
+    def block(x, y, *weights):
+        return op(x, y, *weights) * 2.0
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(*args)
+    assert_close_to_scale(out / 2.0, reference_float64(stride, args), TOLERANCE[torch.float32])
+
+
+# ---- Triton (interpreted on the CPU, native on a GPU) ---------------------------------------
+
+
+@requires_triton
+@pytest.mark.parametrize("cin,cout,stride", [(4, 4, 1), (4, 8, 2), (16, 32, 2), (32, 32, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_reference(cin, cout, stride, dtype):
+    args = make_inputs(2 if cin == 4 else 1, cin, cout, stride, 3, 5, dtype, device=triton_device())
+    out = run("triton", stride, args)
+    assert out.dtype == dtype
+    assert_close_to_scale(out, reference_float64(stride, args), TOLERANCE[dtype])
+
+
+@requires_triton
+def test_triton_rejects_float64():
+    args = make_inputs(1, 4, 4, 1, 3, 3, torch.float64, device=triton_device())
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        run("triton", 1, args)
+
+
+@requires_triton
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_custom_op_fake(stride):
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 4, device=triton_device())
+    op = torch.ops.bisenet_fast_triton.ge_layer_stride1 if stride == 1 else torch.ops.bisenet_fast_triton.ge_layer_stride2
+    torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@requires_cuda
+@pytest.mark.parametrize("cin,cout,stride", NETWORK_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_network_configs_on_gpu(cin, cout, stride, dtype):
+    # float32 projections run as 3xTF32 dots on the GPU: held to the fused model's 1e-4 bar.
+    args = make_inputs(2, cin, cout, stride, 33, 67, dtype, device="cuda")
+    rel = 1e-4 if dtype == torch.float32 else TOLERANCE[dtype]
+    assert_close_to_scale(run("triton", stride, args), reference_float64(stride, args), rel)
+
+
+# ---- Bad input: the same clear error whatever the backend -----------------------------------
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_bad_inputs(backend):
+    good1 = make_inputs(1, 4, 4, 1, 3, 3)
+    good2 = make_inputs(1, 4, 8, 2, 3, 3)
+    cases = [
+        (1, lambda a: a.__setitem__(0, a[0][0]), ValueError, "x must be 4-D"),
+        (1, lambda a: a.__setitem__(1, a[1].double()), TypeError, "y must have dtype in \\(float32\\)"),
+        (1, lambda a: a.__setitem__(1, a[1][:, :, :2]), ValueError, "y \\(conv1's output\\) must have x's shape"),
+        (1, lambda a: a.__setitem__(2, a[2][:23]), ValueError, "dw_weight must have shape \\(k \\* 4, 1, 3, 3\\)"),
+        (1, lambda a: a.__setitem__(4, a[4][:3]), ValueError, "pw_weight must have shape \\(4, 24\\)"),
+        (1, lambda a: a.__setitem__(5, a[5].half()), TypeError, "pw_bias must have dtype"),
+        (1, lambda a: a.__setitem__(0, torch.ones(1, 4, 0, 3)) or a.__setitem__(1, torch.ones(1, 4, 0, 3)),
+         ValueError, "x must be non-empty"),
+        (2, lambda a: a.__setitem__(6, a[6][:, :5]), ValueError, "pw_weight must have shape \\(cout, 24\\)"),
+        (2, lambda a: a.__setitem__(8, a[8][:3]), ValueError, "sc_dw_weight must have shape \\(4, 1, 3, 3\\)"),
+        (2, lambda a: a.__setitem__(10, a[10][:7]), ValueError, "sc_pw_weight must have shape \\(8, 4\\)"),
+        (2, lambda a: a.__setitem__(3, a[3].to(torch.int32)), TypeError, "dw0_bias must have dtype"),
+    ]
+    for stride, corrupt, error, message in cases:
+        args = list(good1 if stride == 1 else good2)
+        corrupt(args)
+        with pytest.raises(error, match=message), bf.backends.use(backend):
+            fused(stride)(*args)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_requires_grad_raises(stride):
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3)
+    args[0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fused(stride)(*args)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error raised where the cuda backend does not exist")
+def test_forcing_cuda_backend_without_cuda_raises():
+    with pytest.raises(bf.backends.BackendUnavailableError):
+        with bf.backends.use("cuda"):
+            pass
