@@ -32,12 +32,11 @@
 namespace bisenet_fast {
 namespace {
 
-// exp for the softmax sums: Cody-Waite range reduction and a degree-6 polynomial (about
-// 1 ulp), written so the compiler vectorises it (std::exp does not vectorise here). The
-// input is clamped to the normal range; softmax terms are exp(z - max) <= 1, so terms
-// below 1e-38 are negligible next to the sum >= 1.
+// exp(x) for x <= 0 (softmax terms exp(z - max)): Cody-Waite range reduction and a degree-6
+// polynomial (about 1 ulp), branch-free so that the compiler vectorises the loops calling it
+// (std::exp does not vectorise here). Terms below e^-87 are flushed to 0 by a bit mask: next
+// to the sum >= 1 they do not matter.
 inline float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
   const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
@@ -48,10 +47,16 @@ inline float exp_fast(float x) {
   poly = poly * r + 0.5f;
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return poly * scale;
+  std::memcpy(&scale, &exponent_bits, sizeof(scale));
+  const float value = poly * scale;
+  int32_t value_bits;
+  std::memcpy(&value_bits, &value, sizeof(value_bits));
+  value_bits &= -static_cast<int32_t>(x >= -87.0f);
+  float result;
+  std::memcpy(&result, &value_bits, sizeof(result));
+  return result;
 }
 
 inline double exp_fast(double x) { return std::exp(x); }
@@ -69,6 +74,39 @@ struct AxisTaps {
       i1[d] = t.i1;
       w0[d] = t.w0;
       w1[d] = t.w1;
+    }
+  }
+};
+
+// The transpose of the x interpolation as a gather: head column j sums weight[k] * g[x[k]]
+// over k in [begin[j], begin[j + 1]), the output columns that read j, in increasing x.
+// (A scatter along x would chain every add through memory on the same few columns.)
+template <typename acc_t>
+struct ColumnGather {
+  std::vector<int64_t> begin, x;
+  std::vector<acc_t> weight;
+
+  ColumnGather(const AxisTaps<acc_t>& tx, int64_t in_size) : begin(in_size + 1, 0) {
+    const int64_t out_size = static_cast<int64_t>(tx.i0.size());
+    const float scale = linear_scale(in_size, out_size);
+    for (int64_t j = 0; j < in_size; ++j) {
+      const DstRange range = dst_range_reading(j, in_size, out_size, scale);
+      for (int64_t d = range.begin; d < range.end; ++d) {
+        const acc_t wt = (tx.i0[d] == j ? tx.w0[d] : acc_t(0)) + (tx.i1[d] == j ? tx.w1[d] : acc_t(0));
+        if (wt == acc_t(0)) continue;
+        x.push_back(d);
+        weight.push_back(wt);
+      }
+      begin[j + 1] = static_cast<int64_t>(x.size());
+    }
+  }
+
+  void apply(const acc_t* g, acc_t* out) const {
+    const int64_t columns = static_cast<int64_t>(begin.size()) - 1;
+    for (int64_t j = 0; j < columns; ++j) {
+      acc_t acc = 0;
+      for (int64_t k = begin[j]; k < begin[j + 1]; ++k) acc += weight[k] * g[x[k]];
+      out[j] = acc;
     }
   }
 };
@@ -118,9 +156,12 @@ class RowUpsampler {
   int64_t row_of_[2] = {-1, -1};
 };
 
-// Per-pixel max and sum of exp(z - max) over the classes of one output row.
+// Per pixel of one output row: max over the classes, then z[c * W + x] is overwritten with
+// exp(z - max) and sumexp[x] gets their sum. The ground-truth probability is then
+// z[gt * W + x] / sumexp[x]: forward and backward both read it from here, so they agree
+// bit for bit on which pixels are kept.
 template <typename acc_t>
-void row_softmax_stats(const acc_t* z, int64_t channels, int64_t W, acc_t* zmax, acc_t* sumexp) {
+void row_softmax(acc_t* z, int64_t channels, int64_t W, acc_t* zmax, acc_t* sumexp) {
   std::copy(z, z + W, zmax);
   for (int64_t c = 1; c < channels; ++c) {
     const acc_t* zc = z + c * W;
@@ -128,8 +169,11 @@ void row_softmax_stats(const acc_t* z, int64_t channels, int64_t W, acc_t* zmax,
   }
   std::fill(sumexp, sumexp + W, acc_t(0));
   for (int64_t c = 0; c < channels; ++c) {
-    const acc_t* zc = z + c * W;
-    for (int64_t x = 0; x < W; ++x) sumexp[x] += exp_fast(zc[x] - zmax[x]);
+    acc_t* zc = z + c * W;
+    for (int64_t x = 0; x < W; ++x) {
+      zc[x] = exp_fast(zc[x] - zmax[x]);
+      sumexp[x] += zc[x];
+    }
   }
 }
 
@@ -139,13 +183,6 @@ int64_t checked_label(label_t raw, int64_t channels, int64_t ignore_index) {
   TORCH_CHECK(label == ignore_index || (label >= 0 && label < channels), "ohem_cross_entropy: target holds label ",
               label, ", which is neither a class id in [0, ", channels, ") nor ignore_index (", ignore_index, ")");
   return label;
-}
-
-// The probability of the ground-truth class, as the reference computes it (softmax, then
-// gather). Forward and backward both call this, so they agree on which pixels are kept.
-template <typename acc_t>
-inline acc_t gt_probability(acc_t z_gt, acc_t zmax, acc_t sumexp) {
-  return std::exp(z_gt - zmax) / sumexp;
 }
 
 struct RowStats {
@@ -205,7 +242,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
 
   const AxisTaps<acc_t> ty(h, H), tx(w, W);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> z(C * W), zmax(W), sumexp(W);
+    std::vector<acc_t> z(C * W), zmax(W), sumexp(W), z_gt(W);
+    std::vector<int64_t> row_label(W);
     int64_t image = -1;
     std::unique_ptr<RowUpsampler<acc_t>> upsampler;
     for (int64_t row = begin; row < end; ++row) {
@@ -215,21 +253,25 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
         upsampler = std::make_unique<RowUpsampler<acc_t>>(z_head + n * C * h * w, C, h, w, tx);
       }
       upsampler->upsample(ty.i0[y], ty.i1[y], ty.w0[y], ty.w1[y], z.data());
-      row_softmax_stats(z.data(), C, W, zmax.data(), sumexp.data());
-      RowStats stats;
       const label_t* row_labels = labels + row * W;
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t label = checked_label(row_labels[x], C, ignore_index);
+        row_label[x] = label;
+        z_gt[x] = label == ignore_index ? acc_t(0) : z[label * W + x];
+      }
+      row_softmax(z.data(), C, W, zmax.data(), sumexp.data());
+      RowStats stats;
       acc_t* row_prob = prob_ptr + row * W;
       acc_t* row_ce = ce_ptr + row * W;
       for (int64_t x = 0; x < W; ++x) {
-        const int64_t label = checked_label(row_labels[x], C, ignore_index);
+        const int64_t label = row_label[x];
         if (label == ignore_index) {
           row_prob[x] = std::numeric_limits<acc_t>::infinity();
           row_ce[x] = acc_t(0);
           continue;
         }
-        const acc_t z_gt = z[label * W + x];
-        const acc_t loss = zmax[x] + std::log(sumexp[x]) - z_gt;
-        const acc_t p = gt_probability(z_gt, zmax[x], sumexp[x]);
+        const acc_t loss = zmax[x] + std::log(sumexp[x]) - z_gt[x];
+        const acc_t p = z[label * W + x] / sumexp[x];
         row_prob[x] = p;
         row_ce[x] = loss;
         stats.n_valid += 1;
@@ -281,6 +323,7 @@ at::Tensor backward_impl(double grad, const at::Tensor& logits, const at::Tensor
   const acc_t coef = static_cast<acc_t>(grad / static_cast<double>(N * H * W));
   const float scale_h = linear_scale(h, H);
   const AxisTaps<acc_t> ty(h, H), tx(w, W);
+  const ColumnGather<acc_t> columns(tx, w);
 
   // One task per band of head rows [i_begin, i_end) of one image.
   at::parallel_for(0, N * h, 1, [&](int64_t begin, int64_t end) {
@@ -299,12 +342,12 @@ at::Tensor backward_impl(double grad, const at::Tensor& logits, const at::Tensor
         const int64_t row = n * H + y;
         const label_t* row_labels = labels + row * W;
         upsampler.upsample(ty.i0[y], ty.i1[y], ty.w0[y], ty.w1[y], z.data());
-        row_softmax_stats(z.data(), C, W, zmax.data(), sumexp.data());
+        row_softmax(z.data(), C, W, zmax.data(), sumexp.data());
         bool any_kept = false;
         for (int64_t x = 0; x < W; ++x) {
           const int64_t label = checked_label(row_labels[x], C, ignore_index);
           row_label[x] = label;
-          bool kept = label != ignore_index && gt_probability(z[label * W + x], zmax[x], sumexp[x]) < threshold;
+          const bool kept = label != ignore_index && z[label * W + x] / sumexp[x] < threshold;
           row_coef[x] = kept ? coef / sumexp[x] : acc_t(0);
           any_kept |= kept;
         }
@@ -312,19 +355,11 @@ at::Tensor backward_impl(double grad, const at::Tensor& logits, const at::Tensor
         // Softmax gradient of the row, overwriting z, then reduced along x into head columns.
         for (int64_t c = 0; c < C; ++c) {
           acc_t* zc = z.data() + c * W;
-          for (int64_t x = 0; x < W; ++x) zc[x] = row_coef[x] * exp_fast(zc[x] - zmax[x]);
+          for (int64_t x = 0; x < W; ++x) zc[x] *= row_coef[x];
         }
         for (int64_t x = 0; x < W; ++x)
           if (row_coef[x] != acc_t(0)) z[row_label[x] * W + x] -= coef;
-        std::fill(row_grad.begin(), row_grad.end(), acc_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* gc = z.data() + c * W;
-          acc_t* out = row_grad.data() + c * w;
-          for (int64_t x = 0; x < W; ++x) {
-            out[tx.i0[x]] += tx.w0[x] * gc[x];
-            out[tx.i1[x]] += tx.w1[x] * gc[x];
-          }
-        }
+        for (int64_t c = 0; c < C; ++c) columns.apply(z.data() + c * W, row_grad.data() + c * w);
         const int64_t taps[2] = {ty.i0[y], ty.i1[y]};
         const acc_t weights[2] = {ty.w0[y], ty.w1[y]};
         for (int t = 0; t < 2; ++t) {
