@@ -198,7 +198,7 @@ def forward(logits, target, thresh, min_kept, ignore_index):
             threshold = torch.kthvalue(prob, k + 1).values
             loss_sum = torch.where(prob < threshold, ce, 0.0).sum(dtype=torch.float64)
     loss = (loss_sum / (N * H * W)).to(torch.float32)
-    return loss, threshold.clone()
+    return loss, threshold
 
 
 def backward(grad_loss, logits, target, threshold, ignore_index):
