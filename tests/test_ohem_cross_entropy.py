@@ -7,12 +7,14 @@ import bisenet_fast as bf
 from bisenet_fast.ops.ohem_cross_entropy import ohem_cross_entropy_reference
 from tests.helpers import requires_cuda_build, requires_triton, triton_device
 
-# (N, C, h, w, H, W): batch 1 and 3, odd sizes, 9x13 -> 67x101 (not a multiple), down-sampling.
+# (N, C, h, w, H, W): batch 1 and 3, odd sizes, 9x13 -> 67x101 (not a multiple), down-sampling,
+# a one-pixel head.
 SHAPES = [
     (1, 4, 8, 8, 32, 32),
     (3, 5, 9, 13, 67, 101),
     (2, 19, 6, 5, 40, 33),
     (2, 3, 12, 10, 7, 9),
+    (1, 2, 1, 1, 7, 3),
 ]
 # Triton runs under the CPU interpreter without a GPU: tiny shapes only.
 TRITON_SHAPES = [(1, 3, 4, 5, 9, 11), (3, 5, 3, 4, 10, 13)]
@@ -348,6 +350,15 @@ def test_model_loss_cpp_matches_eager(ohem, monkeypatch):
 def test_triton_matches_reference(shape, thresh, kept_fraction):
     logits, target = make_inputs(shape, device=triton_device())
     check_against_reference("triton", logits, target, **ohem_kwargs(shape, thresh, kept_fraction))
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", [(1, 3, 9, 8, 5, 6), (1, 2, 1, 1, 7, 3), (1, 3, 3, 2, 50, 37)])
+def test_triton_downsampling_one_pixel_head_large_ratio(shape):
+    # The backward gathers over a window of output indices around each head index: these
+    # shapes check that the window holds every reader (ratio < 1, h = 1, ratio ~ 17).
+    logits, target = make_inputs(shape, device=triton_device())
+    check_against_reference("triton", logits, target, **ohem_kwargs(shape, 0.2, 0.5))
 
 
 @requires_triton
