@@ -14,7 +14,8 @@
 TORCH_LIBRARY(bisenet_fast, m) {
   // OHEM top-k cross-entropy on logits upsampled in-kernel to the target's size.
   // thresh=None: plain cross-entropy. Returns the loss (0-dim float32) and the
-  // probability threshold used (0-dim float32, +inf without OHEM), saved for backward.
+  // probability threshold used (0-dim float32, +inf without OHEM), saved for backward;
+  // both float64 for float64 logits (CPU), where the threshold compares float64 probabilities.
   m.def(
       "ohem_cross_entropy_forward(Tensor logits, Tensor target, float? thresh, int min_kept, "
       "int ignore_index) -> (Tensor loss, Tensor threshold)");

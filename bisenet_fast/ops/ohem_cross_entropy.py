@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bisenet_fast import _C  # noqa: F401  (defines the torch.ops.bisenet_fast schemas registered below)
 from bisenet_fast import backends
 from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
 
@@ -70,18 +71,104 @@ def check_target_labels(logits, target, ignore_index) -> None:
         )
 
 
+# ---- C++/CUDA kernels: fake kernels (torch.compile) and autograd through the fused backward.
+
+
+@torch.library.register_fake("bisenet_fast::ohem_cross_entropy_forward")
+def _forward_fake(logits, target, thresh, min_kept, ignore_index):
+    acc = _acc_dtype(logits.dtype)
+    return logits.new_empty((), dtype=acc), logits.new_empty((), dtype=acc)
+
+
+@torch.library.register_fake("bisenet_fast::ohem_cross_entropy_backward")
+def _backward_fake(grad_loss, logits, target, threshold, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Loss and threshold dtype: float64 for float64 logits (the reference compares float64
+    probabilities with a float64 threshold there), float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, _thresh, _min_kept, ignore_index = inputs
+    _loss, threshold = output
+    ctx.save_for_backward(logits, target, threshold)
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(threshold)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_loss, _grad_threshold):
+        logits, target, threshold = ctx.saved_tensors
+        grad_logits = backward_op(grad_loss, logits, target, threshold, ctx.ignore_index)
+        return grad_logits, None, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    "bisenet_fast::ohem_cross_entropy_forward",
+    _make_backward(torch.ops.bisenet_fast.ohem_cross_entropy_backward),
+    setup_context=_setup_context,
+)
+
+
+# ---- Triton kernels as Python custom ops (namespace bisenet_fast_triton), so torch.compile
+# sees them as opaque ops with fake kernels, like the C++ ones.
+
+
+@torch.library.custom_op("bisenet_fast_triton::ohem_cross_entropy_forward", mutates_args=())
+def _triton_forward(
+    logits: torch.Tensor, target: torch.Tensor, thresh: float | None, min_kept: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from bisenet_fast.triton_kernels import ohem_cross_entropy as kernels
+
+    return kernels.forward(logits, target, thresh, min_kept, ignore_index)
+
+
+@torch.library.custom_op("bisenet_fast_triton::ohem_cross_entropy_backward", mutates_args=())
+def _triton_backward(
+    grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, threshold: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    from bisenet_fast.triton_kernels import ohem_cross_entropy as kernels
+
+    return kernels.backward(grad_loss, logits, target, threshold, ignore_index)
+
+
+_triton_forward.register_fake(_forward_fake)
+_triton_backward.register_fake(_backward_fake)
+_triton_forward.register_autograd(
+    _make_backward(torch.ops.bisenet_fast_triton.ohem_cross_entropy_backward), setup_context=_setup_context
+)
+
+# Preferred GPU kernel when both exist: the CUDA kernel does the whole selection on the
+# device (radix select, no full sort, one sync for the label check); the Triton path uses
+# torch.kthvalue for the k-th probability.
+GPU_PREFERENCE = ("cuda", "triton")
+
+
 def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_index=255):
     """Loss of one head (0-dim float32; float64 for float64 logits).
 
-    logits (N, C, h, w) at head resolution (float32/float16/bfloat16/float64); target
-    (N, H, W) integer labels (uint8/int32/int64). thresh=None: plain cross-entropy
-    averaged over N*H*W.
+    logits (N, C, h, w) at head resolution (float32/float16/bfloat16; float64 on CPU);
+    target (N, H, W) integer labels (uint8/int32/int64). thresh=None: plain cross-entropy
+    averaged over N*H*W. Labels other than ignore_index must lie in [0, C).
     """
     check_ohem_inputs(logits, target, thresh, min_kept, ignore_index)
-    backend = backends.resolve("ohem_cross_entropy", logits.device)
+    backend = backends.resolve("ohem_cross_entropy", logits.device, GPU_PREFERENCE)
+    thresh = None if thresh is None else float(thresh)
     if backend == "eager":
         check_target_labels(logits, target, ignore_index)
         return ohem_cross_entropy_reference(
             logits, target, thresh=thresh, min_kept=min_kept, ignore_index=ignore_index
         )
-    raise NotImplementedError(f"ohem_cross_entropy: backend {backend!r} is not implemented yet")
+    if logits.dtype == torch.float64 and backend != "cpp":
+        raise TypeError(
+            f"ohem_cross_entropy: float64 logits are supported by the 'eager' and 'cpp' backends only, "
+            f"not {backend!r}; use float32, float16 or bfloat16"
+        )
+    if backend == "triton":
+        return torch.ops.bisenet_fast_triton.ohem_cross_entropy_forward(logits, target, thresh, min_kept, ignore_index)[0]
+    return torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits, target, thresh, min_kept, ignore_index)[0]

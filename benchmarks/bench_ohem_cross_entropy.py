@@ -1,0 +1,127 @@
+"""OHEM cross-entropy, forward + backward: fused kernels vs the eager reference.
+
+Training shapes (spec §6, issue 3): N=4, C=19, one case per head resolution (decode 128x128;
+aux heads 256x256, 64x64, 32x32) -> labels 1024x1024, thresh=0.7. Two regimes:
+"early": random logits, min_kept=10000 (most p < 0.7: the threshold is thresh, no select);
+"select": logits confident on the labels and a budget of a quarter of the pixels, so the
+k-th probability must be selected (radix select on the fused paths, sort in eager).
+quick=True divides every spatial size by 4 (and min_kept by 16).
+
+    python -m benchmarks.bench_ohem_cross_entropy [--device cpu|cuda] [--quick] [--case 128]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import bisenet_fast as bf
+from benchmarks.timing import device_name, measure
+
+OP = "ohem_cross_entropy"
+N, C, LABEL_SIZE, MIN_KEPT = 4, 19, 1024, 10000
+HEAD_SIZES = (128, 256, 64, 32)
+
+
+def make_case(head: int, label: int, regime: str, dtype: torch.dtype, device: str):
+    gen = torch.Generator().manual_seed(0)
+    # Labels constant over 4x4 blocks of head pixels (like real segment maps), so a
+    # "select" head is confident on all but the pixels near segment borders.
+    blocks = torch.randint(0, C, (N, 1, max(1, head // 4), max(1, head // 4)), generator=gen).float()
+    head_labels = torch.nn.functional.interpolate(blocks, size=(head, head), mode="nearest").long()
+    target = torch.nn.functional.interpolate(head_labels.float(), size=(label, label), mode="nearest")[:, 0].long()
+    target[:, : label // 16] = 255  # a band of ignored (padded) pixels
+    logits = torch.randn(N, C, head, head, generator=gen)
+    if regime == "select":
+        logits.scatter_add_(1, head_labels, torch.full(head_labels.shape, 8.0))
+    return logits.to(device=device, dtype=dtype), target.to(torch.uint8).to(device)
+
+
+def impls(device: str, head: int, quick: bool) -> list[str]:
+    if device == "cpu":
+        return ["eager", "cpp"]
+    # torch.compile of the reference only at the decode-head shape: each compile costs
+    # seconds, and the comparison is the same at every shape.
+    names = ["eager"] + (["compile"] if head == HEAD_SIZES[0] // (4 if quick else 1) else [])
+    available = bf.backends.available()
+    return names + [name for name in ("cuda", "triton") if name in available]
+
+
+def step_fn(impl: str, logits: torch.Tensor, target: torch.Tensor, min_kept: int):
+    x = logits.detach().clone().requires_grad_()
+    backend = "eager" if impl == "compile" else impl
+
+    def loss_fn(x, target):
+        return bf.ops.ohem_cross_entropy(x, target, thresh=0.7, min_kept=min_kept)
+
+    fn = torch.compile(loss_fn) if impl == "compile" else loss_fn
+
+    def step():
+        with bf.backends.use(backend):
+            loss = fn(x, target)
+            loss.backward()
+        x.grad = None
+
+    return step
+
+
+def run(device: str = "cpu", quick: bool = True, head_sizes=HEAD_SIZES, dtypes=None) -> list[dict]:
+    scale = 4 if quick else 1
+    label = LABEL_SIZE // scale
+    min_kept = MIN_KEPT // scale**2
+    if dtypes is None:
+        dtypes = [torch.float32] if (device == "cpu" and quick) else [torch.float32, torch.float16]
+    repeats = 3 if device == "cpu" else 20
+    rows = []
+    for head in head_sizes:
+        head = head // scale
+        for regime in ("early", "select"):
+            case_min_kept = min_kept if regime == "early" else label * label // 4
+            for dtype in dtypes:
+                logits, target = make_case(head, label, regime, dtype, device)
+                eager_ms = None
+                for impl in impls(device, head, quick):
+                    timing = measure(step_fn(impl, logits, target, case_min_kept), device, warmup=1, repeats=repeats)
+                    if impl == "eager":
+                        eager_ms = timing["ms"]
+                    rows.append(
+                        {
+                            "op": OP,
+                            "case": f"{head}x{head}->{label}x{label} {regime}",
+                            "impl": impl,
+                            "dtype": str(dtype).replace("torch.", ""),
+                            "shape": f"N={N} C={C} logits {head}x{head} labels {label}x{label} min_kept={case_min_kept}",
+                            "ms": timing["ms"],
+                            "ms_min": timing["ms_min"],
+                            "peak_extra_mb": timing["peak_extra_mb"],
+                            "speedup_vs_eager": eager_ms / timing["ms"],
+                        }
+                    )
+    return rows
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    print(f"# {OP} forward+backward on {device_name(device)}, torch {torch.__version__}")
+    print(f"{'case':<32} {'dtype':<9} {'impl':<8} {'ms':>10} {'ms_min':>10} {'peak MB':>9} {'vs eager':>9}")
+    for r in rows:
+        peak = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
+        print(
+            f"{r['case']:<32} {r['dtype']:<9} {r['impl']:<8} {r['ms']:>10.2f} {r['ms_min']:>10.2f} {peak:>9} "
+            f"{r['speedup_vs_eager']:>8.2f}x"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--case", type=int, action="append", help="head size(s) to run, e.g. --case 128")
+    parser.add_argument("--dtype", choices=["float32", "float16"], action="append")
+    args = parser.parse_args()
+    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
+    rows = run(args.device, args.quick, tuple(args.case) if args.case else HEAD_SIZES, dtypes)
+    print_table(rows, args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+// OHEM cross-entropy on logits upsampled on the fly (CUDA).
+//
+// Forward: one thread per output pixel computes its C upsampled logits from the four
+// head-resolution taps (never stored at (N, C, H, W)), an online logsumexp, the
+// cross-entropy and the ground-truth probability; per-block counts and sums are reduced by
+// one block in a fixed order (deterministic). Whether the k-th probability is needed is
+// decided on the device; if it is, an exact radix select over the probabilities' bits
+// (3 passes of integer histograms: 11 + 11 + 10 bits) finds it, and the kept CE is summed
+// again. The host synchronises once, to read the count of out-of-range labels.
+//
+// Backward, as a gather (no float atomics, deterministic): one kernel stores, per output
+// pixel, the logsumexp where the pixel is kept (+inf elsewhere); then one thread per head
+// element (n, c, i, j) sums over the output pixels that read it (dst_range_reading) the
+// bilinear weight times the softmax gradient, recomputing that class's upsampled logit.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cub/block/block_reduce.cuh>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "common/bilinear.h"
+#include "common/ohem_math.h"
+
+namespace bisenet_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kFinalThreads = 1024;
+// Radix select over 32-bit keys: digits of 11, 11 and 10 bits, most significant first.
+constexpr int kSelectPasses = 3;
+constexpr int kSelectBins = 1 << 11;
+__host__ __device__ constexpr int select_bits(int pass) { return pass == 2 ? 10 : 11; }
+__host__ __device__ constexpr int select_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+
+struct Geometry {
+  int64_t N, C, h, w, H, W;
+  float scale_h, scale_w;
+};
+
+// Device-side state of one forward call.
+struct ForwardState {
+  long long n_valid;
+  long long n_le_thresh;
+  long long n_bad;
+  long long rank;  // rank of the k-th key among the keys with the current prefix
+  int needs_select;
+  unsigned int prefix;
+  double sum_valid;
+  double sum_below;
+};
+
+struct PixelSoftmax {
+  float zmax, sumexp, z_gt;
+};
+
+__device__ __forceinline__ float upsampled_logit(const float* __restrict__ channel, int64_t w, const LinearTap& ty,
+                                                 const LinearTap& tx) {
+  const float top = tx.w0 * channel[ty.i0 * w + tx.i0] + tx.w1 * channel[ty.i0 * w + tx.i1];
+  const float bottom = tx.w0 * channel[ty.i1 * w + tx.i0] + tx.w1 * channel[ty.i1 * w + tx.i1];
+  return ty.w0 * top + ty.w1 * bottom;
+}
+
+// Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`.
+// Forward and backward call this same function, so they agree on which pixels are kept.
+__device__ __forceinline__ PixelSoftmax pixel_softmax(const float* __restrict__ logits, const Geometry& g, int64_t n,
+                                                      int64_t y, int64_t x, int64_t label) {
+  const LinearTap ty = linear_tap(y, g.h, g.scale_h);
+  const LinearTap tx = linear_tap(x, g.w, g.scale_w);
+  const float* image = logits + n * g.C * g.h * g.w;
+  PixelSoftmax s{-INFINITY, 0.f, 0.f};
+  for (int64_t c = 0; c < g.C; ++c) {
+    const float z = upsampled_logit(image + c * g.h * g.w, g.w, ty, tx);
+    if (c == label) s.z_gt = z;
+    if (z > s.zmax) {
+      s.sumexp = s.sumexp * expf(s.zmax - z) + 1.f;
+      s.zmax = z;
+    } else {
+      s.sumexp += expf(z - s.zmax);
+    }
+  }
+  return s;
+}
+
+template <typename label_t>
+__global__ void forward_pixels_kernel(const float* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
+                                      float thresh, int64_t ignore_index, float* __restrict__ prob,
+                                      float* __restrict__ ce, long long* __restrict__ block_counts,
+                                      double* __restrict__ block_sums) {
+  const int64_t pixels = g.N * g.H * g.W;
+  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  long long valid = 0, le = 0, bad = 0;
+  double sum_valid = 0, sum_below = 0;
+  if (pix < pixels) {
+    const int64_t x = pix % g.W, y = (pix / g.W) % g.H, n = pix / (g.W * g.H);
+    const int64_t label = static_cast<int64_t>(target[pix]);
+    float p = INFINITY, loss = 0.f;
+    if (label != ignore_index) {
+      if (label < 0 || label >= g.C) {
+        bad = 1;
+      } else {
+        const PixelSoftmax s = pixel_softmax(logits, g, n, y, x, label);
+        loss = s.zmax + logf(s.sumexp) - s.z_gt;
+        p = expf(s.z_gt - s.zmax) / s.sumexp;
+        valid = 1;
+        le = p <= thresh;
+        sum_valid = loss;
+        sum_below = p < thresh ? loss : 0.0;
+      }
+    }
+    prob[pix] = p;
+    ce[pix] = loss;
+  }
+  using CountReduce = cub::BlockReduce<long long, kThreads>;
+  using SumReduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename CountReduce::TempStorage count_storage;
+  __shared__ typename SumReduce::TempStorage sum_storage;
+  long long totals[3] = {valid, le, bad};
+  for (int i = 0; i < 3; ++i) {
+    const long long t = CountReduce(count_storage).Sum(totals[i]);
+    if (threadIdx.x == 0) block_counts[blockIdx.x * 3 + i] = t;
+    __syncthreads();
+  }
+  double sums[2] = {sum_valid, sum_below};
+  for (int i = 0; i < 2; ++i) {
+    const double t = SumReduce(sum_storage).Sum(sums[i]);
+    if (threadIdx.x == 0) block_sums[blockIdx.x * 2 + i] = t;
+    __syncthreads();
+  }
+}
+
+// One block: totals of the per-block counts and sums in a fixed order; decides whether the
+// k-th probability must be selected.
+__global__ void forward_totals_kernel(const long long* __restrict__ block_counts, const double* __restrict__ block_sums,
+                                      int64_t blocks, int64_t min_kept, int64_t batch, bool has_thresh,
+                                      ForwardState* state) {
+  using CountReduce = cub::BlockReduce<long long, kFinalThreads>;
+  using SumReduce = cub::BlockReduce<double, kFinalThreads>;
+  __shared__ typename CountReduce::TempStorage count_storage;
+  __shared__ typename SumReduce::TempStorage sum_storage;
+  long long counts[3] = {0, 0, 0};
+  double sums[2] = {0, 0};
+  for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x) {
+    for (int i = 0; i < 3; ++i) counts[i] += block_counts[b * 3 + i];
+    for (int i = 0; i < 2; ++i) sums[i] += block_sums[b * 2 + i];
+  }
+  long long totals[3];
+  for (int i = 0; i < 3; ++i) {
+    totals[i] = CountReduce(count_storage).Sum(counts[i]);
+    __syncthreads();
+  }
+  double total_sums[2];
+  for (int i = 0; i < 2; ++i) {
+    total_sums[i] = SumReduce(sum_storage).Sum(sums[i]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    state->n_valid = totals[0];
+    state->n_le_thresh = totals[1];
+    state->n_bad = totals[2];
+    state->sum_valid = total_sums[0];
+    state->sum_below = total_sums[1];
+    const int64_t k = ohem_rank(min_kept, batch, totals[0]);
+    state->rank = k;
+    state->needs_select = has_thresh && ohem_needs_select(totals[0], totals[1], k) ? 1 : 0;
+    state->prefix = 0;
+  }
+}
+
+__global__ void select_histogram_kernel(const float* __restrict__ prob, int64_t count, int pass,
+                                        const ForwardState* __restrict__ state,
+                                        unsigned long long* __restrict__ histogram) {
+  if (!state->needs_select) return;
+  __shared__ unsigned int local[kSelectBins];
+  for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  const int shift = select_shift(pass), bits = select_bits(pass);
+  const int prefix_shift = pass == 0 ? 32 : select_shift(pass - 1);
+  const uint32_t prefix = state->prefix;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint32_t key = prob_key(prob[e]);
+    if (key_has_prefix(key, prefix, prefix_shift)) atomicAdd(&local[key_digit(key, shift, bits)], 1u);
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < (1 << bits); b += blockDim.x)
+    if (local[b]) atomicAdd(&histogram[b], static_cast<unsigned long long>(local[b]));
+}
+
+// Integer counts only: the selected bin is exact whatever the order of the atomics.
+__global__ void select_bin_kernel(const unsigned long long* __restrict__ histogram, int pass, ForwardState* state) {
+  if (!state->needs_select || threadIdx.x != 0) return;
+  int64_t rank = state->rank;
+  const uint32_t bin = select_bin(histogram, 1u << select_bits(pass), &rank);
+  state->rank = rank;
+  state->prefix |= bin << select_shift(pass);
+}
+
+__global__ void kept_sum_kernel(const float* __restrict__ prob, const float* __restrict__ ce, int64_t count,
+                                const ForwardState* __restrict__ state, double* __restrict__ block_sums) {
+  if (!state->needs_select) return;
+  const float threshold = prob_from_key(static_cast<uint32_t>(state->prefix));
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const double v = (e < count && prob[e] < threshold) ? static_cast<double>(ce[e]) : 0.0;
+  using SumReduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename SumReduce::TempStorage storage;
+  const double t = SumReduce(storage).Sum(v);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = t;
+}
+
+__global__ void forward_result_kernel(const double* __restrict__ kept_block_sums, int64_t blocks,
+                                      const ForwardState* __restrict__ state, bool has_thresh, float thresh,
+                                      double pixels, float* __restrict__ loss, float* __restrict__ threshold) {
+  using SumReduce = cub::BlockReduce<double, kFinalThreads>;
+  __shared__ typename SumReduce::TempStorage storage;
+  const bool selected = state->needs_select;
+  double partial = 0;
+  if (selected)
+    for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x) partial += kept_block_sums[b];
+  const double kept_sum = SumReduce(storage).Sum(partial);
+  if (threadIdx.x == 0) {
+    double total;
+    if (!has_thresh) {
+      total = state->sum_valid;
+      *threshold = INFINITY;
+    } else if (selected) {
+      total = kept_sum;
+      *threshold = prob_from_key(static_cast<uint32_t>(state->prefix));
+    } else {
+      total = state->sum_below;
+      *threshold = thresh;
+    }
+    *loss = static_cast<float>(total / pixels);
+  }
+}
+
+template <typename label_t>
+__global__ void kept_lse_kernel(const float* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
+                                const float* __restrict__ threshold, int64_t ignore_index, float* __restrict__ lse) {
+  const int64_t pixels = g.N * g.H * g.W;
+  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pix >= pixels) return;
+  const int64_t x = pix % g.W, y = (pix / g.W) % g.H, n = pix / (g.W * g.H);
+  const int64_t label = static_cast<int64_t>(target[pix]);
+  float out = INFINITY;
+  if (label != ignore_index && label >= 0 && label < g.C) {
+    const PixelSoftmax s = pixel_softmax(logits, g, n, y, x, label);
+    const float p = expf(s.z_gt - s.zmax) / s.sumexp;
+    if (p < *threshold) out = s.zmax + logf(s.sumexp);
+  }
+  lse[pix] = out;
+}
+
+template <typename label_t>
+__global__ void backward_gather_kernel(const float* __restrict__ logits, const label_t* __restrict__ target,
+                                       const float* __restrict__ lse, Geometry g, const float* __restrict__ grad_loss,
+                                       float* __restrict__ grad) {
+  const int64_t elements = g.N * g.C * g.h * g.w;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= elements) return;
+  const int64_t j = e % g.w, i = (e / g.w) % g.h, c = (e / (g.w * g.h)) % g.C, n = e / (g.w * g.h * g.C);
+  const float* channel = logits + (n * g.C + c) * g.h * g.w;
+  const DstRange ys = dst_range_reading(i, g.h, g.H, g.scale_h);
+  const DstRange xs = dst_range_reading(j, g.w, g.W, g.scale_w);
+  float acc = 0.f;
+  for (int64_t y = ys.begin; y < ys.end; ++y) {
+    const LinearTap ty = linear_tap(y, g.h, g.scale_h);
+    const float wy = linear_weight(ty, i);
+    const int64_t row = (n * g.H + y) * g.W;
+    for (int64_t x = xs.begin; x < xs.end; ++x) {
+      const float pixel_lse = lse[row + x];
+      if (pixel_lse == INFINITY) continue;  // not kept
+      const LinearTap tx = linear_tap(x, g.w, g.scale_w);
+      const float softmax_c = expf(upsampled_logit(channel, g.w, ty, tx) - pixel_lse);
+      acc += wy * linear_weight(tx, j) * ce_grad(softmax_c, static_cast<int64_t>(target[row + x]) == c, 1.f);
+    }
+  }
+  grad[e] = acc * (*grad_loss / static_cast<float>(g.N * g.H * g.W));
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.is_cuda() && target.is_cuda() && logits.device() == target.device(),
+              "ohem_cross_entropy (CUDA kernel): logits and target must be CUDA tensors on one device");
+  TORCH_CHECK(logits.dim() == 4, "ohem_cross_entropy: logits must be 4-D (N, C, h, w), got ", logits.sizes());
+  TORCH_CHECK(target.dim() == 3, "ohem_cross_entropy: target must be 3-D (N, H, W), got ", target.sizes());
+  TORCH_CHECK(target.size(0) == logits.size(0), "ohem_cross_entropy: target must have the batch size of logits (",
+              logits.size(0), "), got ", target.sizes());
+  TORCH_CHECK(logits.numel() > 0 && target.numel() > 0, "ohem_cross_entropy: logits and target must be non-empty");
+  const auto d = logits.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16,
+              "ohem_cross_entropy (CUDA kernel): logits must be float32, float16 or bfloat16, got ", d);
+  const auto t = target.scalar_type();
+  TORCH_CHECK(t == at::kByte || t == at::kInt || t == at::kLong,
+              "ohem_cross_entropy: target must be uint8, int32 or int64, got ", t);
+}
+
+Geometry geometry(const at::Tensor& head, const at::Tensor& target) {
+  Geometry g;
+  g.N = head.size(0);
+  g.C = head.size(1);
+  g.h = head.size(2);
+  g.w = head.size(3);
+  g.H = target.size(1);
+  g.W = target.size(2);
+  g.scale_h = linear_scale(g.h, g.H);
+  g.scale_w = linear_scale(g.w, g.W);
+  return g;
+}
+
+template <typename F>
+void dispatch_label(const at::Tensor& target, F&& f) {
+  switch (target.scalar_type()) {
+    case at::kByte:
+      f(static_cast<const uint8_t*>(target.const_data_ptr()));
+      break;
+    case at::kInt:
+      f(target.const_data_ptr<int32_t>());
+      break;
+    default:
+      f(target.const_data_ptr<int64_t>());
+  }
+}
+
+int64_t blocks_for(int64_t count, int threads) { return (count + threads - 1) / threads; }
+
+void raise_bad_label(const at::Tensor& target, int64_t channels, int64_t ignore_index) {
+  const at::Tensor labels = target.to(at::kLong);
+  const at::Tensor bad = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(channels)));
+  const int64_t value = labels.masked_select(bad)[0].item<int64_t>();
+  TORCH_CHECK(false, "ohem_cross_entropy: target holds label ", value, ", which is neither a class id in [0, ",
+              channels, ") nor ignore_index (", ignore_index, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                                   c10::optional<double> thresh, int64_t min_kept,
+                                                                   int64_t ignore_index) {
+  check_inputs(logits, target);
+  TORCH_CHECK(min_kept >= 0, "ohem_cross_entropy: min_kept must be >= 0, got ", min_kept);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor head = logits.to(at::kFloat).contiguous();  // fp32 at head resolution
+  const at::Tensor labels = target.contiguous();
+  const Geometry g = geometry(head, labels);
+  const int64_t pixels = g.N * g.H * g.W;
+  const int64_t blocks = blocks_for(pixels, kThreads);
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "ohem_cross_entropy: target too large");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto f32 = head.options();
+  at::Tensor prob = at::empty({pixels}, f32);
+  at::Tensor ce = at::empty({pixels}, f32);
+  at::Tensor block_counts = at::empty({blocks, 3}, f32.dtype(at::kLong));
+  at::Tensor block_sums = at::empty({blocks, 2}, f32.dtype(at::kDouble));
+  at::Tensor state_bytes = at::empty({static_cast<int64_t>(sizeof(ForwardState))}, f32.dtype(at::kByte));
+  auto* state = reinterpret_cast<ForwardState*>(state_bytes.data_ptr());
+  const float thresh32 = thresh.has_value() ? static_cast<float>(*thresh) : INFINITY;
+
+  dispatch_label(labels, [&](auto* target_ptr) {
+    forward_pixels_kernel<<<blocks, kThreads, 0, stream>>>(
+        head.const_data_ptr<float>(), target_ptr, g, thresh32, ignore_index, prob.data_ptr<float>(),
+        ce.data_ptr<float>(), reinterpret_cast<long long*>(block_counts.data_ptr<int64_t>()),
+        block_sums.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  forward_totals_kernel<<<1, kFinalThreads, 0, stream>>>(
+      reinterpret_cast<const long long*>(block_counts.const_data_ptr<int64_t>()), block_sums.const_data_ptr<double>(),
+      blocks, min_kept, g.N, thresh.has_value(), state);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Radix select, skipped on the device when the threshold is thresh itself.
+  at::Tensor histograms = at::zeros({kSelectPasses, kSelectBins}, f32.dtype(at::kLong));
+  auto* histogram_ptr = reinterpret_cast<unsigned long long*>(histograms.data_ptr<int64_t>());
+  const int64_t histogram_blocks = std::min<int64_t>(blocks, 1024);
+  for (int pass = 0; pass < kSelectPasses; ++pass) {
+    select_histogram_kernel<<<histogram_blocks, kThreads, 0, stream>>>(prob.const_data_ptr<float>(), pixels, pass,
+                                                                       state, histogram_ptr + pass * kSelectBins);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    select_bin_kernel<<<1, 32, 0, stream>>>(histogram_ptr + pass * kSelectBins, pass, state);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor kept_sums = at::empty({blocks}, f32.dtype(at::kDouble));
+  kept_sum_kernel<<<blocks, kThreads, 0, stream>>>(prob.const_data_ptr<float>(), ce.const_data_ptr<float>(), pixels,
+                                                   state, kept_sums.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor loss = at::empty({}, f32);
+  at::Tensor threshold = at::empty({}, f32);
+  forward_result_kernel<<<1, kFinalThreads, 0, stream>>>(kept_sums.const_data_ptr<double>(), blocks, state,
+                                                         thresh.has_value(), thresh32, static_cast<double>(pixels),
+                                                         loss.data_ptr<float>(), threshold.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // The one synchronisation: labels outside [0, C) are an error, not a silent zero.
+  long long n_bad = 0;
+  C10_CUDA_CHECK(cudaMemcpyAsync(&n_bad, &state->n_bad, sizeof(n_bad), cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (n_bad > 0) raise_bad_label(labels, g.C, ignore_index);
+  return {loss, threshold};
+}
+
+at::Tensor ohem_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                            const at::Tensor& target, const at::Tensor& threshold,
+                                            int64_t ignore_index) {
+  check_inputs(logits, target);
+  TORCH_CHECK(grad_loss.numel() == 1 && threshold.numel() == 1,
+              "ohem_cross_entropy_backward: grad_loss and threshold must be scalars");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor head = logits.to(at::kFloat).contiguous();
+  const at::Tensor labels = target.contiguous();
+  const at::Tensor grad_scalar = grad_loss.to(head.options()).reshape({1});
+  const at::Tensor threshold32 = threshold.to(head.options()).reshape({1});
+  const Geometry g = geometry(head, labels);
+  const int64_t pixels = g.N * g.H * g.W;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor lse = at::empty({pixels}, head.options());
+  at::Tensor grad = at::empty_like(head);
+  dispatch_label(labels, [&](auto* target_ptr) {
+    kept_lse_kernel<<<blocks_for(pixels, kThreads), kThreads, 0, stream>>>(
+        head.const_data_ptr<float>(), target_ptr, g, threshold32.const_data_ptr<float>(), ignore_index,
+        lse.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    backward_gather_kernel<<<blocks_for(head.numel(), kThreads), kThreads, 0, stream>>>(
+        head.const_data_ptr<float>(), target_ptr, lse.const_data_ptr<float>(), g, grad_scalar.const_data_ptr<float>(),
+        grad.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad.to(logits.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bisenet_fast, CUDA, m) {
+  m.impl("ohem_cross_entropy_forward", &ohem_cross_entropy_forward_cuda);
+  m.impl("ohem_cross_entropy_backward", &ohem_cross_entropy_backward_cuda);
+}
+
+}  // namespace bisenet_fast

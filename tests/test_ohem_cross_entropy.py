@@ -1,0 +1,408 @@
+"""bf.ops.ohem_cross_entropy: every fused implementation against the eager reference (loss and
+gradient), the OHEM edge cases of spec §6, argument errors, torch.compile and determinism."""
+import pytest
+import torch
+
+import bisenet_fast as bf
+from bisenet_fast.ops.ohem_cross_entropy import ohem_cross_entropy_reference
+from tests.helpers import requires_cuda_build, requires_triton, triton_device
+
+# (N, C, h, w, H, W): batch 1 and 3, odd sizes, 9x13 -> 67x101 (not a multiple), down-sampling,
+# a one-pixel head.
+SHAPES = [
+    (1, 4, 8, 8, 32, 32),
+    (3, 5, 9, 13, 67, 101),
+    (2, 19, 6, 5, 40, 33),
+    (2, 3, 12, 10, 7, 9),
+    (1, 2, 1, 1, 7, 3),
+]
+# Triton runs under the CPU interpreter without a GPU: tiny shapes only.
+TRITON_SHAPES = [(1, 3, 4, 5, 9, 11), (3, 5, 3, 4, 10, 13)]
+# (thresh, min_kept as a fraction of H*W): below-thresh count path, selection path, plain CE.
+OHEM_CASES = [(0.7, 0.1), (0.2, 0.5), (None, 0.1)]
+TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-4),
+    torch.float64: dict(rtol=1e-6, atol=1e-9),
+}
+
+
+def make_inputs(shape, dtype=torch.float32, target_dtype=torch.int64, ignore_index=255, seed=0, device="cpu"):
+    n, c, h, w, H, W = shape
+    gen = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(n, c, h, w, generator=gen)).to(dtype)
+    target = torch.randint(0, c, (n, H, W), generator=gen)
+    target[torch.rand(n, H, W, generator=gen) < 0.2] = ignore_index
+    return logits.to(device), target.to(target_dtype).to(device)
+
+
+def loss_and_grad(backend, logits, target, **kwargs):
+    logits = logits.detach().clone().requires_grad_()
+    with bf.backends.use(backend):
+        loss = bf.ops.ohem_cross_entropy(logits, target, **kwargs)
+    loss.backward()
+    return loss.detach(), logits.grad
+
+
+def check_against_reference(backend, logits, target, tol=None, **kwargs):
+    tol = tol or TOLERANCE[logits.dtype]
+    ref_loss, ref_grad = loss_and_grad("eager", logits, target, **kwargs)
+    loss, grad = loss_and_grad(backend, logits, target, **kwargs)
+    assert loss.dtype == ref_loss.dtype and loss.shape == ()
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    # Gradients are (softmax - onehot) / (N*H*W) summed over ~(H/h)*(W/w) pixels.
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+    return loss, grad
+
+
+def ohem_kwargs(shape, thresh, kept_fraction, ignore_index=255):
+    return dict(thresh=thresh, min_kept=int(kept_fraction * shape[4] * shape[5]), ignore_index=ignore_index)
+
+
+def reference_threshold(logits, target, thresh, min_kept, ignore_index=255):
+    up = torch.nn.functional.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    valid = target.long() != ignore_index
+    prob = up.softmax(1).gather(1, target.long().masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)[valid]
+    kth = prob.sort().values[min(min_kept * logits.shape[0], prob.numel() - 1)]
+    return max(float(kth), float(torch.tensor(thresh, dtype=torch.float32)))
+
+
+# ---- C++ CPU kernel
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("thresh, kept_fraction", OHEM_CASES)
+def test_cpp_matches_reference(shape, thresh, kept_fraction):
+    logits, target = make_inputs(shape)
+    check_against_reference("cpp", logits, target, **ohem_kwargs(shape, thresh, kept_fraction))
+
+
+@pytest.mark.parametrize("thresh, kept_fraction", OHEM_CASES)
+def test_cpp_threshold_output(thresh, kept_fraction):
+    shape = SHAPES[1]
+    logits, target = make_inputs(shape)
+    kwargs = ohem_kwargs(shape, thresh, kept_fraction)
+    loss, threshold = torch.ops.bisenet_fast.ohem_cross_entropy_forward(
+        logits, target, thresh, kwargs["min_kept"], 255
+    )
+    assert threshold.dtype == torch.float32 and threshold.shape == ()
+    if thresh is None:
+        assert threshold.item() == float("inf")
+    else:
+        expected = reference_threshold(logits, target, thresh, kwargs["min_kept"])
+        assert threshold.item() == pytest.approx(expected, rel=1e-6)
+        if thresh == 0.2:
+            assert threshold.item() > 0.2  # this case really exercises the selection
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_cpp_dtypes(dtype):
+    shape = SHAPES[1]
+    logits, target = make_inputs(shape, dtype=dtype)
+    loss, _ = check_against_reference("cpp", logits, target, **ohem_kwargs(shape, 0.2, 0.5))
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int32, torch.int64])
+def test_cpp_target_dtypes(target_dtype):
+    shape = SHAPES[0]
+    logits, target = make_inputs(shape, target_dtype=target_dtype)
+    check_against_reference("cpp", logits, target, **ohem_kwargs(shape, 0.2, 0.5))
+
+
+@pytest.mark.parametrize("thresh, kept_fraction", [(0.7, 0.05), (0.2, 0.5), (None, 0.1)])
+def test_cpp_gradcheck_float64(thresh, kept_fraction):
+    shape = (2, 3, 4, 5, 7, 9)
+    logits, target = make_inputs(shape, dtype=torch.float64, seed=3)
+    kwargs = ohem_kwargs(shape, thresh, kept_fraction)
+
+    def loss(x):
+        with bf.backends.use("cpp"):
+            return bf.ops.ohem_cross_entropy(x, target, **kwargs)
+
+    assert torch.autograd.gradcheck(loss, (logits.requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+def test_cpp_opcheck():
+    logits, target = make_inputs(SHAPES[0])
+    torch.library.opcheck(
+        torch.ops.bisenet_fast.ohem_cross_entropy_forward.default,
+        (logits.requires_grad_(), target, 0.2, 200, 255),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_cpp_non_contiguous_and_channels_last():
+    shape = SHAPES[1]
+    logits, target = make_inputs(shape)
+    kwargs = ohem_kwargs(shape, 0.2, 0.5)
+    expected, expected_grad = loss_and_grad("eager", logits, target, **kwargs)
+    channels_last = logits.contiguous(memory_format=torch.channels_last)
+    strided = torch.stack([logits, -logits], -1)[..., 0]  # same values, stride 2 along w
+    target_strided = torch.stack([target, target], -1)[..., 0]
+    assert not strided.is_contiguous() and not target_strided.is_contiguous()
+    for x, t in ((channels_last, target), (strided, target_strided)):
+        loss, grad = loss_and_grad("cpp", x, t, **kwargs)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+# ---- OHEM edge cases (spec §6), on every CPU-runnable backend
+
+
+def cpu_backends():
+    return ["cpp"] + (["triton"] if "triton" in bf.backends.available() and triton_device() == "cpu" else [])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_ties_at_threshold(backend):
+    # Same-size "upsampling" (exact) and two classes whose logit gap takes 3 values: the
+    # ground-truth probabilities tie in three groups (24, 24 and 22 pixels). With k = 30 the
+    # k-th lands inside the middle group, whose members are then all dropped (p < threshold
+    # is strict), exactly as with the sorted reference.
+    gap = torch.tensor([0.0, -1.0, -2.0]).repeat(12)[:35].reshape(1, 1, 5, 7)
+    logits = torch.cat([torch.zeros_like(gap), gap], dim=1).repeat(2, 1, 1, 1)
+    target = torch.zeros(2, 5, 7, dtype=torch.int64)
+    kwargs = dict(thresh=0.5, min_kept=15, ignore_index=255)
+    op = torch.ops.bisenet_fast if backend == "cpp" else torch.ops.bisenet_fast_triton
+    _, threshold = op.ohem_cross_entropy_forward(logits, target, 0.5, 15, 255)
+    assert threshold.item() == pytest.approx(reference_threshold(logits, target, 0.5, 15), rel=1e-6)
+    assert threshold.item() == pytest.approx(float(torch.sigmoid(torch.tensor(1.0))), rel=1e-6)
+    check_against_reference(backend, logits, target, **kwargs)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("budget_vs_valid", ["less", "equal", "more"])
+def test_budget_versus_valid_count(backend, budget_vs_valid):
+    shape = (1, 3, 3, 4, 6, 7)
+    logits, target = make_inputs(shape, seed=5)
+    # min_kept * N is the budget: use N=1 so every budget is reachable.
+    logits, target = logits[:1], target[:1]
+    n_valid = int((target != 255).sum())
+    budget = {"less": n_valid - 5, "equal": n_valid, "more": n_valid + 7}[budget_vs_valid]
+    loss, _ = check_against_reference(backend, logits, target, thresh=0.7, min_kept=budget)
+    if budget_vs_valid != "less":
+        # Threshold = the largest p: every valid pixel but the maximum is kept.
+        ref_all = ohem_cross_entropy_reference(logits, target, thresh=None)
+        assert loss < ref_all
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("thresh", [0.7, None])
+def test_nothing_valid(backend, thresh):
+    logits, target = make_inputs((2, 3, 3, 4, 6, 7))
+    target.fill_(255)
+    loss, grad = loss_and_grad(backend, logits, target, thresh=thresh, min_kept=5)
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_everything_kept(backend):
+    # thresh=1 with a small budget: every valid pixel (p < 1) is kept, i.e. plain CE.
+    shape = (2, 3, 3, 4, 6, 7)
+    logits, target = make_inputs(shape)
+    loss, grad = loss_and_grad(backend, logits, target, thresh=1.0, min_kept=1)
+    plain, plain_grad = loss_and_grad("eager", logits, target, thresh=None)
+    torch.testing.assert_close(loss, plain)
+    torch.testing.assert_close(grad, plain_grad)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("ignore_index", [-1, 2])
+def test_ignore_index_other_than_255(backend, ignore_index):
+    shape = (2, 4, 3, 4, 6, 7)
+    logits, target = make_inputs(shape, ignore_index=ignore_index)
+    check_against_reference(backend, logits, target, thresh=0.2, min_kept=20, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("backend", ["eager"] + cpu_backends())
+@pytest.mark.parametrize("bad_label", [5, -3])
+def test_label_out_of_range_raises(backend, bad_label):
+    logits, target = make_inputs((1, 5, 3, 4, 6, 7))
+    target[0, 2, 3] = bad_label
+    with bf.backends.use(backend), pytest.raises((ValueError, RuntimeError), match="neither a class id in \\[0, 5\\)"):
+        bf.ops.ohem_cross_entropy(logits, target, thresh=0.7, min_kept=5)
+
+
+def test_cpp_kernel_checks_labels_itself():
+    logits, target = make_inputs((1, 5, 3, 4, 6, 7))
+    target[0, 5, 6] = 7
+    with pytest.raises(RuntimeError, match="label 7, which is neither a class id in \\[0, 5\\)"):
+        torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits, target, 0.7, 5, 255)
+
+
+# ---- argument errors (the front checks, the same for every backend)
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda x, t: (x.long(), t), TypeError, "logits must have dtype"),
+        (lambda x, t: (x[0], t), ValueError, "logits must be 4-D"),
+        (lambda x, t: (x, t.float()), TypeError, "target must have dtype"),
+        (lambda x, t: (x, t[0]), ValueError, "target must be 3-D"),
+        (lambda x, t: (x, t[:1]), ValueError, "target must have the batch size"),
+        (lambda x, t: (x, t.to("meta")), ValueError, "target must be on cpu"),
+        (lambda x, t: ([1.0], t), TypeError, "logits must be a torch.Tensor"),
+    ],
+)
+def test_bad_arguments_raise_clearly(mutate, error, match):
+    logits, target = make_inputs((2, 3, 3, 4, 6, 7))
+    logits, target = mutate(logits, target)
+    with pytest.raises(error, match=match):
+        bf.ops.ohem_cross_entropy(logits, target)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match", [(dict(thresh=1.5), "thresh"), (dict(min_kept=-1), "min_kept"), (dict(min_kept=2.0), "min_kept")]
+)
+def test_bad_options_raise_clearly(kwargs, match):
+    logits, target = make_inputs((2, 3, 3, 4, 6, 7))
+    with pytest.raises(ValueError, match=match):
+        bf.ops.ohem_cross_entropy(logits, target, **kwargs)
+
+
+def test_cpp_kernel_rejects_bad_tensors():
+    logits, target = make_inputs((2, 3, 3, 4, 6, 7))
+    with pytest.raises(RuntimeError, match="logits must be 4-D"):
+        torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits[0], target, 0.7, 5, 255)
+    with pytest.raises(RuntimeError, match="target must be uint8, int32 or int64"):
+        torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits, target.short(), 0.7, 5, 255)
+
+
+# ---- torch.compile, determinism, the model
+
+
+def test_torch_compile_cpu_fullgraph():
+    shape = SHAPES[0]
+    logits, target = make_inputs(shape)
+    kwargs = ohem_kwargs(shape, 0.2, 0.5)
+
+    def step(x, t):
+        return bf.ops.ohem_cross_entropy(x, t, **kwargs) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with bf.backends.use("cpp"):
+        x = logits.clone().requires_grad_()
+        loss = compiled(x, target)
+        loss.backward()
+    ref_loss, ref_grad = loss_and_grad("eager", logits, target, **kwargs)
+    torch.testing.assert_close(loss.detach(), 2 * ref_loss)
+    torch.testing.assert_close(x.grad, 2 * ref_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("thresh, kept_fraction", OHEM_CASES)
+def test_cpp_deterministic_across_runs_and_threads(thresh, kept_fraction):
+    shape = (3, 19, 9, 13, 67, 101)
+    logits, target = make_inputs(shape)
+    kwargs = ohem_kwargs(shape, thresh, kept_fraction)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, threads, 1, 3):
+            torch.set_num_threads(n)
+            results.append(loss_and_grad("cpp", logits, target, **kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("ohem", [True, False])
+def test_model_loss_cpp_matches_eager(ohem, monkeypatch):
+    torch.manual_seed(0)
+    model = bf.BiSeNetV2Segmentor(num_classes=5, ohem=ohem, ohem_min_kept=200, dropout_ratio=0.0).train()
+    x = torch.randn(2, 3, 64, 64)  # batch 2: the context block batch-norms a 1x1 map
+    target = torch.randint(0, 5, (2, 64, 64))
+    target[:, :8] = 255
+    results, chosen = {}, []
+    for backend in ("eager", "cpp"):
+        # Only the OHEM loss switches backend; every other op runs its reference in both runs.
+        monkeypatch.setattr(
+            bf.backends,
+            "resolve",
+            lambda op, device, *args, _b=backend: chosen.append(_b) or _b if op == "ohem_cross_entropy" else "eager",
+        )
+        model.zero_grad()
+        losses = model.loss(x, target)
+        sum(losses.values()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[backend] = ({k: v.detach() for k, v in losses.items()}, grads)
+    assert chosen == ["eager"] * 5 + ["cpp"] * 5  # one OHEM loss per head
+    (eager_losses, eager_grads), (cpp_losses, cpp_grads) = results["eager"], results["cpp"]
+    assert eager_losses.keys() == cpp_losses.keys() and len(cpp_losses) == 5
+    for key in eager_losses:
+        torch.testing.assert_close(cpp_losses[key], eager_losses[key], rtol=1e-5, atol=1e-6)
+    assert eager_grads.keys() == cpp_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(cpp_grads[name], eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+# ---- Triton (interpreter on the CPU, or the GPU) and CUDA
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.parametrize("thresh, kept_fraction", OHEM_CASES)
+def test_triton_matches_reference(shape, thresh, kept_fraction):
+    logits, target = make_inputs(shape, device=triton_device())
+    check_against_reference("triton", logits, target, **ohem_kwargs(shape, thresh, kept_fraction))
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", [(1, 3, 9, 8, 5, 6), (1, 2, 1, 1, 7, 3), (1, 3, 3, 2, 50, 37)])
+def test_triton_downsampling_one_pixel_head_large_ratio(shape):
+    # The backward gathers over a window of output indices around each head index: these
+    # shapes check that the window holds every reader (ratio < 1, h = 1, ratio ~ 17).
+    logits, target = make_inputs(shape, device=triton_device())
+    check_against_reference("triton", logits, target, **ohem_kwargs(shape, 0.2, 0.5))
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype, target_dtype", [(torch.float16, torch.uint8), (torch.bfloat16, torch.int32)])
+def test_triton_dtypes(dtype, target_dtype):
+    shape = TRITON_SHAPES[0]
+    logits, target = make_inputs(shape, dtype=dtype, target_dtype=target_dtype, device=triton_device())
+    check_against_reference("triton", logits, target, **ohem_kwargs(shape, 0.2, 0.5))
+
+
+@requires_triton
+def test_triton_rejects_float64():
+    logits, target = make_inputs(TRITON_SHAPES[0], dtype=torch.float64, device=triton_device())
+    with bf.backends.use("triton"), pytest.raises(TypeError, match="float64 logits"):
+        bf.ops.ohem_cross_entropy(logits, target)
+
+
+CUDA_SHAPES = SHAPES + [(4, 19, 32, 32, 256, 256), (2, 19, 16, 16, 256, 256)]
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("thresh, kept_fraction", OHEM_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_matches_reference(backend, shape, thresh, kept_fraction, dtype):
+    logits, target = make_inputs(shape, dtype=dtype, device="cuda")
+    check_against_reference(backend, logits, target, **ohem_kwargs(shape, thresh, kept_fraction))
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_edge_cases_and_determinism(backend):
+    shape = (2, 5, 9, 13, 67, 101)
+    logits, target = make_inputs(shape, device="cuda")
+    first = loss_and_grad(backend, logits, target, thresh=0.2, min_kept=3000)
+    again = loss_and_grad(backend, logits, target, thresh=0.2, min_kept=3000)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    check_against_reference(backend, logits.contiguous(memory_format=torch.channels_last), target.int(),
+                            thresh=0.7, min_kept=10**6)
+    empty = target.clone().fill_(255)
+    loss, grad = loss_and_grad(backend, logits, empty, thresh=0.7, min_kept=5)
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    bad = target.clone()
+    bad[1, 3, 4] = 9
+    with bf.backends.use(backend), pytest.raises((ValueError, RuntimeError), match="neither a class id"):
+        bf.ops.ohem_cross_entropy(logits, bad)

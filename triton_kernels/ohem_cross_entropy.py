@@ -1,0 +1,225 @@
+"""Triton kernels of the OHEM cross-entropy with in-kernel bilinear upsampling.
+
+Forward: one program per segment of an output row computes the C upsampled logits of its
+pixels from the four head-resolution taps (never stored at (N, C, H, W)), their logsumexp,
+the cross-entropy and the ground-truth probability, and writes per-program counts and sums
+(reduced afterwards in a fixed order: deterministic). The k-th probability is needed only
+when fewer than k+1 valid probabilities are <= thresh; it is then found with
+torch.kthvalue (a selection, not a sort) on the per-pixel probabilities.
+
+Backward, as a gather (no float atomics, deterministic): a first kernel stores, per output
+pixel, the logsumexp where the pixel is kept (+inf elsewhere); then one program per segment
+of a head row sums, over the output pixels that read each head pixel, the bilinear weight
+times the softmax gradient, recomputing the upsampled logits there.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tap(dst, in_size, scale):
+    """ATen's align_corners=False source taps of destination index `dst` (csrc/common/bilinear.h)."""
+    src = scale * (dst.to(tl.float32) + 0.5) - 0.5
+    src = tl.maximum(src, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), in_size - 1)
+    w1 = src - i0.to(tl.float32)
+    i1 = tl.where(i0 < in_size - 1, i0 + 1, i0)
+    return i0, i1, 1.0 - w1, w1
+
+
+@triton.jit
+def _upsampled_logits(logits_ptr, n, y, x, mask, C, h, w, scale_h, scale_w, BLOCK_C: tl.constexpr):
+    """z[c, lane] of output row y, columns x (one per lane); -inf for padding classes."""
+    c = tl.arange(0, BLOCK_C)[:, None]
+    cmask = c < C
+    yi0, yi1, wy0, wy1 = _tap(y, h, scale_h)
+    xi0, xi1, wx0, wx1 = _tap(x, w, scale_w)
+    base = logits_ptr + (n.to(tl.int64) * C + c) * h * w
+    m = cmask & mask[None, :]
+    a = tl.load(base + yi0 * w + xi0[None, :], mask=m, other=0.0)
+    b = tl.load(base + yi0 * w + xi1[None, :], mask=m, other=0.0)
+    d = tl.load(base + yi1 * w + xi0[None, :], mask=m, other=0.0)
+    e = tl.load(base + yi1 * w + xi1[None, :], mask=m, other=0.0)
+    wx0 = wx0[None, :]
+    wx1 = wx1[None, :]
+    z = wy0 * (wx0 * a + wx1 * b) + wy1 * (wx0 * d + wx1 * e)
+    return tl.where(cmask, z, float("-inf"))
+
+
+@triton.jit
+def _forward_kernel(logits_ptr, target_ptr, prob_ptr, ce_ptr, counts_ptr, sums_ptr,
+                    C, h, w, H, W, scale_h, scale_w, thresh, ignore_index,
+                    BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
+    row = tl.program_id(0)  # n * H + y
+    seg = tl.program_id(1)
+    n = row // H
+    y = row % H
+    x = seg * BLOCK_X + tl.arange(0, BLOCK_X)
+    mask = x < W
+    z = _upsampled_logits(logits_ptr, n, y, x, mask, C, h, w, scale_h, scale_w, BLOCK_C)
+    zmax = tl.max(z, axis=0)
+    sumexp = tl.sum(tl.exp(z - zmax[None, :]), axis=0)
+    pix = row.to(tl.int64) * W + x
+    label = tl.load(target_ptr + pix, mask=mask, other=0).to(tl.int64)
+    valid = mask & (label != ignore_index)
+    bad = valid & ((label < 0) | (label >= C))
+    good = valid & (label >= 0) & (label < C)
+    c = tl.arange(0, BLOCK_C)[:, None]
+    z_gt = tl.sum(tl.where(c == label[None, :], z, 0.0), axis=0)
+    ce = zmax + tl.log(sumexp) - z_gt
+    p = tl.exp(z_gt - zmax) / sumexp
+    tl.store(prob_ptr + pix, tl.where(good, p, float("inf")), mask=mask)
+    tl.store(ce_ptr + pix, tl.where(good, ce, 0.0), mask=mask)
+    program = row.to(tl.int64) * tl.num_programs(1) + seg
+    tl.store(counts_ptr + program * 3 + 0, tl.sum(good.to(tl.int32), axis=0))
+    tl.store(counts_ptr + program * 3 + 1, tl.sum((good & (p <= thresh)).to(tl.int32), axis=0))
+    tl.store(counts_ptr + program * 3 + 2, tl.sum(bad.to(tl.int32), axis=0))
+    tl.store(sums_ptr + program * 2 + 0, tl.sum(tl.where(good, ce, 0.0), axis=0))
+    tl.store(sums_ptr + program * 2 + 1, tl.sum(tl.where(good & (p < thresh), ce, 0.0), axis=0))
+
+
+@triton.jit
+def _kept_lse_kernel(logits_ptr, target_ptr, threshold_ptr, lse_ptr,
+                     C, h, w, H, W, scale_h, scale_w, ignore_index,
+                     BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
+    """logsumexp of each kept output pixel, +inf where the pixel is not kept."""
+    row = tl.program_id(0)
+    n = row // H
+    y = row % H
+    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
+    mask = x < W
+    z = _upsampled_logits(logits_ptr, n, y, x, mask, C, h, w, scale_h, scale_w, BLOCK_C)
+    zmax = tl.max(z, axis=0)
+    sumexp = tl.sum(tl.exp(z - zmax[None, :]), axis=0)
+    pix = row.to(tl.int64) * W + x
+    label = tl.load(target_ptr + pix, mask=mask, other=0).to(tl.int64)
+    good = mask & (label != ignore_index) & (label >= 0) & (label < C)
+    c = tl.arange(0, BLOCK_C)[:, None]
+    z_gt = tl.sum(tl.where(c == label[None, :], z, 0.0), axis=0)
+    p = tl.exp(z_gt - zmax) / sumexp
+    kept = good & (p < tl.load(threshold_ptr))
+    tl.store(lse_ptr + pix, tl.where(kept, zmax + tl.log(sumexp), float("inf")), mask=mask)
+
+
+@triton.jit
+def _backward_gather_kernel(logits_ptr, target_ptr, lse_ptr, coef_ptr, grad_ptr,
+                            C, h, w, H, W, scale_h, scale_w, ratio_h, ratio_w,
+                            BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+                            Y_SPAN: tl.constexpr, X_SPAN: tl.constexpr):
+    """grad[n, :, i, j] = sum over output pixels (y, x) reading head pixel (i, j) of
+    wy * wx * (softmax - onehot) at kept pixels, times grad_loss / (N*H*W)."""
+    row = tl.program_id(0)  # n * h + i
+    n = row // h
+    i = row % h
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = j < w
+    c = tl.arange(0, BLOCK_C)[:, None]
+    # Windows of output indices that can read i (resp. j): the readers of source index s
+    # have s - 1 <= src < s + 1, i.e. a span of 2 * ratio; the weights below are exact (0
+    # for the window's non-readers), the window only has to contain the readers.
+    y_lo = tl.maximum(((i.to(tl.float32) - 0.5) * ratio_h - 0.5).to(tl.int32) - 1, 0)
+    x_lo = tl.maximum(((j.to(tl.float32) - 0.5) * ratio_w - 0.5).to(tl.int32) - 1, 0)
+    acc = tl.zeros((BLOCK_C, BLOCK_J), dtype=tl.float32)
+    for dy in range(Y_SPAN):
+        y = y_lo + dy
+        yi0, yi1, wy0, wy1 = _tap(y, h, scale_h)
+        wy = tl.where(yi0 == i, wy0, 0.0) + tl.where(yi1 == i, wy1, 0.0)
+        wy = tl.where(y < H, wy, 0.0)
+        if wy != 0.0:
+            for dx in range(X_SPAN):
+                x = x_lo + dx
+                xi0, xi1, wx0, wx1 = _tap(x, w, scale_w)
+                wx = tl.where(xi0 == j, wx0, 0.0) + tl.where(xi1 == j, wx1, 0.0)
+                reads = jmask & (x < W) & (wx != 0.0)
+                pix = (n.to(tl.int64) * H + y) * W + x
+                lse = tl.load(lse_ptr + pix, mask=reads, other=float("inf"))
+                kept = reads & (lse != float("inf"))
+                label = tl.load(target_ptr + pix, mask=kept, other=0).to(tl.int64)
+                z = _upsampled_logits(logits_ptr, n, y, x, kept, C, h, w, scale_h, scale_w, BLOCK_C)
+                g = tl.exp(z - lse[None, :]) - tl.where(c == label[None, :], 1.0, 0.0)
+                acc += tl.where(kept[None, :] & (c < C), g * (wy * wx)[None, :], 0.0)
+    coef = tl.load(coef_ptr)
+    out = grad_ptr + ((n.to(tl.int64) * C + c) * h + i) * w + j[None, :]
+    tl.store(out, acc * coef, mask=(c < C) & jmask[None, :])
+
+
+def _scale(in_size: int, out_size: int) -> float:
+    """float32 in/out as ATen (and csrc/common/bilinear.h) computes it."""
+    return float(np.float32(in_size) / np.float32(out_size))
+
+
+def _row_block(width: int, block_c: int) -> int:
+    return max(16, min(triton.next_power_of_2(width), 4096 // block_c))
+
+
+def _check_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    labels = target.long()
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    value = int(labels[bad][0])
+    raise ValueError(
+        f"ohem_cross_entropy: target holds label {value}, which is neither a class id in "
+        f"[0, {num_classes}) nor ignore_index ({ignore_index})"
+    )
+
+
+def forward(logits, target, thresh, min_kept, ignore_index):
+    head = logits.to(torch.float32).contiguous()
+    target = target.contiguous()
+    N, C, h, w = head.shape
+    H, W = target.shape[1:]
+    prob = torch.empty(N * H * W, device=head.device, dtype=torch.float32)
+    ce = torch.empty_like(prob)
+    block_c = triton.next_power_of_2(C)
+    block_x = _row_block(W, block_c)
+    grid = (N * H, triton.cdiv(W, block_x))
+    programs = grid[0] * grid[1]
+    counts = torch.empty((programs, 3), device=head.device, dtype=torch.int32)
+    sums = torch.empty((programs, 2), device=head.device, dtype=torch.float32)
+    thresh32 = math.inf if thresh is None else float(np.float32(thresh))
+    _forward_kernel[grid](
+        head, target, prob, ce, counts, sums, C, h, w, H, W, _scale(h, H), _scale(w, W), thresh32, ignore_index,
+        BLOCK_C=block_c, BLOCK_X=block_x,
+    )
+    n_valid, n_le_thresh, n_bad = counts.sum(0, dtype=torch.int64).tolist()  # the one sync
+    if n_bad:
+        _check_labels(target, C, ignore_index)
+    threshold = torch.tensor(thresh32, device=head.device, dtype=torch.float32)
+    loss_sum = sums[:, 0 if thresh is None else 1].sum(dtype=torch.float64)
+    if thresh is not None and n_valid > 0:
+        k = min(min_kept * N, n_valid - 1)
+        if n_le_thresh < k + 1:
+            # Ignored pixels hold +inf, above every valid probability, and k < n_valid.
+            threshold = torch.kthvalue(prob, k + 1).values
+            loss_sum = torch.where(prob < threshold, ce, 0.0).sum(dtype=torch.float64)
+    loss = (loss_sum / (N * H * W)).to(torch.float32)
+    return loss, threshold
+
+
+def backward(grad_loss, logits, target, threshold, ignore_index):
+    head = logits.to(torch.float32).contiguous()
+    target = target.contiguous()
+    N, C, h, w = head.shape
+    H, W = target.shape[1:]
+    block_c = triton.next_power_of_2(C)
+    block_x = _row_block(W, block_c)
+    lse = torch.empty(N * H * W, device=head.device, dtype=torch.float32)
+    _kept_lse_kernel[(N * H, triton.cdiv(W, block_x))](
+        head, target, threshold.to(torch.float32), lse, C, h, w, H, W, _scale(h, H), _scale(w, W), ignore_index,
+        BLOCK_C=block_c, BLOCK_X=block_x,
+    )
+    coef = (grad_loss.to(torch.float32) / (N * H * W)).reshape(1)
+    grad = torch.empty_like(head)
+    block_j = max(16, min(triton.next_power_of_2(w), 2048 // block_c))
+    ratio_h, ratio_w = H / h, W / w
+    _backward_gather_kernel[(N * h, triton.cdiv(w, block_j))](
+        head, target, lse, coef, grad, C, h, w, H, W, _scale(h, H), _scale(w, W), ratio_h, ratio_w,
+        BLOCK_C=block_c, BLOCK_J=block_j,
+        Y_SPAN=math.ceil(2 * ratio_h) + 3, X_SPAN=math.ceil(2 * ratio_w) + 3,
+    )
+    return grad.to(logits.dtype)
