@@ -19,11 +19,12 @@ BF_HOST_DEVICE T bga_sigmoid(T x) {
 #endif
 }
 
-// One output value from the detail value, the upsampled semantic logit and the upsampled
-// gated low-resolution branch.
+// One output value from the detail value, gate = sigmoid(up(semantic)) there (the CPU
+// kernel computes sigmoids a row at a time, vectorised) and the upsampled gated
+// low-resolution branch.
 template <typename T>
-BF_HOST_DEVICE T bga_output(T detail, T semantic_up, T gated_down_up) {
-  return detail * bga_sigmoid(semantic_up) + gated_down_up;
+BF_HOST_DEVICE T bga_output(T detail, T gate, T gated_down_up) {
+  return detail * gate + gated_down_up;
 }
 
 // The low-resolution branch before upsampling: detail_down * sigmoid(semantic_down).
@@ -32,8 +33,8 @@ BF_HOST_DEVICE T bga_gated_down(T detail_down, T semantic_down) {
   return detail_down * bga_sigmoid(semantic_down);
 }
 
-// Gradients at one high-resolution point for upstream gradient g:
-//   d out / d detail = s, and d out / d up(semantic) = detail * s * (1 - s), s = sigmoid(up(semantic)).
+// Gradients at one high-resolution point for upstream gradient g and gate s = sigmoid(up(semantic)):
+//   d out / d detail = s, and d out / d up(semantic) = detail * s * (1 - s).
 template <typename T>
 struct BgaHighGrad {
   T detail;       // g * s
@@ -41,8 +42,7 @@ struct BgaHighGrad {
 };
 
 template <typename T>
-BF_HOST_DEVICE BgaHighGrad<T> bga_high_grad(T g, T detail, T semantic_up) {
-  const T s = bga_sigmoid(semantic_up);
+BF_HOST_DEVICE BgaHighGrad<T> bga_high_grad(T g, T detail, T s) {
   return BgaHighGrad<T>{g * s, g * detail * s * (T(1) - s)};
 }
 

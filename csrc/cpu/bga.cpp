@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -40,6 +42,47 @@ PlaneLayout plane_layout(const at::Tensor& detail) {
     return {at::MemoryFormat::ChannelsLast, detail.size(0), detail.size(1)};
   }
   return {at::MemoryFormat::Contiguous, detail.size(0) * detail.size(1), 1};
+}
+
+// exp(x) for float in a form GCC auto-vectorises (libm's expf is a call per element, and
+// sigmoid is most of the arithmetic here): Cody-Waite range reduction x = n ln2 + r, a
+// degree-6 polynomial for exp(r) (Cephes' expf coefficients, ~2 ulp), times 2^n built in
+// the exponent bits. Inputs are clamped to where 2^n stays a normal float; floor(t) is
+// truncation after a shift that keeps t positive. The clamps only if-convert (and so
+// vectorise) when the compiler may assume comparisons do not trap, which is true here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+inline float vectorisable_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
+  const float nf = static_cast<float>(n);
+  const float r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// out[q] = sigmoid(in[q]); float through vectorisable_exp, double through libm (the
+// float64 path exists for gradcheck, not speed).
+inline void sigmoid_row(const float* in, float* out, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) out[q] = 1.0f / (1.0f + vectorisable_exp(-in[q]));
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+inline void sigmoid_row(const double* in, double* out, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) out[q] = bga_sigmoid(in[q]);
 }
 
 std::vector<LinearTap> axis_taps(int64_t in_size, int64_t out_size) {
@@ -85,6 +128,14 @@ void upsample_row(const T* row, const std::vector<LinearTap>& taps, int64_t inne
 template <typename T>
 void upsample_row_transposed(const T* row, const std::vector<LinearTap>& taps, int64_t inner, T* acc) {
   const int64_t width = static_cast<int64_t>(taps.size());
+  if (inner == 1) {
+    for (int64_t x = 0; x < width; ++x) {
+      const LinearTap& t = taps[x];
+      acc[t.i0] += static_cast<T>(t.w0) * row[x];
+      acc[t.i1] += static_cast<T>(t.w1) * row[x];
+    }
+    return;
+  }
   for (int64_t x = 0; x < width; ++x) {
     const LinearTap& t = taps[x];
     add_scaled_row(row + x * inner, t.w0, acc + t.i0 * inner, inner);
@@ -146,6 +197,7 @@ void forward_kernel(const Geometry& g, const scalar_t* detail, const at::opmath_
                  low_p.data(), low_len);
       upsample_row(low_s.data(), col_taps, g.inner, high_s.data());
       upsample_row(low_p.data(), col_taps, g.inner, high_p.data());
+      sigmoid_row(high_s.data(), high_s.data(), high_len);
       const scalar_t* d = detail + r * high_len;
       scalar_t* o = out + r * high_len;
       for (int64_t q = 0; q < high_len; ++q) {
@@ -175,6 +227,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
 
   at::parallel_for(0, g.planes * bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> acc_sem(band_rows * low_len), acc_up(band_rows * low_len);
+    // high_s: up(semantic), then its sigmoid, then grad_detail's row.
     std::vector<opmath_t> low_s(low_len), high_s(high_len), high_tsem(high_len), high_g(high_len);
     std::vector<opmath_t> row_sem(low_len), row_up(low_len);
     for (int64_t task = begin; task < end; ++task) {
@@ -195,12 +248,17 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
         const scalar_t* d = detail + offset;
         // The band holding tap i0 of row y writes that row's grad_detail: exactly one band.
         const bool owns_row = t.i0 >= i_begin && t.i0 < i_end;
+        sigmoid_row(high_s.data(), high_s.data(), high_len);
         for (int64_t q = 0; q < high_len; ++q) {
           const opmath_t gq = static_cast<opmath_t>(go[q]);
           const auto hg = bga_high_grad<opmath_t>(gq, static_cast<opmath_t>(d[q]), high_s[q]);
           high_tsem[q] = hg.semantic_up;
           high_g[q] = gq;
-          if (owns_row) grad_detail[offset + q] = static_cast<scalar_t>(hg.detail);
+          high_s[q] = hg.detail;
+        }
+        if (owns_row) {
+          scalar_t* gd = grad_detail + offset;
+          for (int64_t q = 0; q < high_len; ++q) gd[q] = static_cast<scalar_t>(high_s[q]);
         }
         std::fill(row_sem.begin(), row_sem.end(), opmath_t(0));
         std::fill(row_up.begin(), row_up.end(), opmath_t(0));
