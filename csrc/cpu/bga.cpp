@@ -1,8 +1,7 @@
 // Bilateral Guided Aggregation on the CPU, forward and backward.
 //
-// Every map is walked as `planes` independent planes of rows x cols pixels holding `inner`
-// consecutive values: NCHW is N*C planes with inner 1, channels_last is N planes with inner
-// C. Both layouts then run the same row pipeline natively (no transposes): for one
+// Every map is walked as planes of pixel rows (BgaLayout in common/bga_checks.h), so NCHW
+// and channels_last run the same row pipeline natively (no transposes): for one
 // high-resolution row, interpolate the two low-resolution rows it reads vertically, then
 // horizontally, then apply the gate. Bilinear taps come from common/bilinear.h (the same
 // taps as F.interpolate), the pointwise math from common/bga_math.h (shared with CUDA).
@@ -24,25 +23,12 @@
 #include <tuple>
 #include <vector>
 
+#include "common/bga_checks.h"
 #include "common/bga_math.h"
 #include "common/bilinear.h"
 
 namespace bisenet_fast {
 namespace {
-
-struct PlaneLayout {
-  at::MemoryFormat format;
-  int64_t planes;
-  int64_t inner;
-};
-
-// channels_last detail runs channels_last natively; anything else runs as NCHW.
-PlaneLayout plane_layout(const at::Tensor& detail) {
-  if (detail.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
-    return {at::MemoryFormat::ChannelsLast, detail.size(0), detail.size(1)};
-  }
-  return {at::MemoryFormat::Contiguous, detail.size(0) * detail.size(1), 1};
-}
 
 // exp(x) for float in a form GCC auto-vectorises (libm's expf is a call per element, and
 // sigmoid is most of the arithmetic here): Cody-Waite range reduction x = n ln2 + r, a
@@ -143,37 +129,13 @@ void upsample_row_transposed(const T* row, const std::vector<LinearTap>& taps, i
   }
 }
 
-void check_inputs(const char* op, const at::Tensor& detail, const at::Tensor& semantic,
-                  const at::Tensor& detail_down, const at::Tensor& semantic_down) {
-  TORCH_CHECK(detail.dim() == 4, op, ": detail must be 4-D (N, C, H, W), got ", detail.sizes());
-  TORCH_CHECK(detail.device().is_cpu(), op, ": detail must be a CPU tensor for this kernel, got ", detail.device());
-  TORCH_CHECK(at::isFloatingType(detail.scalar_type()), op, ": detail must be floating point, got ",
-              detail.scalar_type());
-  const std::pair<const char*, const at::Tensor*> lows[] = {
-      {"semantic", &semantic}, {"detail_down", &detail_down}, {"semantic_down", &semantic_down}};
-  for (const auto& [name, t] : lows) {
-    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must be 4-D (N, C, h, w), got ", t->sizes());
-    TORCH_CHECK(t->device() == detail.device(), op, ": ", name, " must be on ", detail.device(), " like detail, got ",
-                t->device());
-    TORCH_CHECK(t->scalar_type() == detail.scalar_type(), op, ": ", name, " must have dtype ", detail.scalar_type(),
-                " like detail, got ", t->scalar_type());
-    TORCH_CHECK(t->size(0) == detail.size(0) && t->size(1) == detail.size(1), op, ": ", name,
-                " must have batch and channels (", detail.size(0), ", ", detail.size(1), ") like detail, got ",
-                t->sizes());
-    TORCH_CHECK(t->size(2) == semantic.size(2) && t->size(3) == semantic.size(3), op, ": ", name,
-                " must have the spatial size of semantic ", semantic.sizes().slice(2), ", got ", t->sizes());
-  }
-  TORCH_CHECK(detail.size(2) > 0 && detail.size(3) > 0 && semantic.size(2) > 0 && semantic.size(3) > 0, op,
-              ": spatial sizes must be non-empty, got detail ", detail.sizes(), " and semantic ", semantic.sizes());
-}
-
 struct Geometry {
   int64_t planes, inner, high_rows, high_cols, low_rows, low_cols;
   int64_t high_row_len() const { return high_cols * inner; }
   int64_t low_row_len() const { return low_cols * inner; }
 };
 
-Geometry geometry(const PlaneLayout& layout, const at::Tensor& detail, const at::Tensor& semantic) {
+Geometry geometry(const BgaLayout& layout, const at::Tensor& detail, const at::Tensor& semantic) {
   return {layout.planes, layout.inner, detail.size(2), detail.size(3), semantic.size(2), semantic.size(3)};
 }
 
@@ -288,8 +250,8 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
 
 at::Tensor bga_aggregate_cpu(const at::Tensor& detail, const at::Tensor& semantic, const at::Tensor& detail_down,
                              const at::Tensor& semantic_down) {
-  check_inputs("bga_aggregate", detail, semantic, detail_down, semantic_down);
-  const PlaneLayout layout = plane_layout(detail);
+  check_bga_inputs("bga_aggregate", detail, semantic, detail_down, semantic_down);
+  const BgaLayout layout = bga_layout(detail);
   const Geometry g = geometry(layout, detail, semantic);
   const auto d = detail.contiguous(layout.format);
   auto out = at::empty_like(d, d.options(), layout.format);
@@ -312,13 +274,9 @@ at::Tensor bga_aggregate_cpu(const at::Tensor& detail, const at::Tensor& semanti
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bga_aggregate_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& detail, const at::Tensor& semantic, const at::Tensor& detail_down,
     const at::Tensor& semantic_down) {
-  check_inputs("bga_aggregate_backward", detail, semantic, detail_down, semantic_down);
-  TORCH_CHECK(grad_out.sizes() == detail.sizes(), "bga_aggregate_backward: grad_out must have the shape of detail ",
-              detail.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == detail.scalar_type() && grad_out.device() == detail.device(),
-              "bga_aggregate_backward: grad_out must have dtype ", detail.scalar_type(), " and device ",
-              detail.device(), " like detail, got ", grad_out.scalar_type(), " on ", grad_out.device());
-  const PlaneLayout layout = plane_layout(detail);
+  check_bga_inputs("bga_aggregate_backward", detail, semantic, detail_down, semantic_down);
+  check_bga_grad_out(grad_out, detail);
+  const BgaLayout layout = bga_layout(detail);
   const Geometry g = geometry(layout, detail, semantic);
   const auto go = grad_out.contiguous(layout.format);
   const auto d = detail.contiguous(layout.format);
