@@ -158,14 +158,15 @@ def _bga_backward_kernel(go_ptr, d_ptr, s_ptr, dd_ptr, sd_ptr, gd_ptr, gs_ptr, g
 @functools.lru_cache(maxsize=256)
 def max_readers(in_size: int, out_size: int) -> int:
     """The most destination indices reading one source index along an axis (the loop
-    bound of the backward gathers), from the taps in float32 like the kernel, plus one for
-    a tap that fused multiply-add may move across an integer on the GPU."""
+    bound of the backward gathers), from the taps in float32 like the kernel, plus two: a
+    fused multiply-add on the GPU may move the tap at either end of a range across an
+    integer."""
     scale = np.float32(in_size) / np.float32(out_size)
     src = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
     i0 = np.minimum(src.astype(np.int64), in_size - 1)
     per_source = np.bincount(i0, minlength=in_size)
     pairs = per_source + np.concatenate([[0], per_source[:-1]])  # readers with i0 in {i - 1, i}
-    return int(pairs.max()) + 1
+    return int(pairs.max()) + 2
 
 
 def _geometry(detail: torch.Tensor, semantic: torch.Tensor, channels_last: bool):
