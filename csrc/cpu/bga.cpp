@@ -30,12 +30,23 @@
 namespace bisenet_fast {
 namespace {
 
+// The per-row work is compiled twice, for AVX2+FMA (x86-64-v3) and for the baseline ISA,
+// and picked when the library loads (GCC function multiversioning): the build flags are
+// the baseline's, and ATen's own kernels run with AVX2/AVX-512 on the same machines.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define BGA_ROW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define BGA_ROW_CLONES
+#endif
+
 // exp(x) for float in a form GCC auto-vectorises (libm's expf is a call per element, and
 // sigmoid is most of the arithmetic here): Cody-Waite range reduction x = n ln2 + r, a
 // degree-6 polynomial for exp(r) (Cephes' expf coefficients, ~2 ulp), times 2^n built in
 // the exponent bits. Inputs are clamped to where 2^n stays a normal float; floor(t) is
 // truncation after a shift that keeps t positive. The clamps only if-convert (and so
-// vectorise) when the compiler may assume comparisons do not trap, which is true here.
+// vectorise) when the compiler may assume comparisons do not trap, which is true here
+// (nothing reads the floating-point exception flags); the option covers the row functions
+// below, which inline this.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
@@ -64,9 +75,7 @@ inline float vectorisable_exp(float x) {
 inline void sigmoid_row(const float* in, float* out, int64_t n) {
   for (int64_t q = 0; q < n; ++q) out[q] = 1.0f / (1.0f + vectorisable_exp(-in[q]));
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+
 inline void sigmoid_row(const double* in, double* out, int64_t n) {
   for (int64_t q = 0; q < n; ++q) out[q] = bga_sigmoid(in[q]);
 }
@@ -139,6 +148,70 @@ Geometry geometry(const BgaLayout& layout, const at::Tensor& detail, const at::T
   return {layout.planes, layout.inner, detail.size(2), detail.size(3), semantic.size(2), semantic.size(3)};
 }
 
+// One high-res row of the forward: the two low-res rows it reads (s0/s1 of semantic,
+// p0/p1 of detail_down * sigmoid(semantic_down)) blended vertically, upsampled, gated.
+template <typename scalar_t>
+BGA_ROW_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_t>* s0,
+                                const at::opmath_type<scalar_t>* s1, const at::opmath_type<scalar_t>* p0,
+                                const at::opmath_type<scalar_t>* p1, const std::vector<LinearTap>& col_taps,
+                                int64_t inner, int64_t low_len, const scalar_t* detail, scalar_t* out,
+                                at::opmath_type<scalar_t>* low_s, at::opmath_type<scalar_t>* low_p,
+                                at::opmath_type<scalar_t>* high_s, at::opmath_type<scalar_t>* high_p) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t high_len = static_cast<int64_t>(col_taps.size()) * inner;
+  blend_rows(s0, s1, t.w0, t.w1, low_s, low_len);
+  blend_rows(p0, p1, t.w0, t.w1, low_p, low_len);
+  upsample_row(low_s, col_taps, inner, high_s);
+  upsample_row(low_p, col_taps, inner, high_p);
+  sigmoid_row(high_s, high_s, high_len);
+  for (int64_t q = 0; q < high_len; ++q) {
+    out[q] = static_cast<scalar_t>(bga_output<opmath_t>(static_cast<opmath_t>(detail[q]), high_s[q], high_p[q]));
+  }
+}
+
+// One high-res row of the backward: writes its grad_detail when `grad_detail` is not null
+// and leaves in row_sem / row_up its contributions g * detail * s * (1 - s) and g
+// transposed through the horizontal upsample (low-res row length); the caller adds them
+// into the low-res rows the high-res row reads.
+template <typename scalar_t>
+BGA_ROW_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar_t>* s0,
+                                 const at::opmath_type<scalar_t>* s1, const std::vector<LinearTap>& col_taps,
+                                 int64_t inner, int64_t low_len, const scalar_t* grad_out, const scalar_t* detail,
+                                 scalar_t* grad_detail, at::opmath_type<scalar_t>* low_s,
+                                 at::opmath_type<scalar_t>* high_s, at::opmath_type<scalar_t>* high_tsem,
+                                 at::opmath_type<scalar_t>* high_g, at::opmath_type<scalar_t>* row_sem,
+                                 at::opmath_type<scalar_t>* row_up) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t high_len = static_cast<int64_t>(col_taps.size()) * inner;
+  blend_rows(s0, s1, t.w0, t.w1, low_s, low_len);
+  upsample_row(low_s, col_taps, inner, high_s);
+  sigmoid_row(high_s, high_s, high_len);
+  // high_s: up(semantic), then its sigmoid, then grad_detail's row.
+  for (int64_t q = 0; q < high_len; ++q) {
+    const opmath_t gq = static_cast<opmath_t>(grad_out[q]);
+    const auto hg = bga_high_grad<opmath_t>(gq, static_cast<opmath_t>(detail[q]), high_s[q]);
+    high_tsem[q] = hg.semantic_up;
+    high_g[q] = gq;
+    high_s[q] = hg.detail;
+  }
+  if (grad_detail != nullptr) {
+    for (int64_t q = 0; q < high_len; ++q) grad_detail[q] = static_cast<scalar_t>(high_s[q]);
+  }
+  std::fill(row_sem, row_sem + low_len, opmath_t(0));
+  std::fill(row_up, row_up + low_len, opmath_t(0));
+  upsample_row_transposed(high_tsem, col_taps, inner, row_sem);
+  upsample_row_transposed(high_g, col_taps, inner, row_up);
+}
+
+template <typename T>
+BGA_ROW_CLONES void add_scaled_low_row(const T* row, float w, T* acc, int64_t n) {
+  add_scaled_row(row, w, acc, n);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const scalar_t* detail, const at::opmath_type<scalar_t>* semantic,
                     const at::opmath_type<scalar_t>* gated_down, scalar_t* out) {
@@ -153,18 +226,10 @@ void forward_kernel(const Geometry& g, const scalar_t* detail, const at::opmath_
       const int64_t plane = r / g.high_rows, y = r % g.high_rows;
       const LinearTap& t = row_taps[y];
       const int64_t low_base = plane * g.low_rows;
-      blend_rows(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len, t.w0, t.w1,
-                 low_s.data(), low_len);
-      blend_rows(gated_down + (low_base + t.i0) * low_len, gated_down + (low_base + t.i1) * low_len, t.w0, t.w1,
-                 low_p.data(), low_len);
-      upsample_row(low_s.data(), col_taps, g.inner, high_s.data());
-      upsample_row(low_p.data(), col_taps, g.inner, high_p.data());
-      sigmoid_row(high_s.data(), high_s.data(), high_len);
-      const scalar_t* d = detail + r * high_len;
-      scalar_t* o = out + r * high_len;
-      for (int64_t q = 0; q < high_len; ++q) {
-        o[q] = static_cast<scalar_t>(bga_output<opmath_t>(static_cast<opmath_t>(d[q]), high_s[q], high_p[q]));
-      }
+      forward_row<scalar_t>(t, semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len,
+                            gated_down + (low_base + t.i0) * low_len, gated_down + (low_base + t.i1) * low_len,
+                            col_taps, g.inner, low_len, detail + r * high_len, out + r * high_len, low_s.data(),
+                            low_p.data(), high_s.data(), high_p.data());
     }
   });
 }
@@ -189,7 +254,6 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
 
   at::parallel_for(0, g.planes * bands, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> acc_sem(band_rows * low_len), acc_up(band_rows * low_len);
-    // high_s: up(semantic), then its sigmoid, then grad_detail's row.
     std::vector<opmath_t> low_s(low_len), high_s(high_len), high_tsem(high_len), high_g(high_len);
     std::vector<opmath_t> row_sem(low_len), row_up(low_len);
     for (int64_t task = begin; task < end; ++task) {
@@ -202,37 +266,20 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
       const int64_t low_base = plane * g.low_rows;
       for (int64_t y = y_begin; y < y_end; ++y) {
         const LinearTap& t = row_taps[y];
-        blend_rows(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len, t.w0, t.w1,
-                   low_s.data(), low_len);
-        upsample_row(low_s.data(), col_taps, g.inner, high_s.data());
         const int64_t offset = (plane * g.high_rows + y) * high_len;
-        const scalar_t* go = grad_out + offset;
-        const scalar_t* d = detail + offset;
         // The band holding tap i0 of row y writes that row's grad_detail: exactly one band.
         const bool owns_row = t.i0 >= i_begin && t.i0 < i_end;
-        sigmoid_row(high_s.data(), high_s.data(), high_len);
-        for (int64_t q = 0; q < high_len; ++q) {
-          const opmath_t gq = static_cast<opmath_t>(go[q]);
-          const auto hg = bga_high_grad<opmath_t>(gq, static_cast<opmath_t>(d[q]), high_s[q]);
-          high_tsem[q] = hg.semantic_up;
-          high_g[q] = gq;
-          high_s[q] = hg.detail;
-        }
-        if (owns_row) {
-          scalar_t* gd = grad_detail + offset;
-          for (int64_t q = 0; q < high_len; ++q) gd[q] = static_cast<scalar_t>(high_s[q]);
-        }
-        std::fill(row_sem.begin(), row_sem.end(), opmath_t(0));
-        std::fill(row_up.begin(), row_up.end(), opmath_t(0));
-        upsample_row_transposed(high_tsem.data(), col_taps, g.inner, row_sem.data());
-        upsample_row_transposed(high_g.data(), col_taps, g.inner, row_up.data());
+        backward_row<scalar_t>(t, semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len,
+                               col_taps, g.inner, low_len, grad_out + offset, detail + offset,
+                               owns_row ? grad_detail + offset : nullptr, low_s.data(), high_s.data(),
+                               high_tsem.data(), high_g.data(), row_sem.data(), row_up.data());
         const int64_t taps_i[2] = {t.i0, t.i1};
         const float taps_w[2] = {t.w0, t.w1};
         for (int k = 0; k < 2; ++k) {
           if (taps_i[k] < i_begin || taps_i[k] >= i_end) continue;
           const int64_t local = (taps_i[k] - i_begin) * low_len;
-          add_scaled_row(row_sem.data(), taps_w[k], acc_sem.data() + local, low_len);
-          add_scaled_row(row_up.data(), taps_w[k], acc_up.data() + local, low_len);
+          add_scaled_low_row(row_sem.data(), taps_w[k], acc_sem.data() + local, low_len);
+          add_scaled_low_row(row_up.data(), taps_w[k], acc_up.data() + local, low_len);
         }
       }
       const int64_t low_offset = (low_base + i_begin) * low_len;
