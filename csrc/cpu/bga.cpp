@@ -24,8 +24,15 @@
 #include <vector>
 
 #include "common/bga_checks.h"
-#include "common/bga_math.h"
 #include "common/bilinear.h"
+
+// Everything up to the row functions, bga_math.h included, may assume floating-point
+// comparisons do not trap (see vectorisable_exp); GCC inlines only across equal options.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include "common/bga_math.h"
 
 namespace bisenet_fast {
 namespace {
@@ -45,12 +52,8 @@ namespace {
 // the exponent bits. Inputs are clamped to where 2^n stays a normal float; floor(t) is
 // truncation after a shift that keeps t positive. The clamps only if-convert (and so
 // vectorise) when the compiler may assume comparisons do not trap, which is true here
-// (nothing reads the floating-point exception flags); the option covers the row functions
-// below, which inline this.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
+// (nothing reads the floating-point exception flags); the option (set above the namespace)
+// covers the row functions below and the pointwise math of bga_math.h they call.
 inline float vectorisable_exp(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
