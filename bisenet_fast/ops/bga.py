@@ -1,13 +1,22 @@
 """Bilateral Guided Aggregation (spec §2.3):
     detail * sigmoid(up(semantic)) + up(detail_down * sigmoid(semantic_down))
-with up = bilinear resize (align_corners=False) to detail's spatial size."""
+with up = bilinear resize (align_corners=False) to detail's spatial size.
+
+detail (N, C, H, W); semantic, detail_down, semantic_down (N, C, h, w), any h, w (1/8 is
+not always 4x 1/32, spec §2.4). The fused kernels compute in float32 (float64 for float64
+inputs), return the input dtype in detail's memory format (channels_last stays
+channels_last), and have a deterministic backward.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 from bisenet_fast import backends
 from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def bga_aggregate_reference(detail, semantic, detail_down, semantic_down):
@@ -34,9 +43,88 @@ def check_bga_inputs(detail, semantic, detail_down, semantic_down) -> None:
         raise ValueError("bga_aggregate: spatial sizes must be non-empty")
 
 
+# --- C++ / CUDA ops (schemas in csrc/ops.cpp) -------------------------------------------
+
+
+@torch.library.register_fake("bisenet_fast::bga_aggregate")
+def _bga_aggregate_fake(detail, semantic, detail_down, semantic_down):
+    return torch.empty_like(detail, memory_format=suggest_memory_format(detail))
+
+
+@torch.library.register_fake("bisenet_fast::bga_aggregate_backward")
+def _bga_aggregate_backward_fake(grad_out, detail, semantic, detail_down, semantic_down):
+    fmt = suggest_memory_format(detail)
+    grad_detail = torch.empty_like(detail, memory_format=fmt)
+    return (grad_detail, *(torch.empty_like(detail_down, memory_format=fmt) for _ in range(3)))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bga_aggregate_backward(ctx, grad_out):
+    return torch.ops.bisenet_fast.bga_aggregate_backward(grad_out, *ctx.saved_tensors)
+
+
+torch.library.register_autograd(
+    "bisenet_fast::bga_aggregate", _bga_aggregate_backward, setup_context=_setup_context
+)
+
+
+# --- Triton ops (a Python custom op so torch.compile and autograd see one node) -----------
+
+
+def _triton_layout(detail, *tensors):
+    """(channels_last, the tensors contiguous in detail's layout)."""
+    fmt = suggest_memory_format(detail)
+    return fmt == torch.channels_last, [t.contiguous(memory_format=fmt) for t in (detail, *tensors)]
+
+
+@torch.library.custom_op("bisenet_fast_triton::bga_aggregate", mutates_args=())
+def _bga_aggregate_triton(
+    detail: torch.Tensor, semantic: torch.Tensor, detail_down: torch.Tensor, semantic_down: torch.Tensor
+) -> torch.Tensor:
+    from bisenet_fast.triton_kernels.bga import bga_forward
+
+    channels_last, tensors = _triton_layout(detail, semantic, detail_down, semantic_down)
+    return bga_forward(*tensors, channels_last=channels_last)
+
+
+@torch.library.custom_op("bisenet_fast_triton::bga_aggregate_backward", mutates_args=())
+def _bga_aggregate_backward_triton(
+    grad_out: torch.Tensor,
+    detail: torch.Tensor,
+    semantic: torch.Tensor,
+    detail_down: torch.Tensor,
+    semantic_down: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from bisenet_fast.triton_kernels.bga import bga_backward
+
+    channels_last, (detail, grad_out, semantic, detail_down, semantic_down) = _triton_layout(
+        detail, grad_out, semantic, detail_down, semantic_down
+    )
+    return bga_backward(grad_out, detail, semantic, detail_down, semantic_down, channels_last=channels_last)
+
+
+_bga_aggregate_triton.register_fake(_bga_aggregate_fake)
+_bga_aggregate_backward_triton.register_fake(_bga_aggregate_backward_fake)
+
+
+def _bga_aggregate_backward_triton_autograd(ctx, grad_out):
+    return torch.ops.bisenet_fast_triton.bga_aggregate_backward(grad_out, *ctx.saved_tensors)
+
+
+_bga_aggregate_triton.register_autograd(_bga_aggregate_backward_triton_autograd, setup_context=_setup_context)
+
+
 def bga_aggregate(detail, semantic, detail_down, semantic_down):
+    """The aggregation through the backend chosen for detail's device (bisenet_fast.backends)."""
     check_bga_inputs(detail, semantic, detail_down, semantic_down)
     backend = backends.resolve("bga_aggregate", detail.device)
     if backend == "eager":
         return bga_aggregate_reference(detail, semantic, detail_down, semantic_down)
-    raise NotImplementedError(f"bga_aggregate: backend {backend!r} is not implemented yet")
+    if backend == "triton":
+        if detail.dtype not in TRITON_DTYPES:
+            raise TypeError(f"bga_aggregate: backend 'triton' takes float32, float16 or bfloat16, got {detail.dtype}")
+        return torch.ops.bisenet_fast_triton.bga_aggregate(detail, semantic, detail_down, semantic_down)
+    return torch.ops.bisenet_fast.bga_aggregate(detail, semantic, detail_down, semantic_down)

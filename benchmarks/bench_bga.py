@@ -1,0 +1,126 @@
+"""bga_aggregate (spec §2.3) forward, and forward+backward, against the eager reference and
+torch.compile of it.
+
+Cases: inference N=1 C=128 at 128x256 (a 1024x2048 input; 1/32 is 32x64), in NCHW and in
+channels_last (the layout of the fused inference model); training N=4 C=128 at 128x128 (a
+1024x1024 crop), NCHW. GB/s counts the bytes a fused kernel must move: forward, every
+input read once and the output written once; forward+backward, that plus grad_out and
+the four inputs read once and the four gradients written once.
+
+impls: eager, compile (torch.compile of the reference; on CPU only without --quick, its
+C++ build is slow), cpp on CPU, cuda and triton on GPU. dtypes float32 and float16 on GPU;
+float32 on CPU (the CPU target).
+
+    python -m benchmarks.bench_bga [--device cuda] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import bisenet_fast as bf
+from benchmarks.timing import device_name, measure
+from bisenet_fast.ops.bga import bga_aggregate_reference
+
+C = 128
+# (name, N, H, W, channels_last) at full size; quick divides H and W by 4.
+CASES = [("inference", 1, 128, 256, False), ("inference", 1, 128, 256, True), ("training", 4, 128, 128, False)]
+
+
+def _inputs(n, H, W, channels_last, dtype, device, quick):
+    if quick:
+        H, W = H // 4, W // 4
+    h, w = (H - 1) // 4 + 1, (W - 1) // 4 + 1
+    gen = torch.Generator().manual_seed(0)
+    detail = torch.randn(n, C, H, W, generator=gen)
+    low = [torch.randn(n, C, h, w, generator=gen) for _ in range(3)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [t.to(device=device, dtype=dtype).contiguous(memory_format=fmt) for t in (detail, *low)]
+
+
+def _forward(fn, inputs):
+    def call():
+        with torch.no_grad():
+            return fn(*inputs)
+    return call
+
+
+def _forward_backward(fn, inputs):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    grad_out = torch.randn_like(inputs[0])
+
+    def call():
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, grad_out)
+    return call
+
+
+def _fused(impl):
+    def call(*inputs):
+        with bf.backends.use(impl):
+            return bf.ops.bga_aggregate(*inputs)
+    return call
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
+    fused_impls = [impl for impl in ("cuda", "triton") if impl in bf.backends.available()] if gpu else ["cpp"]
+    with_compile = gpu or not quick
+    repeats = 5 if quick else (50 if gpu else 10)
+    warmup = 2 if quick else 5
+    rows = []
+    for dtype in dtypes:
+        for name, n, H, W, channels_last in CASES:
+            inputs = _inputs(n, H, W, channels_last, dtype, device, quick)
+            high, low = inputs[0].numel(), inputs[1].numel()
+            element = inputs[0].element_size()
+            impls = [("eager", bga_aggregate_reference)]
+            if with_compile:
+                impls.append(("compile", torch.compile(bga_aggregate_reference)))
+            impls += [(impl, _fused(impl)) for impl in fused_impls]
+            for mode, wrap, bytes_moved in (
+                ("forward", _forward, (2 * high + 3 * low) * element),
+                ("forward+backward", _forward_backward, (2 * high + 3 * low + 3 * high + 6 * low) * element),
+            ):
+                eager_ms = None
+                for impl, fn in impls:
+                    timing = measure(wrap(fn, inputs), device, warmup=warmup, repeats=repeats)
+                    eager_ms = eager_ms if eager_ms is not None else timing["ms"]
+                    rows.append({
+                        "op": "bga_aggregate",
+                        "case": f"{name} {'channels_last' if channels_last else 'NCHW'} {mode}",
+                        "impl": impl,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "shape": list(inputs[0].shape) + ["low"] + list(inputs[1].shape[-2:]),
+                        "ms": timing["ms"],
+                        "ms_min": timing["ms_min"],
+                        "peak_extra_mb": timing["peak_extra_mb"],
+                        "speedup_vs_eager": eager_ms / timing["ms"],
+                        "gbps": bytes_moved / timing["ms"] / 1e6,
+                    })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    rows = run(args.device, args.quick)
+    print(f"# {device_name(args.device)}, torch {torch.__version__}")
+    print(f"{'case':<40} {'impl':<8} {'dtype':<8} {'ms':>9} {'ms_min':>9} {'x eager':>8} {'GB/s':>7}")
+    for r in rows:
+        print(f"{r['case']:<40} {r['impl']:<8} {r['dtype']:<8} {r['ms']:>9.3f} {r['ms_min']:>9.3f} "
+              f"{r['speedup_vs_eager']:>8.2f} {r['gbps']:>7.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name(args.device), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

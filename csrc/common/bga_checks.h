@@ -1,0 +1,58 @@
+// Argument checks of the BGA ops, shared by the CPU and CUDA kernels (host code only): a
+// direct torch.ops call that bypasses the Python front still fails with a clear message.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <utility>
+
+namespace bisenet_fast {
+
+inline void check_bga_inputs(const char* op, const at::Tensor& detail, const at::Tensor& semantic,
+                             const at::Tensor& detail_down, const at::Tensor& semantic_down) {
+  TORCH_CHECK(detail.dim() == 4, op, ": detail must be 4-D (N, C, H, W), got ", detail.sizes());
+  TORCH_CHECK(at::isFloatingType(detail.scalar_type()), op, ": detail must be floating point, got ",
+              detail.scalar_type());
+  const std::pair<const char*, const at::Tensor*> lows[] = {
+      {"semantic", &semantic}, {"detail_down", &detail_down}, {"semantic_down", &semantic_down}};
+  for (const auto& [name, t] : lows) {
+    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must be 4-D (N, C, h, w), got ", t->sizes());
+    TORCH_CHECK(t->device() == detail.device(), op, ": ", name, " must be on ", detail.device(), " like detail, got ",
+                t->device());
+    TORCH_CHECK(t->scalar_type() == detail.scalar_type(), op, ": ", name, " must have dtype ", detail.scalar_type(),
+                " like detail, got ", t->scalar_type());
+    TORCH_CHECK(t->size(0) == detail.size(0) && t->size(1) == detail.size(1), op, ": ", name,
+                " must have batch and channels (", detail.size(0), ", ", detail.size(1), ") like detail, got ",
+                t->sizes());
+    TORCH_CHECK(t->size(2) == semantic.size(2) && t->size(3) == semantic.size(3), op, ": ", name,
+                " must have the spatial size of semantic ", semantic.sizes().slice(2), ", got ", t->sizes());
+  }
+  TORCH_CHECK(detail.size(2) > 0 && detail.size(3) > 0 && semantic.size(2) > 0 && semantic.size(3) > 0, op,
+              ": spatial sizes must be non-empty, got detail ", detail.sizes(), " and semantic ", semantic.sizes());
+}
+
+inline void check_bga_grad_out(const at::Tensor& grad_out, const at::Tensor& detail) {
+  TORCH_CHECK(grad_out.sizes() == detail.sizes(), "bga_aggregate_backward: grad_out must have the shape of detail ",
+              detail.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == detail.scalar_type() && grad_out.device() == detail.device(),
+              "bga_aggregate_backward: grad_out must have dtype ", detail.scalar_type(), " and device ",
+              detail.device(), " like detail, got ", grad_out.scalar_type(), " on ", grad_out.device());
+}
+
+// The layout every tensor of one call runs in: channels_last detail runs channels_last
+// natively; anything else runs as NCHW. Either way a map is `planes` planes of rows x cols
+// pixels of `inner` consecutive values (NCHW: N*C planes, inner 1; channels_last: N, C).
+struct BgaLayout {
+  at::MemoryFormat format;
+  int64_t planes;
+  int64_t inner;
+};
+
+inline BgaLayout bga_layout(const at::Tensor& detail) {
+  if (detail.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
+    return {at::MemoryFormat::ChannelsLast, detail.size(0), detail.size(1)};
+  }
+  return {at::MemoryFormat::Contiguous, detail.size(0) * detail.size(1), 1};
+}
+
+}  // namespace bisenet_fast

@@ -1,0 +1,265 @@
+"""bga_aggregate: every implementation against the eager reference, forward and backward."""
+import pytest
+import torch
+
+import bisenet_fast as bf
+from bisenet_fast.ops.bga import bga_aggregate_reference
+from tests.helpers import requires_cuda_build, requires_triton, triton_device
+
+IMPLS = [
+    pytest.param("cpp", id="cpp"),
+    pytest.param("triton", id="triton", marks=requires_triton),
+    pytest.param("cuda", id="cuda", marks=requires_cuda_build),
+]
+
+# (N, C, H, W, h, w): the high-res detail size and the low-res size of the other three.
+SHAPES = [
+    pytest.param((1, 3, 16, 24, 4, 6), id="ratio4"),
+    pytest.param((2, 4, 17, 23, 5, 3), id="odd"),
+    # 1/8 is not 4x 1/32 (spec §2.4); too slow for the Triton interpreter ("odd" covers it there).
+    pytest.param((2, 3, 129, 257, 33, 65), id="spec_1025x2049"),
+    pytest.param((1, 2, 125, 125, 32, 32), id="spec_1000x1000"),
+    pytest.param((2, 3, 5, 7, 9, 3), id="low_larger_than_high"),
+    pytest.param((3, 2, 8, 6, 1, 1), id="low_1x1"),
+]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+# Tolerances against the reference run in float32 on the same (rounded) inputs. The kernels
+# compute the bilinear source coordinate as ATen writes it, scale * (dst + 0.5) - 0.5 in
+# float32, but ATen's AVX2/AVX512 and CUDA builds contract it into one fma: one ulp of a
+# coordinate near 64 times a low-res step of ~8 is ~3e-5 in the output, hence atol 1e-4 at
+# the 257-column sizes (an indexing bug is off by O(1)). float16/bfloat16 differ from the
+# float32 reference by about one rounding of the output.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-4, rtol=1e-5),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+}
+
+
+def device_of(impl):
+    return {"cpp": "cpu", "triton": triton_device(), "cuda": "cuda"}[impl]
+
+
+def in_layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor: no layout is contiguous
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def make_inputs(shape, dtype=torch.float32, device="cpu", layout="contiguous", seed=0):
+    n, c, H, W, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    detail = torch.randn(n, c, H, W, generator=gen)
+    low = [2 * torch.randn(n, c, h, w, generator=gen) for _ in range(3)]  # logits past sigmoid's linear range
+    return [in_layout(t.to(dtype=dtype, device=device), layout) for t in (detail, *low)]
+
+
+def run(impl, inputs, grad_out):
+    """Output and the four input gradients of backend `impl`."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with bf.backends.use(impl):
+        out = bf.ops.bga_aggregate(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out, grads
+
+
+def reference_in_math_type(inputs, grad_out):
+    """The eager reference in float32 (float64 for float64 inputs), on the CPU."""
+    math_type = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+    leaves = [t.detach().cpu().to(math_type).requires_grad_() for t in inputs]
+    out = bga_aggregate_reference(*leaves)
+    return out, torch.autograd.grad(out, leaves, grad_out.cpu().to(math_type))
+
+
+def assert_close_to_reference(impl, inputs, grad_out, tol):
+    out, grads = run(impl, inputs, grad_out)
+    ref_out, ref_grads = reference_in_math_type(inputs, grad_out)
+    assert out.dtype == inputs[0].dtype and out.shape == inputs[0].shape
+    torch.testing.assert_close(out.cpu().to(ref_out.dtype), ref_out, **tol)
+    for name, g, r, x in zip(("detail", "semantic", "detail_down", "semantic_down"), grads, ref_grads, inputs):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        torch.testing.assert_close(g.cpu().to(r.dtype), r, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_float32(impl, shape):
+    if impl == "triton" and triton_device() == "cpu" and shape[2] * shape[3] > 10_000:
+        pytest.skip("large shape: the Triton interpreter takes minutes")
+    inputs = make_inputs(shape, device=device_of(impl))
+    grad_out = torch.randn(inputs[0].shape, device=device_of(impl))
+    assert_close_to_reference(impl, inputs, grad_out, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts(impl, layout):
+    inputs = make_inputs((2, 5, 11, 13, 3, 4), device=device_of(impl), layout=layout)
+    grad_out = in_layout(torch.randn(inputs[0].shape, device=device_of(impl)), layout)
+    assert_close_to_reference(impl, inputs, grad_out, TOLERANCES[torch.float32])
+    with bf.backends.use(impl):
+        out = bf.ops.bga_aggregate(*inputs)
+    # The output keeps detail's memory format (channels_last stays channels_last).
+    want_channels_last = layout == "channels_last"
+    assert out.is_contiguous(memory_format=torch.channels_last if want_channels_last else torch.contiguous_format)
+
+
+def test_mixed_layouts_cpp():
+    """Low-res maps in another layout than detail still give the right answer."""
+    inputs = make_inputs((2, 3, 9, 10, 3, 3))
+    inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(inputs[0].shape)
+    assert_close_to_reference("cpp", inputs, grad_out, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_low_precision(impl, dtype, layout):
+    inputs = make_inputs((2, 3, 17, 20, 5, 5), dtype=dtype, device=device_of(impl), layout=layout)
+    grad_out = torch.randn(inputs[0].shape, device=device_of(impl)).to(dtype)
+    assert_close_to_reference(impl, inputs, grad_out, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 2, 7, 9, 3, 4), (2, 2, 6, 5, 4, 2)], ids=["up", "mixed"])
+def test_gradcheck_cpp_float64(shape, layout):
+    inputs = [t.requires_grad_() for t in make_inputs(shape, dtype=torch.float64, layout=layout)]
+    with bf.backends.use("cpp"):
+        assert torch.autograd.gradcheck(bf.ops.bga_aggregate, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_cpp_float64_matches_reference():
+    inputs = make_inputs((2, 3, 19, 21, 5, 6), dtype=torch.float64)
+    grad_out = torch.randn(inputs[0].shape, dtype=torch.float64)
+    # The bilinear weights are float32 (bilinear.h), ATen's float64 upsample's are float64.
+    assert_close_to_reference("cpp", inputs, grad_out, dict(atol=1e-5, rtol=1e-5))
+
+
+def test_opcheck_cpp():
+    inputs = make_inputs((2, 3, 9, 11, 3, 4))
+    torch.library.opcheck(torch.ops.bisenet_fast.bga_aggregate.default, tuple(t.requires_grad_() for t in inputs))
+    grad_out = torch.randn(inputs[0].shape)
+    torch.library.opcheck(
+        torch.ops.bisenet_fast.bga_aggregate_backward.default, (grad_out, *[t.detach() for t in inputs])
+    )
+
+
+@requires_triton
+def test_opcheck_triton():
+    inputs = make_inputs((1, 2, 9, 7, 3, 2), device=triton_device())
+    torch.library.opcheck(torch.ops.bisenet_fast_triton.bga_aggregate.default, tuple(t.requires_grad_() for t in inputs))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_deterministic(impl):
+    inputs = make_inputs((2, 3, 33, 31, 9, 8), device=device_of(impl))
+    grad_out = torch.randn(inputs[0].shape, device=device_of(impl))
+    first = run(impl, inputs, grad_out)
+    second = run(impl, inputs, grad_out)
+    for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpp_backward_independent_of_thread_count(layout):
+    """The band scheme changes with the thread count; the sums and their order must not."""
+    inputs = make_inputs((1, 2, 45, 37, 12, 10), layout=layout)
+    grad_out = torch.randn(inputs[0].shape)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = torch.ops.bisenet_fast.bga_aggregate_backward(grad_out, *inputs)
+        torch.set_num_threads(max(2, threads))
+        multi = torch.ops.bisenet_fast.bga_aggregate_backward(grad_out, *inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_cpp_fullgraph():
+    """The fake kernels and the autograd registration carry the op through torch.compile."""
+    inputs = make_inputs((2, 3, 10, 12, 3, 4))
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def gated(d, s, dd, sd):
+        return torch.ops.bisenet_fast.bga_aggregate(d * 2.0, s, dd, sd).relu()
+
+    compiled = torch.compile(gated, fullgraph=True, backend="aot_eager")
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    expected_leaves = [t.detach().requires_grad_() for t in inputs]
+    expected = bga_aggregate_reference(expected_leaves[0] * 2.0, *expected_leaves[1:]).relu()
+    expected_grads = torch.autograd.grad(expected.sum(), expected_leaves)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+def bad_cases():
+    good = make_inputs((2, 3, 8, 8, 2, 2))
+    d, s, dd, sd = good
+    return [
+        pytest.param((d[0], s, dd, sd), ValueError, "detail must be 4-D", id="detail_rank"),
+        pytest.param((d, s[:, :2], dd, sd), ValueError, "semantic must have batch and channels", id="channels"),
+        pytest.param((d, s, dd[:1], sd), ValueError, "detail_down must have batch and channels", id="batch"),
+        pytest.param((d, s, dd, sd[..., :1]), ValueError, "semantic_down must have spatial size", id="low_size"),
+        pytest.param((d, s.double(), dd, sd), TypeError, "semantic must have dtype in \\(float32\\)", id="dtype_mix"),
+        pytest.param((d.long(), s, dd, sd), TypeError, "detail must have dtype", id="int_dtype"),
+        pytest.param((d, s.to("meta"), dd, sd), ValueError, "semantic must be on cpu", id="device_mix"),
+        pytest.param((d, s, [1.0], sd), TypeError, "detail_down must be a torch.Tensor", id="not_tensor"),
+        pytest.param((d[..., :0], s, dd, sd), ValueError, "spatial sizes must be non-empty", id="empty"),
+    ]
+
+
+@pytest.mark.parametrize("impl", ["eager", "cpp"])
+@pytest.mark.parametrize("args, error, message", bad_cases())
+def test_bad_input_raises_clear_error(impl, args, error, message):
+    with bf.backends.use(impl), pytest.raises(error, match=message):
+        bf.ops.bga_aggregate(*args)
+
+
+def test_cpp_op_checks_its_own_inputs():
+    """Called directly (bypassing the front), the kernel still refuses bad shapes."""
+    d, s, dd, sd = make_inputs((2, 3, 8, 8, 2, 2))
+    with pytest.raises(RuntimeError, match="semantic_down must have the spatial size of semantic"):
+        torch.ops.bisenet_fast.bga_aggregate(d, s, dd, sd[..., :1])
+    with pytest.raises(RuntimeError, match="grad_out must have the shape of detail"):
+        torch.ops.bisenet_fast.bga_aggregate_backward(d[:, :, :4], d, s, dd, sd)
+
+
+@requires_triton
+def test_triton_rejects_float64():
+    inputs = make_inputs((1, 2, 4, 4, 2, 2), dtype=torch.float64, device=triton_device())
+    with bf.backends.use("triton"), pytest.raises(TypeError, match="backend 'triton' takes float32"):
+        bf.ops.bga_aggregate(*inputs)
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+def test_backbone_cpp_matches_eager():
+    """BGALayer runs the fused op; the backbone's outputs and parameter gradients match eager."""
+    torch.manual_seed(0)
+    model = bf.BiSeNetV2().train()
+    x = torch.randn(2, 3, 64, 96)  # batch 2: CEBlock batch-norms a 1x1 pooled map in training
+    results = {}
+    for impl in ("eager", "cpp"):
+        model.zero_grad()
+        with bf.backends.use(impl):
+            outs = model(x)
+        sum(o.square().mean() for o in outs).backward()
+        results[impl] = ([o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()})
+    for a, b in zip(results["eager"][0], results["cpp"][0]):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    for name, grad in results["eager"][1].items():
+        torch.testing.assert_close(results["cpp"][1][name], grad, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,206 @@
+"""Triton kernels of Bilateral Guided Aggregation (formula and argument contract in
+bisenet_fast/ops/bga.py):
+    out = detail * sigmoid(up(semantic)) + up(detail_down * sigmoid(semantic_down))
+
+Every tensor is contiguous in one layout, walked as planes of rows x cols pixels holding
+`inner` consecutive values (NCHW: N*C planes, inner 1; channels_last: N planes, inner C),
+so one kernel serves both layouts with coalesced accesses.
+
+Forward: one program per BLOCK output values; each reads detail once and the four bilinear
+taps of the three low-resolution maps (cache-resident: they are 1/16 of the output), forming
+detail_down * sigmoid(semantic_down) per tap. Taps are computed like common/bilinear.h
+(the same float arithmetic as ATen's upsample_bilinear2d).
+
+Backward: deterministic gathers, no atomics. One program per BLOCK low-resolution values;
+each walks the high-resolution pixels that read its pixel (the transpose of the upsample,
+the same index range as dst_range_reading in common/bilinear.h) in a fixed order,
+recomputing up(semantic) there, and accumulates up^T(g * detail * s * (1 - s)) and
+up^T(g). The low-resolution pixel that is tap (i0, j0) of a high-resolution pixel also
+writes grad_detail = g * s there, so every grad_detail value is written exactly once.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+BLOCK_BACKWARD = 256
+_SIZES = ["total", "H", "W", "h", "w", "K"]
+
+
+@triton.jit
+def _tap(dst, in_size, out_size):
+    """linear_tap of common/bilinear.h: dst reads source i0 with weight w0 and i1 with w1."""
+    scale = tl.math.div_rn(in_size.to(tl.float32), out_size.to(tl.float32))
+    src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), in_size - 1)
+    w1 = src - i0.to(tl.float32)
+    i1 = i0 + (i0 < in_size - 1).to(tl.int32)
+    return i0, i1, 1.0 - w1, w1
+
+
+@triton.jit
+def _first_dst_with_i0_at_least(m, in_size, out_size):
+    """first_dst_with_i0_at_least of common/bilinear.h: an analytic guess at most a few
+    steps below the answer, corrected with the exact taps."""
+    scale = tl.math.div_rn(in_size.to(tl.float32), out_size.to(tl.float32))
+    dst = ((m.to(tl.float32) + 0.5) / scale - 0.5).to(tl.int32) - 1
+    dst = tl.minimum(tl.maximum(dst, 0), out_size)
+    for _ in tl.static_range(4):
+        i0, _i1, _w0, _w1 = _tap(dst, in_size, out_size)
+        dst = tl.where((dst < out_size) & (i0 < m), dst + 1, dst)
+    for _ in tl.static_range(2):
+        i0, _i1, _w0, _w1 = _tap(dst - 1, in_size, out_size)
+        dst = tl.where((dst > 0) & (i0 >= m), dst - 1, dst)
+    dst = tl.where(m <= 0, 0, dst)
+    return tl.where(m > in_size - 1, out_size, dst)
+
+
+@triton.jit
+def _bilinear(ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask):
+    """Rows first, then columns, in fp32: the order of the CPU kernel."""
+    v00 = tl.load(ptr + r0 + c0, mask=mask, other=0.0).to(tl.float32)
+    v10 = tl.load(ptr + r1 + c0, mask=mask, other=0.0).to(tl.float32)
+    v01 = tl.load(ptr + r0 + c1, mask=mask, other=0.0).to(tl.float32)
+    v11 = tl.load(ptr + r1 + c1, mask=mask, other=0.0).to(tl.float32)
+    return cw0 * (rw0 * v00 + rw1 * v10) + cw1 * (rw0 * v01 + rw1 * v11)
+
+
+@triton.jit
+def _gated(dd_ptr, sd_ptr, offset, mask):
+    dd = tl.load(dd_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+    sd = tl.load(sd_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+    return dd * tl.sigmoid(sd)
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _bga_forward_kernel(d_ptr, s_ptr, dd_ptr, sd_ptr, out_ptr, total, H, W, h, w, K, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    k = idx % K
+    pixel = idx // K
+    x = (pixel % W).to(tl.int32)
+    row = pixel // W
+    y = (row % H).to(tl.int32)
+    plane = row // H
+
+    ri0, ri1, rw0, rw1 = _tap(y, h, H)
+    ci0, ci1, cw0, cw1 = _tap(x, w, W)
+    r0 = ((plane * h + ri0) * w) * K + k
+    r1 = ((plane * h + ri1) * w) * K + k
+    c0 = ci0.to(tl.int64) * K
+    c1 = ci1.to(tl.int64) * K
+
+    semantic_up = _bilinear(s_ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask)
+    gated_up = cw0 * (rw0 * _gated(dd_ptr, sd_ptr, r0 + c0, mask) + rw1 * _gated(dd_ptr, sd_ptr, r1 + c0, mask)) + \
+        cw1 * (rw0 * _gated(dd_ptr, sd_ptr, r0 + c1, mask) + rw1 * _gated(dd_ptr, sd_ptr, r1 + c1, mask))
+    detail = tl.load(d_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    out = detail * tl.sigmoid(semantic_up) + gated_up
+    tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _bga_backward_kernel(go_ptr, d_ptr, s_ptr, dd_ptr, sd_ptr, gd_ptr, gs_ptr, gdd_ptr, gsd_ptr,
+                         total, H, W, h, w, K,
+                         MAX_ROWS: tl.constexpr, MAX_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    k = idx % K
+    pixel = idx // K
+    j = (pixel % w).to(tl.int32)
+    row = pixel // w
+    i = (row % h).to(tl.int32)
+    plane = row // h
+
+    y_begin = _first_dst_with_i0_at_least(i - 1, h, H)
+    y_end = _first_dst_with_i0_at_least(i + 1, h, H)
+    x_begin = _first_dst_with_i0_at_least(j - 1, w, W)
+    x_end = _first_dst_with_i0_at_least(j + 1, w, W)
+
+    acc_semantic = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK], dtype=tl.float32)
+    low_plane = plane * h
+    for dy in range(MAX_ROWS):
+        y = y_begin + dy
+        y_ok = mask & (y < y_end)
+        ri0, ri1, rw0, rw1 = _tap(y, h, H)
+        wy = tl.where(ri0 == i, rw0, 0.0) + tl.where(ri1 == i, rw1, 0.0)
+        r0 = ((low_plane + ri0) * w) * K + k
+        r1 = ((low_plane + ri1) * w) * K + k
+        high_row = (plane * H + y) * W
+        for dx in range(MAX_COLS):
+            x = x_begin + dx
+            ok = y_ok & (x < x_end)
+            ci0, ci1, cw0, cw1 = _tap(x, w, W)
+            wx = tl.where(ci0 == j, cw0, 0.0) + tl.where(ci1 == j, cw1, 0.0)
+            high = (high_row + x) * K + k
+            g = tl.load(go_ptr + high, mask=ok, other=0.0).to(tl.float32)
+            detail = tl.load(d_ptr + high, mask=ok, other=0.0).to(tl.float32)
+            s = tl.sigmoid(_bilinear(s_ptr, r0, r1, ci0.to(tl.int64) * K, ci1.to(tl.int64) * K,
+                                     rw0, rw1, cw0, cw1, ok))
+            weight = wy * wx
+            acc_semantic += weight * (g * detail * s * (1.0 - s))
+            acc_up += weight * g
+            owner = ok & (ri0 == i) & (ci0 == j)
+            tl.store(gd_ptr + high, (g * s).to(gd_ptr.dtype.element_ty), mask=owner)
+
+    dd = tl.load(dd_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(tl.load(sd_ptr + idx, mask=mask, other=0.0).to(tl.float32))
+    tl.store(gs_ptr + idx, acc_semantic.to(gs_ptr.dtype.element_ty), mask=mask)
+    tl.store(gdd_ptr + idx, (acc_up * sig).to(gdd_ptr.dtype.element_ty), mask=mask)
+    tl.store(gsd_ptr + idx, (acc_up * dd * sig * (1.0 - sig)).to(gsd_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=256)
+def max_readers(in_size: int, out_size: int) -> int:
+    """The most destination indices reading one source index along an axis (the loop
+    bound of the backward gathers), from the taps in float32 like the kernel, plus two: a
+    fused multiply-add on the GPU may move the tap at either end of a range across an
+    integer."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
+    i0 = np.minimum(src.astype(np.int64), in_size - 1)
+    per_source = np.bincount(i0, minlength=in_size)
+    pairs = per_source + np.concatenate([[0], per_source[:-1]])  # readers with i0 in {i - 1, i}
+    return int(pairs.max()) + 2
+
+
+def _geometry(detail: torch.Tensor, semantic: torch.Tensor, channels_last: bool):
+    n, c, H, W = detail.shape
+    h, w = semantic.shape[-2:]
+    return H, W, h, w, (c if channels_last else 1)
+
+
+def bga_forward(detail, semantic, detail_down, semantic_down, channels_last: bool) -> torch.Tensor:
+    """All inputs contiguous in the layout `channels_last` names."""
+    out = torch.empty_like(detail)
+    total = out.numel()
+    if total == 0:
+        return out
+    H, W, h, w, K = _geometry(detail, semantic, channels_last)
+    grid = (triton.cdiv(total, BLOCK),)
+    _bga_forward_kernel[grid](detail, semantic, detail_down, semantic_down, out, total, H, W, h, w, K, BLOCK=BLOCK)
+    return out
+
+
+def bga_backward(grad_out, detail, semantic, detail_down, semantic_down, channels_last: bool):
+    """All inputs contiguous in the layout `channels_last` names; returns the four gradients."""
+    grad_detail = torch.empty_like(detail)
+    grads_low = [torch.empty_like(detail_down) for _ in range(3)]
+    total = detail_down.numel()
+    if total == 0 or detail.numel() == 0:
+        for g in [grad_detail, *grads_low]:
+            g.zero_()
+        return (grad_detail, *grads_low)
+    H, W, h, w, K = _geometry(detail, semantic, channels_last)
+    grid = (triton.cdiv(total, BLOCK_BACKWARD),)
+    _bga_backward_kernel[grid](
+        grad_out, detail, semantic, detail_down, semantic_down, grad_detail, *grads_low,
+        total, H, W, h, w, K,
+        MAX_ROWS=max_readers(h, H), MAX_COLS=max_readers(w, W), BLOCK=BLOCK_BACKWARD,
+    )
+    return (grad_detail, *grads_low)
