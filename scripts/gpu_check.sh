@@ -5,6 +5,8 @@
 # logs and JSON in the folder given as argument.
 #
 #   scripts/gpu_check.sh OUT_DIR [STAGE_TIMEOUT_S]
+# Environment: TESTS (pytest selection, default: tests), BENCH_ONLY (comma-separated
+# benchmark module substrings, default: all), BENCH_ARGS (extra benchmarks.run arguments).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGE_TIMEOUT_S]}
 stage_timeout=${2:-240}
@@ -30,13 +32,13 @@ fi
 $py -c "import bisenet_fast as bf; print(bf.build_info())" 2>&1 | tee -a "$out/build.log"
 
 echo "== tests"
-timeout "$stage_timeout" $py -m pytest tests -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" \
+timeout "$stage_timeout" $py -m pytest ${TESTS:-tests} -q -rs -p no:cacheprovider --timeout=120 --junitxml="$out/tests.xml" \
   >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -25 "$out/tests.log"
 
 echo "== benchmarks"
-timeout "$stage_timeout" $py -m benchmarks.run --device cuda --out "$out/bench.json" >"$out/bench.log" 2>&1
+timeout "$stage_timeout" $py -m benchmarks.run --device cuda --only "${BENCH_ONLY:-}" ${BENCH_ARGS:-} --out "$out/bench.json" >"$out/bench.log" 2>&1
 bench_rc=$?
 tail -60 "$out/bench.log"
 echo "tests rc=$tests_rc bench rc=$bench_rc"
