@@ -32,7 +32,9 @@ def want_cuda() -> bool:
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("BISENET_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx_flags = ["-O3", "-fopenmp"]
+    # No -fopenmp: at::parallel_for runs on libtorch's own thread pool, and linking a second
+    # OpenMP runtime beside torch's is a known source of crashes.
+    cxx_flags = ["-O3"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
         define_macros.append(("BISENET_FAST_CUDA_ARCHS", '""'))
@@ -42,7 +44,6 @@ def extension():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
         )
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     define_macros += [("BISENET_FAST_WITH_CUDA", None), ("BISENET_FAST_CUDA_ARCHS", f'"{archs}"')]
@@ -55,7 +56,6 @@ def extension():
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
         },
-        extra_link_args=["-fopenmp"],
     )
 
 

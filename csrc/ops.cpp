@@ -59,11 +59,7 @@ pybind11::dict build_info() {
 #endif
   info["cuda_archs"] = std::string(BISENET_FAST_CUDA_ARCHS);
   info["compiled_with_torch"] = std::string(BISENET_FAST_TORCH_VERSION);
-#ifdef _OPENMP
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
+  info["parallel"] = at::get_parallel_info();
   return info;
 }
 

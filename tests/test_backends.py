@@ -83,4 +83,4 @@ def test_build_info_reports_the_build():
     assert info["backends"] == bf.backends.available()
     if info["cuda"]:
         assert info["cuda_archs"]
-    assert set(info) >= {"cuda_archs", "openmp", "triton", "torch_cuda", "cuda_available"}
+    assert set(info) >= {"cuda_archs", "parallel", "triton", "torch_cuda", "cuda_available"}
