@@ -156,17 +156,24 @@ class CsvLog:
             csv.writer(f).writerow([row[k] for k in self.fields])
 
 
+def cpu_threads_per_process(ctx: DistContext) -> int:
+    """The cores shared out among this machine's processes (torchrun's LOCAL_WORLD_SIZE); on a
+    GPU the CPU only feeds kernels, but intra-op threads still must not oversubscribe the cores."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    return max(1, (os.cpu_count() or 1) // local_world)
+
+
 def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = None, device: str | None = None,
           backend: str = "auto", seed: int = 0, stop_after: int | None = None, deterministic: bool = False,
-          log=print) -> dict:
-    """Runs (or continues) training; returns {'iteration', 'checkpoint', 'metrics', 'stopped_by'}."""
+          threads: int | None = None, log=print) -> dict:
+    """Runs (or continues) training; returns {'iteration', 'checkpoint', 'metrics', 'stopped_by'}.
+    threads: torch CPU threads per process (default: the cores divided among the processes)."""
     ctx = init_distributed(device)
     work_dir = Path(work_dir)
     if ctx.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
-    say = log if ctx.is_main else (lambda *a, **k: None)
-    if ctx.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
+    say = log if ctx.is_main and log is not None else (lambda *a, **k: None)
+    torch.set_num_threads(threads or cpu_threads_per_process(ctx))
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.manual_seed(seed + ctx.rank)
@@ -218,7 +225,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
         if not ctx.is_main:
             return None
         state = {
-            "meta": {"recipe": recipe.get("name"), "torch": torch.__version__, "bisenet_fast": bf.__version__},
+            "meta": {"recipe": recipe.get("name"), "torch": str(torch.__version__), "bisenet_fast": bf.__version__},
             "state_dict": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
@@ -335,6 +342,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' for work_dir's last one")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: cores / processes on this machine; use 1 on a "
+                        "busy machine, where OpenMP threads waiting for each other cost more than they give)")
     p.add_argument("--deterministic", action="store_true", help="cudnn deterministic, no cudnn benchmark")
     p.add_argument("--stop-after", type=int, default=None,
                    help="checkpoint and stop after this iteration (the schedule still spans --iters)")
@@ -350,7 +360,8 @@ def main(argv=None) -> int:
     work_dir = args.work_dir or os.path.join("work_dirs", recipe["name"])
     try:
         result = train(recipe, work_dir, resume=args.resume, device=args.device, backend=args.backend,
-                       seed=args.seed, stop_after=args.stop_after, deterministic=args.deterministic)
+                       seed=args.seed, stop_after=args.stop_after, deterministic=args.deterministic,
+                       threads=args.threads)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -102,7 +102,10 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
         fail("no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except pickle.UnpicklingError as err:
+        fail(f"it holds objects other than tensors, containers, numbers and strings, which are not loaded "
+             f"because unpickling them could run code ({str(err).splitlines()[-1][:300]})")
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         fail(f"the file is truncated or corrupt ({type(err).__name__}: {err})")
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]

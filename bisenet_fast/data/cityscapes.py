@@ -39,7 +39,7 @@ class MissingLabelsError(FileNotFoundError):
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """uint8 HxWx3 RGB (mmseg reads BGR with cv2; see transforms.py for the channel order)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
@@ -47,7 +47,7 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     with Image.open(path) as im:
         if im.mode not in ("L", "P"):
             raise ValueError(f"{path}: a labelTrainIds PNG must be 8-bit single channel, got mode {im.mode}")
-        return np.asarray(im, dtype=np.uint8)
+        return np.array(im, dtype=np.uint8)
 
 
 def label_path_for(root: Path, split: str, image: Path) -> Path:
