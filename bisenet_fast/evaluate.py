@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 import bisenet_fast as bf
 from bisenet_fast.configs import load_recipe
-from bisenet_fast.data.cityscapes import CLASSES, CityscapesDataset
+from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.data.transforms import imrescale, normalize
 from bisenet_fast.distributed import DistContext, init_distributed
 from bisenet_fast.metrics import IoUAccumulator, format_table
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     recipe = load_recipe(args.recipe)
     ctx = init_distributed(args.device)
     if ctx.device.type == "cpu":
-        torch.set_num_threads(max(1, (torch.get_num_threads()) // max(1, ctx.world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
     amp = args.amp
     if amp is None:
         amp = "float16" if (recipe.get("amp") or {}).get("eval_autocast") and ctx.device.type == "cuda" else "none"
@@ -114,8 +115,7 @@ def main(argv=None) -> int:
     if ctx.is_main:
         mode = "ms+flip" if args.aug_test else "single-scale"
         print(f"{args.checkpoint} on {args.split} ({mode}, autocast {amp}, {ctx.world_size} process(es)):")
-        print(format_table(result, CLASSES[: recipe["model"]["num_classes"]] if recipe["model"]["num_classes"] == 19
-                           else [str(i) for i in range(recipe["model"]["num_classes"])]))
+        print(format_table(result, class_names(recipe["model"]["num_classes"])))
     if ctx.enabled:
         torch.distributed.destroy_process_group()
     return 0

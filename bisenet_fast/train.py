@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import bisenet_fast as bf
 from bisenet_fast.configs import load_recipe
-from bisenet_fast.data.cityscapes import CLASSES, CityscapesDataset
+from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.data.sampler import InfiniteShardedSampler
 from bisenet_fast.data.transforms import PhotoMetricDistortion, TrainPipeline
 from bisenet_fast.distributed import DistContext, any_rank, gather_objects, heads_to_sync_bn, init_distributed
@@ -87,6 +87,7 @@ def wrap_for_training(model: bf.BiSeNetV2Segmentor, ctx: DistContext) -> nn.Modu
         return LossModule(model)
     if ctx.device.type == "cuda":
         heads_to_sync_bn(model)
+    # broadcast_buffers=False as mmseg: BN running statistics stay per process (rank 0's are saved)
     return DistributedDataParallel(LossModule(model), device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                    else None, broadcast_buffers=False)
 
@@ -104,10 +105,17 @@ def build_train_loader(recipe: dict, ctx: DistContext, seed: int, start_iteratio
     workers = data["workers_per_gpu"]
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=ctx.device.type == "cuda",
-        drop_last=True, persistent_workers=False, prefetch_factor=2 if workers else None,
+        drop_last=True, prefetch_factor=2 if workers else None, worker_init_fn=ignore_stop_signals,
         generator=torch.Generator(),  # keeps the loader from drawing on (and shifting) the global torch RNG
     )
     return loader, sampler
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process (a terminal or torchrun may
+    signal the whole process group), which checkpoints and then shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StopRequest:
@@ -247,8 +255,8 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                                  num_classes=recipe["model"]["num_classes"], log=say)
         result["metrics"] = metrics
         if ctx.is_main:
-            names = CLASSES if recipe["model"]["num_classes"] == len(CLASSES) else range(recipe["model"]["num_classes"])
-            say(f"iteration {iteration}: val mIoU {metrics['mIoU']:.2f}\n" + format_table(metrics, [str(n) for n in names]))
+            say(f"iteration {iteration}: val mIoU {metrics['mIoU']:.2f}\n"
+                + format_table(metrics, class_names(recipe["model"]["num_classes"])))
             eval_log.write({"iteration": iteration, "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"],
                             "aAcc": metrics["aAcc"]})
 

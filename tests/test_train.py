@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -15,8 +16,11 @@ import torch.multiprocessing as mp
 import bisenet_fast as bf
 from bisenet_fast import train_state
 from bisenet_fast.configs import load_recipe, recipe_names
+from bisenet_fast.data.cityscapes import CityscapesDataset
 from bisenet_fast.data.synthetic import generate
 from bisenet_fast.distributed import init_distributed
+from bisenet_fast.evaluate import evaluate_model
+from bisenet_fast.evaluate import main as evaluate_main
 from bisenet_fast.train import (
     NonFiniteLossError,
     build_optimizer,
@@ -117,7 +121,7 @@ def test_one_optimizer_step_is_plain_sgd():
 
 
 # ---------------------------------------------------------------- two gloo processes
-def _ddp_worker(rank, world, port, x, y, out_dir):
+def _ddp_worker(rank, world, port, x, y, out_dir, data_root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -136,8 +140,12 @@ def _ddp_worker(rank, world, port, x, y, out_dir):
         losses = module(x[sl], y[sl])
         sum(losses.values()).backward()
     opt.step()
+    # multi-process evaluation: images dealt round-robin, histograms summed with all_reduce
+    with bf.backends.use("eager"):
+        metrics = evaluate_model(model, CityscapesDataset(data_root, "val"), ctx,
+                                 load_recipe("synthetic")["test"] | {"img_scale": [64, 32]}, log=None)
     if rank == 0:
-        torch.save(model.state_dict(), Path(out_dir) / "ddp.pt")
+        torch.save({"state_dict": model.state_dict(), "IoU": metrics["IoU"]}, Path(out_dir) / "ddp.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -151,9 +159,12 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path
     torch.manual_seed(1)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 19, (4, 32, 32))
     y[0, :4] = 255
+    data_root = generate(tmp_path / "data", num_train=1, num_val=3, height=32, width=64)
     port = 29500 + os.getpid() % 1000
-    mp.start_processes(_ddp_worker, args=(2, port, x, y, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    ddp_state = torch.load(tmp_path / "ddp.pt")
+    mp.start_processes(_ddp_worker, args=(2, port, x, y, str(tmp_path), str(data_root)), nprocs=2, join=True,
+                       start_method="spawn")
+    saved = torch.load(tmp_path / "ddp.pt")
+    ddp_state = saved["state_dict"]
 
     torch.manual_seed(0)
     model = bf.BiSeNetV2Segmentor(num_classes=19).eval()
@@ -165,6 +176,12 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path
         torch.testing.assert_close(ddp_state[name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     changed = [k for k, v in model.state_dict().items() if k.startswith("auxiliary_head.3") and v.is_floating_point()]
     assert changed  # the heads were actually compared
+
+    model.load_state_dict(ddp_state)
+    with bf.backends.use("eager"):
+        single = evaluate_model(model, CityscapesDataset(data_root, "val"), init_distributed("cpu"),
+                                load_recipe("synthetic")["test"] | {"img_scale": [64, 32]}, log=None)
+    np.testing.assert_array_equal(np.array(saved["IoU"]), np.array(single["IoU"]))  # NaN == NaN here
 
 
 # ---------------------------------------------------------------- resume, signals, checkpoint safety
@@ -264,3 +281,11 @@ def test_float16_static_loss_scale_stays_512(tiny_data, tmp_path):
     state = train_state.load_training_checkpoint(result["checkpoint"])
     assert state["scaler"]["scale"] == 512.0
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_evaluate_cli_reads_training_checkpoints(tiny_data, tmp_path, capsys):
+    result = train(tiny_recipe(tiny_data, iters=1), tmp_path, backend="eager", threads=1, log=None)
+    code = evaluate_main(["--recipe", "synthetic", "--checkpoint", str(result["checkpoint"]), "--data-root",
+                          str(tiny_data), "--aug-test", "--limit", "1", "--backend", "eager", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "ms+flip" in out and "mIoU" in out and "bicycle" in out

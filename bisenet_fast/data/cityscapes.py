@@ -32,6 +32,11 @@ IMG_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
 
 
+def class_names(num_classes: int) -> list[str]:
+    """The Cityscapes names for 19 classes, else the class ids as strings."""
+    return list(CLASSES) if num_classes == len(CLASSES) else [str(i) for i in range(num_classes)]
+
+
 class MissingLabelsError(FileNotFoundError):
     """Images without their labelTrainIds file."""
 
