@@ -81,12 +81,19 @@ class LossModule(nn.Module):
         return self.segmentor.loss(images, labels)
 
 
+def build_model(recipe: dict, ctx: DistContext) -> bf.BiSeNetV2Segmentor:
+    """The segmentor on ctx.device; under NCCL its heads use SyncBN (mmseg), the backbone plain BN.
+    With gloo on CPU, SyncBN cannot run, so each process keeps its own BN statistics in the heads."""
+    model = bf.BiSeNetV2Segmentor(**recipe["model"]).to(ctx.device)
+    if ctx.enabled and ctx.device.type == "cuda":
+        heads_to_sync_bn(model)
+    return model
+
+
 def wrap_for_training(model: bf.BiSeNetV2Segmentor, ctx: DistContext) -> nn.Module:
-    """LossModule, under DDP when distributed (SyncBN heads on CUDA; see heads_to_sync_bn)."""
+    """LossModule, under DDP when distributed."""
     if not ctx.enabled:
         return LossModule(model)
-    if ctx.device.type == "cuda":
-        heads_to_sync_bn(model)
     # broadcast_buffers=False as mmseg: BN running statistics stay per process (rank 0's are saved)
     return DistributedDataParallel(LossModule(model), device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                    else None, broadcast_buffers=False)
@@ -186,7 +193,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     torch.backends.cudnn.deterministic = deterministic
     torch.manual_seed(seed + ctx.rank)
 
-    model = bf.BiSeNetV2Segmentor(**recipe["model"]).to(ctx.device)
+    model = build_model(recipe, ctx)
     optimizer = build_optimizer(model, recipe)
     amp = recipe.get("amp") or {}
     amp_dtype = AMP_DTYPES[amp.get("dtype", "none")]

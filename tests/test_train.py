@@ -18,11 +18,12 @@ from bisenet_fast import train_state
 from bisenet_fast.configs import load_recipe, recipe_names
 from bisenet_fast.data.cityscapes import CityscapesDataset
 from bisenet_fast.data.synthetic import generate
-from bisenet_fast.distributed import init_distributed
+from bisenet_fast.distributed import heads_to_sync_bn, init_distributed
 from bisenet_fast.evaluate import evaluate_model
 from bisenet_fast.evaluate import main as evaluate_main
 from bisenet_fast.train import (
     NonFiniteLossError,
+    build_model,
     build_optimizer,
     check_finite,
     lr_at,
@@ -120,14 +121,25 @@ def test_one_optimizer_step_is_plain_sgd():
         torch.testing.assert_close(p2, p1 - lrs[1] * buf, rtol=1e-6, atol=1e-7)
 
 
-# ---------------------------------------------------------------- two gloo processes
+# ---------------------------------------------------------------- distributed
+def test_sync_bn_only_in_the_heads():
+    model = bf.BiSeNetV2Segmentor()
+    keys = list(model.state_dict())
+    heads_to_sync_bn(model)
+    assert list(model.state_dict()) == keys  # same mmseg keys: checkpoints load either way
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.backbone.modules())
+    for head in [model.decode_head, *model.auxiliary_head]:
+        norms = [m for m in head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+
+
 def _ddp_worker(rank, world, port, x, y, out_dir, data_root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     ctx = init_distributed("cpu")
     torch.manual_seed(0)
-    model = bf.BiSeNetV2Segmentor(num_classes=19)
+    model = build_model(load_recipe("synthetic"), ctx)
     module = wrap_for_training(model, ctx)
     assert isinstance(module, torch.nn.parallel.DistributedDataParallel)
     # gloo on CPU: no SyncBN, the heads keep per-process BatchNorm2d
