@@ -301,3 +301,25 @@ def test_evaluate_cli_reads_training_checkpoints(tiny_data, tmp_path, capsys):
                           str(tiny_data), "--aug-test", "--limit", "1", "--backend", "eager", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0 and "ms+flip" in out and "mIoU" in out and "bicycle" in out
+
+
+def test_torchrun_two_gloo_processes_train_evaluate_and_resume(tiny_data, tmp_path):
+    """The whole loop under torchrun on CPU: sharded sampler, per-rank RNG states gathered into
+    rank 0's checkpoint, histograms all_reduced, and a resume of that checkpoint."""
+    work = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(30500 + os.getpid() % 1000), "-m", "bisenet_fast.train", "--recipe", "synthetic", "--data-root",
+           str(tiny_data), "--crop", "32", "32", "--batch", "2", "--workers", "0", "--iters", "3", "--stop-after", "2",
+           "--eval-interval", "2", "--log-interval", "1", "--backend", "eager", "--threads", "1", "--work-dir", str(work)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "iteration 2: val mIoU" in first.stdout
+    state = train_state.load_training_checkpoint(work / "iter_2.pth")
+    assert len(state["rng"]) == 2 and state["sampler"]["world_size"] == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank's own dropout stream
+    at = cmd.index("--stop-after")
+    resume = cmd[:at] + cmd[at + 2 :] + ["--resume", "auto"]  # on to iteration 3
+    second = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "iter 3/3" in second.stdout
