@@ -1,6 +1,6 @@
 """The main job: learn the synthetic street scenes on a CPU in a few minutes.
 
-    python -m bisenet_fast.demo [--out demo_out] [--iters 400] [--backend auto]
+    python -m bisenet_fast.demo [--out demo_out] [--iters N] [--backend auto] [--threads N]
 
 Generates the synthetic Cityscapes-layout set (if absent), trains the 'synthetic' recipe
 (the spec §7 pipeline and loop on small images), evaluates single-scale mIoU on its val
@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, ...")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: all cores; 1 is faster on a machine busy with other work)")
     return p.parse_args(argv)
 
 
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     recipe["checkpoint_interval"] = recipe["schedule"]["max_iters"]
     work_dir = out / "work"
     start = time.perf_counter()
-    result = train(recipe, work_dir, device=args.device, backend=args.backend, seed=args.seed)
+    result = train(recipe, work_dir, device=args.device, backend=args.backend, seed=args.seed, threads=args.threads)
     train_seconds = time.perf_counter() - start
 
     ctx = init_distributed(args.device)

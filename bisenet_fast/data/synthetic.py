@@ -2,10 +2,11 @@
 
 Each scene has sky over a row of buildings, walls and trees, a sidewalk band with fences,
 terrain, poles carrying traffic lights and signs, and people, and a road with vehicles;
-the bottom rows are an ignored (255) "ego vehicle" strip, as in Cityscapes. Every class has
-its Cityscapes colour, varied per instance and per pixel, and its own texture (window grid,
-bricks, stripes, foliage noise...), so it is learnable from colour and texture. The same
-(seed, split, index) always gives the same image and label.
+the bottom rows are an ignored (255) "ego vehicle" strip, as in Cityscapes. Every class is
+painted in its own colour (its Cityscapes palette colour, except that the dark-blue vehicles
+and the rider are moved to hues no other class uses), varied per instance and per pixel, and
+with its own texture (window grid, bricks, stripes, foliage noise...), so it is learnable from
+colour and texture. The same (seed, split, index) always gives the same image and label.
 
     python -m bisenet_fast.data.synthetic demo_out/synthetic --train 200 --val 40
 """
@@ -22,6 +23,11 @@ from bisenet_fast.data.cityscapes import CLASSES, IMG_SUFFIX, LABEL_SUFFIX, PALE
 
 IGNORE_INDEX = 255
 C = {name: i for i, name in enumerate(CLASSES)}
+# Cityscapes draws truck, bus, train and car in near-identical dark blues and rider next to person;
+# the scenes paint them apart so that colour alone separates every class.
+APPEARANCE = dict(enumerate(PALETTE)) | {
+    C["rider"]: (255, 130, 0), C["truck"]: (110, 40, 150), C["bus"]: (0, 150, 150), C["train"]: (140, 110, 40),
+}
 CITY = "synthville"
 
 
@@ -40,7 +46,7 @@ class Canvas:
         if y1 <= y0 or x1 <= x0:
             return
         region = np.ones((y1 - y0, x1 - x0), dtype=bool) if mask is None else mask[: y1 - y0, : x1 - x0]
-        colour = np.array(PALETTE[cls], dtype=np.float32) * self.rng.uniform(0.9, 1.1)
+        colour = np.array(APPEARANCE[cls], dtype=np.float32) * self.rng.uniform(0.9, 1.1)
         shade = texture(cls, self.yy[y0:y1, x0:x1] - y0, self.xx[y0:y1, x0:x1] - x0, self.rng)
         patch = colour[None, None, :] * shade[..., None] + self.rng.normal(0, 4, (y1 - y0, x1 - x0, 1))
         self.img[y0:y1, x0:x1][region] = patch[region]
@@ -109,15 +115,15 @@ def draw_scene(height: int, width: int, rng: np.random.RandomState) -> tuple[np.
         top = u(0.12 * height, 0.3 * height)
         cv.paint(C["pole"], top, sidewalk_bottom - 2, px, px + u(6, 9))
         if rng.rand() < 0.5:
-            cv.paint(C["traffic light"], top - 18, top + 2, px - 3, px + 11)
+            cv.paint(C["traffic light"], top - 22, top + 2, px - 4, px + 12)
         else:
-            cv.paint(C["traffic sign"], top - 14, top + 2, px - 5, px + 13)
+            cv.paint(C["traffic sign"], top - 18, top + 2, px - 6, px + 14)
     for _ in range(rng.randint(0, 4)):  # pedestrians on the sidewalk
         px, h = u(0, width - 10), u(0.2 * height, 0.3 * height)
         cv.paint(C["person"], sidewalk_bottom - h, sidewalk_bottom, px, px + u(9, 13))
 
     vehicles = {"car": (0.28, 0.16), "truck": (0.35, 0.24), "bus": (0.45, 0.28), "train": (0.6, 0.26),
-                "motorcycle": (0.1, 0.12), "bicycle": (0.1, 0.12)}
+                "motorcycle": (0.14, 0.16), "bicycle": (0.14, 0.16)}
     lane_y = sidewalk_bottom + u(0.22 * height, 0.3 * height)
     for name in rng.choice(list(vehicles), size=rng.randint(1, 4), replace=False):
         rw, rh = vehicles[name]
