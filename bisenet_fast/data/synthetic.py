@@ -93,11 +93,10 @@ def draw_scene(height: int, width: int, rng: np.random.RandomState) -> tuple[np.
         kind = rng.choice(["building", "building", "wall", "vegetation"])
         top = {"building": u(0.05 * height, 0.25 * height), "wall": horizon - u(0.1 * height, 0.18 * height),
                "vegetation": u(0.1 * height, 0.3 * height)}[kind]
-        if kind == "vegetation":  # round crown on a trunk-less canopy
-            cy, cx, r = (top + horizon) / 2, x + w / 2, max(w, horizon - top) / 2
+        if kind == "vegetation":  # an elliptic tree crown standing on the horizon
+            cy, cx = (top + horizon) / 2, x + w / 2
             mask = ((cv.yy - cy) ** 2 / ((horizon - top) / 2 + 1) ** 2 + (cv.xx - cx) ** 2 / (w / 2 + 1) ** 2) <= 1.0
             cv.paint(C["vegetation"], 0, height, 0, width, mask & (cv.yy < horizon))
-            del r
         else:
             cv.paint(C[kind], top, horizon, x, x + w)
         x += w
