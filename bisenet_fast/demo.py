@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: all cores; 1 is faster on a machine busy with other work)")
+                   help="torch CPU threads (default: the cores less the loader worker; 1 on a busy machine)")
     return p.parse_args(argv)
 
 

@@ -170,24 +170,26 @@ class CsvLog:
             csv.writer(f).writerow([row[k] for k in self.fields])
 
 
-def cpu_threads_per_process(ctx: DistContext) -> int:
-    """The cores shared out among this machine's processes (torchrun's LOCAL_WORLD_SIZE); on a
-    GPU the CPU only feeds kernels, but intra-op threads still must not oversubscribe the cores."""
+def cpu_threads_per_process(ctx: DistContext, loader_workers: int) -> int:
+    """The cores shared out among this machine's processes (torchrun's LOCAL_WORLD_SIZE), less
+    the DataLoader workers when the model also runs on the CPU: OpenMP threads that have to share
+    a core with other busy processes spin waiting for each other and slow every step down."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    return max(1, (os.cpu_count() or 1) // local_world)
+    cores = (os.cpu_count() or 1) // local_world
+    return max(1, cores - (loader_workers if ctx.device.type == "cpu" else 0))
 
 
 def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = None, device: str | None = None,
           backend: str = "auto", seed: int = 0, stop_after: int | None = None, deterministic: bool = False,
           threads: int | None = None, log=print) -> dict:
     """Runs (or continues) training; returns {'iteration', 'checkpoint', 'metrics', 'stopped_by'}.
-    threads: torch CPU threads per process (default: the cores divided among the processes)."""
+    threads: torch CPU threads per process (default: cpu_threads_per_process)."""
     ctx = init_distributed(device)
     work_dir = Path(work_dir)
     if ctx.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
     say = log if ctx.is_main and log is not None else (lambda *a, **k: None)
-    torch.set_num_threads(threads or cpu_threads_per_process(ctx))
+    torch.set_num_threads(threads or cpu_threads_per_process(ctx, recipe["data"]["workers_per_gpu"]))
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.manual_seed(seed + ctx.rank)
@@ -357,8 +359,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' for work_dir's last one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per process (default: cores / processes on this machine; use 1 on a "
-                        "busy machine, where OpenMP threads waiting for each other cost more than they give)")
+                   help="torch CPU threads per process (default: cores / processes on this machine, less the "
+                        "loader workers when training on the CPU; use 1 on a machine busy with other work)")
     p.add_argument("--deterministic", action="store_true", help="cudnn deterministic, no cudnn benchmark")
     p.add_argument("--stop-after", type=int, default=None,
                    help="checkpoint and stop after this iteration (the schedule still spans --iters)")

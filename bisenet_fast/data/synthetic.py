@@ -26,7 +26,7 @@ C = {name: i for i, name in enumerate(CLASSES)}
 # Cityscapes draws truck, bus, train and car in near-identical dark blues and rider next to person;
 # the scenes paint them apart so that colour alone separates every class.
 APPEARANCE = dict(enumerate(PALETTE)) | {
-    C["rider"]: (255, 130, 0), C["truck"]: (110, 40, 150), C["bus"]: (0, 150, 150), C["train"]: (140, 110, 40),
+    C["rider"]: (240, 240, 240), C["truck"]: (110, 40, 150), C["bus"]: (0, 150, 150), C["train"]: (140, 110, 40),
 }
 CITY = "synthville"
 
@@ -112,7 +112,7 @@ def draw_scene(height: int, width: int, rng: np.random.RandomState) -> tuple[np.
     for _ in range(rng.randint(1, 4)):  # poles with a light or a sign
         px = u(0, width - 10)
         top = u(0.12 * height, 0.3 * height)
-        cv.paint(C["pole"], top, sidewalk_bottom - 2, px, px + u(6, 9))
+        cv.paint(C["pole"], top, sidewalk_bottom - 2, px, px + u(8, 11))
         if rng.rand() < 0.5:
             cv.paint(C["traffic light"], top - 22, top + 2, px - 4, px + 12)
         else:
