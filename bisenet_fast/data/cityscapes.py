@@ -1,0 +1,107 @@
+"""Cityscapes in mmseg's layout (spec §8):
+
+    <root>/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png
+    <root>/gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png
+
+labelTrainIds come from the official *_gtFine_labelIds.png through
+`python -m bisenet_fast.data.convert <root>` (see convert.py).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+# The official Cityscapes colours of the 19 train classes (cityscapesscripts' labels.py).
+PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
+    (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+IMG_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
+
+
+def class_names(num_classes: int) -> list[str]:
+    """The Cityscapes names for 19 classes, else the class ids as strings."""
+    return list(CLASSES) if num_classes == len(CLASSES) else [str(i) for i in range(num_classes)]
+
+
+class MissingLabelsError(FileNotFoundError):
+    """Images without their labelTrainIds file."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """uint8 HxWx3 RGB (mmseg reads BGR with cv2; see transforms.py for the channel order)."""
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """uint8 HxW train ids, as mmseg reads them (PIL, 'unchanged')."""
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P"):
+            raise ValueError(f"{path}: a labelTrainIds PNG must be 8-bit single channel, got mode {im.mode}")
+        return np.array(im, dtype=np.uint8)
+
+
+def label_path_for(root: Path, split: str, image: Path) -> Path:
+    rel = image.relative_to(root / "leftImg8bit" / split)
+    name = rel.name[: -len(IMG_SUFFIX)] + LABEL_SUFFIX
+    return root / "gtFine" / split / rel.parent / name
+
+
+def find_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
+    """Sorted (image, label) paths; raises MissingLabelsError listing every missing label."""
+    root = Path(root)
+    image_dir = root / "leftImg8bit" / split
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"no Cityscapes images: {image_dir} is not a directory (expected the layout "
+                                f"leftImg8bit/{split}/<city>/*{IMG_SUFFIX})")
+    images = sorted(image_dir.rglob(f"*{IMG_SUFFIX}"))
+    if not images:
+        raise FileNotFoundError(f"no *{IMG_SUFFIX} files under {image_dir}")
+    pairs = [(img, label_path_for(root, split, img)) for img in images]
+    missing = [str(label) for _, label in pairs if not label.is_file()]
+    if missing:
+        shown = "\n  ".join(missing[:50]) + (f"\n  ... and {len(missing) - 50} more" if len(missing) > 50 else "")
+        raise MissingLabelsError(
+            f"{len(missing)} of {len(pairs)} images in {image_dir} have no label file:\n  {shown}\n"
+            f"create *{LABEL_SUFFIX} from *_gtFine_labelIds.png with `python -m bisenet_fast.data.convert {root}`"
+        )
+    return pairs
+
+
+class CityscapesDataset(torch.utils.data.Dataset):
+    """Items are (image, label) as `pipeline(img, label, rng)` returns them, where rng is a
+    numpy RandomState seeded by the sampler (see sampler.SeededIndex); without a pipeline,
+    the raw uint8 RGB image (HxWx3 tensor) and uint8 label (HxW tensor)."""
+
+    def __init__(self, root: str | os.PathLike, split: str, pipeline: Callable | None = None):
+        self.root = Path(root)
+        self.split = split
+        self.pipeline = pipeline
+        self.pairs = find_pairs(self.root, split)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, 0)
+        image_path, label_path = self.pairs[index]
+        img, label = read_image(image_path), read_label(label_path)
+        if img.shape[:2] != label.shape:
+            raise ValueError(f"{image_path} is {img.shape[:2]} but its label {label_path} is {label.shape}")
+        if self.pipeline is None:
+            return torch.from_numpy(img.copy()), torch.from_numpy(label.copy())
+        return self.pipeline(img, label, np.random.RandomState(seed))

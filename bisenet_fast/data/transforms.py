@@ -1,0 +1,259 @@
+"""mmseg 0.x's Cityscapes pipelines (spec §5 and §7) in numpy/torch, without OpenCV.
+
+Images are uint8 HxWx3 arrays in **RGB** order (PIL's order). mmseg works on cv2's BGR
+images and swaps to RGB in Normalize; every step before that is either channel-order
+independent or (HSV) written for RGB input so that it equals cv2's BGR2HSV on the BGR
+image. The results are identical to mmseg's, with one stated exception: bilinear resize.
+
+Bilinear resize: cv2.INTER_LINEAR (half-pixel centres, no antialiasing, edge clamping)
+is reproduced with torch.nn.functional.interpolate(mode='bilinear', align_corners=False,
+antialias=False) in float32, rounded half up. cv2 uses 11-bit fixed-point weights, so
+pixels can differ by one grey level; geometry and sizes are identical. (PIL's BILINEAR
+antialiases when shrinking and would not match.) Labels use nearest neighbour with cv2's
+INTER_NEAREST index rule floor(dst * src/dst), which is torch's mode='nearest'.
+
+Randomness comes from a numpy RandomState passed in (the same legacy methods mmseg calls
+on numpy's global RNG: random_sample, randint, rand, uniform), so a sample's augmentation
+depends only on its seed, not on which DataLoader worker made it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MEAN_RGB = (123.675, 116.28, 103.53)
+STD_RGB = (58.395, 57.12, 57.375)
+IGNORE_INDEX = 255
+
+
+# ---------------------------------------------------------------- resizing (mmcv imrescale)
+def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv.imrescale's output (height, width) for keep_ratio resizing into `scale` (w, h) limits:
+    factor = min(long_edge / max(h, w), short_edge / min(h, w)); size = int(x * factor + 0.5)."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_bilinear_uint8(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """cv2.resize(img, (w, h), INTER_LINEAR) for an HxWxC uint8 image (see module docstring)."""
+    if img.shape[:2] == tuple(size):
+        return img.copy()
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=False)
+    out = torch.floor(out + 0.5).clamp_(0, 255).to(torch.uint8)
+    return out[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """cv2.resize(label, (w, h), INTER_NEAREST): source index floor(dst * src / dst)."""
+    if label.shape[:2] == tuple(size):
+        return label.copy()
+    t = torch.from_numpy(np.ascontiguousarray(label))[None, None]
+    return F.interpolate(t, size=size, mode="nearest")[0, 0].numpy()
+
+
+def imrescale(img: np.ndarray, scale: tuple[int, int], is_label: bool = False) -> np.ndarray:
+    size = rescale_size(img.shape[0], img.shape[1], scale)
+    return resize_nearest(img, size) if is_label else resize_bilinear_uint8(img, size)
+
+
+def random_rescale(img, label, rng: np.random.RandomState, img_scale=(2048, 1024), ratio_range=(0.5, 2.0)):
+    """mmseg Resize(img_scale, ratio_range, keep_ratio=True): ratio ~ U[lo, hi),
+    target (int(w_s * r), int(h_s * r)), then imrescale (image bilinear, label nearest)."""
+    lo, hi = ratio_range
+    ratio = rng.random_sample() * (hi - lo) + lo
+    scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+    return imrescale(img, scale), imrescale(label, scale, is_label=True)
+
+
+# ---------------------------------------------------------------- RandomCrop(cat_max_ratio)
+def random_crop_box(shape, crop_size, rng: np.random.RandomState) -> tuple[int, int, int, int]:
+    """(y1, y2, x1, x2) of a uniformly placed crop; the whole extent where the image is smaller."""
+    margin_h = max(shape[0] - crop_size[0], 0)
+    margin_w = max(shape[1] - crop_size[1], 0)
+    y1 = rng.randint(0, margin_h + 1)
+    x1 = rng.randint(0, margin_w + 1)
+    return y1, y1 + crop_size[0], x1, x1 + crop_size[1]
+
+
+def crop_is_acceptable(label_crop: np.ndarray, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
+    """More than one non-ignored class and the most frequent one under cat_max_ratio of them."""
+    labels, counts = np.unique(label_crop, return_counts=True)
+    counts = counts[labels != ignore_index]
+    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
+def random_crop(img, label, crop_size, rng: np.random.RandomState, cat_max_ratio=0.75, max_tries=10,
+                ignore_index=IGNORE_INDEX):
+    """mmseg RandomCrop: check up to `max_tries` boxes, drawing a new one after each rejected
+    box; when all are rejected the last box drawn (the (max_tries+1)-th) is used."""
+    y1, y2, x1, x2 = random_crop_box(img.shape, crop_size, rng)
+    if cat_max_ratio < 1.0:
+        for _ in range(max_tries):
+            if crop_is_acceptable(label[y1:y2, x1:x2], cat_max_ratio, ignore_index):
+                break
+            y1, y2, x1, x2 = random_crop_box(img.shape, crop_size, rng)
+    return img[y1:y2, x1:x2], label[y1:y2, x1:x2]
+
+
+def random_flip(img, label, rng: np.random.RandomState, prob=0.5):
+    if rng.rand() < prob:
+        return img[:, ::-1], label[:, ::-1]
+    return img, label
+
+
+# ---------------------------------------------------------------- HSV as cv2 computes it for uint8
+HSV_SHIFT = 12
+_V = np.arange(256, dtype=np.float64)
+with np.errstate(divide="ignore"):
+    # cv2's saturate_cast<int>(double) rounds half to even, as np.rint does; entry 0 is 0.
+    SDIV_TABLE = np.where(_V > 0, np.rint((255 << HSV_SHIFT) / _V), 0).astype(np.int64)
+    HDIV_TABLE_180 = np.where(_V > 0, np.rint((180 << HSV_SHIFT) / (6.0 * _V)), 0).astype(np.int64)
+
+
+def rgb_to_hsv_cv2(img: np.ndarray) -> np.ndarray:
+    """cv2.cvtColor(bgr, COLOR_BGR2HSV) for uint8, given the same image in RGB order:
+    H in [0, 180), S and V in [0, 255], with cv2's 12-bit fixed-point division tables."""
+    r, g, b = (img[..., i].astype(np.int64) for i in range(3))
+    v = np.maximum(np.maximum(b, g), r)
+    vmin = np.minimum(np.minimum(b, g), r)
+    diff = v - vmin
+    s = (diff * SDIV_TABLE[v] + (1 << (HSV_SHIFT - 1))) >> HSV_SHIFT
+    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * HDIV_TABLE_180[diff] + (1 << (HSV_SHIFT - 1))) >> HSV_SHIFT
+    h = np.where(h < 0, h + 180, h)
+    return np.stack([h, s, v], axis=-1).astype(np.uint8)
+
+
+# cv2 HSV2RGB sector table: which of (v, p, q, t) becomes (b, g, r) in each 60-degree sector.
+_SECTOR_BGR = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
+
+
+def hsv_to_rgb_cv2(hsv: np.ndarray) -> np.ndarray:
+    """cv2.cvtColor(hsv, COLOR_HSV2BGR) for uint8 (float32 arithmetic, as cv2), returned in RGB order."""
+    h = hsv[..., 0].astype(np.float32) * np.float32(6.0 / 180.0)
+    s = hsv[..., 1].astype(np.float32) * np.float32(1.0 / 255.0)
+    v = hsv[..., 2].astype(np.float32) * np.float32(1.0 / 255.0)
+    h = np.fmod(h, np.float32(6.0))
+    sector = np.floor(h).astype(np.int64)
+    h = h - sector.astype(np.float32)
+    out_of_range = (sector < 0) | (sector >= 6)
+    sector = np.where(out_of_range, 0, sector)
+    h = np.where(out_of_range, np.float32(0.0), h)
+    tab = np.stack(
+        [v, v * (np.float32(1.0) - s), v * (np.float32(1.0) - s * h), v * (np.float32(1.0) - s * (np.float32(1.0) - h))],
+        axis=-1,
+    )
+    idx = _SECTOR_BGR[sector]  # (..., 3) indices into tab for b, g, r
+    bgr = np.take_along_axis(tab, idx, axis=-1)
+    gray = s == 0
+    bgr = np.where(gray[..., None], v[..., None], bgr)
+    rgb = bgr[..., ::-1] * np.float32(255.0)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- PhotoMetricDistortion
+@dataclass(frozen=True)
+class PhotoMetricDistortion:
+    """mmseg PhotoMetricDistortion with its defaults; each step fires with probability 0.5."""
+
+    brightness_delta: int = 32
+    contrast_range: tuple[float, float] = (0.5, 1.5)
+    saturation_range: tuple[float, float] = (0.5, 1.5)
+    hue_delta: int = 18
+
+    @staticmethod
+    def convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        out = img.astype(np.float32) * alpha + beta
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+    def brightness(self, img, rng):
+        if rng.randint(2):
+            return self.convert(img, beta=rng.uniform(-self.brightness_delta, self.brightness_delta))
+        return img
+
+    def contrast(self, img, rng):
+        if rng.randint(2):
+            return self.convert(img, alpha=rng.uniform(*self.contrast_range))
+        return img
+
+    def saturation(self, img, rng):
+        if rng.randint(2):
+            hsv = rgb_to_hsv_cv2(img)
+            hsv[..., 1] = self.convert(hsv[..., 1], alpha=rng.uniform(*self.saturation_range))
+            return hsv_to_rgb_cv2(hsv)
+        return img
+
+    def hue(self, img, rng):
+        if rng.randint(2):
+            hsv = rgb_to_hsv_cv2(img)
+            hsv[..., 0] = (hsv[..., 0].astype(int) + rng.randint(-self.hue_delta, self.hue_delta)) % 180
+            return hsv_to_rgb_cv2(hsv)
+        return img
+
+    def __call__(self, img: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+        img = self.brightness(img, rng)
+        mode = rng.randint(2)  # 1: contrast before saturation/hue, 0: after
+        if mode == 1:
+            img = self.contrast(img, rng)
+        img = self.saturation(img, rng)
+        img = self.hue(img, rng)
+        if mode == 0:
+            img = self.contrast(img, rng)
+        return img
+
+
+# ---------------------------------------------------------------- normalise, pad, to tensor
+def normalize(img: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> float32 3xHxW, (x - mean) / std with mmseg's RGB mean/std."""
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+    mean = torch.tensor(MEAN_RGB).view(3, 1, 1)
+    std = torch.tensor(STD_RGB).view(3, 1, 1)
+    return (t - mean) / std
+
+
+def pad_to(img: torch.Tensor, label: np.ndarray, size: tuple[int, int]):
+    """Pad bottom/right to `size`: image with 0 (after normalisation), label with 255."""
+    h, w = label.shape
+    out_img = img.new_zeros((img.shape[0], max(size[0], h), max(size[1], w)))
+    out_img[:, :h, :w] = img
+    out_label = np.full((max(size[0], h), max(size[1], w)), IGNORE_INDEX, dtype=np.uint8)
+    out_label[:h, :w] = label
+    return out_img, out_label
+
+
+@dataclass(frozen=True)
+class TrainPipeline:
+    """Spec §7: random rescale, RandomCrop(cat_max_ratio), flip, PhotoMetricDistortion,
+    Normalize, Pad. __call__ returns (image float32 3xHxW, label int64 HxW)."""
+
+    img_scale: tuple[int, int] = (2048, 1024)  # (w, h) as mmseg writes it
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: tuple[int, int] = (1024, 1024)  # (h, w)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: PhotoMetricDistortion | None = PhotoMetricDistortion()  # None: skip (demo recipe only)
+
+    def __call__(self, img: np.ndarray, label: np.ndarray, rng: np.random.RandomState):
+        img, label = random_rescale(img, label, rng, self.img_scale, self.ratio_range)
+        img, label = random_crop(img, label, self.crop_size, rng, self.cat_max_ratio)
+        img, label = random_flip(img, label, rng, self.flip_prob)
+        if self.photometric is not None:
+            img = self.photometric(np.ascontiguousarray(img), rng)
+        tensor, label = pad_to(normalize(img), np.ascontiguousarray(label), self.crop_size)
+        return tensor, torch.from_numpy(label.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class TestPipeline:
+    """Spec §5: Resize(img_scale, keep_ratio=True) (identity for 2048x1024 Cityscapes), Normalize.
+    Returns (image float32 3xhxw at the network input size, label int64 HxW at original size)."""
+
+    img_scale: tuple[int, int] = (2048, 1024)
+
+    def __call__(self, img: np.ndarray, label: np.ndarray, rng: np.random.RandomState | None = None):
+        return normalize(imrescale(img, self.img_scale)), torch.from_numpy(label.astype(np.int64))

@@ -1,0 +1,74 @@
+"""Process-group setup for torchrun (NCCL on CUDA, gloo on CPU) and the mmseg BN layout."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; joins the group when WORLD_SIZE > 1.
+    device None: cuda:<local_rank> when a GPU exists, else cpu."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistContext(rank, world_size, local_rank, dev)
+
+
+def heads_to_sync_bn(model: nn.Module) -> nn.Module:
+    """mmseg's layout: SyncBN in the decode and auxiliary heads, plain per-GPU BN in the backbone.
+
+    Only for NCCL on CUDA: nn.SyncBatchNorm does not run on CPU tensors, so the gloo/CPU
+    path keeps per-process BN in the heads (each process normalises over its own images).
+    """
+    model.decode_head = nn.SyncBatchNorm.convert_sync_batchnorm(model.decode_head)
+    for i, head in enumerate(model.auxiliary_head):
+        model.auxiliary_head[i] = nn.SyncBatchNorm.convert_sync_batchnorm(head)
+    return model
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if `flag` is true on any (one tiny all_reduce when distributed)."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=ctx.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj, ctx: DistContext) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out

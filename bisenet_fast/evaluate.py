@@ -1,0 +1,125 @@
+"""mIoU evaluation (spec §5, §9): single-scale whole-image or ms+flip, on one or many GPUs.
+
+    python -m bisenet_fast.evaluate --recipe bisenetv2_fcn_4x4_1024x1024_160k_cityscapes \
+        --checkpoint bisenetv2_fcn_4x4_1024x1024_160k_cityscapes_20210902_015551-bcf10f09.pth \
+        --data-root data/cityscapes [--aug-test] [--amp float16]
+    torchrun --nproc_per_node 4 -m bisenet_fast.evaluate ...   # images sharded, histograms all_reduced
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bisenet_fast as bf
+from bisenet_fast.configs import load_recipe
+from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
+from bisenet_fast.data.transforms import imrescale, normalize
+from bisenet_fast.distributed import DistContext, init_distributed
+from bisenet_fast.metrics import IoUAccumulator, format_table
+
+AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict_probs(model, image, img_scale=(2048, 1024), ratios=(1.0,), flip=False, amp_dtype=None):
+    """Summed softmax (C, H, W) at the image's size over every (ratio, flip) pass (spec §5):
+    resize the uint8 image to (int(w_s*r), int(h_s*r)) keeping its aspect ratio, normalise,
+    logits resized to the network input then to the original size (bilinear,
+    align_corners=False), softmax in float32, un-flip. The argmax is the prediction."""
+    device = next(model.parameters()).device
+    height, width = image.shape[:2]
+    img = image.numpy()
+    total = None
+    for ratio in ratios:
+        scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+        x = normalize(imrescale(img, scale))[None].to(device)
+        for flipped in ((False, True) if flip else (False,)):
+            inp = x.flip(-1) if flipped else x
+            with autocast(device, amp_dtype):
+                logits = model(inp)
+            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+            probs = logits.softmax(dim=1)[0]
+            if flipped:
+                probs = probs.flip(-1)
+            total = probs if total is None else total + probs
+    return total
+
+
+@torch.no_grad()
+def evaluate_model(model, dataset, ctx: DistContext, test_cfg: dict, aug_test=False, amp_dtype=None,
+                   num_classes=19, limit=None, log=print) -> dict:
+    """mIoU over `dataset` (raw uint8 items), this rank taking images rank, rank+world, ...;
+    the histograms are summed over ranks. Returns metrics.IoUAccumulator.result()."""
+    was_training = model.training
+    model.eval()
+    ratios = tuple(test_cfg["aug_ratios"]) if aug_test else (1.0,)
+    flip = bool(test_cfg.get("aug_flip", True)) and aug_test
+    acc = IoUAccumulator(num_classes, device=ctx.device)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    start = time.perf_counter()
+    for n, i in enumerate(range(ctx.rank, count, ctx.world_size)):
+        image, label = dataset[i]
+        probs = predict_probs(model, image, tuple(test_cfg["img_scale"]), ratios, flip, amp_dtype)
+        acc.update(probs.argmax(dim=0), label.to(probs.device))
+        if ctx.is_main and log and (n + 1) % 50 == 0:
+            log(f"eval {(n + 1) * ctx.world_size}/{count} images, {time.perf_counter() - start:.0f} s")
+    acc.all_reduce()
+    model.train(was_training)
+    return acc.result()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="bisenetv2_fcn_4x4_1024x1024_160k_cityscapes",
+                   help="recipe name (0.x or 1.x) or .json path: gives num_classes and the test scales")
+    p.add_argument("--checkpoint", required=True, help="official mmseg .pth or a bisenet_fast training checkpoint")
+    p.add_argument("--data-root", help="Cityscapes root (default: the recipe's)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--aug-test", action="store_true", help="ms+flip: the recipe's ratios, each with a flip")
+    p.add_argument("--amp", choices=list(AMP_DTYPES), default=None,
+                   help="autocast dtype (default: float16 for the fp16 recipe on CUDA, as mmseg 0.x did; else none)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, cuda, triton")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe)
+    ctx = init_distributed(args.device)
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
+    amp = args.amp
+    if amp is None:
+        amp = "float16" if (recipe.get("amp") or {}).get("eval_autocast") and ctx.device.type == "cuda" else "none"
+    model = bf.BiSeNetV2Segmentor(num_classes=recipe["model"]["num_classes"])
+    bf.load_mmseg_checkpoint(model, args.checkpoint, strict=True)
+    model.to(ctx.device)
+    dataset = CityscapesDataset(args.data_root or recipe["data"]["root"], args.split)
+    with bf.backends.use(args.backend):
+        result = evaluate_model(model, dataset, ctx, recipe["test"], args.aug_test, AMP_DTYPES[amp],
+                                recipe["model"]["num_classes"], args.limit)
+    if ctx.is_main:
+        mode = "ms+flip" if args.aug_test else "single-scale"
+        print(f"{args.checkpoint} on {args.split} ({mode}, autocast {amp}, {ctx.world_size} process(es)):")
+        print(format_table(result, class_names(recipe["model"]["num_classes"])))
+    if ctx.enabled:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Train BiSeNetV2 with one of the published recipes (spec §7, mmseg 0.x semantics).
+
+    python -m bisenet_fast.train --recipe bisenetv2_fcn_4x4_1024x1024_160k_cityscapes \
+        --data-root data/cityscapes --work-dir work_dirs/4x4
+    torchrun --nproc_per_node 4 -m bisenet_fast.train --recipe ...   # NCCL on GPUs, gloo on CPU
+    python -m bisenet_fast.train ... --resume auto                    # continue exactly
+
+Per iteration: lr from the 0.x poly-with-warmup schedule, forward under autocast (AMP
+recipes), the five head losses (OHEM per recipe), backward (static loss scale 512 for
+float16: steps with inf/NaN gradients are skipped, the scale never changes), SGD step.
+Checkpoints (atomic) every checkpoint_interval iterations and on SIGTERM/SIGINT; mIoU on the
+val split every eval_interval iterations; a progress line and log.csv / eval.csv in work_dir.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import bisenet_fast as bf
+from bisenet_fast.configs import load_recipe
+from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
+from bisenet_fast.data.sampler import InfiniteShardedSampler
+from bisenet_fast.data.transforms import PhotoMetricDistortion, TrainPipeline
+from bisenet_fast.distributed import DistContext, any_rank, gather_objects, heads_to_sync_bn, init_distributed
+from bisenet_fast.evaluate import AMP_DTYPES, evaluate_model
+from bisenet_fast.metrics import format_table
+from bisenet_fast.train_state import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_training_checkpoint,
+    restore_rng_state,
+    save_training_checkpoint,
+)
+
+LOSS_KEYS = ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce", "aux_2.loss_ce", "aux_3.loss_ce")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A head's loss became NaN or inf."""
+
+
+def poly_lr(iteration: int, base_lr=0.05, max_iters=160000, power=0.9, min_lr=1e-4, warmup_iters=1000,
+            warmup_ratio=0.1) -> float:
+    """mmcv 0.x PolyLrUpdaterHook with linear warmup (spec §7), t the 0-based iteration:
+    (base - min)(1 - t/T)^power + min, times (warmup_ratio + (1 - warmup_ratio) t / W) for t < W."""
+    lr = (base_lr - min_lr) * (1 - iteration / max_iters) ** power + min_lr
+    if iteration < warmup_iters:
+        lr *= warmup_ratio + (1 - warmup_ratio) * iteration / warmup_iters
+    return lr
+
+
+def lr_at(iteration: int, recipe: dict) -> float:
+    return poly_lr(iteration, recipe["optimizer"]["lr"], **recipe["schedule"])
+
+
+def build_optimizer(model: nn.Module, recipe: dict) -> torch.optim.SGD:
+    """SGD on all parameters, BN and biases included (no paramwise config, spec §7)."""
+    opt = recipe["optimizer"]
+    return torch.optim.SGD(model.parameters(), lr=opt["lr"], momentum=opt["momentum"],
+                           weight_decay=opt["weight_decay"])
+
+
+class LossModule(nn.Module):
+    """forward(images, labels) -> the five losses, so DDP's gradient hooks see the loss pass."""
+
+    def __init__(self, segmentor: bf.BiSeNetV2Segmentor):
+        super().__init__()
+        self.segmentor = segmentor
+
+    def forward(self, images, labels):
+        return self.segmentor.loss(images, labels)
+
+
+def build_model(recipe: dict, ctx: DistContext) -> bf.BiSeNetV2Segmentor:
+    """The segmentor on ctx.device; under NCCL its heads use SyncBN (mmseg), the backbone plain BN.
+    With gloo on CPU, SyncBN cannot run, so each process keeps its own BN statistics in the heads."""
+    model = bf.BiSeNetV2Segmentor(**recipe["model"]).to(ctx.device)
+    if ctx.enabled and ctx.device.type == "cuda":
+        heads_to_sync_bn(model)
+    return model
+
+
+def wrap_for_training(model: bf.BiSeNetV2Segmentor, ctx: DistContext) -> nn.Module:
+    """LossModule, under DDP when distributed."""
+    if not ctx.enabled:
+        return LossModule(model)
+    # broadcast_buffers=False as mmseg: BN running statistics stay per process (rank 0's are saved)
+    return DistributedDataParallel(LossModule(model), device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                   else None, broadcast_buffers=False)
+
+
+def build_train_loader(recipe: dict, ctx: DistContext, seed: int, start_iteration: int):
+    data = recipe["data"]
+    pipeline = TrainPipeline(
+        img_scale=tuple(data["img_scale"]), ratio_range=tuple(data["ratio_range"]), crop_size=tuple(data["crop_size"]),
+        cat_max_ratio=data["cat_max_ratio"], flip_prob=data["flip_prob"],
+        photometric=PhotoMetricDistortion() if data["photometric_distortion"] else None,
+    )
+    dataset = CityscapesDataset(data["root"], data["train_split"], pipeline)
+    batch = data["samples_per_gpu"]
+    sampler = InfiniteShardedSampler(len(dataset), ctx.rank, ctx.world_size, seed, start=start_iteration * batch)
+    workers = data["workers_per_gpu"]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, sampler=sampler, num_workers=workers, pin_memory=ctx.device.type == "cuda",
+        drop_last=True, prefetch_factor=2 if workers else None, worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator(),  # keeps the loader from drawing on (and shifting) the global torch RNG
+    )
+    return loader, sampler
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process (a terminal or torchrun may
+    signal the whole process group), which checkpoints and then shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the iteration and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = signum
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def check_finite(losses: dict, iteration: int) -> None:
+    values = torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = [f"{k}={values[i].item()}" for i, k in enumerate(LOSS_KEYS) if not finite[i]]
+        raise NonFiniteLossError(f"non-finite loss at iteration {iteration + 1} in head(s): {', '.join(bad)}; "
+                                 "stopping (lower the lr, or resume from the last checkpoint)")
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class CsvLog:
+    def __init__(self, path: Path, fields):
+        self.path, self.fields = path, list(fields)
+        if not path.exists():
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(self.fields)
+
+    def write(self, row: dict):
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([row[k] for k in self.fields])
+
+
+def cpu_threads_per_process(ctx: DistContext, loader_workers: int) -> int:
+    """The cores shared out among this machine's processes (torchrun's LOCAL_WORLD_SIZE), less
+    the DataLoader workers when the model also runs on the CPU: OpenMP threads that have to share
+    a core with other busy processes spin waiting for each other and slow every step down."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    cores = (os.cpu_count() or 1) // local_world
+    return max(1, cores - (loader_workers if ctx.device.type == "cpu" else 0))
+
+
+def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = None, device: str | None = None,
+          backend: str = "auto", seed: int = 0, stop_after: int | None = None, deterministic: bool = False,
+          threads: int | None = None, log=print) -> dict:
+    """Runs (or continues) training; returns {'iteration', 'checkpoint', 'metrics', 'stopped_by'}.
+    threads: torch CPU threads per process (default: cpu_threads_per_process)."""
+    ctx = init_distributed(device)
+    work_dir = Path(work_dir)
+    if ctx.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    say = log if ctx.is_main and log is not None else (lambda *a, **k: None)
+    torch.set_num_threads(threads or cpu_threads_per_process(ctx, recipe["data"]["workers_per_gpu"]))
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.manual_seed(seed + ctx.rank)
+
+    model = build_model(recipe, ctx)
+    optimizer = build_optimizer(model, recipe)
+    amp = recipe.get("amp") or {}
+    amp_dtype = AMP_DTYPES[amp.get("dtype", "none")]
+    loss_scale = float(amp.get("loss_scale", 512.0))
+    # mmcv's static Fp16OptimizerHook: GradScaler skips steps with inf/NaN grads, and the scale is
+    # set back to loss_scale after every step, so it never changes.
+    scaler = torch.amp.GradScaler(ctx.device.type, init_scale=loss_scale, enabled=amp_dtype is torch.float16)
+
+    start_iteration = 0
+    if resume == "auto":
+        resume = latest_checkpoint(work_dir)
+        if resume is None:
+            say(f"--resume auto: no checkpoint in {work_dir}, starting from scratch")
+    if resume:
+        state = load_training_checkpoint(resume)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_iteration = int(state["iteration"])
+        sampler_state = state["sampler"]
+        if sampler_state["world_size"] != ctx.world_size or sampler_state["seed"] != seed:
+            say(f"warning: checkpoint was written with world_size {sampler_state['world_size']} and seed "
+                f"{sampler_state['seed']}; the data order will differ from a run never stopped")
+        rng = state["rng"]
+        restore_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
+        say(f"resumed from {resume} at iteration {start_iteration}")
+
+    step_module = wrap_for_training(model, ctx)
+    model.train()
+    loader, sampler = build_train_loader(recipe, ctx, seed, start_iteration)
+    batches = iter(loader)
+    val_set = None
+    max_iters = recipe["schedule"]["max_iters"]
+    batch = recipe["data"]["samples_per_gpu"]
+    log_interval = max(1, recipe.get("log_interval", 50))
+    loss_log = CsvLog(work_dir / "log.csv", ["iteration", "lr", "loss", *LOSS_KEYS, "seconds"]) if ctx.is_main else None
+    eval_log = CsvLog(work_dir / "eval.csv", ["iteration", "mIoU", "mAcc", "aAcc"]) if ctx.is_main else None
+    stop = StopRequest().install()
+    result = {"iteration": start_iteration, "checkpoint": None, "metrics": None, "stopped_by": None}
+
+    def checkpoint(iteration: int) -> Path | None:
+        rng = gather_objects(capture_rng_state(), ctx)
+        if not ctx.is_main:
+            return None
+        state = {
+            "meta": {"recipe": recipe.get("name"), "torch": str(torch.__version__), "bisenet_fast": bf.__version__},
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "iteration": iteration,
+            "rng": rng,
+            "sampler": {"seed": seed, "world_size": ctx.world_size, "consumed_per_rank": iteration * batch},
+        }
+        path = save_training_checkpoint(state, work_dir)
+        result["checkpoint"] = path
+        say(f"checkpoint {path}")
+        return path
+
+    def run_eval(iteration: int):
+        nonlocal val_set
+        if val_set is None:
+            val_set = CityscapesDataset(recipe["data"]["root"], recipe["data"]["val_split"])
+        eval_dtype = amp_dtype if amp.get("eval_autocast") else None
+        metrics = evaluate_model(model, val_set, ctx, recipe["test"], amp_dtype=eval_dtype,
+                                 num_classes=recipe["model"]["num_classes"], log=say)
+        result["metrics"] = metrics
+        if ctx.is_main:
+            say(f"iteration {iteration}: val mIoU {metrics['mIoU']:.2f}\n"
+                + format_table(metrics, class_names(recipe["model"]["num_classes"])))
+            eval_log.write({"iteration": iteration, "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"],
+                            "aAcc": metrics["aAcc"]})
+
+    try:
+        with bf.backends.use(backend):
+            tick = time.perf_counter()
+            window_start, window_iters = tick, 0
+            for iteration in range(start_iteration, max_iters):
+                lr = lr_at(iteration, recipe)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images, labels = next(batches)
+                images = images.to(ctx.device, non_blocking=True)
+                labels = labels.to(ctx.device, non_blocking=True)
+                with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    losses = step_module(images, labels)
+                check_finite(losses, iteration)
+                total = sum(losses[k] for k in LOSS_KEYS)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                if scaler.is_enabled():
+                    scaler.update(loss_scale)
+                done = iteration + 1
+                result["iteration"] = done
+                window_iters += 1
+
+                if ctx.is_main and (done % log_interval == 0 or done == max_iters):
+                    now = time.perf_counter()
+                    speed = window_iters / max(now - window_start, 1e-9)
+                    window_start, window_iters = now, 0
+                    values = {k: losses[k].item() for k in LOSS_KEYS}
+                    loss_value = sum(values.values())
+                    loss_log.write({"iteration": done, "lr": repr(lr), "loss": repr(loss_value),
+                                    **{k: repr(v) for k, v in values.items()}, "seconds": f"{now - tick:.3f}"})
+                    say(f"iter {done}/{max_iters}  loss {loss_value:.4f}  decode {values['decode.loss_ce']:.4f}  "
+                        f"lr {lr:.3e}  {speed:.2f} it/s  ETA {format_eta((max_iters - done) / speed)}", flush=True)
+
+                if any_rank(stop.signum is not None, ctx):
+                    checkpoint(done)
+                    signum = stop.signum or signal.SIGTERM
+                    result["stopped_by"] = signal.Signals(signum).name
+                    say(f"{result['stopped_by']}: stopped after iteration {done}; resume with --resume "
+                        f"{result['checkpoint'] or 'auto'}", flush=True)
+                    return result
+                last = done == max_iters or (stop_after is not None and done >= stop_after)
+                if done % recipe["checkpoint_interval"] == 0 or last:
+                    checkpoint(done)
+                if recipe.get("eval_interval") and (done % recipe["eval_interval"] == 0 or done == max_iters):
+                    run_eval(done)
+                if last:
+                    break
+    finally:
+        stop.uninstall()
+    return result
+
+
+def apply_overrides(recipe: dict, args) -> dict:
+    data = recipe["data"]
+    if args.data_root:
+        data["root"] = args.data_root
+    if args.iters:
+        recipe["schedule"]["max_iters"] = args.iters
+    if args.batch:
+        data["samples_per_gpu"] = args.batch
+    if args.crop:
+        data["crop_size"] = list(args.crop)
+    if args.workers is not None:
+        data["workers_per_gpu"] = args.workers
+    if args.amp:
+        recipe["amp"] = None if args.amp == "none" else {**(recipe.get("amp") or {}), "dtype": args.amp,
+                                                         "loss_scale": (recipe.get("amp") or {}).get("loss_scale", 512.0)}
+    for key in ("eval_interval", "checkpoint_interval", "log_interval"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    return recipe
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="bisenetv2_fcn_4x4_1024x1024_160k_cityscapes",
+                   help="recipe name (0.x or 1.x name, or 'synthetic') or a .json path")
+    p.add_argument("--work-dir", default=None, help="checkpoints and logs (default work_dirs/<recipe>)")
+    p.add_argument("--data-root")
+    p.add_argument("--iters", type=int, help="total iterations (the schedule spans them)")
+    p.add_argument("--batch", type=int, help="images per process (samples_per_gpu)")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--workers", type=int, help="DataLoader workers per process")
+    p.add_argument("--amp", choices=list(AMP_DTYPES), help="autocast dtype (float16 uses the static loss scale)")
+    p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, cuda, triton")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' for work_dir's last one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: cores / processes on this machine, less the "
+                        "loader workers when training on the CPU; use 1 on a machine busy with other work)")
+    p.add_argument("--deterministic", action="store_true", help="cudnn deterministic, no cudnn benchmark")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="checkpoint and stop after this iteration (the schedule still spans --iters)")
+    p.add_argument("--eval-interval", type=int, default=None, help="0 disables evaluation during training")
+    p.add_argument("--checkpoint-interval", type=int, default=None)
+    p.add_argument("--log-interval", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    recipe = apply_overrides(load_recipe(args.recipe), args)
+    work_dir = args.work_dir or os.path.join("work_dirs", recipe["name"])
+    try:
+        result = train(recipe, work_dir, resume=args.resume, device=args.device, backend=args.backend,
+                       seed=args.seed, stop_after=args.stop_after, deterministic=args.deterministic,
+                       threads=args.threads)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if result["stopped_by"]:
+        return 128 + signal.Signals[result["stopped_by"]].value
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

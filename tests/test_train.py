@@ -1,0 +1,325 @@
+"""The training loop: schedule, SGD step, DDP over gloo, exact resume, signals, checkpoint
+safety, non-finite losses. Everything runs on tiny synthetic data with the eager loss."""
+import copy
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import bisenet_fast as bf
+from bisenet_fast import train_state
+from bisenet_fast.configs import load_recipe, recipe_names
+from bisenet_fast.data.cityscapes import CityscapesDataset
+from bisenet_fast.data.synthetic import generate
+from bisenet_fast.distributed import heads_to_sync_bn, init_distributed
+from bisenet_fast.evaluate import evaluate_model
+from bisenet_fast.evaluate import main as evaluate_main
+from bisenet_fast.train import (
+    NonFiniteLossError,
+    build_model,
+    build_optimizer,
+    check_finite,
+    lr_at,
+    poly_lr,
+    train,
+    wrap_for_training,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads spinning for each other
+    make tiny steps many times slower than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synthetic"), num_train=6, num_val=2, height=32, width=64)
+
+
+def tiny_recipe(data_root, iters=6):
+    recipe = load_recipe("synthetic")
+    recipe["data"].update(root=str(data_root), img_scale=[64, 32], crop_size=[32, 32], samples_per_gpu=2,
+                          workers_per_gpu=0, photometric_distortion=True, ratio_range=[0.5, 2.0])
+    recipe["schedule"].update(max_iters=iters, warmup_iters=2)
+    recipe.update(eval_interval=0, checkpoint_interval=1000, log_interval=1)
+    return recipe
+
+
+def read_log(work_dir):
+    with open(Path(work_dir) / "log.csv") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------- recipes and schedule
+def test_recipes_are_the_four_published_ones_plus_the_demo():
+    assert set(recipe_names()) == {
+        "bisenetv2_fcn_4x4_1024x1024_160k_cityscapes", "bisenetv2_fcn_ohem_4x4_1024x1024_160k_cityscapes",
+        "bisenetv2_fcn_fp16_4x4_1024x1024_160k_cityscapes", "bisenetv2_fcn_4x8_1024x1024_160k_cityscapes",
+        "synthetic",
+    }
+    assert load_recipe("bisenetv2_fcn_4xb4-ohem-160k_cityscapes-1024x1024")["model"]["ohem"] is True
+    assert load_recipe("bisenetv2_fcn_4xb8-160k_cityscapes-1024x1024")["data"]["samples_per_gpu"] == 8
+    fp16 = load_recipe("bisenetv2_fcn_fp16_4x4_1024x1024_160k_cityscapes")["amp"]
+    assert fp16["dtype"] == "float16" and fp16["loss_scale"] == 512.0
+    plain = load_recipe("bisenetv2_fcn_4x4_1024x1024_160k_cityscapes")
+    assert plain["optimizer"] == {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005}
+    assert plain["data"]["crop_size"] == [1024, 1024] and plain["data"]["cat_max_ratio"] == 0.75
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        load_recipe("nope")
+
+
+@pytest.mark.parametrize("iteration, expected", [
+    (0, 0.005000000000000001),        # 0.05 * warmup factor 0.1
+    (999, 0.04967475789202575),       # last warmup iteration: factor 0.1 + 0.9 * 0.999
+    (1000, 0.04971922458348093),      # warmup over; poly still spans all 160k iterations (0.x)
+    (80000, 0.026840747890280514),    # 0.0499 * 0.5 ** 0.9 + 1e-4
+    (159999, 0.00010103369534665575),
+])
+def test_lr_schedule_of_the_published_recipes(iteration, expected):
+    recipe = load_recipe("bisenetv2_fcn_4x4_1024x1024_160k_cityscapes")
+    assert lr_at(iteration, recipe) == pytest.approx(expected, rel=1e-12)
+    assert poly_lr(iteration) == pytest.approx(expected, rel=1e-12)
+
+
+def test_one_optimizer_step_is_plain_sgd():
+    torch.manual_seed(0)
+    model = bf.BiSeNetV2Segmentor(num_classes=19)
+    recipe = load_recipe("bisenetv2_fcn_4x4_1024x1024_160k_cityscapes")
+    opt = build_optimizer(model, recipe)
+    assert len(opt.param_groups) == 1 and sum(p.numel() for p in opt.param_groups[0]["params"]) == 14_804_255
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 19, (2, 32, 32))
+    lrs = [lr_at(0, recipe), lr_at(1, recipe)]
+    params, grads = [[p.detach().clone() for p in model.parameters()]], []
+    with bf.backends.use("eager"):
+        for lr in lrs:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad()
+            sum(model.loss(x, y).values()).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+            params.append([p.detach().clone() for p in model.parameters()])
+    wd, momentum = 5e-4, 0.9
+    for p0, p1, p2, g0, g1 in zip(*params, *grads):
+        buf = g0 + wd * p0  # first step: the momentum buffer is the decayed gradient
+        torch.testing.assert_close(p1, p0 - lrs[0] * buf, rtol=1e-6, atol=1e-7)
+        buf = momentum * buf + (g1 + wd * p1)
+        torch.testing.assert_close(p2, p1 - lrs[1] * buf, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- distributed
+def test_sync_bn_only_in_the_heads():
+    model = bf.BiSeNetV2Segmentor()
+    keys = list(model.state_dict())
+    heads_to_sync_bn(model)
+    assert list(model.state_dict()) == keys  # same mmseg keys: checkpoints load either way
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.backbone.modules())
+    for head in [model.decode_head, *model.auxiliary_head]:
+        norms = [m for m in head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+
+
+def _ddp_worker(rank, world, port, x, y, out_dir, data_root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = build_model(load_recipe("synthetic"), ctx)
+    module = wrap_for_training(model, ctx)
+    assert isinstance(module, torch.nn.parallel.DistributedDataParallel)
+    # gloo on CPU: no SyncBN, the heads keep per-process BatchNorm2d
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    model.eval()  # see test_two_gloo_processes_equal_one_process_on_the_concatenated_batch
+    opt = build_optimizer(model, load_recipe("synthetic"))
+    half = x.shape[0] // world
+    sl = slice(rank * half, (rank + 1) * half)
+    with bf.backends.use("eager"):
+        losses = module(x[sl], y[sl])
+        sum(losses.values()).backward()
+    opt.step()
+    # multi-process evaluation: images dealt round-robin, histograms summed with all_reduce
+    with bf.backends.use("eager"):
+        metrics = evaluate_model(model, CityscapesDataset(data_root, "val"), ctx,
+                                 load_recipe("synthetic")["test"] | {"img_scale": [64, 32]}, log=None)
+    if rank == 0:
+        torch.save({"state_dict": model.state_dict(), "IoU": metrics["IoU"]}, Path(out_dir) / "ddp.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+    """DDP averages the two processes' gradients; each process's loss is a mean over its own
+    N*H*W pixels, so the average equals the gradient of one process on the concatenated batch,
+    provided the forward pass is batch-independent. In training mode it is not: the backbone's
+    BN (always per-GPU in mmseg) and, on gloo, the heads' BN too (SyncBN needs CUDA) normalise
+    over each process's own images. The model is therefore compared in eval mode (BN running
+    statistics, no dropout), which checks the DDP wrapping, gradient averaging and the step."""
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 19, (4, 32, 32))
+    y[0, :4] = 255
+    data_root = generate(tmp_path / "data", num_train=1, num_val=3, height=32, width=64)
+    port = 29500 + os.getpid() % 1000
+    mp.start_processes(_ddp_worker, args=(2, port, x, y, str(tmp_path), str(data_root)), nprocs=2, join=True,
+                       start_method="spawn")
+    saved = torch.load(tmp_path / "ddp.pt")
+    ddp_state = saved["state_dict"]
+
+    torch.manual_seed(0)
+    model = bf.BiSeNetV2Segmentor(num_classes=19).eval()
+    opt = build_optimizer(model, load_recipe("synthetic"))
+    with bf.backends.use("eager"):
+        sum(model.loss(x, y).values()).backward()
+    opt.step()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    changed = [k for k, v in model.state_dict().items() if k.startswith("auxiliary_head.3") and v.is_floating_point()]
+    assert changed  # the heads were actually compared
+
+    model.load_state_dict(ddp_state)
+    with bf.backends.use("eager"):
+        single = evaluate_model(model, CityscapesDataset(data_root, "val"), init_distributed("cpu"),
+                                load_recipe("synthetic")["test"] | {"img_scale": [64, 32]}, log=None)
+    np.testing.assert_array_equal(np.array(saved["IoU"]), np.array(single["IoU"]))  # NaN == NaN here
+
+
+# ---------------------------------------------------------------- resume, signals, checkpoint safety
+def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_data)
+    full = train(copy.deepcopy(recipe), tmp_path / "full", backend="eager", threads=1, seed=3, log=None)
+    first = train(copy.deepcopy(recipe), tmp_path / "split", backend="eager", threads=1, seed=3, stop_after=3, log=None)
+    assert first["iteration"] == 3 and first["checkpoint"].name == "iter_3.pth"
+    second = train(copy.deepcopy(recipe), tmp_path / "split", backend="eager", threads=1, seed=3, resume="auto", log=None)
+    assert second["iteration"] == 6
+    full_log, split_log = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    assert [r["iteration"] for r in split_log] == [str(i) for i in range(1, 7)]
+    assert split_log == full_log  # every head's loss, bit for bit (repr), and the lr
+    a = torch.load(full["checkpoint"], weights_only=True)
+    b = torch.load(second["checkpoint"], weights_only=True)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    # the training checkpoint is also an mmseg-style checkpoint
+    bf.load_mmseg_checkpoint(bf.BiSeNetV2Segmentor(), full["checkpoint"])
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_data, tmp_path):
+    result = train(tiny_recipe(tiny_data, iters=2), tmp_path, backend="eager", threads=1, log=None)
+    good = result["checkpoint"]
+    bad = tmp_path / "iter_9.pth"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(train_state.CheckpointCorruptError) as err:
+        train_state.load_training_checkpoint(bad)
+    assert str(bad) in str(err.value) and "truncated or corrupt" in str(err.value) and "iter_2.pth" in str(err.value)
+    with pytest.raises(train_state.CheckpointCorruptError, match="not a bisenet_fast training checkpoint"):
+        torch.save({"state_dict": {}}, tmp_path / "weights.pth")
+        train_state.load_training_checkpoint(tmp_path / "weights.pth")
+
+
+def test_interrupted_write_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    result = train(tiny_recipe(tiny_data, iters=2), tmp_path, backend="eager", threads=1, log=None)
+    good_bytes = result["checkpoint"].read_bytes()
+    state = train_state.load_training_checkpoint(result["checkpoint"])
+
+    def dying_save(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(train_state.torch, "save", dying_save)
+    state["iteration"] = 2  # overwriting iter_2.pth in place must not destroy it either
+    with pytest.raises(KeyboardInterrupt):
+        train_state.save_training_checkpoint(state, tmp_path)
+    assert result["checkpoint"].read_bytes() == good_bytes
+    assert train_state.latest_checkpoint(tmp_path) == result["checkpoint"]
+    assert not list(tmp_path.glob(".*tmp*"))
+    monkeypatch.undo()
+    train_state.load_training_checkpoint(result["checkpoint"])
+
+
+def test_sigterm_writes_a_usable_checkpoint(tiny_data, tmp_path):
+    work = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bisenet_fast.train", "--recipe", "synthetic", "--data-root", str(tiny_data),
+           "--crop", "32", "32", "--batch", "2", "--workers", "0", "--iters", "1000", "--log-interval", "1",
+           "--eval-interval", "0", "--backend", "eager", "--threads", "1", "--work-dir", str(work)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("iter 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + out
+    assert "SIGTERM: stopped after iteration" in out
+    ckpt = train_state.latest_checkpoint(work)
+    state = train_state.load_training_checkpoint(ckpt)
+    stopped_at = state["iteration"]
+    assert stopped_at >= 2 and ckpt.name == f"iter_{stopped_at}.pth"
+    resumed = subprocess.run(cmd + ["--resume", "auto", "--stop-after", str(stopped_at + 1)], capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {ckpt} at iteration {stopped_at}" in resumed.stdout
+
+
+def test_non_finite_loss_names_iteration_and_head(tiny_data, tmp_path):
+    losses = {k: torch.tensor(1.0) for k in ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce", "aux_2.loss_ce",
+                                            "aux_3.loss_ce")}
+    losses["aux_2.loss_ce"] = torch.tensor(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"iteration 8 in head\(s\): aux_2.loss_ce=nan"):
+        check_finite(losses, 7)
+    recipe = tiny_recipe(tiny_data, iters=5)
+    recipe["optimizer"]["lr"] = 1e30  # the first step blows the weights up
+    with pytest.raises(NonFiniteLossError, match=r"at iteration [23] in head"):
+        train(recipe, tmp_path, backend="eager", threads=1, log=None)
+
+
+def test_float16_static_loss_scale_stays_512(tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_data, iters=2)
+    recipe["amp"] = {"dtype": "float16", "loss_scale": 512.0}
+    result = train(recipe, tmp_path, backend="eager", threads=1, log=None)
+    state = train_state.load_training_checkpoint(result["checkpoint"])
+    assert state["scaler"]["scale"] == 512.0
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_evaluate_cli_reads_training_checkpoints(tiny_data, tmp_path, capsys):
+    result = train(tiny_recipe(tiny_data, iters=1), tmp_path, backend="eager", threads=1, log=None)
+    code = evaluate_main(["--recipe", "synthetic", "--checkpoint", str(result["checkpoint"]), "--data-root",
+                          str(tiny_data), "--aug-test", "--limit", "1", "--backend", "eager", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "ms+flip" in out and "mIoU" in out and "bicycle" in out
+
+
+def test_torchrun_two_gloo_processes_train_evaluate_and_resume(tiny_data, tmp_path):
+    """The whole loop under torchrun on CPU: sharded sampler, per-rank RNG states gathered into
+    rank 0's checkpoint, histograms all_reduced, and a resume of that checkpoint."""
+    work = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(30500 + os.getpid() % 1000), "-m", "bisenet_fast.train", "--recipe", "synthetic", "--data-root",
+           str(tiny_data), "--crop", "32", "32", "--batch", "2", "--workers", "0", "--iters", "3", "--stop-after", "2",
+           "--eval-interval", "2", "--log-interval", "1", "--backend", "eager", "--threads", "1", "--work-dir", str(work)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "iteration 2: val mIoU" in first.stdout
+    state = train_state.load_training_checkpoint(work / "iter_2.pth")
+    assert len(state["rng"]) == 2 and state["sampler"]["world_size"] == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank's own dropout stream
+    at = cmd.index("--stop-after")
+    resume = cmd[:at] + cmd[at + 2 :] + ["--resume", "auto"]  # on to iteration 3
+    second = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "iter 3/3" in second.stdout
