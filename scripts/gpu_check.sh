@@ -23,6 +23,11 @@ py=${PYTHON:-python3}
 } 2>&1 | tee "$out/env.txt"
 
 echo "== build" | tee "$out/build.log"
+# The extension must share libstdc++ with torch: a toolchain that links libstdc++ statically
+# (seen on a lent H200 image, CXX=/opt/gcc/bin/g++) gives the extension its own C++ runtime,
+# and every c10::Error it throws then crashes the process instead of raising. Prefer the
+# system compiler, which links libstdc++ dynamically; tests/test_build.py checks the result.
+if [ -x /usr/bin/g++ ] && [ -z "${KEEP_CXX:-}" ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 if ! timeout "$stage_timeout" $py setup.py build_ext --inplace >>"$out/build.log" 2>&1; then
   tail -40 "$out/build.log"

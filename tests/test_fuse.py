@@ -33,17 +33,6 @@ def image():
     return torch.randn(2, 3, 70, 98, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture
-def bga_runs_fused(monkeypatch):
-    """The BGA kernels come from another branch; until they are merged, run BGA's reference
-    so these tests exercise the fused GE kernels on the CPU."""
-    args = [torch.rand(1, 2, 4, 4)] + [torch.rand(1, 2, 2, 2)] * 3
-    try:
-        bf.ops.bga_aggregate(*args)
-    except NotImplementedError:
-        monkeypatch.setattr(bf.ops, "bga_aggregate", bf.ops.bga_aggregate_reference)
-
-
 def unfused_logits(model, x):
     with torch.no_grad(), bf.backends.use("eager"):
         return model(x)
@@ -64,7 +53,7 @@ def test_fold_alone_matches_in_float32(segmentor, image):
     assert_matches(out, unfused_logits(segmentor, image), 1e-4)
 
 
-def test_fused_kernels_match_in_float32(segmentor, image, bga_runs_fused):
+def test_fused_kernels_match_in_float32(segmentor, image):
     fused = segmentor.fuse()
     assert isinstance(fused, FusedBiSeNetV2Segmentor)
     with torch.no_grad():
@@ -73,7 +62,7 @@ def test_fused_kernels_match_in_float32(segmentor, image, bga_runs_fused):
     assert_matches(out, unfused_logits(segmentor, image), 1e-4)
 
 
-def test_backbone_fuse_matches_every_output(segmentor, image, bga_runs_fused):
+def test_backbone_fuse_matches_every_output(segmentor, image):
     fused = segmentor.backbone.fuse()
     assert isinstance(fused, FusedBiSeNetV2)
     with torch.no_grad():
@@ -87,7 +76,7 @@ def test_backbone_fuse_matches_every_output(segmentor, image, bga_runs_fused):
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float16, 3e-2), (torch.bfloat16, 1e-1)])
-def test_low_precision(segmentor, image, bga_runs_fused, dtype, rel):
+def test_low_precision(segmentor, image, dtype, rel):
     fused = segmentor.fuse(dtype=dtype)
     assert all(b.dtype == dtype for b in fused.buffers())
     with torch.no_grad():

@@ -24,35 +24,7 @@ SUM_RTOL = 1e-5
 REL_GRAD_TOL = 1e-4
 
 
-def _unmerged_cpp_kernels() -> set[str]:
-    """The fused ops whose C++ CPU kernel is not in this build yet (the front still raises
-    NotImplementedError for backend 'cpp'), probed on tiny inputs."""
-    x = torch.zeros(1, 1, 2, 2)
-    probes = {
-        "bga_aggregate": lambda: bf.ops.bga_aggregate(x, x, x, x),
-        "ohem_cross_entropy": lambda: bf.ops.ohem_cross_entropy(x.expand(1, 2, 2, 2), x[:, 0].long()),
-    }
-    missing = set()
-    with bf.backends.use("cpp"):
-        for name, probe in probes.items():
-            try:
-                probe()
-            except NotImplementedError:
-                missing.add(name)
-    return missing
-
-
-UNMERGED = _unmerged_cpp_kernels()
-
-
-def _backends(*fused_ops):
-    """'eager' and the default backend ('auto': the cpp kernels on CPU); the latter is an
-    expected failure, strictly and only by NotImplementedError, while any of `fused_ops`
-    has no cpp kernel in this build, and a plain test once they all have."""
-    missing = sorted(UNMERGED.intersection(fused_ops))
-    reason = f"cpp kernel not merged into this build yet: {', '.join(missing)}"
-    expected_failure = pytest.mark.xfail(bool(missing), raises=NotImplementedError, strict=True, reason=reason)
-    return ["eager", pytest.param("auto", marks=expected_failure)]
+BACKENDS = ["eager", "auto"]  # the reference, and the fused kernels (cpp on the CPU)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +88,7 @@ def test_weights_are_the_ones_mmseg_was_run_with(reference, state):
     np.testing.assert_allclose(sums, reference["state_sums"], rtol=1e-12, atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", _backends("bga_aggregate"))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_eval_backbone_heads_and_final_logits(reference, state, case, backend):
     model = _segmentor(state).eval()
@@ -140,7 +112,7 @@ def test_eval_backbone_heads_and_final_logits(reference, state, case, backend):
     assert abs(float(final.double().abs().sum()) - abs_sum) <= SUM_RTOL * abs_sum
 
 
-@pytest.mark.parametrize("backend", _backends("bga_aggregate", "ohem_cross_entropy"))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_eval_losses_and_gradients_with_and_without_ohem(reference, state, case, backend):
     """Each head's loss (resize to label size, OHEM sampler, CE over all N*H*W pixels) in
@@ -170,7 +142,7 @@ def test_eval_losses_and_gradients_with_and_without_ohem(reference, state, case,
         assert offset == expected.size
 
 
-@pytest.mark.parametrize("backend", _backends("bga_aggregate", "ohem_cross_entropy"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_train_losses_and_running_stats(reference, state, backend):
     """Train mode (BN batch statistics) with dropout 0, as mmseg's model.loss in training:
     the five losses with and without OHEM, and the BN running statistics after the forward."""
