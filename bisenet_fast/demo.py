@@ -21,18 +21,12 @@ from PIL import Image
 import bisenet_fast as bf
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data import synthetic
-from bisenet_fast.data.cityscapes import CLASSES, PALETTE, CityscapesDataset
+from bisenet_fast.data.cityscapes import CLASSES, CityscapesDataset
 from bisenet_fast.distributed import init_distributed
 from bisenet_fast.evaluate import evaluate_model, predict_probs
 from bisenet_fast.metrics import format_table
+from bisenet_fast.palette import colorize
 from bisenet_fast.train import train
-
-
-def colourise(label: np.ndarray) -> np.ndarray:
-    """Train ids -> Cityscapes colours; ignored (255) pixels black."""
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    palette[: len(PALETTE)] = np.array(PALETTE, dtype=np.uint8)
-    return palette[label]
 
 
 def write_predictions(model, dataset, test_cfg: dict, path: Path, count: int = 3) -> Path:
@@ -40,7 +34,7 @@ def write_predictions(model, dataset, test_cfg: dict, path: Path, count: int = 3
     for i in range(min(count, len(dataset))):
         image, label = dataset[i]
         pred = predict_probs(model, image, tuple(test_cfg["img_scale"])).argmax(dim=0).cpu().numpy().astype(np.uint8)
-        rows.append(np.concatenate([image.numpy(), colourise(label.numpy()), colourise(pred)], axis=1))
+        rows.append(np.concatenate([image.numpy(), colorize(label.numpy()), colorize(pred)], axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
     return path
 

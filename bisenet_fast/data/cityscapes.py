@@ -16,18 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle",
-)
-# The official Cityscapes colours of the 19 train classes (cityscapesscripts' labels.py).
-PALETTE = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
-    (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-)
+from bisenet_fast.palette import CITYSCAPES_CLASSES as CLASSES
+from bisenet_fast.palette import CITYSCAPES_PALETTE as PALETTE
+
 IMG_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
 

@@ -25,7 +25,7 @@ IGNORE_INDEX = 255
 C = {name: i for i, name in enumerate(CLASSES)}
 # Cityscapes draws truck, bus, train and car in near-identical dark blues and rider next to person;
 # the scenes paint them apart so that colour alone separates every class.
-APPEARANCE = dict(enumerate(PALETTE)) | {
+APPEARANCE = {i: tuple(color) for i, color in enumerate(PALETTE.tolist())} | {
     C["rider"]: (240, 240, 240), C["truck"]: (110, 40, 150), C["bus"]: (0, 150, 150), C["train"]: (140, 110, 40),
 }
 CITY = "synthville"
