@@ -15,14 +15,15 @@ float32 on CPU (the CPU target).
 """
 from __future__ import annotations
 
-import argparse
-import json
+
+import sys
 
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import device_name, measure
+from benchmarks.timing import measure
 from bisenet_fast.ops.bga import bga_aggregate_reference
+from benchmarks.run import main as cli
 
 C = 128
 # (name, N, H, W, channels_last) at full size; quick divides H and W by 4.
@@ -105,22 +106,5 @@ def run(device: str, quick: bool) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args()
-    rows = run(args.device, args.quick)
-    print(f"# {device_name(args.device)}, torch {torch.__version__}")
-    print(f"{'case':<40} {'impl':<8} {'dtype':<8} {'ms':>9} {'ms_min':>9} {'x eager':>8} {'GB/s':>7}")
-    for r in rows:
-        print(f"{r['case']:<40} {r['impl']:<8} {r['dtype']:<8} {r['ms']:>9.3f} {r['ms_min']:>9.3f} "
-              f"{r['speedup_vs_eager']:>8.2f} {r['gbps']:>7.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name(args.device), "torch": torch.__version__, "rows": rows}, f, indent=1)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(["--only", "bench_bga", *sys.argv[1:]]))

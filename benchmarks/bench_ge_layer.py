@@ -8,16 +8,16 @@ the reference, GPU only), and the fused kernel (cpp on CPU, triton on GPU).
 """
 from __future__ import annotations
 
-import argparse
-import json
+
+import sys
 
 import torch
 
-import bisenet_fast as bf
-from benchmarks.timing import device_name, measure
+from benchmarks.timing import measure
 from bisenet_fast.models.bisenetv2 import GELayer
 from bisenet_fast.models.fused import FusedGELayer
 from bisenet_fast.ops import ge_layer as ge
+from benchmarks.run import main as cli
 
 # (cin, cout, stride, input size as a fraction of the image) for every distinct GE layer.
 LAYERS = [(16, 32, 2, 4), (32, 32, 1, 8), (32, 64, 2, 8), (64, 64, 1, 16), (64, 128, 2, 16), (128, 128, 1, 32)]
@@ -84,26 +84,5 @@ def run(device: str, quick: bool) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'case':14} {'impl':8} {'layout':14} {'dtype':9} {'shape':20} {'ms':>9} {'ms_min':>9} {'vs eager':>8} {'GB/s':>7}")
-    for r in rows:
-        print(f"{r['case']:14} {r['impl']:8} {r['layout']:14} {r['dtype']:9} {str(r['shape']):20} "
-              f"{r['ms']:9.3f} {r['ms_min']:9.3f} {r['speedup_vs_eager']:8.2f} {r['gbps']:7.1f}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
-    rows = run(args.device, args.quick)
-    print(f"# {device_name(args.device)}, torch {torch.__version__}, backends {bf.backends.available()}")
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name(args.device), "torch": torch.__version__, "results": rows}, f, indent=1)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(["--only", "bench_ge_layer", *sys.argv[1:]]))

@@ -9,10 +9,11 @@ main process counts as one worker for num_workers=0).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import tempfile
 import time
+
+import sys
 
 import torch
 
@@ -20,6 +21,7 @@ from bisenet_fast.data.cityscapes import CityscapesDataset
 from bisenet_fast.data.sampler import InfiniteShardedSampler
 from bisenet_fast.data.synthetic import generate
 from bisenet_fast.data.transforms import TrainPipeline
+from benchmarks.run import main as cli
 
 
 def loader_rate(dataset, workers: int, batch: int, batches: int) -> float:
@@ -54,15 +56,5 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="1024x2048 frames (the real recipe)")
-    args = parser.parse_args()
-    print(f"{'case':<24} {'impl':<10} {'ms/sample':>10} {'samples/s':>10} {'per worker':>11}")
-    for r in run("cpu", quick=not args.full):
-        print(f"{r['case']:<24} {r['impl']:<10} {r['ms']:10.1f} {r['samples_per_s']:10.2f} "
-              f"{r['samples_per_s_per_worker']:11.2f}")
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(["--only", "bench_loader", *sys.argv[1:]]))

@@ -10,15 +10,16 @@ replayed as one CUDA graph. Sizes 1x3x1024x2048 (the published fps setting) and
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
+
+import sys
 
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import device_name, measure
+from benchmarks.timing import measure
 from bisenet_fast.models.fused import capture_cuda_graph
+from benchmarks.run import main as cli
 
 FULL_SIZES = [(1024, 2048), (512, 1024)]
 CPU_SIZES = [(512, 1024)]  # the CPU target's setting
@@ -83,27 +84,5 @@ def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'impl':8} {'case':26} {'dtype':9} {'shape':18} {'ms':>9} {'ms_min':>9} {'vs eager':>8} {'fps':>7}")
-    for r in rows:
-        print(f"{r['impl']:8} {r['case']:26} {r['dtype']:9} {str(r['shape']):18} {r['ms']:9.2f} {r['ms_min']:9.2f} "
-              f"{r['speedup_vs_eager']:8.2f} {r['fps']:7.1f}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--compile-mode", default="default", help="torch.compile mode on GPU, e.g. max-autotune")
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
-    rows = run(args.device, args.quick, args.compile_mode)
-    print(f"# {device_name(args.device)}, torch {torch.__version__}, backends {bf.backends.available()}")
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name(args.device), "torch": torch.__version__, "results": rows}, f, indent=1)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(["--only", "bench_model", *sys.argv[1:]]))

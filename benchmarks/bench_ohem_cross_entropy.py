@@ -11,12 +11,14 @@ quick=True divides every spatial size by 4 (and min_kept by 16).
 """
 from __future__ import annotations
 
-import argparse
+
+import sys
 
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import device_name, measure
+from benchmarks.timing import measure
+from benchmarks.run import main as cli
 
 OP = "ohem_cross_entropy"
 N, C, LABEL_SIZE, MIN_KEPT = 4, 19, 1024, 10000
@@ -100,28 +102,5 @@ def run(device: str = "cpu", quick: bool = True, head_sizes=HEAD_SIZES, dtypes=N
     return rows
 
 
-def print_table(rows: list[dict], device: str) -> None:
-    print(f"# {OP} forward+backward on {device_name(device)}, torch {torch.__version__}")
-    print(f"{'case':<32} {'dtype':<9} {'impl':<8} {'ms':>10} {'ms_min':>10} {'peak MB':>9} {'vs eager':>9}")
-    for r in rows:
-        peak = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
-        print(
-            f"{r['case']:<32} {r['dtype']:<9} {r['impl']:<8} {r['ms']:>10.2f} {r['ms_min']:>10.2f} {peak:>9} "
-            f"{r['speedup_vs_eager']:>8.2f}x"
-        )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--case", type=int, action="append", help="head size(s) to run, e.g. --case 128")
-    parser.add_argument("--dtype", choices=["float32", "float16"], action="append")
-    args = parser.parse_args()
-    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
-    rows = run(args.device, args.quick, tuple(args.case) if args.case else HEAD_SIZES, dtypes)
-    print_table(rows, args.device)
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(["--only", "bench_ohem_cross_entropy", *sys.argv[1:]]))

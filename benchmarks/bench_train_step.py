@@ -9,7 +9,8 @@ memory from torch.cuda.max_memory_allocated. Quick/CPU: 2 x 128 x 128.
 """
 from __future__ import annotations
 
-import argparse
+
+import sys
 
 import torch
 
@@ -17,6 +18,7 @@ import bisenet_fast as bf
 from benchmarks.timing import measure
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.train import LOSS_KEYS, build_optimizer
+from benchmarks.run import main as cli
 
 RECIPES = {
     "4x4 fp32": "bisenetv2_fcn_4x4_1024x1024_160k_cityscapes",
@@ -71,17 +73,5 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--full", action="store_true")
-    args = parser.parse_args()
-    print(f"{'case':<10} {'impl':<7} {'dtype':<8} {'shape':<18} {'ms':>9} {'peak MB':>9} {'speedup':>8}")
-    for r in run(args.device, quick=not args.full):
-        peak = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f}"
-        print(f"{r['case']:<10} {r['impl']:<7} {r['dtype']:<8} {str(r['shape']):<18} {r['ms']:9.1f} {peak:>9} "
-              f"{r['speedup_vs_eager']:8.2f}")
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(["--only", "bench_train_step", *sys.argv[1:]]))

@@ -1,15 +1,17 @@
 """Run every benchmark module (benchmarks/bench_*.py), print one table, write JSON.
 
     python -m benchmarks.run [--device cuda] [--quick] [--only ohem,bga] [--out results.json]
+    python -m benchmarks.bench_bga [same options]      (one module)
 
-Each module exposes run(device: str, quick: bool) -> list[dict]; the JSON records the
-device, torch/triton versions, build and date with every row.
+Each module exposes run(device: str, quick: bool) -> list[dict] (bench_model also takes
+compile_mode); the JSON records the device, torch/triton versions, build and date.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import importlib
+import inspect
 import json
 import pkgutil
 import sys
@@ -21,7 +23,7 @@ import benchmarks
 import bisenet_fast as bf
 from benchmarks.timing import device_name
 
-COLUMNS = ("op", "case", "impl", "dtype", "ms", "speedup_vs_eager", "peak_extra_mb", "gbps")
+COLUMNS = ("op", "case", "impl", "dtype", "ms", "speedup_vs_eager", "peak_extra_mb", "gbps", "samples_per_s")
 
 
 def modules(only: list[str] | None):
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes (CI-sized)")
     parser.add_argument("--only", default="", help="comma-separated substrings of module names")
     parser.add_argument("--out", default=None, help="write the rows and metadata as JSON here")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the whole-model baseline")
     args = parser.parse_args(argv)
 
     meta = {
@@ -63,7 +66,9 @@ def main(argv=None) -> int:
     for name in modules([s for s in args.only.split(",") if s]):
         print(f"== {name}", flush=True)
         try:
-            module_rows = importlib.import_module(f"benchmarks.{name}").run(args.device, args.quick)
+            run = importlib.import_module(f"benchmarks.{name}").run
+            options = {"compile_mode": args.compile_mode} if "compile_mode" in inspect.signature(run).parameters else {}
+            module_rows = run(args.device, args.quick, **options)
         except Exception:  # one broken benchmark must not hide the others' numbers
             failures.append(name)
             traceback.print_exc()

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from bisenet_fast.palette import CITYSCAPES_CLASSES as CLASSES
-from bisenet_fast.palette import CITYSCAPES_PALETTE as PALETTE
 
 IMG_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"

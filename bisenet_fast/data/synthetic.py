@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bisenet_fast.data.cityscapes import CLASSES, IMG_SUFFIX, LABEL_SUFFIX, PALETTE
+from bisenet_fast.data.cityscapes import CLASSES, IMG_SUFFIX, LABEL_SUFFIX
+from bisenet_fast.palette import CITYSCAPES_PALETTE as PALETTE
 
 IGNORE_INDEX = 255
 C = {name: i for i, name in enumerate(CLASSES)}
