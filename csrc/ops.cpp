@@ -46,6 +46,19 @@ TORCH_LIBRARY(bisenet_fast, m) {
       "ge_layer_stride2(Tensor x, Tensor y, Tensor dw0_weight, Tensor dw0_bias, Tensor dw1_weight, "
       "Tensor dw1_bias, Tensor pw_weight, Tensor pw_bias, Tensor sc_dw_weight, Tensor sc_dw_bias, "
       "Tensor sc_pw_weight, Tensor sc_pw_bias) -> Tensor");
+
+  // GE expansion, training form: grouped 3x3 conv (groups = cin, weight (k*cin, 1, 3, 3),
+  // stride 1 or 2, padding 1, no bias) -> BatchNorm with this batch's statistics -> ReLU if
+  // `relu`. Returns the output (NCHW) and the per-channel batch mean and biased variance
+  // (float32; float64 for float64 x) for the running-stat update and for backward, which
+  // recomputes the conv output from x instead of keeping it.
+  m.def(
+      "ge_expand_train(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, int stride, bool relu, "
+      "float eps) -> (Tensor out, Tensor mean, Tensor var)");
+  // Gradients to (x, weight, bn_weight, bn_bias).
+  m.def(
+      "ge_expand_train_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor mean, Tensor var, int stride, bool relu, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -1,0 +1,239 @@
+// GE expansion for training on the CPU (schema and formula in csrc/ops.cpp): grouped 3x3
+// conv (groups = cin, `ratio` output channels per input channel) -> BatchNorm with batch
+// statistics -> optional ReLU, without keeping the conv's output for backward.
+//
+// Every output channel's statistics reduce over N, H, W, and every output channel belongs
+// to exactly one group; so one task owns one group (input channel c and its `ratio` output
+// channels) from start to end. Reductions are then sequential within a task: deterministic,
+// no atomics, no cross-thread merge. Backward recomputes the conv output of the group into a
+// per-task buffer, forms the BN/ReLU gradient, and scatters it into grad_x (the group's
+// input plane, also owned by the task) and the 9 taps of grad_weight.
+//
+// Layout: NCHW (inputs are made contiguous); the stats and all sums are in the
+// accumulation type (float for float/half/bfloat16, double for double).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace bisenet_fast {
+namespace {
+
+inline int64_t conv_out_size(int64_t size, int64_t stride) { return (size - 1) / stride + 1; }
+
+// dst[oh*wo + ow] = sum over the 3x3 window (padding 1) of src * w9 for one (n, c) plane.
+template <typename scalar_t, typename acc_t>
+void conv3x3_plane(const scalar_t* src, int64_t height, int64_t width, const acc_t* w9, int64_t stride,
+                   int64_t out_h, int64_t out_w, acc_t* dst) {
+  for (int64_t oh = 0; oh < out_h; ++oh) {
+    for (int64_t ow = 0; ow < out_w; ++ow) {
+      acc_t acc = 0;
+      for (int64_t ky = 0; ky < 3; ++ky) {
+        const int64_t ih = oh * stride + ky - 1;
+        if (ih < 0 || ih >= height) continue;
+        for (int64_t kx = 0; kx < 3; ++kx) {
+          const int64_t iw = ow * stride + kx - 1;
+          if (iw < 0 || iw >= width) continue;
+          acc += static_cast<acc_t>(src[ih * width + iw]) * w9[ky * 3 + kx];
+        }
+      }
+      dst[oh * out_w + ow] = acc;
+    }
+  }
+}
+
+struct Geometry {
+  int64_t n_batch, cin, height, width, mid, ratio, stride, out_h, out_w;
+  int64_t plane_in() const { return height * width; }
+  int64_t plane_out() const { return out_h * out_w; }
+  int64_t count() const { return n_batch * plane_out(); }  // values per BN channel
+};
+
+Geometry check_and_measure(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+                           const at::Tensor& bn_bias, int64_t stride) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
+  for (const auto* t : {&x, &weight, &bn_weight, &bn_bias}) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU, got ", t->device());
+  }
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype");
+  TORCH_CHECK(bn_weight.scalar_type() == bn_bias.scalar_type(), op, ": bn_weight and bn_bias must share a dtype");
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), 0, stride, 0, 0};
+  TORCH_CHECK(g.cin > 0 && g.mid % g.cin == 0 && weight.numel() == g.mid * 9, op,
+              ": weight must be (k * cin, 1, 3, 3), got ", weight.sizes());
+  TORCH_CHECK(bn_weight.numel() == g.mid && bn_bias.numel() == g.mid, op, ": bn_weight and bn_bias must have ",
+              g.mid, " elements");
+  g.ratio = g.mid / g.cin;
+  g.out_h = conv_out_size(g.height, stride);
+  g.out_w = conv_out_size(g.width, stride);
+  TORCH_CHECK(g.count() > 1, op, ": BatchNorm statistics need more than one value per channel");
+  return g;
+}
+
+at::ScalarType stats_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ge_expand_train_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                   const at::Tensor& bn_weight,
+                                                                   const at::Tensor& bn_bias, int64_t stride,
+                                                                   bool relu, double eps) {
+  const Geometry g = check_and_measure("ge_expand_train", x, weight, bn_weight, bn_bias, stride);
+  const auto xc = x.contiguous();
+  auto out = at::empty({g.n_batch, g.mid, g.out_h, g.out_w}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto mean = at::empty({g.mid}, x.options().dtype(stats_type(x)));
+  auto var = at::empty({g.mid}, x.options().dtype(stats_type(x)));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ge_expand_train_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const auto w = weight.reshape({g.mid, 9}).to(acc_type).contiguous();
+    const auto gamma = bn_weight.to(acc_type).contiguous(), beta = bn_bias.to(acc_type).contiguous();
+    const acc_t *wp = w.data_ptr<acc_t>(), *gp = gamma.data_ptr<acc_t>(), *bp = beta.data_ptr<acc_t>();
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    acc_t *mp = mean.data_ptr<acc_t>(), *vp = var.data_ptr<acc_t>();
+
+    at::parallel_for(0, g.cin, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(g.count());
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t r = 0; r < g.ratio; ++r) {
+          const int64_t m = c * g.ratio + r;
+          for (int64_t n = 0; n < g.n_batch; ++n) {
+            conv3x3_plane(xp + (n * g.cin + c) * g.plane_in(), g.height, g.width, wp + m * 9, g.stride, g.out_h,
+                          g.out_w, z.data() + n * g.plane_out());
+          }
+          // Two passes (mean, then squared deviations): no cancellation for large means.
+          acc_t sum = 0;
+          for (const acc_t v : z) sum += v;
+          const acc_t mu = sum / static_cast<acc_t>(g.count());
+          acc_t sq = 0;
+          for (const acc_t v : z) sq += (v - mu) * (v - mu);
+          const acc_t sigma2 = sq / static_cast<acc_t>(g.count());
+          mp[m] = mu;
+          vp[m] = sigma2;
+          const acc_t scale = gp[m] / std::sqrt(sigma2 + static_cast<acc_t>(eps));
+          const acc_t shift = bp[m] - mu * scale;
+          for (int64_t n = 0; n < g.n_batch; ++n) {
+            const acc_t* zn = z.data() + n * g.plane_out();
+            scalar_t* on = op + (n * g.mid + m) * g.plane_out();
+            for (int64_t i = 0; i < g.plane_out(); ++i) {
+              acc_t o = zn[i] * scale + shift;
+              if (relu && !(o > 0)) o = 0;
+              on[i] = static_cast<scalar_t>(o);
+            }
+          }
+        }
+      }
+    });
+  });
+  return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool relu, double eps) {
+  const Geometry g = check_and_measure("ge_expand_train_backward", x, weight, bn_weight, bn_bias, stride);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.n_batch, g.mid, g.out_h, g.out_w}),
+              "ge_expand_train_backward: grad_out must have the output's shape");
+  TORCH_CHECK(mean.scalar_type() == stats_type(x) && var.scalar_type() == stats_type(x) && mean.numel() == g.mid &&
+                  var.numel() == g.mid,
+              "ge_expand_train_backward: mean and var must be the forward's statistics");
+  const auto xc = x.contiguous();
+  const auto go = grad_out.to(x.scalar_type()).contiguous();
+  const auto mc = mean.contiguous(), vc = var.contiguous();
+  auto grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto acc_type = stats_type(x);
+  auto grad_w = at::empty({g.mid, 9}, x.options().dtype(acc_type));
+  auto grad_gamma = at::empty({g.mid}, x.options().dtype(acc_type));
+  auto grad_beta = at::empty({g.mid}, x.options().dtype(acc_type));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ge_expand_train_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto w = weight.reshape({g.mid, 9}).to(acc_type).contiguous();
+    const auto gamma = bn_weight.to(acc_type).contiguous(), beta = bn_bias.to(acc_type).contiguous();
+    const acc_t *wp = w.data_ptr<acc_t>(), *gp = gamma.data_ptr<acc_t>(), *bp = beta.data_ptr<acc_t>();
+    const acc_t *mp = mc.data_ptr<acc_t>(), *vp = vc.data_ptr<acc_t>();
+    const scalar_t *xp = xc.data_ptr<scalar_t>(), *gop = go.data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    acc_t *gwp = grad_w.data_ptr<acc_t>(), *ggp = grad_gamma.data_ptr<acc_t>(), *gbp = grad_beta.data_ptr<acc_t>();
+    const acc_t count = static_cast<acc_t>(g.count());
+
+    at::parallel_for(0, g.cin, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> z(g.count()), dz(g.count()), dx(g.n_batch * g.plane_in());
+      for (int64_t c = begin; c < end; ++c) {
+        std::fill(dx.begin(), dx.end(), acc_t(0));
+        for (int64_t r = 0; r < g.ratio; ++r) {
+          const int64_t m = c * g.ratio + r;
+          for (int64_t n = 0; n < g.n_batch; ++n) {
+            conv3x3_plane(xp + (n * g.cin + c) * g.plane_in(), g.height, g.width, wp + m * 9, g.stride, g.out_h,
+                          g.out_w, z.data() + n * g.plane_out());
+          }
+          const acc_t invstd = acc_t(1) / std::sqrt(vp[m] + static_cast<acc_t>(eps));
+          // z becomes x_hat; dz the gradient at the BN output (ReLU mask applied).
+          acc_t sum_dy = 0, sum_dy_xhat = 0;
+          for (int64_t n = 0; n < g.n_batch; ++n) {
+            const scalar_t* gon = gop + (n * g.mid + m) * g.plane_out();
+            for (int64_t i = 0; i < g.plane_out(); ++i) {
+              const int64_t k = n * g.plane_out() + i;
+              const acc_t xhat = (z[k] - mp[m]) * invstd;
+              acc_t dy = static_cast<acc_t>(gon[i]);
+              if (relu && !(xhat * gp[m] + bp[m] > 0)) dy = 0;
+              z[k] = xhat;
+              dz[k] = dy;
+              sum_dy += dy;
+              sum_dy_xhat += dy * xhat;
+            }
+          }
+          ggp[m] = sum_dy_xhat;
+          gbp[m] = sum_dy;
+          const acc_t k_scale = gp[m] * invstd, mean_dy = sum_dy / count, mean_dy_xhat = sum_dy_xhat / count;
+          acc_t gw[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+          const acc_t* w9 = wp + m * 9;
+          for (int64_t n = 0; n < g.n_batch; ++n) {
+            const scalar_t* xn = xp + (n * g.cin + c) * g.plane_in();
+            acc_t* dxn = dx.data() + n * g.plane_in();
+            for (int64_t oh = 0; oh < g.out_h; ++oh) {
+              for (int64_t ow = 0; ow < g.out_w; ++ow) {
+                const int64_t k = n * g.plane_out() + oh * g.out_w + ow;
+                const acc_t d = k_scale * (dz[k] - mean_dy - z[k] * mean_dy_xhat);
+                for (int64_t ky = 0; ky < 3; ++ky) {
+                  const int64_t ih = oh * g.stride + ky - 1;
+                  if (ih < 0 || ih >= g.height) continue;
+                  for (int64_t kx = 0; kx < 3; ++kx) {
+                    const int64_t iw = ow * g.stride + kx - 1;
+                    if (iw < 0 || iw >= g.width) continue;
+                    gw[ky * 3 + kx] += d * static_cast<acc_t>(xn[ih * g.width + iw]);
+                    dxn[ih * g.width + iw] += d * w9[ky * 3 + kx];
+                  }
+                }
+              }
+            }
+          }
+          std::copy(gw, gw + 9, gwp + m * 9);
+        }
+        for (int64_t n = 0; n < g.n_batch; ++n) {
+          const acc_t* dxn = dx.data() + n * g.plane_in();
+          scalar_t* out = gxp + (n * g.cin + c) * g.plane_in();
+          for (int64_t i = 0; i < g.plane_in(); ++i) out[i] = static_cast<scalar_t>(dxn[i]);
+        }
+      }
+    });
+  });
+  return {grad_x, grad_w.reshape(weight.sizes()).to(weight.scalar_type()), grad_gamma.to(bn_weight.scalar_type()),
+          grad_beta.to(bn_bias.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bisenet_fast, CPU, m) {
+  m.impl("ge_expand_train", &ge_expand_train_cpu);
+  m.impl("ge_expand_train_backward", &ge_expand_train_backward_cpu);
+}
+
+}  // namespace bisenet_fast
