@@ -1,0 +1,264 @@
+"""ge_expand_train (grouped 3x3 conv -> BN with batch statistics -> ReLU, backward recomputing
+the conv output) against eager Conv2d + BatchNorm2d(train) + ReLU: every GE configuration of
+BiSeNetV2, every implementation, forward, statistics, running-stat update and all gradients;
+gradcheck in float64; layouts; bad input; torch.compile; the model-level switch."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bisenet_fast as bf
+from bisenet_fast.models import BiSeNetV2Segmentor, use_fused_ge_training
+from bisenet_fast.models.conv_module import ConvModule
+from bisenet_fast.models.fused_training import FusedExpandConvModule
+from bisenet_fast.ops.ge_expand_train import ge_expand_train
+from tests.helpers import requires_triton, triton_device
+
+# (cin, ratio, stride, relu) of every expansion conv in BiSeNetV2's GE layers: the 6x grouped
+# conv (ReLU only at stride 1) and, at stride 2, the depthwise conv on the expanded tensor.
+NETWORK_CONFIGS = [
+    (16, 6, 2, False), (96, 1, 1, True), (32, 6, 1, True), (32, 6, 2, False), (192, 1, 1, True),
+    (64, 6, 1, True), (64, 6, 2, False), (384, 1, 1, True), (128, 6, 1, True),
+]
+NAMES = ["x", "weight", "bn_weight", "bn_bias"]
+
+
+def make_inputs(n, cin, ratio, height, width, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mid = cin * ratio
+    x = torch.randn(n, cin, height, width, generator=g, dtype=torch.float64) + 0.5  # nonzero mean
+    weight = torch.randn(mid, 1, 3, 3, generator=g, dtype=torch.float64) / 3
+    bn_weight = torch.rand(mid, generator=g, dtype=torch.float64) + 0.5
+    bn_bias = torch.randn(mid, generator=g, dtype=torch.float64) * 0.5
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, weight, bn_weight, bn_bias)]
+
+
+def run(backend, args, stride, relu, grad_seed=1):
+    with bf.backends.use(backend):
+        out, mean, var = ge_expand_train(*args, stride, relu)
+    g = torch.Generator().manual_seed(grad_seed)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, args, grad_out)
+    return out, mean, var, grads
+
+
+def assert_close_to_scale(actual, expected, rel, what):
+    # Floor 0.1: with few values per channel grad_x nearly cancels (the exact answer is ~0
+    # while its terms are ~grad_out ~1), and rounding is relative to those terms.
+    scale = max(expected.abs().max().item(), 0.1)
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel} * scale {scale:.3g}"
+
+
+def assert_matches_reference(backend, args, stride, relu, rel):
+    out, mean, var, grads = run(backend, args, stride, relu)
+    ref = [t.detach().double().requires_grad_() for t in args]
+    r_out, r_mean, r_var, r_grads = run("eager", ref, stride, relu)
+    assert out.dtype == args[0].dtype and out.shape == r_out.shape
+    assert mean.dtype == var.dtype == (torch.float64 if args[0].dtype == torch.float64 else torch.float32)
+    assert_close_to_scale(out, r_out, rel, "out")
+    assert_close_to_scale(mean, r_mean, rel, "mean")
+    assert_close_to_scale(var, r_var, rel, "var")
+    for name, a, e in zip(NAMES, grads, r_grads):
+        assert a.dtype == args[NAMES.index(name)].dtype and a.shape == e.shape
+        assert_close_to_scale(a, e, rel, f"grad {name}")
+
+
+# ---- Against the eager reference ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("cin, ratio, stride, relu", NETWORK_CONFIGS)
+def test_cpp_matches_eager_network_configs(cin, ratio, stride, relu):
+    assert_matches_reference("cpp", make_inputs(2, cin, ratio, 9, 11), stride, relu, 1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("n, height, width", [(1, 2, 1), (1, 5, 7), (3, 6, 4), (2, 13, 3)])
+def test_cpp_odd_sizes(n, height, width, stride, relu):
+    if n * ((height - 1) // stride + 1) * ((width - 1) // stride + 1) < 2:
+        pytest.skip("one value per channel: BatchNorm rejects it (tested in test_bad_inputs)")
+    assert_matches_reference("cpp", make_inputs(n, 3, 2, height, width), stride, relu, 1e-5)
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)])
+def test_cpp_low_precision(dtype, rel):
+    assert_matches_reference("cpp", make_inputs(2, 4, 6, 7, 8, dtype=dtype), 2, False, rel)
+
+
+def test_cpp_float32_bn_params_with_float16_input():
+    x, weight, bn_weight, bn_bias = make_inputs(2, 4, 6, 7, 8, dtype=torch.float16)
+    bn_weight = bn_weight.detach().float().requires_grad_()
+    bn_bias = bn_bias.detach().float().requires_grad_()
+    out, _, _, grads = run("cpp", [x, weight, bn_weight, bn_bias], 1, True)
+    assert out.dtype == torch.float16
+    assert grads[2].dtype == grads[3].dtype == torch.float32
+    ref = [t.detach().double().requires_grad_() for t in (x, weight, bn_weight, bn_bias)]
+    r_out, _, _, r_grads = run("eager", ref, 1, True)
+    assert_close_to_scale(out, r_out, 1e-2, "out")
+    for name, a, e in zip(NAMES, grads, r_grads):
+        assert_close_to_scale(a, e, 2e-2, f"grad {name}")
+
+
+@pytest.mark.parametrize("stride, relu", [(1, True), (2, False), (2, True)])
+def test_cpp_gradcheck_float64(stride, relu):
+    args = make_inputs(2, 2, 3, 5, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: ge_expand_train(*a, stride, relu)[0], args)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+def test_cpp_layouts(layout):
+    x, weight, bn_weight, bn_bias = make_inputs(2, 4, 6, 6, 10)
+    if layout == "channels_last":
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    else:
+        x = x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+        assert not x.is_contiguous()
+    assert_matches_reference("cpp", [x, weight, bn_weight, bn_bias], 2, True, 1e-5)
+
+
+@requires_triton
+@pytest.mark.parametrize("cin, ratio, stride, relu", [(16, 6, 2, False), (32, 6, 1, True), (24, 1, 1, True)])
+def test_triton_matches_eager(cin, ratio, stride, relu):
+    args = [t.detach().to(triton_device()).requires_grad_() for t in make_inputs(2, cin, ratio, 7, 9)]
+    assert_matches_reference("triton", args, stride, relu, 1e-5)
+
+
+@requires_triton
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_odd_sizes_more_than_one_block(stride):
+    # 2 * 27 * 25 = 1350 outputs at stride 1: two blocks of BLOCK=1024 and a partial one.
+    args = [t.detach().to(triton_device()).requires_grad_() for t in make_inputs(2, 2, 3, 27, 25)]
+    assert_matches_reference("triton", args, stride, True, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=requires_triton)])
+def test_deterministic(backend):
+    device = triton_device() if backend == "triton" else "cpu"
+    args = [t.detach().to(device).requires_grad_() for t in make_inputs(2, 3, 6, 9, 7)]
+    first, second = run(backend, args, 1, True), run(backend, args, 1, True)
+    for a, b in zip([*first[:3], *first[3]], [*second[:3], *second[3]]):
+        assert torch.equal(a, b)
+
+
+# ---- Bad input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: a.update(x=a["x"].int()), TypeError, "x must have dtype"),
+        (lambda a: a.update(x=a["x"][0]), ValueError, "x must be 4-D"),
+        (lambda a: a.update(weight=a["weight"][:5]), ValueError, r"weight must have shape \(k \* 4, 1, 3, 3\)"),
+        (lambda a: a.update(weight=a["weight"].double()), TypeError, "weight must have dtype"),
+        (lambda a: a.update(bn_weight=a["bn_weight"][:3]), ValueError, r"bn_weight must have shape \(24,\)"),
+        (lambda a: a.update(bn_bias=a["bn_bias"].double()), TypeError, "bn_bias must have dtype"),
+        (lambda a: a.update(stride=3), ValueError, "stride must be 1 or 2"),
+        (lambda a: a.update(relu=1), TypeError, "relu must be a bool"),
+        (lambda a: a.update(eps=0.0), ValueError, "eps must be > 0"),
+        (lambda a: a.update(x=a["x"][:1, :, :1, :1]), ValueError, "more than one value per channel"),
+    ],
+)
+def test_bad_inputs(change, error, match):
+    x, weight, bn_weight, bn_bias = (t.detach() for t in make_inputs(2, 4, 6, 5, 5))
+    args = dict(x=x, weight=weight, bn_weight=bn_weight, bn_bias=bn_bias, stride=1, relu=True, eps=1e-5)
+    change(args)
+    with pytest.raises(error, match=match):
+        ge_expand_train(**args)
+
+
+# ---- Registration: schema, fake kernel, torch.compile -------------------------------------
+
+
+def test_opcheck():
+    args = [t.detach() for t in make_inputs(2, 2, 3, 5, 6)]
+    torch.library.opcheck(
+        torch.ops.bisenet_fast.ge_expand_train.default, (*args, 2, True, 1e-5), test_utils=("test_schema", "test_faketensor")
+    )
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    args = make_inputs(2, 3, 6, 6, 7)
+
+    def step(x, weight, bn_weight, bn_bias):
+        out, mean, var = ge_expand_train(x, weight, bn_weight, bn_bias, 2, True)
+        return (out * out).sum(), mean, var
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, mean, var = compiled(*args)
+    grads = torch.autograd.grad(loss, args)
+    r_loss, r_mean, r_var = step(*args)
+    r_grads = torch.autograd.grad(r_loss, args)
+    torch.testing.assert_close(loss, r_loss)
+    torch.testing.assert_close(var, r_var)
+    for a, e in zip(grads, r_grads):
+        torch.testing.assert_close(a, e)
+
+
+# ---- The module and the model-level switch ---------------------------------------------
+
+
+def _trained_pair(cin, ratio, stride, act, momentum):
+    eager = ConvModule(cin, cin * ratio, 3, stride, groups=cin, act=act)
+    eager.bn.momentum = momentum
+    with torch.no_grad():
+        eager.bn.weight.uniform_(0.5, 1.5)
+        eager.bn.bias.uniform_(-0.5, 0.5)
+    return eager, FusedExpandConvModule(copy.deepcopy(eager))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("stride, act", [(1, True), (2, False)])
+def test_module_matches_conv_module(stride, act, momentum):
+    eager, fused = _trained_pair(4, 6, stride, act, momentum)
+    assert list(fused.state_dict()) == list(eager.state_dict())
+    x = torch.randn(2, 4, 9, 8) + 1
+    for step in range(2):
+        outs = []
+        for module in (eager, fused):
+            xi = x.clone().requires_grad_()
+            out = module(xi)
+            (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+            outs.append((out.detach(), xi.grad))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for (name, a), (_, e) in zip(fused.state_dict().items(), eager.state_dict().items()):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), (_, e) in zip(fused.named_parameters(), eager.named_parameters()):
+        assert_close_to_scale(a.grad, e.grad, 1e-5, f"grad {name}")
+    eager.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x))
+
+
+def test_module_rejects_unfusable_conv():
+    with pytest.raises(ValueError, match="3x3 grouped"):
+        FusedExpandConvModule(ConvModule(4, 8, 3, 1, groups=1))
+
+
+def test_segmentor_switch_same_losses_grads_and_running_stats():
+    # float64: at this tiny size the deep semantic branch normalises over a handful of values
+    # per channel, which amplifies float32 rounding differences in the early layers' grads
+    # to ~1e-2; in float64 any real difference would still show.
+    torch.manual_seed(0)
+    eager = BiSeNetV2Segmentor(num_classes=5, dropout_ratio=0.0).double()
+    fused = use_fused_ge_training(copy.deepcopy(eager))
+    assert list(fused.state_dict()) == list(eager.state_dict())
+    swapped = [m for m in fused.modules() if isinstance(m, FusedExpandConvModule)]
+    assert len(swapped) == 8 + 3  # 8 GE layers, 3 of them stride 2 with a second dwconv
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    target = torch.randint(0, 5, (2, 64, 64))
+    results = []
+    for model in (eager, fused):
+        model.train()
+        with bf.backends.use("cpp"):
+            losses = model.loss(x, target)
+        sum(losses.values()).backward()
+        results.append(losses)
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-10, atol=1e-12)
+    for (name, a), (_, e) in zip(fused.named_parameters(), eager.named_parameters()):
+        assert_close_to_scale(a.grad, e.grad, 1e-8, f"grad {name}")
+    for (name, a), (_, e) in zip(fused.state_dict().items(), eager.state_dict().items()):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=name)
