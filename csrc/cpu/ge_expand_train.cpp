@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -26,23 +27,60 @@ namespace {
 
 inline int64_t conv_out_size(int64_t size, int64_t stride) { return (size - 1) / stride + 1; }
 
-// dst[oh*wo + ow] = sum over the 3x3 window (padding 1) of src * w9 for one (n, c) plane.
+// The outputs o in [lo, hi) whose tap k reads inside the input: 0 <= o*stride + k - 1 < size.
+// Looping taps outside and these ranges inside keeps the innermost loop free of bounds
+// checks and contiguous (vectorisable) at stride 1.
+struct TapRange {
+  int64_t lo, hi;
+};
+
+inline TapRange tap_range(int64_t k, int64_t size, int64_t stride, int64_t out) {
+  const int64_t lo = k == 0 ? 1 : 0;
+  const int64_t hi = size - k < 0 ? 0 : std::min(out, (size - k) / stride + 1);
+  return {lo, std::max(lo, hi)};
+}
+
+// dst = 3x3 conv (padding 1) of one (n, c) plane with the taps w9.
 template <typename scalar_t, typename acc_t>
 void conv3x3_plane(const scalar_t* src, int64_t height, int64_t width, const acc_t* w9, int64_t stride,
                    int64_t out_h, int64_t out_w, acc_t* dst) {
-  for (int64_t oh = 0; oh < out_h; ++oh) {
-    for (int64_t ow = 0; ow < out_w; ++ow) {
-      acc_t acc = 0;
-      for (int64_t ky = 0; ky < 3; ++ky) {
-        const int64_t ih = oh * stride + ky - 1;
-        if (ih < 0 || ih >= height) continue;
-        for (int64_t kx = 0; kx < 3; ++kx) {
-          const int64_t iw = ow * stride + kx - 1;
-          if (iw < 0 || iw >= width) continue;
-          acc += static_cast<acc_t>(src[ih * width + iw]) * w9[ky * 3 + kx];
+  std::fill(dst, dst + out_h * out_w, acc_t(0));
+  for (int64_t ky = 0; ky < 3; ++ky) {
+    const TapRange rows = tap_range(ky, height, stride, out_h);
+    for (int64_t kx = 0; kx < 3; ++kx) {
+      const TapRange cols = tap_range(kx, width, stride, out_w);
+      const acc_t wk = w9[ky * 3 + kx];
+      for (int64_t oh = rows.lo; oh < rows.hi; ++oh) {
+        const scalar_t* s = src + (oh * stride + ky - 1) * width + kx - 1;
+        acc_t* d = dst + oh * out_w;
+        for (int64_t ow = cols.lo; ow < cols.hi; ++ow) d[ow] += wk * static_cast<acc_t>(s[ow * stride]);
+      }
+    }
+  }
+}
+
+// The conv's backward for one (n, c) plane given dz (the gradient at its output): adds the
+// input gradient into dx and the 9 weight-gradient taps into gw.
+template <typename scalar_t, typename acc_t>
+void conv3x3_plane_backward(const scalar_t* src, const acc_t* dz, int64_t height, int64_t width, const acc_t* w9,
+                            int64_t stride, int64_t out_h, int64_t out_w, acc_t* dx, acc_t* gw) {
+  for (int64_t ky = 0; ky < 3; ++ky) {
+    const TapRange rows = tap_range(ky, height, stride, out_h);
+    for (int64_t kx = 0; kx < 3; ++kx) {
+      const TapRange cols = tap_range(kx, width, stride, out_w);
+      const acc_t wk = w9[ky * 3 + kx];
+      acc_t tap_sum = 0;
+      for (int64_t oh = rows.lo; oh < rows.hi; ++oh) {
+        const int64_t offset = (oh * stride + ky - 1) * width + kx - 1;
+        const scalar_t* s = src + offset;
+        acc_t* d = dx + offset;
+        const acc_t* g = dz + oh * out_w;
+        for (int64_t ow = cols.lo; ow < cols.hi; ++ow) {
+          tap_sum += g[ow] * static_cast<acc_t>(s[ow * stride]);
+          d[ow * stride] += g[ow] * wk;
         }
       }
-      dst[oh * out_w + ow] = acc;
+      gw[ky * 3 + kx] += tap_sum;
     }
   }
 }
@@ -193,27 +231,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backw
           ggp[m] = sum_dy_xhat;
           gbp[m] = sum_dy;
           const acc_t k_scale = gp[m] * invstd, mean_dy = sum_dy / count, mean_dy_xhat = sum_dy_xhat / count;
+          for (int64_t k = 0; k < g.count(); ++k) dz[k] = k_scale * (dz[k] - mean_dy - z[k] * mean_dy_xhat);
           acc_t gw[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
-          const acc_t* w9 = wp + m * 9;
           for (int64_t n = 0; n < g.n_batch; ++n) {
-            const scalar_t* xn = xp + (n * g.cin + c) * g.plane_in();
-            acc_t* dxn = dx.data() + n * g.plane_in();
-            for (int64_t oh = 0; oh < g.out_h; ++oh) {
-              for (int64_t ow = 0; ow < g.out_w; ++ow) {
-                const int64_t k = n * g.plane_out() + oh * g.out_w + ow;
-                const acc_t d = k_scale * (dz[k] - mean_dy - z[k] * mean_dy_xhat);
-                for (int64_t ky = 0; ky < 3; ++ky) {
-                  const int64_t ih = oh * g.stride + ky - 1;
-                  if (ih < 0 || ih >= g.height) continue;
-                  for (int64_t kx = 0; kx < 3; ++kx) {
-                    const int64_t iw = ow * g.stride + kx - 1;
-                    if (iw < 0 || iw >= g.width) continue;
-                    gw[ky * 3 + kx] += d * static_cast<acc_t>(xn[ih * g.width + iw]);
-                    dxn[ih * g.width + iw] += d * w9[ky * 3 + kx];
-                  }
-                }
-              }
-            }
+            conv3x3_plane_backward(xp + (n * g.cin + c) * g.plane_in(), dz.data() + n * g.plane_out(), g.height,
+                                   g.width, wp + m * 9, g.stride, g.out_h, g.out_w, dx.data() + n * g.plane_in(), gw);
           }
           std::copy(gw, gw + 9, gwp + m * 9);
         }
