@@ -27,6 +27,24 @@ namespace {
 
 inline int64_t conv_out_size(int64_t size, int64_t stride) { return (size - 1) / stride + 1; }
 
+// sum over i in [0, n) of term(i), in kLanes interleaved partial sums combined in a fixed
+// order: deterministic, and without the single serial dependency chain that keeps a plain
+// float sum from vectorising.
+constexpr int64_t kLanes = 8;
+
+template <typename acc_t, typename Term>
+inline acc_t lane_sum(int64_t n, const Term& term) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
+  }
+  for (; i < n; ++i) lanes[i % kLanes] += term(i);
+  acc_t total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
 // The outputs o in [lo, hi) whose tap k reads inside the input: 0 <= o*stride + k - 1 < size.
 // Looping taps outside and these ranges inside keeps the innermost loop free of bounds
 // checks and contiguous (vectorisable) at stride 1.
@@ -41,9 +59,9 @@ inline TapRange tap_range(int64_t k, int64_t size, int64_t stride, int64_t out) 
 }
 
 // dst = 3x3 conv (padding 1) of one (n, c) plane with the taps w9.
-template <typename scalar_t, typename acc_t>
-void conv3x3_plane(const scalar_t* src, int64_t height, int64_t width, const acc_t* w9, int64_t stride,
-                   int64_t out_h, int64_t out_w, acc_t* dst) {
+template <int64_t stride, typename scalar_t, typename acc_t>
+void conv3x3_plane_strided(const scalar_t* src, int64_t height, int64_t width, const acc_t* w9, int64_t out_h,
+                           int64_t out_w, acc_t* dst) {
   std::fill(dst, dst + out_h * out_w, acc_t(0));
   for (int64_t ky = 0; ky < 3; ++ky) {
     const TapRange rows = tap_range(ky, height, stride, out_h);
@@ -61,9 +79,9 @@ void conv3x3_plane(const scalar_t* src, int64_t height, int64_t width, const acc
 
 // The conv's backward for one (n, c) plane given dz (the gradient at its output): adds the
 // input gradient into dx and the 9 weight-gradient taps into gw.
-template <typename scalar_t, typename acc_t>
-void conv3x3_plane_backward(const scalar_t* src, const acc_t* dz, int64_t height, int64_t width, const acc_t* w9,
-                            int64_t stride, int64_t out_h, int64_t out_w, acc_t* dx, acc_t* gw) {
+template <int64_t stride, typename scalar_t, typename acc_t>
+void conv3x3_plane_backward_strided(const scalar_t* src, const acc_t* dz, int64_t height, int64_t width,
+                                    const acc_t* w9, int64_t out_h, int64_t out_w, acc_t* dx, acc_t* gw) {
   for (int64_t ky = 0; ky < 3; ++ky) {
     const TapRange rows = tap_range(ky, height, stride, out_h);
     for (int64_t kx = 0; kx < 3; ++kx) {
@@ -72,17 +90,30 @@ void conv3x3_plane_backward(const scalar_t* src, const acc_t* dz, int64_t height
       acc_t tap_sum = 0;
       for (int64_t oh = rows.lo; oh < rows.hi; ++oh) {
         const int64_t offset = (oh * stride + ky - 1) * width + kx - 1;
-        const scalar_t* s = src + offset;
+        const scalar_t* s = src + offset + cols.lo * stride;
         acc_t* d = dx + offset;
-        const acc_t* g = dz + oh * out_w;
-        for (int64_t ow = cols.lo; ow < cols.hi; ++ow) {
-          tap_sum += g[ow] * static_cast<acc_t>(s[ow * stride]);
-          d[ow * stride] += g[ow] * wk;
-        }
+        const acc_t* g = dz + oh * out_w + cols.lo;
+        tap_sum += lane_sum<acc_t>(cols.hi - cols.lo, [&](int64_t i) { return g[i] * static_cast<acc_t>(s[i * stride]); });
+        for (int64_t ow = cols.lo; ow < cols.hi; ++ow) d[ow * stride] += dz[oh * out_w + ow] * wk;
       }
       gw[ky * 3 + kx] += tap_sum;
     }
   }
+}
+
+// The stride as a compile-time constant, so the inner loops' accesses have a known step.
+template <typename scalar_t, typename acc_t>
+void conv3x3_plane(const scalar_t* src, int64_t height, int64_t width, const acc_t* w9, int64_t stride,
+                   int64_t out_h, int64_t out_w, acc_t* dst) {
+  if (stride == 1) return conv3x3_plane_strided<1>(src, height, width, w9, out_h, out_w, dst);
+  conv3x3_plane_strided<2>(src, height, width, w9, out_h, out_w, dst);
+}
+
+template <typename scalar_t, typename acc_t>
+void conv3x3_plane_backward(const scalar_t* src, const acc_t* dz, int64_t height, int64_t width, const acc_t* w9,
+                            int64_t stride, int64_t out_h, int64_t out_w, acc_t* dx, acc_t* gw) {
+  if (stride == 1) return conv3x3_plane_backward_strided<1>(src, dz, height, width, w9, out_h, out_w, dx, gw);
+  conv3x3_plane_backward_strided<2>(src, dz, height, width, w9, out_h, out_w, dx, gw);
 }
 
 struct Geometry {
@@ -147,11 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ge_expand_train_cpu(const at::Ten
                           g.out_w, z.data() + n * g.plane_out());
           }
           // Two passes (mean, then squared deviations): no cancellation for large means.
-          acc_t sum = 0;
-          for (const acc_t v : z) sum += v;
+          const acc_t* zp = z.data();
+          const acc_t sum = lane_sum<acc_t>(g.count(), [&](int64_t i) { return zp[i]; });
           const acc_t mu = sum / static_cast<acc_t>(g.count());
-          acc_t sq = 0;
-          for (const acc_t v : z) sq += (v - mu) * (v - mu);
+          const acc_t sq = lane_sum<acc_t>(g.count(), [&](int64_t i) { return (zp[i] - mu) * (zp[i] - mu); });
           const acc_t sigma2 = sq / static_cast<acc_t>(g.count());
           mp[m] = mu;
           vp[m] = sigma2;
@@ -214,20 +244,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backw
           }
           const acc_t invstd = acc_t(1) / std::sqrt(vp[m] + static_cast<acc_t>(eps));
           // z becomes x_hat; dz the gradient at the BN output (ReLU mask applied).
-          acc_t sum_dy = 0, sum_dy_xhat = 0;
+          const acc_t mu = mp[m], gamma_m = gp[m], beta_m = bp[m];
           for (int64_t n = 0; n < g.n_batch; ++n) {
             const scalar_t* gon = gop + (n * g.mid + m) * g.plane_out();
+            acc_t* zn = z.data() + n * g.plane_out();
+            acc_t* dzn = dz.data() + n * g.plane_out();
             for (int64_t i = 0; i < g.plane_out(); ++i) {
-              const int64_t k = n * g.plane_out() + i;
-              const acc_t xhat = (z[k] - mp[m]) * invstd;
-              acc_t dy = static_cast<acc_t>(gon[i]);
-              if (relu && !(xhat * gp[m] + bp[m] > 0)) dy = 0;
-              z[k] = xhat;
-              dz[k] = dy;
-              sum_dy += dy;
-              sum_dy_xhat += dy * xhat;
+              const acc_t xhat = (zn[i] - mu) * invstd;
+              const acc_t dy = static_cast<acc_t>(gon[i]);
+              zn[i] = xhat;
+              dzn[i] = (relu && !(xhat * gamma_m + beta_m > 0)) ? acc_t(0) : dy;
             }
           }
+          const acc_t *xh = z.data(), *dyp = dz.data();
+          const acc_t sum_dy = lane_sum<acc_t>(g.count(), [&](int64_t i) { return dyp[i]; });
+          const acc_t sum_dy_xhat = lane_sum<acc_t>(g.count(), [&](int64_t i) { return dyp[i] * xh[i]; });
           ggp[m] = sum_dy_xhat;
           gbp[m] = sum_dy;
           const acc_t k_scale = gp[m] * invstd, mean_dy = sum_dy / count, mean_dy_xhat = sum_dy_xhat / count;
