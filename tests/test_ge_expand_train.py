@@ -133,6 +133,21 @@ def test_triton_odd_sizes_more_than_one_block(stride):
     assert_matches_reference("triton", args, stride, True, 1e-5)
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype, rel", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)])
+def test_triton_low_precision_with_float32_bn_params(dtype, rel):
+    x, weight, bn_weight, bn_bias = (t.detach().to(triton_device()) for t in make_inputs(2, 4, 6, 7, 8))
+    args = [x.to(dtype), weight.to(dtype), bn_weight, bn_bias]
+    args = [t.requires_grad_() for t in args]
+    out, _, _, grads = run("triton", args, 2, False)
+    assert out.dtype == dtype and grads[0].dtype == dtype and grads[2].dtype == torch.float32
+    ref = [t.detach().double().requires_grad_() for t in args]
+    r_out, _, _, r_grads = run("eager", ref, 2, False)
+    assert_close_to_scale(out, r_out, rel, "out")
+    for name, a, e in zip(NAMES, grads, r_grads):
+        assert_close_to_scale(a, e, 2 * rel, f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=requires_triton)])
 def test_deterministic(backend):
     device = triton_device() if backend == "triton" else "cpu"
@@ -230,6 +245,22 @@ def test_module_matches_conv_module(stride, act, momentum):
     eager.eval(), fused.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), eager(x))
+
+
+def test_module_under_autocast_matches_conv_module():
+    eager, fused = _trained_pair(4, 6, 1, True, 0.1)
+    x = torch.randn(2, 4, 9, 8) + 1
+    results = []
+    for module in (eager, fused):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xi)
+        out.float().square().sum().backward()
+        results.append((out, xi.grad, module.conv.weight.grad, module.bn.weight.grad, module.bn.running_var))
+    assert results[1][0].dtype == results[0][0].dtype == torch.bfloat16
+    assert results[1][3].dtype == torch.float32
+    for what, a, e in zip(["out", "grad x", "grad conv.weight", "grad bn.weight", "running_var"], *results):
+        assert_close_to_scale(a, e, 2e-2, what)
 
 
 def test_module_rejects_unfusable_conv():
