@@ -3,9 +3,11 @@ forward + backward of the fused op (bisenet_fast.ops.ge_expand_train, via
 FusedExpandConvModule) against the eager ConvModule, per distinct expansion conv of
 BiSeNetV2, and the whole segmentor's training step with use_fused_ge_training() on vs off.
 
-Besides time and GPU peak memory, every row reports "saved_mb": the bytes autograd keeps for
-backward (distinct storages, counted with saved_tensors_hooks). That is the memory the fused
-op saves, and unlike peak memory it is measured on the CPU too.
+Besides time and GPU peak memory, rows report "saved_mb": the bytes autograd keeps for
+backward (distinct storages, counted with saved_tensors_hooks; not for torch.compile rows).
+That is the memory the fused op saves, and unlike peak memory it is measured on the CPU too.
+Per conv it includes the output (kept by the ReLU); inside the network the next layer keeps
+that tensor anyway, so the model rows show the real saving.
 
 Shapes: the training setting, N=4 at 1024x1024 (GE inputs at 1/4..1/32), on GPU; on the CPU
 N=2 at 512x512 (quick: 256x256); whole model on the CPU at N=2, 256x256 (quick: 128x128).
@@ -76,7 +78,8 @@ def _conv_rows(device, gpu, quick, batch, image, repeats):
 
             timing = measure(step, device, warmup=2 if quick else 5, repeats=repeats)
             base_ms = base_ms if base_ms is not None else timing["ms"]
-            saved = saved_mb(lambda module=module: module(x))
+            # Saved-tensor hooks and compiled autograd graphs do not mix: no count for compile.
+            saved = None if impl == "compile" else saved_mb(lambda module=module: module(x))
             rows.append(_row("ge_expand_train", f"{cin}x{ratio} s{stride}{' relu' if relu else ''}", impl,
                              torch.float32, x.shape, timing, base_ms, saved))
     return rows
