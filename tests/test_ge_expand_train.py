@@ -263,6 +263,22 @@ def test_module_under_autocast_matches_conv_module():
         assert_close_to_scale(a, e, 2e-2, what)
 
 
+def test_module_compiles_fullgraph_with_running_stat_update():
+    torch._dynamo.reset()
+    _, fused = _trained_pair(4, 6, 2, False, 0.1)
+    reference = copy.deepcopy(fused)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 9, 8) + 1
+    results = []
+    for module, state in ((reference, reference), (compiled, fused)):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.square().sum().backward()
+        results.append((out, xi.grad, state.conv.weight.grad, state.bn.running_mean, state.bn.running_var))
+        assert int(state.bn.num_batches_tracked) == 1
+    torch.testing.assert_close(results[1], results[0])
+
+
 def test_module_rejects_unfusable_conv():
     with pytest.raises(ValueError, match="3x3 grouped"):
         FusedExpandConvModule(ConvModule(4, 8, 3, 1, groups=1))
