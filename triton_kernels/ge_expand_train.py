@@ -2,8 +2,8 @@
 bisenet_fast/ops/ge_expand_train.py). NCHW layout.
 
 Per-channel statistics reduce over N*HO*WO values. Every pass runs on a grid of
-(output channel, block of BLOCK pixels); each program writes its block's partial sums to a
-[MID, blocks] buffer and torch reduces that buffer along the blocks in a fixed order, so
+(block of BLOCK pixels, output channel): pixel blocks on axis 0, whose limit is 2^31-1.
+Each program writes its block's partial sums to a [MID, blocks] buffer and torch reduces that buffer along the blocks in a fixed order, so
 results are deterministic (no float atomics). The batch variance is merged from per-block
 (sum, sum of squared deviations from the block mean) with Chan's formula: no cancellation.
 
@@ -12,7 +12,7 @@ forward:  pass 1 computes the conv output z into `out` and the block partials;
 backward: pass 1 recomputes z from x and reduces sum(dy) and sum(dy * x_hat) (dy masked by
           the ReLU); pass 2 recomputes z, writes dz (the gradient at the conv output) to a
           float32 scratch tensor freed when backward returns, and reduces grad_weight's 9
-          taps per block; pass 3 gathers grad_x from dz (grid: input channel, input pixels).
+          taps per block; pass 3 gathers grad_x from dz (grid: input pixel blocks, input channel).
 The conv output is never kept between forward and backward; the backward scratch is
 transient (one expanded-size float32 tensor while this op's backward runs).
 """
@@ -42,7 +42,7 @@ def _conv_block(x_ptr, w_ptr, m, n, oh, ow, mask, H, W, CIN: tl.constexpr, RATIO
 
 @triton.jit
 def _pixels(P, HO, WO, BLOCK: tl.constexpr):
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     return offs, mask, offs // (HO * WO), (offs // WO) % HO, offs % WO
 
@@ -51,14 +51,14 @@ def _pixels(P, HO, WO, BLOCK: tl.constexpr):
 def _fwd_conv_stats_kernel(x_ptr, w_ptr, out_ptr, psum_ptr, pm2_ptr, P, H, W, HO, WO,
                            CIN: tl.constexpr, MID: tl.constexpr, RATIO: tl.constexpr, STRIDE: tl.constexpr,
                            BLOCK: tl.constexpr):
-    m = tl.program_id(0)
+    m = tl.program_id(1)
     offs, mask, n, oh, ow = _pixels(P, HO, WO, BLOCK)
     z = _conv_block(x_ptr, w_ptr, m, n, oh, ow, mask, H, W, CIN, RATIO, STRIDE)
     tl.store(out_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow, z.to(out_ptr.dtype.element_ty), mask=mask)
     count = tl.sum(mask.to(tl.float32), axis=0)
     block_sum = tl.sum(tl.where(mask, z, 0.0), axis=0)
     dev = tl.where(mask, z - block_sum / count, 0.0)
-    slot = m * tl.num_programs(1) + tl.program_id(1)
+    slot = m * tl.num_programs(0) + tl.program_id(0)
     tl.store(psum_ptr + slot, block_sum)
     tl.store(pm2_ptr + slot, tl.sum(dev * dev, axis=0))
 
@@ -66,7 +66,7 @@ def _fwd_conv_stats_kernel(x_ptr, w_ptr, out_ptr, psum_ptr, pm2_ptr, P, H, W, HO
 @triton.jit
 def _fwd_apply_kernel(out_ptr, scale_ptr, shift_ptr, P, HO, WO, MID: tl.constexpr, RELU: tl.constexpr,
                       BLOCK: tl.constexpr):
-    m = tl.program_id(0)
+    m = tl.program_id(1)
     offs, mask, n, oh, ow = _pixels(P, HO, WO, BLOCK)
     ptr = out_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow
     o = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * tl.load(scale_ptr + m) + tl.load(shift_ptr + m)
@@ -92,11 +92,11 @@ def _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, 
 def _bwd_stats_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, pdy_ptr, pdyx_ptr,
                       P, H, W, HO, WO, CIN: tl.constexpr, MID: tl.constexpr, RATIO: tl.constexpr,
                       STRIDE: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
-    m = tl.program_id(0)
+    m = tl.program_id(1)
     offs, mask, n, oh, ow = _pixels(P, HO, WO, BLOCK)
     dy, xhat = _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, m, n, oh, ow, mask,
                         H, W, HO, WO, CIN, MID, RATIO, STRIDE, RELU)
-    slot = m * tl.num_programs(1) + tl.program_id(1)
+    slot = m * tl.num_programs(0) + tl.program_id(0)
     tl.store(pdy_ptr + slot, tl.sum(dy, axis=0))
     tl.store(pdyx_ptr + slot, tl.sum(dy * xhat, axis=0))
 
@@ -105,7 +105,7 @@ def _bwd_stats_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, b
 def _bwd_grad_z_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, mean_dy_ptr,
                        mean_dyx_ptr, dz_ptr, pgw_ptr, P, H, W, HO, WO, CIN: tl.constexpr, MID: tl.constexpr,
                        RATIO: tl.constexpr, STRIDE: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
-    m = tl.program_id(0)
+    m = tl.program_id(1)
     offs, mask, n, oh, ow = _pixels(P, HO, WO, BLOCK)
     dy, xhat = _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, m, n, oh, ow, mask,
                         H, W, HO, WO, CIN, MID, RATIO, STRIDE, RELU)
@@ -114,7 +114,7 @@ def _bwd_grad_z_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, 
     dz = tl.where(mask, dz, 0.0)
     tl.store(dz_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow, dz, mask=mask)
     plane = (n * CIN + m // RATIO) * H
-    slot = (m * tl.num_programs(1) + tl.program_id(1)) * 9
+    slot = (m * tl.num_programs(0) + tl.program_id(0)) * 9
     for tap in tl.static_range(9):
         ih = oh * STRIDE + (tap // 3 - 1)
         iw = ow * STRIDE + (tap % 3 - 1)
@@ -126,8 +126,8 @@ def _bwd_grad_z_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, 
 @triton.jit
 def _bwd_grad_x_kernel(dz_ptr, w_ptr, gx_ptr, P_IN, H, W, HO, WO, CIN: tl.constexpr, MID: tl.constexpr,
                        RATIO: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P_IN
     iw = offs % W
     ih = (offs // W) % H
@@ -175,13 +175,13 @@ def ge_expand_train_triton(x, weight, bn_weight, bn_bias, stride, relu, eps):
     psum = torch.empty((mid, blocks), dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(psum)
     meta = dict(CIN=cin, MID=mid, RATIO=mid // cin, STRIDE=stride, BLOCK=BLOCK)
-    _fwd_conv_stats_kernel[(mid, blocks)](x, weight, out, psum, pm2, pixels, h, w, ho, wo, **meta)
+    _fwd_conv_stats_kernel[(blocks, mid)](x, weight, out, psum, pm2, pixels, h, w, ho, wo, **meta)
     counts = _block_counts(pixels, blocks, x.device)
     mean = psum.sum(dim=1) / pixels
     var = (pm2.sum(dim=1) + (counts * (psum / counts - mean[:, None]) ** 2).sum(dim=1)) / pixels
     scale = bn_weight.float() * torch.rsqrt(var + eps)
     shift = bn_bias.float() - mean * scale
-    _fwd_apply_kernel[(mid, blocks)](out, scale, shift, pixels, ho, wo, MID=mid, RELU=relu, BLOCK=BLOCK)
+    _fwd_apply_kernel[(blocks, mid)](out, scale, shift, pixels, ho, wo, MID=mid, RELU=relu, BLOCK=BLOCK)
     return out, mean, var
 
 
@@ -198,15 +198,15 @@ def ge_expand_train_backward_triton(grad_out, x, weight, bn_weight, bn_bias, mea
     meta = dict(CIN=cin, MID=mid, RATIO=mid // cin, STRIDE=stride, BLOCK=BLOCK)
     pdy = torch.empty((mid, blocks), dtype=torch.float32, device=x.device)
     pdyx = torch.empty_like(pdy)
-    _bwd_stats_kernel[(mid, blocks)](grad_out, x, weight, mean, invstd, gamma, beta, pdy, pdyx, pixels, h, w, ho, wo,
+    _bwd_stats_kernel[(blocks, mid)](grad_out, x, weight, mean, invstd, gamma, beta, pdy, pdyx, pixels, h, w, ho, wo,
                                      RELU=relu, **meta)
     sum_dy, sum_dyx = pdy.sum(dim=1), pdyx.sum(dim=1)
     dz = torch.empty((n, mid, ho, wo), dtype=torch.float32, device=x.device)
     pgw = torch.empty((mid, blocks, 9), dtype=torch.float32, device=x.device)
-    _bwd_grad_z_kernel[(mid, blocks)](grad_out, x, weight, mean, invstd, gamma, beta, sum_dy / pixels,
+    _bwd_grad_z_kernel[(blocks, mid)](grad_out, x, weight, mean, invstd, gamma, beta, sum_dy / pixels,
                                       sum_dyx / pixels, dz, pgw, pixels, h, w, ho, wo, RELU=relu, **meta)
     grad_x = torch.empty((n, cin, h, w), dtype=x.dtype, device=x.device)
     pixels_in = n * h * w
-    _bwd_grad_x_kernel[(cin, triton.cdiv(pixels_in, BLOCK))](dz, weight, grad_x, pixels_in, h, w, ho, wo, **meta)
+    _bwd_grad_x_kernel[(triton.cdiv(pixels_in, BLOCK), cin)](dz, weight, grad_x, pixels_in, h, w, ho, wo, **meta)
     grad_weight = pgw.sum(dim=1).reshape(weight.shape).to(weight.dtype)
     return grad_x, grad_weight, sum_dyx.to(bn_weight.dtype), sum_dy.to(bn_bias.dtype)
