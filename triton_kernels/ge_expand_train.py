@@ -4,8 +4,9 @@ bisenet_fast/ops/ge_expand_train.py). NCHW layout.
 Per-channel statistics reduce over N*HO*WO values. Every pass runs on a grid of
 (block of BLOCK pixels, output channel): pixel blocks on axis 0, whose limit is 2^31-1.
 Each program writes its block's partial sums to a [MID, blocks] buffer and torch reduces
-that buffer along the blocks in a fixed order, so results are deterministic (no float atomics). The batch variance is merged from per-block
-(sum, sum of squared deviations from the block mean) with Chan's formula: no cancellation.
+that buffer along the blocks in a fixed order, so results are deterministic (no float
+atomics). The batch variance is merged from per-block (sum, sum of squared deviations from
+the block mean) with Chan's formula: no cancellation.
 
 forward:  pass 1 computes the conv output z into `out` and the block partials;
           pass 2 normalises `out` in place (+ ReLU).
