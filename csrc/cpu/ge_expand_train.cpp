@@ -69,8 +69,8 @@ void conv3x3_plane_strided(const scalar_t* src, int64_t height, int64_t width, c
       const TapRange cols = tap_range(kx, width, stride, out_w);
       const acc_t wk = w9[ky * 3 + kx];
       for (int64_t oh = rows.lo; oh < rows.hi; ++oh) {
-        const scalar_t* s = src + (oh * stride + ky - 1) * width + kx - 1;
-        acc_t* d = dst + oh * out_w;
+        const scalar_t* __restrict__ s = src + (oh * stride + ky - 1) * width + kx - 1;
+        acc_t* __restrict__ d = dst + oh * out_w;
         for (int64_t ow = cols.lo; ow < cols.hi; ++ow) d[ow] += wk * static_cast<acc_t>(s[ow * stride]);
       }
     }
@@ -90,11 +90,12 @@ void conv3x3_plane_backward_strided(const scalar_t* src, const acc_t* dz, int64_
       acc_t tap_sum = 0;
       for (int64_t oh = rows.lo; oh < rows.hi; ++oh) {
         const int64_t offset = (oh * stride + ky - 1) * width + kx - 1;
-        const scalar_t* s = src + offset + cols.lo * stride;
-        acc_t* d = dx + offset;
-        const acc_t* g = dz + oh * out_w + cols.lo;
-        tap_sum += lane_sum<acc_t>(cols.hi - cols.lo, [&](int64_t i) { return g[i] * static_cast<acc_t>(s[i * stride]); });
-        for (int64_t ow = cols.lo; ow < cols.hi; ++ow) d[ow * stride] += dz[oh * out_w + ow] * wk;
+        const scalar_t* __restrict__ s = src + offset + cols.lo * stride;
+        acc_t* __restrict__ d = dx + offset + cols.lo * stride;
+        const acc_t* __restrict__ g = dz + oh * out_w + cols.lo;
+        const int64_t n = cols.hi - cols.lo;
+        tap_sum += lane_sum<acc_t>(n, [&](int64_t i) { return g[i] * static_cast<acc_t>(s[i * stride]); });
+        for (int64_t i = 0; i < n; ++i) d[i * stride] += g[i] * wk;
       }
       gw[ky * 3 + kx] += tap_sum;
     }
