@@ -244,17 +244,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backw
                           g.out_w, z.data() + n * g.plane_out());
           }
           const acc_t invstd = acc_t(1) / std::sqrt(vp[m] + static_cast<acc_t>(eps));
-          // z becomes x_hat; dz the gradient at the BN output (ReLU mask applied).
-          const acc_t mu = mp[m], gamma_m = gp[m], beta_m = bp[m];
+          // z becomes x_hat; dz the gradient at the BN output, ReLU-masked by the output the
+          // forward computed (same scale/shift arithmetic, so the same mask bit for bit).
+          const acc_t mu = mp[m];
+          const acc_t scale = gp[m] / std::sqrt(vp[m] + static_cast<acc_t>(eps)), shift = bp[m] - mu * scale;
           for (int64_t n = 0; n < g.n_batch; ++n) {
             const scalar_t* gon = gop + (n * g.mid + m) * g.plane_out();
             acc_t* zn = z.data() + n * g.plane_out();
             acc_t* dzn = dz.data() + n * g.plane_out();
             for (int64_t i = 0; i < g.plane_out(); ++i) {
-              const acc_t xhat = (zn[i] - mu) * invstd;
               const acc_t dy = static_cast<acc_t>(gon[i]);
-              zn[i] = xhat;
-              dzn[i] = (relu && !(xhat * gamma_m + beta_m > 0)) ? acc_t(0) : dy;
+              dzn[i] = (relu && !(zn[i] * scale + shift > 0)) ? acc_t(0) : dy;
+              zn[i] = (zn[i] - mu) * invstd;
             }
           }
           const acc_t *xh = z.data(), *dyp = dz.data();
