@@ -4,7 +4,7 @@ FusedExpandConvModule) against the eager ConvModule, per distinct expansion conv
 BiSeNetV2, and the whole segmentor's training step with use_fused_ge_training() on vs off.
 
 Besides time and GPU peak memory, rows report "saved_mb": the bytes autograd keeps for
-backward (distinct storages, counted with saved_tensors_hooks; not for torch.compile rows).
+backward (distinct storages, counted with saved_tensors_hooks).
 That is the memory the fused op saves, and unlike peak memory it is measured on the CPU too.
 Per conv it includes the output (kept by the ReLU); inside the network the next layer keeps
 that tensor anyway, so the model rows show the real saving.
@@ -67,10 +67,8 @@ def _conv_rows(device, gpu, quick, batch, image, repeats):
         fused = FusedExpandConvModule(copy.deepcopy(eager))
         x = torch.randn(batch, cin, size, size, device=device).relu().requires_grad_()
         grad = torch.randn(eager(x).shape, device=device)
-        candidates = [("eager", eager)]
-        if gpu:
-            candidates.append(("compile", torch.compile(eager)))
-        candidates.append((fused_impl, fused))
+        # No torch.compile rows: nine separate fwd+bwd compilations would blow the ~90 s budget.
+        candidates = [("eager", eager), (fused_impl, fused)]
         base_ms = None
         for impl, module in candidates:
             def step(module=module):
@@ -78,8 +76,7 @@ def _conv_rows(device, gpu, quick, batch, image, repeats):
 
             timing = measure(step, device, warmup=2 if quick else 5, repeats=repeats)
             base_ms = base_ms if base_ms is not None else timing["ms"]
-            # Saved-tensor hooks and compiled autograd graphs do not mix: no count for compile.
-            saved = None if impl == "compile" else saved_mb(lambda module=module: module(x))
+            saved = saved_mb(lambda module=module: module(x))
             rows.append(_row("ge_expand_train", f"{cin}x{ratio} s{stride}{' relu' if relu else ''}", impl,
                              torch.float32, x.shape, timing, base_ms, saved))
     return rows

@@ -55,7 +55,7 @@ def check_inputs(x, weight, bn_weight, bn_bias, stride, relu, eps):
             f"got {tuple(weight.shape)}"
         )
     for name, value in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
-        check_tensor(name, value, dim=1, dtypes=tuple({x.dtype, torch.float32}), device=x.device)
+        check_tensor(name, value, dim=1, dtypes=tuple(dict.fromkeys((x.dtype, torch.float32))), device=x.device)
         if value.shape[0] != mid:
             raise ValueError(f"{name} must have shape ({mid},), got {tuple(value.shape)}")
     if bn_bias.dtype != bn_weight.dtype:
