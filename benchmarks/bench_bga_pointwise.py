@@ -11,7 +11,7 @@ Cases, channels_last (the fused model's layout), C=128: N=1 at 128x256 (a 1024x2
 GPU; float32 on CPU. GB/s counts the bytes the fused op must move: detail_dw, the three
 low-res maps and the weights read once, the output written once.
 
-    python -m benchmarks.bench_bga_pointwise [--device cuda] [--quick] [--json out.json]
+    python -m benchmarks.bench_bga_pointwise [--device cuda] [--quick] [--out results.json]
 """
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ SMALL_SHAPES = [
 SPEC_SHAPES = [
     pytest.param((2, 4, 129, 257, 33, 65), id="spec_1025x2049"),
     pytest.param((1, 3, 125, 125, 32, 32), id="spec_1000x1000"),
+    # Over one C++ conv tile per image (2^20 values): two tiles, the second a partial one.
+    pytest.param((2, 64, 131, 130, 33, 33), id="several_cpp_tiles"),
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
