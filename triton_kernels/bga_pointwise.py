@@ -27,7 +27,10 @@ from bisenet_fast.triton_kernels.bga import _bilinear, _gated, _tap
 BLOCK_P = 64
 BLOCK_C = 64
 BLOCK_K = 32
-_SIZES = ["H", "W", "h", "w", "C", "s_n", "s_c", "s_p", "l_n", "l_c", "l_p"]
+# The spatial sizes go through _tap's .to(), which a size specialised to the constant 1
+# would not have; channels and strides stay specialisable (stride 1 and multiples of 16
+# are what lets the compiler vectorise the loads along the contiguous dimension).
+_SIZES = ["H", "W", "h", "w"]
 
 
 @triton.jit(do_not_specialize=_SIZES)
