@@ -17,9 +17,9 @@ IMPLS = [
 SMALL_SHAPES = [
     pytest.param((1, 3, 16, 24, 4, 6), id="ratio4"),
     pytest.param((2, 5, 13, 17, 4, 5), id="odd"),
-    # More channels than one Triton tile of output channels (64), not a multiple of the
-    # reduction block (32): exercises the channel and reduction masks.
-    pytest.param((1, 70, 5, 6, 2, 3), id="channels_70"),
+    # More channels than one Triton tile of output channels (128), not a multiple of the
+    # reduction block (32): exercises the channel grid and the channel and reduction masks.
+    pytest.param((1, 150, 5, 6, 2, 3), id="channels_150"),
 ]
 # 1/8 is not 4x 1/32 (spec §2.4); too slow for the Triton interpreter.
 SPEC_SHAPES = [

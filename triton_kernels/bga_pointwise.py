@@ -25,8 +25,13 @@ import triton.language as tl
 from bisenet_fast.triton_kernels.bga import _bilinear, _gated, _tap
 
 BLOCK_P = 64
-BLOCK_C = 64
 BLOCK_K = 32
+# Output channels per program: all of them up to 128 (BiSeNetV2's BGA has 128), so each
+# pixel tile of detail_dw is read once; at least 16, tl.dot's smallest block.
+MAX_BLOCK_C = 128
+# The epilogue keeps several [BLOCK_P, BLOCK_C] tensors live (offsets, taps, the
+# accumulator): 8 warps hold a 64 x 128 tile without spilling where 4 would not.
+NUM_WARPS = 8
 # The spatial sizes go through _tap's .to(), which a size specialised to the constant 1
 # would not have; channels and strides stay specialisable (stride 1 and multiples of 16
 # are what lets the compiler vectorise the loads along the contiguous dimension).
@@ -115,11 +120,12 @@ def bga_pointwise_forward(detail_dw, pw_weight, pw_bias, semantic, detail_down, 
         return out
     batch, channels, H, W = detail_dw.shape
     h, w = semantic.shape[-2:]
-    grid = (triton.cdiv(H * W, BLOCK_P), triton.cdiv(channels, BLOCK_C), batch)
+    block_c = min(MAX_BLOCK_C, max(16, triton.next_power_of_2(channels)))
+    grid = (triton.cdiv(H * W, BLOCK_P), triton.cdiv(channels, block_c), batch)
     _bga_pointwise_kernel[grid](
         detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down, out,
         H, W, h, w, channels, *_pixel_strides(detail_dw, channels_last), *_pixel_strides(semantic, channels_last),
         INPUT_PRECISION=dot_precision(detail_dw.dtype), DOT_IN_FP32=_interpreter_needs_fp32_dot(detail_dw.dtype),
-        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K,
+        BLOCK_P=BLOCK_P, BLOCK_C=block_c, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
     )
     return out
