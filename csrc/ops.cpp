@@ -32,6 +32,12 @@ TORCH_LIBRARY(bisenet_fast, m) {
   m.def(
       "bga_aggregate_backward(Tensor grad_out, Tensor detail, Tensor semantic, Tensor detail_down, "
       "Tensor semantic_down) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The aggregation with the 1x1 conv of detail_dwconv folded in, inference only (no backward):
+  //   (pw_weight @ detail_dw + pw_bias) * sigmoid(up(semantic)) + up(detail_down * sigmoid(semantic_down))
+  // detail_dw (N,C,H,W); pw_weight (C,C); pw_bias (C); the rest as bga_aggregate.
+  m.def(
+      "bga_pointwise_aggregate(Tensor detail_dw, Tensor pw_weight, Tensor pw_bias, Tensor semantic, "
+      "Tensor detail_down, Tensor semantic_down) -> Tensor");
 
   // Gather-and-Expansion layer, inference form (BN folded into every conv; y = conv1(x)):
   //   stride 1: relu(x + pw(relu(dw(y))))   dw 3x3 groups=cin, cin->mid; pw (cin, mid)

@@ -6,6 +6,8 @@ and then cast to the requested dtype. The CEBlock's standalone BN after global p
 folded into conv_gap's input side (W' = W * s, b' = b + W @ t), so no BN remains. Each
 Gather-and-Expansion layer runs conv1 through ATen/cuDNN and the rest as the fused GE op
 (bisenet_fast.ops.ge_layer_stride1/2, which picks its backend through bisenet_fast.backends).
+The BGA layer runs detail_dwconv's 1x1 conv and the aggregation after it as one op
+(bisenet_fast.ops.bga_pointwise_aggregate).
 Activations are channels_last; ReLUs after convs run in place on the conv's fresh output.
 
 The fused modules hold their folded weights as buffers (nothing to train) and refuse
@@ -191,11 +193,17 @@ class FusedSemanticBranch(InferenceModule):
 
 
 class FusedBGALayer(InferenceModule):
+    """detail_dwconv's 1x1 conv runs inside bga_pointwise_aggregate (a GEMM whose epilogue
+    applies the gate and the sum), so its 128-channel 1/8-resolution output is never written
+    to memory; the depthwise conv before it stays with ATen/cuDNN."""
+
     def __init__(self, bga: BGALayer):
         super().__init__()
         self.detail_dwconv = _fold_sequence(
             (bga.detail_dwconv[0].depthwise_conv, bga.detail_dwconv[0].pointwise_conv)
         )
+        if self.detail_dwconv[1].relu:
+            raise ValueError("fuse(): BGALayer.detail_dwconv's pointwise conv must have no activation (mmseg's has none)")
         self.detail_down = nn.Sequential(FusedConv.from_conv_module(bga.detail_down[0]), bga.detail_down[1])
         self.semantic_conv = _fold_sequence(bga.semantic_conv)
         self.semantic_dwconv = _fold_sequence(
@@ -204,8 +212,10 @@ class FusedBGALayer(InferenceModule):
         self.conv = FusedConv.from_conv_module(bga.conv)
 
     def forward(self, x_d, x_s):
-        fused = ops.bga_aggregate(
-            self.detail_dwconv(x_d), self.semantic_conv(x_s), self.detail_down(x_d), self.semantic_dwconv(x_s)
+        depthwise, pointwise = self.detail_dwconv
+        fused = ops.bga_pointwise_aggregate(
+            depthwise(x_d), pointwise.weight.flatten(1), pointwise.bias,
+            self.semantic_conv(x_s), self.detail_down(x_d), self.semantic_dwconv(x_s),
         )
         return self.conv(fused)
 

@@ -1,6 +1,7 @@
 """Fused operators. Each has an eager reference (the oracle) and fused kernels chosen
 through bisenet_fast.backends."""
 from bisenet_fast.ops.bga import bga_aggregate, bga_aggregate_reference
+from bisenet_fast.ops.bga_pointwise import bga_pointwise_aggregate, bga_pointwise_aggregate_reference
 from bisenet_fast.ops.ge_expand_train import ge_expand_train, ge_expand_train_reference
 from bisenet_fast.ops.ge_layer import (
     ge_layer_stride1,
@@ -13,6 +14,8 @@ from bisenet_fast.ops.ohem_cross_entropy import ohem_cross_entropy, ohem_cross_e
 __all__ = [
     "bga_aggregate",
     "bga_aggregate_reference",
+    "bga_pointwise_aggregate",
+    "bga_pointwise_aggregate_reference",
     "ge_expand_train",
     "ge_expand_train_reference",
     "ge_layer_stride1",

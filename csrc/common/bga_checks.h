@@ -31,6 +31,29 @@ inline void check_bga_inputs(const char* op, const at::Tensor& detail, const at:
               ": spatial sizes must be non-empty, got detail ", detail.sizes(), " and semantic ", semantic.sizes());
 }
 
+// The 1x1 conv folded before the aggregation (bga_pointwise_aggregate): weight (C, C) and
+// bias (C) for detail's C channels, in detail's dtype and device; inference only (tensors
+// that require grad are refused while grad mode is on, as by the Python front).
+inline void check_bga_pointwise_weights(const at::Tensor& detail, const at::Tensor& pw_weight,
+                                        const at::Tensor& pw_bias) {
+  const int64_t c = detail.size(1);
+  TORCH_CHECK(pw_weight.dim() == 2 && pw_weight.size(0) == c && pw_weight.size(1) == c,
+              "bga_pointwise_aggregate: pw_weight must be (", c, ", ", c, ") for detail_dw's ", c,
+              " channels, got ", pw_weight.sizes());
+  TORCH_CHECK(pw_bias.dim() == 1 && pw_bias.size(0) == c, "bga_pointwise_aggregate: pw_bias must be (", c,
+              "), got ", pw_bias.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"pw_weight", &pw_weight},
+                                std::pair<const char*, const at::Tensor*>{"pw_bias", &pw_bias}}) {
+    TORCH_CHECK(t->scalar_type() == detail.scalar_type() && t->device() == detail.device(),
+                "bga_pointwise_aggregate: ", name, " must have dtype ", detail.scalar_type(), " and device ",
+                detail.device(), " like detail_dw, got ", t->scalar_type(), " on ", t->device());
+  }
+  for (const at::Tensor* t : {&detail, &pw_weight, &pw_bias}) {
+    TORCH_CHECK(!(at::GradMode::is_enabled() && t->requires_grad()), "bga_pointwise_aggregate is inference-only (no backward): call it under "
+                "torch.no_grad() or with tensors that do not require grad");
+  }
+}
+
 inline void check_bga_grad_out(const at::Tensor& grad_out, const at::Tensor& detail) {
   TORCH_CHECK(grad_out.sizes() == detail.sizes(), "bga_aggregate_backward: grad_out must have the shape of detail ",
               detail.sizes(), ", got ", grad_out.sizes());

@@ -1,0 +1,106 @@
+"""bga_pointwise_aggregate (the BGA gate folded into detail_dwconv's 1x1 conv, inference)
+against the ways to compute the same thing without it:
+
+  eager          F.conv2d (1x1, bias) + bga_aggregate_reference
+  compile        torch.compile of that (GPU, or CPU without --quick: its C++ build is slow)
+  conv+<impl>    F.conv2d + the fused bga_aggregate (what FusedBGALayer ran before)
+  <impl>         the fused GEMM + aggregation (cpp on CPU, triton on GPU)
+
+Cases, channels_last (the fused model's layout), C=128: N=1 at 128x256 (a 1024x2048 input;
+1/32 is 32x64) and N=4 at 128x128; quick divides H and W by 4. dtypes float32 and float16 on
+GPU; float32 on CPU. GB/s counts the bytes the fused op must move: detail_dw, the three
+low-res maps and the weights read once, the output written once.
+
+    python -m benchmarks.bench_bga_pointwise [--device cuda] [--quick] [--out results.json]
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import bisenet_fast as bf
+from benchmarks.run import main as cli
+from benchmarks.timing import measure
+from bisenet_fast.ops.bga_pointwise import bga_pointwise_aggregate_reference
+
+C = 128
+CASES = [("N=1 1024x2048", 1, 128, 256), ("N=4 1024x1024", 4, 128, 128)]
+
+
+def _inputs(n, H, W, dtype, device, quick):
+    if quick:
+        H, W = H // 4, W // 4
+    h, w = (H - 1) // 4 + 1, (W - 1) // 4 + 1
+    gen = torch.Generator().manual_seed(0)
+    detail_dw = torch.randn(n, C, H, W, generator=gen)
+    weight = torch.randn(C, C, generator=gen) / C**0.5
+    bias = torch.randn(C, generator=gen)
+    low = [torch.randn(n, C, h, w, generator=gen) for _ in range(3)]
+    maps = [t.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last) for t in (detail_dw, *low)]
+    return [maps[0], weight.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype), *maps[1:]]
+
+
+def _conv_then_aggregate(impl):
+    def call(detail_dw, weight, bias, semantic, detail_down, semantic_down):
+        detail = F.conv2d(detail_dw, weight[:, :, None, None], bias)
+        with bf.backends.use(impl):
+            return bf.ops.bga_aggregate(detail, semantic, detail_down, semantic_down)
+    return call
+
+
+def _fused(impl):
+    def call(*inputs):
+        with bf.backends.use(impl):
+            return bf.ops.bga_pointwise_aggregate(*inputs)
+    return call
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
+    if gpu:
+        fused_impls = ["triton"] if "triton" in bf.backends.available() else []
+        aggregate_impls = [impl for impl in ("cuda", "triton") if impl in bf.backends.available()]
+    else:
+        fused_impls, aggregate_impls = ["cpp"], ["cpp"]
+    with_compile = gpu or not quick
+    repeats = 5 if quick else (50 if gpu else 10)
+    warmup = 2 if quick else 5
+    rows = []
+    for dtype in dtypes:
+        for name, n, H, W in CASES:
+            inputs = _inputs(n, H, W, dtype, device, quick)
+            element = inputs[0].element_size()
+            bytes_moved = (2 * inputs[0].numel() + 3 * inputs[3].numel() + inputs[1].numel() + C) * element
+            impls = [("eager", bga_pointwise_aggregate_reference)]
+            if with_compile:
+                impls.append(("compile", torch.compile(bga_pointwise_aggregate_reference)))
+            impls += [(f"conv+{impl}", _conv_then_aggregate(impl)) for impl in aggregate_impls]
+            impls += [(impl, _fused(impl)) for impl in fused_impls]
+            eager_ms = None
+            for impl, fn in impls:
+                def call(fn=fn):
+                    with torch.no_grad():
+                        return fn(*inputs)
+                timing = measure(call, device, warmup=warmup, repeats=repeats)
+                eager_ms = eager_ms if eager_ms is not None else timing["ms"]
+                rows.append({
+                    "op": "bga_pointwise_aggregate",
+                    "case": f"{name} channels_last forward",
+                    "impl": impl,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "shape": list(inputs[0].shape) + ["low"] + list(inputs[3].shape[-2:]),
+                    "ms": timing["ms"],
+                    "ms_min": timing["ms_min"],
+                    "peak_extra_mb": timing["peak_extra_mb"],
+                    "speedup_vs_eager": eager_ms / timing["ms"],
+                    "gbps": bytes_moved / timing["ms"] / 1e6,
+                })
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(cli(["--only", "bench_bga_pointwise", *sys.argv[1:]]))

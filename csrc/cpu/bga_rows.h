@@ -1,0 +1,210 @@
+// The row pipeline of the BGA CPU kernels, shared by bga.cpp (the aggregation) and
+// bga_pointwise.cpp (the aggregation fused after the 1x1 conv): bilinear row upsampling,
+// the vectorised sigmoid and the per-row forward/backward of the gate. Everything is in an
+// anonymous namespace on purpose: each kernel file gets its own copy of the
+// multiversioned (target_clones) row functions, so no resolver symbol is shared between
+// translation units.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/bga_checks.h"
+#include "common/bilinear.h"
+
+// Everything up to the row functions, bga_math.h included, may assume floating-point
+// comparisons do not trap (see vectorisable_exp); GCC inlines only across equal options.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include "common/bga_math.h"
+
+namespace bisenet_fast {
+namespace {
+
+// The per-row work is compiled twice, for AVX2+FMA (x86-64-v3) and for the baseline ISA,
+// and picked when the library loads (GCC function multiversioning): the build flags are
+// the baseline's, and ATen's own kernels run with AVX2/AVX-512 on the same machines.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define BGA_ROW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define BGA_ROW_CLONES
+#endif
+
+// exp(x) for float in a form GCC auto-vectorises (libm's expf is a call per element, and
+// sigmoid is most of the arithmetic here): Cody-Waite range reduction x = n ln2 + r, a
+// degree-6 polynomial for exp(r) (Cephes' expf coefficients, ~2 ulp), times 2^n built in
+// the exponent bits. Inputs are clamped to where 2^n stays a normal float; floor(t) is
+// truncation after a shift that keeps t positive. The clamps only if-convert (and so
+// vectorise) when the compiler may assume comparisons do not trap, which is true here
+// (nothing reads the floating-point exception flags); the option (set above the namespace)
+// covers the row functions below and the pointwise math of bga_math.h they call.
+inline float vectorisable_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
+  const float nf = static_cast<float>(n);
+  const float r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// out[q] = sigmoid(in[q]); float through vectorisable_exp, double through libm (the
+// float64 path exists for gradcheck, not speed).
+inline void sigmoid_row(const float* in, float* out, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) out[q] = 1.0f / (1.0f + vectorisable_exp(-in[q]));
+}
+
+inline void sigmoid_row(const double* in, double* out, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) out[q] = bga_sigmoid(in[q]);
+}
+
+std::vector<LinearTap> axis_taps(int64_t in_size, int64_t out_size) {
+  const float scale = linear_scale(in_size, out_size);
+  std::vector<LinearTap> taps(out_size);
+  for (int64_t dst = 0; dst < out_size; ++dst) taps[dst] = linear_tap(dst, in_size, scale);
+  return taps;
+}
+
+// out[q] = w0 * a[q] + w1 * b[q]
+template <typename T>
+void blend_rows(const T* a, const T* b, float w0, float w1, T* out, int64_t n) {
+  const T v0 = static_cast<T>(w0), v1 = static_cast<T>(w1);
+  for (int64_t q = 0; q < n; ++q) out[q] = v0 * a[q] + v1 * b[q];
+}
+
+// acc[q] += w * row[q]
+template <typename T>
+void add_scaled_row(const T* row, float w, T* acc, int64_t n) {
+  const T v = static_cast<T>(w);
+  for (int64_t q = 0; q < n; ++q) acc[q] += v * row[q];
+}
+
+// Horizontal upsample of one row of pixels: out[x] = w0 * row[i0] + w1 * row[i1] (each
+// pixel `inner` values wide).
+template <typename T>
+void upsample_row(const T* row, const std::vector<LinearTap>& taps, int64_t inner, T* out) {
+  const int64_t width = static_cast<int64_t>(taps.size());
+  if (inner == 1) {
+    for (int64_t x = 0; x < width; ++x) {
+      const LinearTap& t = taps[x];
+      out[x] = static_cast<T>(t.w0) * row[t.i0] + static_cast<T>(t.w1) * row[t.i1];
+    }
+    return;
+  }
+  for (int64_t x = 0; x < width; ++x) {
+    const LinearTap& t = taps[x];
+    blend_rows(row + t.i0 * inner, row + t.i1 * inner, t.w0, t.w1, out + x * inner, inner);
+  }
+}
+
+// Transpose of upsample_row, added into acc in increasing x (acc is the low-res row).
+template <typename T>
+void upsample_row_transposed(const T* row, const std::vector<LinearTap>& taps, int64_t inner, T* acc) {
+  const int64_t width = static_cast<int64_t>(taps.size());
+  if (inner == 1) {
+    for (int64_t x = 0; x < width; ++x) {
+      const LinearTap& t = taps[x];
+      acc[t.i0] += static_cast<T>(t.w0) * row[x];
+      acc[t.i1] += static_cast<T>(t.w1) * row[x];
+    }
+    return;
+  }
+  for (int64_t x = 0; x < width; ++x) {
+    const LinearTap& t = taps[x];
+    add_scaled_row(row + x * inner, t.w0, acc + t.i0 * inner, inner);
+    add_scaled_row(row + x * inner, t.w1, acc + t.i1 * inner, inner);
+  }
+}
+
+struct Geometry {
+  int64_t planes, inner, high_rows, high_cols, low_rows, low_cols;
+  int64_t high_row_len() const { return high_cols * inner; }
+  int64_t low_row_len() const { return low_cols * inner; }
+};
+
+Geometry geometry(const BgaLayout& layout, const at::Tensor& detail, const at::Tensor& semantic) {
+  return {layout.planes, layout.inner, detail.size(2), detail.size(3), semantic.size(2), semantic.size(3)};
+}
+
+// One high-res row of the forward: the two low-res rows it reads (s0/s1 of semantic,
+// p0/p1 of detail_down * sigmoid(semantic_down)) blended vertically, upsampled, gated.
+template <typename scalar_t>
+BGA_ROW_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_t>* s0,
+                                const at::opmath_type<scalar_t>* s1, const at::opmath_type<scalar_t>* p0,
+                                const at::opmath_type<scalar_t>* p1, const std::vector<LinearTap>& col_taps,
+                                int64_t inner, int64_t low_len, const scalar_t* detail, scalar_t* out,
+                                at::opmath_type<scalar_t>* low_s, at::opmath_type<scalar_t>* low_p,
+                                at::opmath_type<scalar_t>* high_s, at::opmath_type<scalar_t>* high_p) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t high_len = static_cast<int64_t>(col_taps.size()) * inner;
+  blend_rows(s0, s1, t.w0, t.w1, low_s, low_len);
+  blend_rows(p0, p1, t.w0, t.w1, low_p, low_len);
+  upsample_row(low_s, col_taps, inner, high_s);
+  upsample_row(low_p, col_taps, inner, high_p);
+  sigmoid_row(high_s, high_s, high_len);
+  for (int64_t q = 0; q < high_len; ++q) {
+    out[q] = static_cast<scalar_t>(bga_output<opmath_t>(static_cast<opmath_t>(detail[q]), high_s[q], high_p[q]));
+  }
+}
+
+// One high-res row of the backward: writes its grad_detail when `grad_detail` is not null
+// and leaves in row_sem / row_up its contributions g * detail * s * (1 - s) and g
+// transposed through the horizontal upsample (low-res row length); the caller adds them
+// into the low-res rows the high-res row reads.
+template <typename scalar_t>
+BGA_ROW_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar_t>* s0,
+                                 const at::opmath_type<scalar_t>* s1, const std::vector<LinearTap>& col_taps,
+                                 int64_t inner, int64_t low_len, const scalar_t* grad_out, const scalar_t* detail,
+                                 scalar_t* grad_detail, at::opmath_type<scalar_t>* low_s,
+                                 at::opmath_type<scalar_t>* high_s, at::opmath_type<scalar_t>* high_tsem,
+                                 at::opmath_type<scalar_t>* high_g, at::opmath_type<scalar_t>* row_sem,
+                                 at::opmath_type<scalar_t>* row_up) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t high_len = static_cast<int64_t>(col_taps.size()) * inner;
+  blend_rows(s0, s1, t.w0, t.w1, low_s, low_len);
+  upsample_row(low_s, col_taps, inner, high_s);
+  sigmoid_row(high_s, high_s, high_len);
+  // high_s: up(semantic), then its sigmoid, then grad_detail's row.
+  for (int64_t q = 0; q < high_len; ++q) {
+    const opmath_t gq = static_cast<opmath_t>(grad_out[q]);
+    const auto hg = bga_high_grad<opmath_t>(gq, static_cast<opmath_t>(detail[q]), high_s[q]);
+    high_tsem[q] = hg.semantic_up;
+    high_g[q] = gq;
+    high_s[q] = hg.detail;
+  }
+  if (grad_detail != nullptr) {
+    for (int64_t q = 0; q < high_len; ++q) grad_detail[q] = static_cast<scalar_t>(high_s[q]);
+  }
+  std::fill(row_sem, row_sem + low_len, opmath_t(0));
+  std::fill(row_up, row_up + low_len, opmath_t(0));
+  upsample_row_transposed(high_tsem, col_taps, inner, row_sem);
+  upsample_row_transposed(high_g, col_taps, inner, row_up);
+}
+
+template <typename T>
+BGA_ROW_CLONES void add_scaled_low_row(const T* row, float w, T* acc, int64_t n) {
+  add_scaled_row(row, w, acc, n);
+}
+
+}  // namespace
+}  // namespace bisenet_fast
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
