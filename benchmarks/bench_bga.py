@@ -21,7 +21,7 @@ import sys
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import measure
+from benchmarks.timing import measure, result_row
 from bisenet_fast.ops.bga import bga_aggregate_reference
 from benchmarks.run import main as cli
 
@@ -91,18 +91,10 @@ def run(device: str, quick: bool) -> list[dict]:
                 for impl, fn in impls:
                     timing = measure(wrap(fn, inputs), device, warmup=warmup, repeats=repeats)
                     eager_ms = eager_ms if eager_ms is not None else timing["ms"]
-                    rows.append({
-                        "op": "bga_aggregate",
-                        "case": f"{name} {'channels_last' if channels_last else 'NCHW'} {mode}",
-                        "impl": impl,
-                        "dtype": str(dtype).replace("torch.", ""),
-                        "shape": list(inputs[0].shape) + ["low"] + list(inputs[1].shape[-2:]),
-                        "ms": timing["ms"],
-                        "ms_min": timing["ms_min"],
-                        "peak_extra_mb": timing["peak_extra_mb"],
-                        "speedup_vs_eager": eager_ms / timing["ms"],
-                        "gbps": bytes_moved / timing["ms"] / 1e6,
-                    })
+                    rows.append(result_row(
+                        "bga_aggregate", f"{name} {'channels_last' if channels_last else 'NCHW'} {mode}", impl, dtype,
+                        list(inputs[0].shape) + ["low"] + list(inputs[1].shape[-2:]), timing, eager_ms, bytes_moved,
+                    ))
     return rows
 
 

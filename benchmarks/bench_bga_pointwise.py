@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import bisenet_fast as bf
 from benchmarks.run import main as cli
-from benchmarks.timing import measure
+from benchmarks.timing import measure, result_row
 from bisenet_fast.ops.bga_pointwise import bga_pointwise_aggregate_reference
 
 C = 128
@@ -87,18 +87,10 @@ def run(device: str, quick: bool) -> list[dict]:
                         return fn(*inputs)
                 timing = measure(call, device, warmup=warmup, repeats=repeats)
                 eager_ms = eager_ms if eager_ms is not None else timing["ms"]
-                rows.append({
-                    "op": "bga_pointwise_aggregate",
-                    "case": f"{name} channels_last forward",
-                    "impl": impl,
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "shape": list(inputs[0].shape) + ["low"] + list(inputs[3].shape[-2:]),
-                    "ms": timing["ms"],
-                    "ms_min": timing["ms_min"],
-                    "peak_extra_mb": timing["peak_extra_mb"],
-                    "speedup_vs_eager": eager_ms / timing["ms"],
-                    "gbps": bytes_moved / timing["ms"] / 1e6,
-                })
+                rows.append(result_row(
+                    "bga_pointwise_aggregate", f"{name} channels_last forward", impl, dtype,
+                    list(inputs[0].shape) + ["low"] + list(inputs[3].shape[-2:]), timing, eager_ms, bytes_moved,
+                ))
     return rows
 
 

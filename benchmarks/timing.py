@@ -53,3 +53,23 @@ def device_name(device: str | torch.device) -> str:
     import platform
 
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def result_row(op: str, case: str, impl: str, dtype: torch.dtype, shape: list, timing: dict, eager_ms: float,
+               bytes_moved: int | None = None) -> dict:
+    """One benchmark row in the schema benchmarks/run.py prints and stores."""
+    row = {
+        "op": op,
+        "case": case,
+        "impl": impl,
+        "dtype": str(dtype).replace("torch.", ""),
+        "shape": shape,
+        "ms": timing["ms"],
+        "ms_min": timing["ms_min"],
+        "peak_extra_mb": timing["peak_extra_mb"],
+        "speedup_vs_eager": eager_ms / timing["ms"],
+    }
+    if bytes_moved is not None:
+        row["gbps"] = bytes_moved / timing["ms"] / 1e6
+    return row
+
