@@ -105,7 +105,10 @@ def use(name: str) -> Iterator[str]:
 
 
 def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cuda", "triton")) -> str:
-    """The backend that runs `op` on tensors of `device` under the current choice."""
+    """The backend that runs `op` on tensors of `device` under the current choice.
+
+    gpu_preference: the op's GPU backends, best first; a forced GPU backend that is not
+    among them raises (the op has no such kernel)."""
     name = current()
     if name == "auto":
         if device.type == "cpu":
@@ -122,6 +125,10 @@ def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cud
     reason = _why_unavailable(name)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {name!r} is not available: {reason}")
+    if name in ("cuda", "triton") and name not in gpu_preference:
+        raise BackendUnavailableError(
+            f"{op}: there is no {name} kernel for this op; its GPU backends are {', '.join(gpu_preference)}"
+        )
     if name == "cpp" and device.type != "cpu":
         raise BackendUnavailableError(f"{op}: backend 'cpp' runs CPU tensors, got tensors on {device}")
     if name == "cuda" and device.type != "cuda":

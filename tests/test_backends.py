@@ -84,3 +84,13 @@ def test_build_info_reports_the_build():
     if info["cuda"]:
         assert info["cuda_archs"]
     assert set(info) >= {"cuda_archs", "parallel", "triton", "torch_cuda", "cuda_available"}
+
+
+def test_forcing_a_gpu_backend_the_op_lacks_raises():
+    if "triton" not in bf.backends.available():
+        pytest.skip("needs triton (TRITON_INTERPRET=1 on the CPU)")
+    device = torch.device("cuda" if CUDA else "cpu")
+    with bf.backends.use("triton"):
+        assert resolve("op", device, ("cuda", "triton")) == "triton"
+        with pytest.raises(BackendUnavailableError, match="there is no triton kernel for this op; its GPU backends are cuda"):
+            resolve("op", device, ("cuda",))

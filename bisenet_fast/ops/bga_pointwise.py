@@ -92,8 +92,4 @@ def bga_pointwise_aggregate(detail_dw, pw_weight, pw_bias, semantic, detail_down
                 f"bga_pointwise_aggregate: backend 'triton' takes float32, float16 or bfloat16, got {detail_dw.dtype}"
             )
         return torch.ops.bisenet_fast_triton.bga_pointwise_aggregate(*args)
-    if backend == "cuda":
-        raise backends.BackendUnavailableError(
-            "bga_pointwise_aggregate: there is no CUDA C++ kernel for this op; use backend 'triton' (the default on GPU)"
-        )
     return torch.ops.bisenet_fast.bga_pointwise_aggregate(*args)

@@ -162,8 +162,4 @@ def ge_expand_train(x, weight, bn_weight, bn_bias, stride, relu, eps=1e-5):
         return ge_expand_train_reference(*args)
     if backend == "triton":
         return torch.ops.bisenet_fast_triton.ge_expand_train(*args)
-    if backend == "cuda":
-        raise backends.BackendUnavailableError(
-            "ge_expand_train: there is no CUDA C++ kernel for this op; use backend 'triton' (the default on GPU)"
-        )
     return torch.ops.bisenet_fast.ge_expand_train(*args)

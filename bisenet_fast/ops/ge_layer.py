@@ -182,10 +182,6 @@ def ge_layer_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
         return ge_layer_stride1_reference(*args)
     if backend == "triton":
         return torch.ops.bisenet_fast_triton.ge_layer_stride1(*args)
-    if backend == "cuda":
-        raise backends.BackendUnavailableError(
-            "ge_layer_stride1: there is no CUDA C++ kernel for this op; use backend 'triton' (the default on GPU)"
-        )
     return torch.ops.bisenet_fast.ge_layer_stride1(*args)
 
 
@@ -198,8 +194,4 @@ def ge_layer_stride2(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight
         return ge_layer_stride2_reference(*args)
     if backend == "triton":
         return torch.ops.bisenet_fast_triton.ge_layer_stride2(*args)
-    if backend == "cuda":
-        raise backends.BackendUnavailableError(
-            "ge_layer_stride2: there is no CUDA C++ kernel for this op; use backend 'triton' (the default on GPU)"
-        )
     return torch.ops.bisenet_fast.ge_layer_stride2(*args)
