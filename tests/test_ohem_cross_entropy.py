@@ -376,7 +376,16 @@ def test_triton_rejects_float64():
         bf.ops.ohem_cross_entropy(logits, target)
 
 
-CUDA_SHAPES = SHAPES + [(4, 19, 32, 32, 256, 256), (2, 19, 16, 16, 256, 256)]
+# Beyond SHAPES, sizes that exercise the CUDA backward's tiling: several bands and column
+# tiles (20x70 -> 160x600), one head column read by more output columns than a block's
+# chunk (2x2 -> 300x700), and enough classes to shrink the chunk to fit shared memory.
+CUDA_SHAPES = SHAPES + [
+    (4, 19, 32, 32, 256, 256),
+    (2, 19, 16, 16, 256, 256),
+    (2, 19, 20, 70, 160, 600),
+    (1, 3, 2, 2, 300, 700),
+    (1, 150, 8, 8, 64, 64),
+]
 
 
 @requires_cuda_build

@@ -8,10 +8,18 @@
 // (3 passes of integer histograms: 11 + 11 + 10 bits) finds it, and the kept CE is summed
 // again. The host synchronises once, to read the count of out-of-range labels.
 //
-// Backward, as a gather (no float atomics, deterministic): one kernel stores, per output
-// pixel, the logsumexp where the pixel is kept (+inf elsewhere); then one thread per head
-// element (n, c, i, j) sums over the output pixels that read it (dst_range_reading) the
-// bilinear weight times the softmax gradient, recomputing that class's upsampled logit.
+// Backward, as a gather (no float atomics, deterministic): one block per (image, band of
+// head rows, tile of head columns), the CUDA form of the CPU kernel's row pipeline. For each
+// output row that reads the band, and each chunk of the output columns that read the tile,
+// every thread recomputes one output pixel's softmax (the same function as the forward, so
+// both agree on which pixels are kept) into shared memory as its gradient
+// softmax - onehot; the block then reduces that row chunk along x into the tile's head
+// columns and adds it, with the two row weights, to the band's accumulators in shared
+// memory. Each accumulator has one owner thread and receives its terms in a fixed order.
+// Compared with the first version (one thread per head element (n, c, i, j), gathering
+// over its ~4 s^2 output pixels after a separate logsumexp pass), each pixel's upsampled
+// logits are computed ~1.3 times (band and tile overlaps) instead of 5, its label is read
+// ~1.3 times instead of 4 C times, and no per-pixel logsumexp buffer is written.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,7 +27,9 @@
 #include <cub/block/block_reduce.cuh>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <limits>
 
 #include "common/bilinear.h"
@@ -30,6 +40,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kFinalThreads = 1024;
+// Shared memory a block may use without opting in, and the widest head-column tile.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+constexpr int kMaxTileCols = 128;
 // Radix select over 32-bit keys: digits of 11, 11 and 10 bits, most significant first.
 constexpr int kSelectPasses = 3;
 constexpr int kSelectBins = 1 << 11;
@@ -64,16 +77,19 @@ __device__ __forceinline__ float upsampled_logit(const float* __restrict__ chann
   return ty.w0 * top + ty.w1 * bottom;
 }
 
-// Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`.
+// Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`;
+// with z_store set, each class's upsampled logit is also stored at z_store[c * z_stride].
 // Forward and backward call this same function, so they agree on which pixels are kept.
 __device__ __forceinline__ PixelSoftmax pixel_softmax(const float* __restrict__ logits, const Geometry& g, int64_t n,
-                                                      int64_t y, int64_t x, int64_t label) {
+                                                      int64_t y, int64_t x, int64_t label,
+                                                      float* z_store = nullptr, int z_stride = 0) {
   const LinearTap ty = linear_tap(y, g.h, g.scale_h);
   const LinearTap tx = linear_tap(x, g.w, g.scale_w);
   const float* image = logits + n * g.C * g.h * g.w;
   PixelSoftmax s{-INFINITY, 0.f, 0.f};
   for (int64_t c = 0; c < g.C; ++c) {
     const float z = upsampled_logit(image + c * g.h * g.w, g.w, ty, tx);
+    if (z_store != nullptr) z_store[c * z_stride] = z;
     if (c == label) s.z_gt = z;
     if (z > s.zmax) {
       s.sumexp = s.sumexp * expf(s.zmax - z) + 1.f;
@@ -237,48 +253,143 @@ __global__ void forward_result_kernel(const double* __restrict__ kept_block_sums
   }
 }
 
-template <typename label_t>
-__global__ void kept_lse_kernel(const float* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
-                                const float* __restrict__ threshold, int64_t ignore_index, float* __restrict__ lse) {
-  const int64_t pixels = g.N * g.H * g.W;
-  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (pix >= pixels) return;
-  const int64_t x = pix % g.W, y = (pix / g.W) % g.H, n = pix / (g.W * g.H);
-  const int64_t label = static_cast<int64_t>(target[pix]);
-  float out = INFINITY;
-  if (label != ignore_index && label >= 0 && label < g.C) {
-    const PixelSoftmax s = pixel_softmax(logits, g, n, y, x, label);
-    const float p = expf(s.z_gt - s.zmax) / s.sumexp;
-    if (p < *threshold) out = s.zmax + logf(s.sumexp);
+// Shape of the backward's blocks, chosen on the host from the sizes (fixed for given sizes,
+// so the summation order, hence the result, is too).
+struct BackwardTiling {
+  int band_rows;  // head rows per block
+  int tile_cols;  // head columns per block
+  int x_chunk;    // output columns per pass over a row (<= kThreads; one per thread)
+  size_t shared_bytes;
+};
+
+// Shared memory of one backward block, carved from one dynamic allocation.
+struct BackwardShared {
+  float* dz;       // [C][x_chunk + 1]: softmax - onehot of the row chunk (padded: no bank conflicts)
+  float* acc;      // [band_rows][C][tile_cols]: gradient of the block's head elements
+  LinearTap* tap;  // [x_chunk]: horizontal taps of the row chunk's pixels
+  int64_t* col_x;  // [2 * tile_cols]: output columns [begin, end) reading each head column
+
+  __device__ BackwardShared(char* base, const BackwardTiling& t, int64_t C) {
+    tap = reinterpret_cast<LinearTap*>(base);
+    col_x = reinterpret_cast<int64_t*>(tap + t.x_chunk);
+    dz = reinterpret_cast<float*>(col_x + 2 * t.tile_cols);
+    acc = dz + C * (t.x_chunk + 1);
   }
-  lse[pix] = out;
-}
+  static size_t bytes(const BackwardTiling& t, int64_t C) {
+    return t.x_chunk * sizeof(LinearTap) + 2 * t.tile_cols * sizeof(int64_t) +
+           (C * (t.x_chunk + 1) + static_cast<int64_t>(t.band_rows) * C * t.tile_cols) * sizeof(float);
+  }
+};
 
 template <typename label_t>
-__global__ void backward_gather_kernel(const float* __restrict__ logits, const label_t* __restrict__ target,
-                                       const float* __restrict__ lse, Geometry g, const float* __restrict__ grad_loss,
-                                       float* __restrict__ grad) {
-  const int64_t elements = g.N * g.C * g.h * g.w;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= elements) return;
-  const int64_t j = e % g.w, i = (e / g.w) % g.h, c = (e / (g.w * g.h)) % g.C, n = e / (g.w * g.h * g.C);
-  const float* channel = logits + (n * g.C + c) * g.h * g.w;
-  const DstRange ys = dst_range_reading(i, g.h, g.H, g.scale_h);
-  const DstRange xs = dst_range_reading(j, g.w, g.W, g.scale_w);
-  float acc = 0.f;
-  for (int64_t y = ys.begin; y < ys.end; ++y) {
-    const LinearTap ty = linear_tap(y, g.h, g.scale_h);
-    const float wy = linear_weight(ty, i);
-    const int64_t row = (n * g.H + y) * g.W;
-    for (int64_t x = xs.begin; x < xs.end; ++x) {
-      const float pixel_lse = lse[row + x];
-      if (pixel_lse == INFINITY) continue;  // not kept
-      const LinearTap tx = linear_tap(x, g.w, g.scale_w);
-      const float softmax_c = expf(upsampled_logit(channel, g.w, ty, tx) - pixel_lse);
-      acc += wy * linear_weight(tx, j) * ce_grad(softmax_c, static_cast<int64_t>(target[row + x]) == c, 1.f);
-    }
+// At least 3 resident blocks per SM (<= 85 registers a thread): phase 1 is latency-bound on
+// the logit loads, so occupancy matters more than the few registers spilled.
+__global__ void __launch_bounds__(kThreads, 3)
+    backward_band_kernel(const float* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
+                         BackwardTiling tiling, const float* __restrict__ threshold, int64_t ignore_index,
+                         const float* __restrict__ grad_loss, float* __restrict__ grad) {
+  extern __shared__ __align__(16) char shared_base[];
+  BackwardShared sh(shared_base, tiling, g.C);
+  const int64_t n = blockIdx.z;
+  const int64_t i_begin = static_cast<int64_t>(blockIdx.y) * tiling.band_rows;
+  const int64_t i_end = min(i_begin + tiling.band_rows, g.h);
+  const int64_t j_begin = static_cast<int64_t>(blockIdx.x) * tiling.tile_cols;
+  const int64_t j_end = min(j_begin + tiling.tile_cols, g.w);
+  const int64_t tile_cols = j_end - j_begin;
+  const int64_t accumulators = static_cast<int64_t>(tiling.band_rows) * g.C * tiling.tile_cols;
+  const int dz_stride = tiling.x_chunk + 1;
+
+  for (int64_t a = threadIdx.x; a < accumulators; a += blockDim.x) sh.acc[a] = 0.f;
+  for (int64_t jl = threadIdx.x; jl < tile_cols; jl += blockDim.x) {
+    const DstRange xs = dst_range_reading(j_begin + jl, g.w, g.W, g.scale_w);
+    sh.col_x[2 * jl] = xs.begin;
+    sh.col_x[2 * jl + 1] = xs.end;
   }
-  grad[e] = acc * (*grad_loss / static_cast<float>(g.N * g.H * g.W));
+  const int64_t y_begin = dst_range_reading(i_begin, g.h, g.H, g.scale_h).begin;
+  const int64_t y_end = dst_range_reading(i_end - 1, g.h, g.H, g.scale_h).end;
+  const int64_t x_begin = dst_range_reading(j_begin, g.w, g.W, g.scale_w).begin;
+  const int64_t x_end = dst_range_reading(j_end - 1, g.w, g.W, g.scale_w).end;
+  const float thresh = *threshold;
+  __syncthreads();
+
+  for (int64_t x0 = x_begin; x0 < x_end; x0 += tiling.x_chunk) {
+    const int64_t chunk = min(static_cast<int64_t>(tiling.x_chunk), x_end - x0);
+    const int64_t x = x0 + threadIdx.x;
+    if (threadIdx.x < chunk) sh.tap[threadIdx.x] = linear_tap(x, g.w, g.scale_w);
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      // Phase 1: one pixel per thread; its column of dz = softmax - onehot if kept, else 0.
+      bool kept = false;
+      if (threadIdx.x < chunk) {
+        float* dz = sh.dz + threadIdx.x;
+        const int64_t label = static_cast<int64_t>(target[(n * g.H + y) * g.W + x]);
+        if (label != ignore_index && label >= 0 && label < g.C) {
+          const PixelSoftmax s = pixel_softmax(logits, g, n, y, x, label, dz, dz_stride);
+          const float inv_sumexp = 1.f / s.sumexp;
+          kept = expf(s.z_gt - s.zmax) / s.sumexp < thresh;
+          if (kept)
+            for (int64_t c = 0; c < g.C; ++c)
+              dz[c * dz_stride] = ce_grad(expf(dz[c * dz_stride] - s.zmax) * inv_sumexp, c == label, 1.f);
+        }
+        if (!kept)
+          for (int64_t c = 0; c < g.C; ++c) dz[c * dz_stride] = 0.f;
+      }
+      if (!__syncthreads_or(kept)) continue;  // nothing kept in this row chunk
+      // Phase 2: reduce the row chunk along x into head columns, then into the band's rows.
+      const LinearTap ty = linear_tap(y, g.h, g.scale_h);
+      const int64_t band_row[2] = {ty.i0 - i_begin, ty.i1 - i_begin};
+      const float row_weight[2] = {ty.w0, ty.w1};
+      for (int64_t pair = threadIdx.x; pair < g.C * tile_cols; pair += blockDim.x) {
+        const int64_t c = pair % g.C, jl = pair / g.C;  // consecutive threads: consecutive classes
+        const int64_t lo = max(sh.col_x[2 * jl], x0), hi = min(sh.col_x[2 * jl + 1], x0 + chunk);
+        float partial = 0.f;
+        for (int64_t xx = lo; xx < hi; ++xx)
+          partial += linear_weight(sh.tap[xx - x0], j_begin + jl) * sh.dz[c * dz_stride + (xx - x0)];
+        for (int r = 0; r < 2; ++r)
+          if (band_row[r] >= 0 && band_row[r] < i_end - i_begin)
+            sh.acc[(band_row[r] * g.C + c) * tiling.tile_cols + jl] += row_weight[r] * partial;
+      }
+      __syncthreads();  // dz is rewritten by the next row
+    }
+    __syncthreads();  // taps are rewritten by the next chunk
+  }
+
+  const float coef = *grad_loss / static_cast<float>(g.N * g.H * g.W);
+  for (int64_t a = threadIdx.x; a < accumulators; a += blockDim.x) {
+    const int64_t jl = a % tiling.tile_cols, c = (a / tiling.tile_cols) % g.C, b = a / (tiling.tile_cols * g.C);
+    if (jl < tile_cols && i_begin + b < i_end)
+      grad[((n * g.C + c) * g.h + i_begin + b) * g.w + j_begin + jl] = sh.acc[a] * coef;
+  }
+}
+
+// Band of 4 head rows (2 or 1 when that leaves too few blocks to fill the device) and as
+// many head columns as one chunk of kThreads output columns covers: each output row and
+// column is then recomputed by ~(4+1)/4 and ~(T+1)/T blocks. Classes that do not fit the
+// default 48 KB of shared memory shrink the chunk, then the tile, then the band; beyond the
+// device's opt-in limit the call is refused.
+BackwardTiling backward_tiling(const Geometry& g) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  BackwardTiling t;
+  t.x_chunk = kThreads;
+  const double out_cols_per_head_col = static_cast<double>(g.W) / static_cast<double>(g.w);
+  t.tile_cols = static_cast<int>(std::clamp<double>(std::floor(kThreads / out_cols_per_head_col) - 2, 1, kMaxTileCols));
+  t.tile_cols = static_cast<int>(std::min<int64_t>(t.tile_cols, g.w));
+  t.band_rows = 4;
+  const auto blocks = [&] {
+    return g.N * ((g.h + t.band_rows - 1) / t.band_rows) * ((g.w + t.tile_cols - 1) / t.tile_cols);
+  };
+  while (t.band_rows > 1 && blocks() < 2 * props->multiProcessorCount) t.band_rows /= 2;
+  const auto fits = [&](size_t limit) { return BackwardShared::bytes(t, g.C) <= limit; };
+  while (!fits(kDefaultSharedBytes) && t.x_chunk > 64) t.x_chunk -= 32;
+  while (!fits(kDefaultSharedBytes) && t.tile_cols > 8) t.tile_cols /= 2;
+  while (!fits(kDefaultSharedBytes) && t.band_rows > 1) t.band_rows /= 2;
+  while (!fits(kDefaultSharedBytes) && t.x_chunk > 32) t.x_chunk -= 32;
+  t.shared_bytes = BackwardShared::bytes(t, g.C);
+  TORCH_CHECK(t.shared_bytes <= props->sharedMemPerBlockOptin, "ohem_cross_entropy (CUDA kernel): ", g.C,
+              " classes need ", t.shared_bytes, " bytes of shared memory per block in the backward; the device has ",
+              props->sharedMemPerBlockOptin);
+  TORCH_CHECK(g.N <= 65535 && (g.h + t.band_rows - 1) / t.band_rows <= 65535,
+              "ohem_cross_entropy (CUDA kernel): batch and head height must be <= 65535, got ", g.N, " and ", g.h);
+  return t;
 }
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
@@ -410,18 +521,19 @@ at::Tensor ohem_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const a
   const at::Tensor grad_scalar = grad_loss.to(head.options()).reshape({1});
   const at::Tensor threshold32 = threshold.to(head.options()).reshape({1});
   const Geometry g = geometry(head, labels);
-  const int64_t pixels = g.N * g.H * g.W;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor lse = at::empty({pixels}, head.options());
+  const BackwardTiling tiling = backward_tiling(g);
+  const dim3 grid(static_cast<unsigned>((g.w + tiling.tile_cols - 1) / tiling.tile_cols),
+                  static_cast<unsigned>((g.h + tiling.band_rows - 1) / tiling.band_rows), static_cast<unsigned>(g.N));
   at::Tensor grad = at::empty_like(head);
   dispatch_label(labels, [&](auto* target_ptr) {
-    kept_lse_kernel<<<blocks_for(pixels, kThreads), kThreads, 0, stream>>>(
-        head.const_data_ptr<float>(), target_ptr, g, threshold32.const_data_ptr<float>(), ignore_index,
-        lse.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    backward_gather_kernel<<<blocks_for(head.numel(), kThreads), kThreads, 0, stream>>>(
-        head.const_data_ptr<float>(), target_ptr, lse.const_data_ptr<float>(), g, grad_scalar.const_data_ptr<float>(),
-        grad.data_ptr<float>());
+    const auto kernel = backward_band_kernel<std::remove_const_t<std::remove_pointer_t<decltype(target_ptr)>>>;
+    if (tiling.shared_bytes > kDefaultSharedBytes)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(tiling.shared_bytes)));
+    kernel<<<grid, kThreads, tiling.shared_bytes, stream>>>(head.const_data_ptr<float>(), target_ptr, g, tiling,
+                                                            threshold32.const_data_ptr<float>(), ignore_index,
+                                                            grad_scalar.const_data_ptr<float>(), grad.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad.to(logits.scalar_type());
