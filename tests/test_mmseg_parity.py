@@ -114,6 +114,28 @@ def test_eval_backbone_heads_and_final_logits(reference, state, case, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
+def test_fused_inference_form_matches_mmseg(reference, state, case, backend):
+    """model.fuse() (BN folded, fused GE and BGA kernels, channels_last) on the weights loaded
+    through load_mmseg_checkpoint against mmseg's own outputs: every backbone output and the
+    final logits to 1e-4 of the output's scale (issue 5's float32 bound)."""
+    fused = _segmentor(state).eval().fuse()
+    image, _ = _inputs(reference, case)
+    with bf.backends.use(backend), torch.no_grad():
+        feats = fused.backbone(image)
+        final = fused(image)
+    for i, feat in enumerate(feats):
+        expected = reference[f"{case}/backbone_{i}"]
+        _assert_close(f"fused backbone out[{i}]", feat, expected, atol=1e-4 * np.abs(expected).max())
+    stride = int(reference[f"{case}/final_logits_stride"])
+    expected = reference[f"{case}/final_logits_sub"]
+    _assert_close("fused final logits (subsampled)", final[..., ::stride, ::stride], expected,
+                  atol=1e-4 * np.abs(expected).max())
+    abs_sum = float(reference[f"{case}/final_logits_abs_sum"])
+    assert abs(float(final.double().abs().sum()) - abs_sum) <= 1e-4 * abs_sum
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 def test_eval_losses_and_gradients_with_and_without_ohem(reference, state, case, backend):
     """Each head's loss (resize to label size, OHEM sampler, CE over all N*H*W pixels) in
     eval mode (BN running statistics, no dropout, so deterministic), and the gradients of
