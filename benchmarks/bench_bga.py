@@ -87,13 +87,13 @@ def run(device: str, quick: bool) -> list[dict]:
                 ("forward", _forward, (2 * high + 3 * low) * element),
                 ("forward+backward", _forward_backward, (2 * high + 3 * low + 3 * high + 6 * low) * element),
             ):
-                eager_ms = None
+                eager = None
                 for impl, fn in impls:
                     timing = measure(wrap(fn, inputs), device, warmup=warmup, repeats=repeats)
-                    eager_ms = eager_ms if eager_ms is not None else timing["ms"]
+                    eager = eager or timing
                     rows.append(result_row(
                         "bga_aggregate", f"{name} {'channels_last' if channels_last else 'NCHW'} {mode}", impl, dtype,
-                        list(inputs[0].shape) + ["low"] + list(inputs[1].shape[-2:]), timing, eager_ms, bytes_moved,
+                        list(inputs[0].shape) + ["low"] + list(inputs[1].shape[-2:]), timing, eager, bytes_moved,
                     ))
     return rows
 

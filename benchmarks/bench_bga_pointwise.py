@@ -80,16 +80,16 @@ def run(device: str, quick: bool) -> list[dict]:
                 impls.append(("compile", torch.compile(bga_pointwise_aggregate_reference)))
             impls += [(f"conv+{impl}", _conv_then_aggregate(impl)) for impl in aggregate_impls]
             impls += [(impl, _fused(impl)) for impl in fused_impls]
-            eager_ms = None
+            eager = None
             for impl, fn in impls:
                 def call(fn=fn):
                     with torch.no_grad():
                         return fn(*inputs)
                 timing = measure(call, device, warmup=warmup, repeats=repeats)
-                eager_ms = eager_ms if eager_ms is not None else timing["ms"]
+                eager = eager or timing
                 rows.append(result_row(
                     "bga_pointwise_aggregate", f"{name} channels_last forward", impl, dtype,
-                    list(inputs[0].shape) + ["low"] + list(inputs[3].shape[-2:]), timing, eager_ms, bytes_moved,
+                    list(inputs[0].shape) + ["low"] + list(inputs[3].shape[-2:]), timing, eager, bytes_moved,
                 ))
     return rows
 

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from benchmarks.run import main as cli
-from benchmarks.timing import measure
+from benchmarks.timing import measure, speedups
 from bisenet_fast.models import BiSeNetV2Segmentor, use_fused_ge_training
 from bisenet_fast.models.conv_module import ConvModule
 from bisenet_fast.models.fused_training import FusedExpandConvModule
@@ -50,11 +50,11 @@ def saved_mb(fn) -> float:
     return sum(storages.values()) / 2**20
 
 
-def _row(op, case, impl, dtype, shape, timing, base_ms, saved):
+def _row(op, case, impl, dtype, shape, timing, base, saved):
     return {
         "op": op, "case": case, "impl": impl, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
         "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
-        "speedup_vs_eager": base_ms / timing["ms"], "saved_mb": saved,
+        **speedups(base, timing), "saved_mb": saved,
     }
 
 
@@ -69,16 +69,16 @@ def _conv_rows(device, gpu, quick, batch, image, repeats):
         grad = torch.randn(eager(x).shape, device=device)
         # No torch.compile rows: nine separate fwd+bwd compilations would blow the ~90 s budget.
         candidates = [("eager", eager), (fused_impl, fused)]
-        base_ms = None
+        base = None
         for impl, module in candidates:
             def step(module=module):
                 module(x).backward(grad)
 
             timing = measure(step, device, warmup=2 if quick else 5, repeats=repeats)
-            base_ms = base_ms if base_ms is not None else timing["ms"]
+            base = base or timing
             saved = saved_mb(lambda module=module: module(x))
             rows.append(_row("ge_expand_train", f"{cin}x{ratio} s{stride}{' relu' if relu else ''}", impl,
-                             torch.float32, x.shape, timing, base_ms, saved))
+                             torch.float32, x.shape, timing, base, saved))
     return rows
 
 
@@ -91,7 +91,7 @@ def _model_rows(device, gpu, quick, batch, image, repeats):
     target = torch.randint(0, 19, (batch, image, image), device=device)
     autocast = [False, True] if gpu else [False]
     for amp in autocast:
-        base_ms = None
+        base = None
         for impl, model in (("eager", eager), ("triton" if gpu else "cpp", fused)):
             def forward(model=model):
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -102,10 +102,10 @@ def _model_rows(device, gpu, quick, batch, image, repeats):
                 model.zero_grad(set_to_none=True)
 
             timing = measure(step, device, warmup=1 if quick else 3, repeats=max(3, repeats // 2))
-            base_ms = base_ms if base_ms is not None else timing["ms"]
+            base = base or timing
             saved = saved_mb(forward)
             rows.append(_row("train_step_ge_fused", "segmentor loss+backward (OHEM)", impl,
-                             torch.float16 if amp else torch.float32, x.shape, timing, base_ms, saved))
+                             torch.float16 if amp else torch.float32, x.shape, timing, base, saved))
     return rows
 
 

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from benchmarks.timing import measure
+from benchmarks.timing import achieved_gbps, measure, speedups
 from bisenet_fast.models.bisenetv2 import GELayer
 from bisenet_fast.models.fused import FusedGELayer
 from bisenet_fast.ops import ge_layer as ge
@@ -70,16 +70,16 @@ def run(device: str, quick: bool) -> list[dict]:
             candidates.append((fused_impl, "channels_last", lambda: op(x_cl, y_cl, *weights)))
             out_h, out_w = (h, w) if stride == 1 else ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
             min_bytes = (2 * x.numel() + cout * out_h * out_w) * x.element_size()
-            base_ms = None
+            base = None
             for impl, layout, fn in candidates:
                 with torch.inference_mode():
                     timing = measure(fn, device, warmup=2 if quick else 5, repeats=repeats)
-                base_ms = base_ms if base_ms is not None else timing["ms"]
+                base = base or timing
                 rows.append({
                     "op": "ge_layer", "case": f"{cin}->{cout} s{stride}", "impl": impl, "layout": layout,
                     "dtype": str(dtype).replace("torch.", ""), "shape": [1, cin, h, w],
                     "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
-                    "speedup_vs_eager": base_ms / timing["ms"], "gbps": min_bytes / timing["ms"] / 1e6,
+                    **speedups(base, timing), "gbps": achieved_gbps(min_bytes, timing),
                 })
     return rows
 

@@ -17,7 +17,7 @@ import sys
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import measure
+from benchmarks.timing import measure, speedups
 from bisenet_fast.models.fused import capture_cuda_graph
 from benchmarks.run import main as cli
 
@@ -70,16 +70,16 @@ def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
                 with torch.inference_mode():
                     graphed = capture_cuda_graph(fused, x)
                 candidates.append((fused_impl, "fused + CUDA graph", lambda: graphed(x)))
-            base_ms = None
+            base = None
             for impl, variant, fn in candidates:
                 with torch.inference_mode():
                     timing = measure(fn, device, warmup=1 if quick else 5, repeats=repeats)
-                base_ms = base_ms if base_ms is not None else timing["ms"]
+                base = base or timing
                 rows.append({
                     "op": "bisenetv2_inference", "case": variant, "impl": impl,
                     "dtype": str(dtype).replace("torch.", ""), "shape": [1, 3, h, w],
                     "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
-                    "speedup_vs_eager": base_ms / timing["ms"], "fps": 1e3 / timing["ms"],
+                    **speedups(base, timing), "fps": 1e3 / timing["ms"],
                 })
     return rows
 

@@ -17,7 +17,7 @@ import sys
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import measure
+from benchmarks.timing import measure, speedups
 from benchmarks.run import main as cli
 
 OP = "ohem_cross_entropy"
@@ -81,11 +81,11 @@ def run(device: str = "cpu", quick: bool = True, head_sizes=HEAD_SIZES, dtypes=N
             case_min_kept = min_kept if regime == "early" else label * label // 4
             for dtype in dtypes:
                 logits, target = make_case(head, label, regime, dtype, device)
-                eager_ms = None
+                eager = None
                 for impl in impls(device, head, quick):
                     timing = measure(step_fn(impl, logits, target, case_min_kept), device, warmup=1, repeats=repeats)
                     if impl == "eager":
-                        eager_ms = timing["ms"]
+                        eager = timing
                     rows.append(
                         {
                             "op": OP,
@@ -96,7 +96,7 @@ def run(device: str = "cpu", quick: bool = True, head_sizes=HEAD_SIZES, dtypes=N
                             "ms": timing["ms"],
                             "ms_min": timing["ms_min"],
                             "peak_extra_mb": timing["peak_extra_mb"],
-                            "speedup_vs_eager": eager_ms / timing["ms"],
+                            **speedups(eager, timing),
                         }
                     )
     return rows

@@ -1,7 +1,10 @@
 """Timing and memory measurement shared by every benchmark.
 
-GPU: CUDA events around each call after warm-up, median over repeats; peak memory is
-torch.cuda.max_memory_allocated above what was allocated before the call.
+GPU: CUDA events around each call after warm-up, median over repeats ("ms": what one call
+costs a caller that waits for it, host overhead and launch latency included); the GPU time
+the call's kernels occupy ("device_ms", torch.profiler/CUPTI: what the call costs inside a
+model whose GPU queue stays full); peak memory is torch.cuda.max_memory_allocated above
+what was allocated before the call.
 CPU: perf_counter around each call, median over repeats; peak memory is not measured
 there (tracemalloc does not see ATen's allocator), so it is reported on GPU only.
 """
@@ -26,7 +29,7 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
         fn()
     _sync(device)
     times = []
-    peak_mb = None
+    peak_mb = device_ms = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -38,12 +41,37 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
             end.synchronize()
             times.append(start.elapsed_time(end))
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        device_ms = device_busy_ms(fn, device, repeats=min(repeats, 5))
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "ms_min": min(times), "peak_extra_mb": peak_mb, "repeats": repeats}
+    return {"ms": statistics.median(times), "ms_min": min(times), "device_ms": device_ms, "peak_extra_mb": peak_mb,
+            "repeats": repeats}
+
+
+def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 5) -> float | None:
+    """Median over calls of the GPU time one call of fn() occupies: the summed durations of
+    the kernels, copies and fills it launches, as CUPTI reports them through torch.profiler.
+
+    Event timing of a lone call includes host work (Python, argument checks, dispatch) and
+    launch latency, which dominate sub-millisecond ops and hide what their kernels cost;
+    this leaves both out. None if the profiler saw no GPU activity (e.g. no CUPTI).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    busy = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        # As the profiler's own "Self CUDA time total": GPU-side events, annotations excluded.
+        us = sum(e.self_device_time_total for e in prof.events()
+                 if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        busy.append(us / 1e3)
+    return statistics.median(busy) if any(busy) else None
 
 
 def device_name(device: str | torch.device) -> str:
@@ -55,9 +83,10 @@ def device_name(device: str | torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def result_row(op: str, case: str, impl: str, dtype: torch.dtype, shape: list, timing: dict, eager_ms: float,
+def result_row(op: str, case: str, impl: str, dtype: torch.dtype, shape: list, timing: dict, eager: dict,
                bytes_moved: int | None = None) -> dict:
-    """One benchmark row in the schema benchmarks/run.py prints and stores."""
+    """One benchmark row in the schema benchmarks/run.py prints and stores; `eager` is the
+    timing of the eager baseline the row is compared with."""
     row = {
         "op": op,
         "case": case,
@@ -67,9 +96,26 @@ def result_row(op: str, case: str, impl: str, dtype: torch.dtype, shape: list, t
         "ms": timing["ms"],
         "ms_min": timing["ms_min"],
         "peak_extra_mb": timing["peak_extra_mb"],
-        "speedup_vs_eager": eager_ms / timing["ms"],
+        **speedups(eager, timing),
     }
     if bytes_moved is not None:
-        row["gbps"] = bytes_moved / timing["ms"] / 1e6
+        row["gbps"] = achieved_gbps(bytes_moved, timing)
     return row
+
+
+def speedups(eager: dict, timing: dict) -> dict:
+    """Speed-up over the eager baseline by wall time and, where measured (GPU), by the GPU
+    time of the kernels alone (device_x_eager)."""
+    device_ms, eager_device_ms = timing.get("device_ms"), eager.get("device_ms")
+    return {
+        "speedup_vs_eager": eager["ms"] / timing["ms"],
+        "device_ms": device_ms,
+        "device_x_eager": eager_device_ms / device_ms if device_ms and eager_device_ms else None,
+    }
+
+
+def achieved_gbps(bytes_moved: int, timing: dict) -> float:
+    """Bytes per second of the kernels themselves: over device_ms where it was measured (GPU),
+    else over the wall time."""
+    return bytes_moved / (timing.get("device_ms") or timing["ms"]) / 1e6
 
