@@ -6,7 +6,10 @@
 //
 // Forward: one thread per output value reads detail once and the four bilinear taps of
 // the three low-resolution maps (1/16 of the output, served from L2), forming
-// detail_down * sigmoid(semantic_down) per tap.
+// detail_down * sigmoid(semantic_down) per tap. A 3-D grid (column chunk, row, plane)
+// gives each thread its position with at most one 32-bit division (channels_last),
+// where a flat index would need three 64-bit divisions and modulos per value, which cost
+// more than the value's memory traffic.
 //
 // Backward: deterministic, no atomics. One thread per low-resolution value gathers over
 // the high-resolution pixels that read it (dst_range_reading, the transpose of the taps),
@@ -67,33 +70,35 @@ __device__ __forceinline__ opmath_t gated_at(const scalar_t* __restrict__ detail
   return bga_gated_down(static_cast<opmath_t>(detail_down[offset]), static_cast<opmath_t>(semantic_down[offset]));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kChannelsLast>
 __global__ void bga_forward_kernel(const scalar_t* __restrict__ detail, const scalar_t* __restrict__ semantic,
                                    const scalar_t* __restrict__ detail_down,
                                    const scalar_t* __restrict__ semantic_down, scalar_t* __restrict__ out,
-                                   Geometry g, int64_t total) {
+                                   Geometry g, int64_t planes) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-    const int64_t k = idx % g.inner;
-    int64_t rest = idx / g.inner;
-    const int64_t x = rest % g.high_cols;
-    rest /= g.high_cols;
-    const int64_t y = rest % g.high_rows;
-    const int64_t plane = rest / g.high_rows;
-    const LinearTap ty = linear_tap(y, g.low_rows, g.row_scale);
-    const LinearTap tx = linear_tap(x, g.low_cols, g.col_scale);
-    const int64_t r0 = (plane * g.low_rows + ty.i0) * g.low_cols * g.inner;
-    const int64_t r1 = (plane * g.low_rows + ty.i1) * g.low_cols * g.inner;
-    const opmath_t semantic_up = bilinear<scalar_t, opmath_t>(semantic, r0, r1, ty, tx, g.inner, k);
-    const int64_t c0 = tx.i0 * g.inner + k, c1 = tx.i1 * g.inner + k;
+  const int inner = kChannelsLast ? static_cast<int>(g.inner) : 1;
+  const int row_len = static_cast<int>(g.high_cols) * inner;  // < 2^31, checked on the host
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;        // position in the output row
+  if (e >= row_len) return;
+  const int x = kChannelsLast ? e / inner : e;
+  const int64_t k = kChannelsLast ? e - x * inner : 0;
+  const int64_t y = blockIdx.y;
+  const LinearTap ty = linear_tap(y, g.low_rows, g.row_scale);
+  const LinearTap tx = linear_tap(x, g.low_cols, g.col_scale);
+  const int64_t c0 = tx.i0 * inner + k, c1 = tx.i1 * inner + k;
+  const int64_t low_row_len = g.low_cols * inner;
+  for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {
+    const int64_t r0 = (plane * g.low_rows + ty.i0) * low_row_len;
+    const int64_t r1 = (plane * g.low_rows + ty.i1) * low_row_len;
+    const opmath_t semantic_up = bilinear<scalar_t, opmath_t>(semantic, r0, r1, ty, tx, inner, k);
     const opmath_t gated_up =
         tx.w0 * (ty.w0 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r0 + c0) +
                  ty.w1 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r1 + c0)) +
         tx.w1 * (ty.w0 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r0 + c1) +
                  ty.w1 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r1 + c1));
-    out[idx] = static_cast<scalar_t>(
-        bga_output<opmath_t>(static_cast<opmath_t>(detail[idx]), bga_sigmoid(semantic_up), gated_up));
+    const int64_t high = (plane * g.high_rows + y) * row_len + e;
+    out[high] = static_cast<scalar_t>(
+        bga_output<opmath_t>(static_cast<opmath_t>(detail[high]), bga_sigmoid(semantic_up), gated_up));
   }
 }
 
@@ -155,10 +160,20 @@ at::Tensor bga_aggregate_cuda(const at::Tensor& detail, const at::Tensor& semant
   auto out = at::empty_like(d, d.options(), layout.format);
   const int64_t total = out.numel();
   if (total == 0) return out;
+  const int64_t row_len = g.high_cols * g.inner;
+  TORCH_CHECK(row_len < (int64_t{1} << 31) && g.high_rows <= 65535,
+              "bga_aggregate (CUDA kernel): detail rows must hold < 2^31 values and be <= 65535, got ",
+              detail.sizes());
+  // Row chunks of one warp multiple (a 128-wide NCHW row fills half a 256-thread block).
+  const int threads = static_cast<int>(std::min<int64_t>(kThreads, (row_len + 31) / 32 * 32));
+  const dim3 grid(static_cast<unsigned>((row_len + threads - 1) / threads), static_cast<unsigned>(g.high_rows),
+                  static_cast<unsigned>(std::min<int64_t>(layout.planes, 65535)));
+  const bool channels_last = layout.format == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail.scalar_type(), "bga_aggregate_cuda", [&] {
-    bga_forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    const auto kernel = channels_last ? bga_forward_kernel<scalar_t, true> : bga_forward_kernel<scalar_t, false>;
+    kernel<<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         d.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), dd.const_data_ptr<scalar_t>(),
-        sd.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, total);
+        sd.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, layout.planes);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
