@@ -18,6 +18,8 @@ SHAPES = [
 ]
 # Triton runs under the CPU interpreter without a GPU: tiny shapes only.
 TRITON_SHAPES = [(1, 3, 4, 5, 9, 11), (3, 5, 3, 4, 10, 13)]
+# A head wider than the backward's 32-column tile, so several tiles and x segments meet.
+TRITON_WIDE_SHAPE = (1, 3, 2, 40, 5, 150)
 # (thresh, min_kept as a fraction of H*W): below-thresh count path, selection path, plain CE.
 OHEM_CASES = [(0.7, 0.1), (0.2, 0.5), (None, 0.1)]
 TOLERANCE = {
@@ -357,6 +359,13 @@ def test_triton_matches_reference(shape, thresh, kept_fraction):
 def test_triton_downsampling_one_pixel_head_large_ratio(shape):
     # The backward gathers over a window of output indices around each head index: these
     # shapes check that the window holds every reader (ratio < 1, h = 1, ratio ~ 17).
+    logits, target = make_inputs(shape, device=triton_device())
+    check_against_reference("triton", logits, target, **ohem_kwargs(shape, 0.2, 0.5))
+
+
+@requires_triton
+def test_triton_several_column_tiles():
+    shape = TRITON_WIDE_SHAPE
     logits, target = make_inputs(shape, device=triton_device())
     check_against_reference("triton", logits, target, **ohem_kwargs(shape, 0.2, 0.5))
 

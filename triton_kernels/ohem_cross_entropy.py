@@ -7,10 +7,13 @@ the cross-entropy and the ground-truth probability, and writes per-program count
 when fewer than k+1 valid probabilities are <= thresh; it is then found with
 torch.kthvalue (a selection, not a sort) on the per-pixel probabilities.
 
-Backward, as a gather (no float atomics, deterministic): a first kernel stores, per output
-pixel, the logsumexp where the pixel is kept (+inf elsewhere); then one program per segment
-of a head row sums, over the output pixels that read each head pixel, the bilinear weight
-times the softmax gradient, recomputing the upsampled logits there.
+Backward, as a gather (no float atomics, deterministic): one program per (head row, tile of
+head columns) walks the output rows that read its head row; for each segment of such a row
+it recomputes the softmax gradient (softmax - onehot at kept pixels, 0 elsewhere) of the C
+classes and reduces it along x into the tile's head columns with one tl.dot against the
+segment's bilinear weight matrix (two non-zeros per output column), scaled by the row's
+weight. Each output pixel's softmax is thus recomputed about twice (once per head row it
+reads), not once per head pixel and class it reads.
 """
 from __future__ import annotations
 
@@ -85,46 +88,23 @@ def _forward_kernel(logits_ptr, target_ptr, prob_ptr, ce_ptr, counts_ptr, sums_p
 
 
 @triton.jit
-def _kept_lse_kernel(logits_ptr, target_ptr, threshold_ptr, lse_ptr,
-                     C, h, w, H, W, scale_h, scale_w, ignore_index,
-                     BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
-    """logsumexp of each kept output pixel, +inf where the pixel is not kept."""
-    row = tl.program_id(0)
-    n = row // H
-    y = row % H
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
-    mask = x < W
-    z = _upsampled_logits(logits_ptr, n, y, x, mask, C, h, w, scale_h, scale_w, BLOCK_C)
-    zmax = tl.max(z, axis=0)
-    sumexp = tl.sum(tl.exp(z - zmax[None, :]), axis=0)
-    pix = row.to(tl.int64) * W + x
-    label = tl.load(target_ptr + pix, mask=mask, other=0).to(tl.int64)
-    good = mask & (label != ignore_index) & (label >= 0) & (label < C)
-    c = tl.arange(0, BLOCK_C)[:, None]
-    z_gt = tl.sum(tl.where(c == label[None, :], z, 0.0), axis=0)
-    p = tl.exp(z_gt - zmax) / sumexp
-    kept = good & (p < tl.load(threshold_ptr))
-    tl.store(lse_ptr + pix, tl.where(kept, zmax + tl.log(sumexp), float("inf")), mask=mask)
-
-
-@triton.jit
-def _backward_gather_kernel(logits_ptr, target_ptr, lse_ptr, coef_ptr, grad_ptr,
-                            C, h, w, H, W, scale_h, scale_w, ratio_h, ratio_w,
-                            BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
-                            Y_SPAN: tl.constexpr, X_SPAN: tl.constexpr):
+def _backward_kernel(logits_ptr, target_ptr, threshold_ptr, coef_ptr, grad_ptr,
+                     C, h, w, H, W, scale_h, scale_w, ratio_h, ratio_w, ignore_index, x_span,
+                     BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_X: tl.constexpr, Y_SPAN: tl.constexpr):
     """grad[n, :, i, j] = sum over output pixels (y, x) reading head pixel (i, j) of
     wy * wx * (softmax - onehot) at kept pixels, times grad_loss / (N*H*W)."""
     row = tl.program_id(0)  # n * h + i
     n = row // h
     i = row % h
-    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    jmask = j < w
+    j_begin = tl.program_id(1) * BLOCK_J
+    j = j_begin + tl.arange(0, BLOCK_J)
     c = tl.arange(0, BLOCK_C)[:, None]
-    # Windows of output indices that can read i (resp. j): the readers of source index s
-    # have s - 1 <= src < s + 1, i.e. a span of 2 * ratio; the weights below are exact (0
-    # for the window's non-readers), the window only has to contain the readers.
+    threshold = tl.load(threshold_ptr)
+    # Windows of output indices that can read head row i (resp. the tile's columns): the
+    # readers of source index s have s - 1 <= src < s + 1; the weights below are exact (0
+    # outside the readers), so the windows only have to contain them.
     y_lo = tl.maximum(((i.to(tl.float32) - 0.5) * ratio_h - 0.5).to(tl.int32) - 1, 0)
-    x_lo = tl.maximum(((j.to(tl.float32) - 0.5) * ratio_w - 0.5).to(tl.int32) - 1, 0)
+    x_lo = tl.maximum(((j_begin.to(tl.float32) - 0.5) * ratio_w - 0.5).to(tl.int32) - 1, 0)
     acc = tl.zeros((BLOCK_C, BLOCK_J), dtype=tl.float32)
     for dy in range(Y_SPAN):
         y = y_lo + dy
@@ -132,21 +112,31 @@ def _backward_gather_kernel(logits_ptr, target_ptr, lse_ptr, coef_ptr, grad_ptr,
         wy = tl.where(yi0 == i, wy0, 0.0) + tl.where(yi1 == i, wy1, 0.0)
         wy = tl.where(y < H, wy, 0.0)
         if wy != 0.0:
-            for dx in range(X_SPAN):
-                x = x_lo + dx
-                xi0, xi1, wx0, wx1 = _tap(x, w, scale_w)
-                wx = tl.where(xi0 == j, wx0, 0.0) + tl.where(xi1 == j, wx1, 0.0)
-                reads = jmask & (x < W) & (wx != 0.0)
+            for x_start in range(0, x_span, BLOCK_X):
+                x = x_lo + x_start + tl.arange(0, BLOCK_X)
+                mask = x < W
+                # The forward's arithmetic on a block of the same shape, so that both agree
+                # on which pixels are kept.
+                z = _upsampled_logits(logits_ptr, n, y, x, mask, C, h, w, scale_h, scale_w, BLOCK_C)
+                zmax = tl.max(z, axis=0)
+                e = tl.exp(z - zmax[None, :])
+                sumexp = tl.sum(e, axis=0)
                 pix = (n.to(tl.int64) * H + y) * W + x
-                lse = tl.load(lse_ptr + pix, mask=reads, other=float("inf"))
-                kept = reads & (lse != float("inf"))
-                label = tl.load(target_ptr + pix, mask=kept, other=0).to(tl.int64)
-                z = _upsampled_logits(logits_ptr, n, y, x, kept, C, h, w, scale_h, scale_w, BLOCK_C)
-                g = tl.exp(z - lse[None, :]) - tl.where(c == label[None, :], 1.0, 0.0)
-                acc += tl.where(kept[None, :] & (c < C), g * (wy * wx)[None, :], 0.0)
+                label = tl.load(target_ptr + pix, mask=mask, other=0).to(tl.int64)
+                good = mask & (label != ignore_index) & (label >= 0) & (label < C)
+                z_gt = tl.sum(tl.where(c == label[None, :], z, 0.0), axis=0)
+                kept = good & (tl.exp(z_gt - zmax) / sumexp < threshold)
+                onehot = tl.where(c == label[None, :], 1.0, 0.0)
+                dz = tl.where(kept[None, :] & (c < C), e / sumexp[None, :] - onehot, 0.0)
+                # (BLOCK_X, BLOCK_J) bilinear weights of the segment's columns, times wy.
+                xi0, xi1, wx0, wx1 = _tap(x, w, scale_w)
+                weights = tl.where(xi0[:, None] == j[None, :], wx0[:, None], 0.0)
+                weights += tl.where(xi1[:, None] == j[None, :], wx1[:, None], 0.0)
+                weights = tl.where(mask[:, None], weights * wy, 0.0)
+                acc = tl.dot(dz, weights, acc, input_precision="tf32x3")
     coef = tl.load(coef_ptr)
     out = grad_ptr + ((n.to(tl.int64) * C + c) * h + i) * w + j[None, :]
-    tl.store(out, acc * coef, mask=(c < C) & jmask[None, :])
+    tl.store(out, acc * coef, mask=(c < C) & (j < w)[None, :])
 
 
 def _scale(in_size: int, out_size: int) -> float:
@@ -206,20 +196,16 @@ def backward(grad_loss, logits, target, threshold, ignore_index):
     target = target.contiguous()
     N, C, h, w = head.shape
     H, W = target.shape[1:]
-    block_c = triton.next_power_of_2(C)
-    block_x = _row_block(W, block_c)
-    lse = torch.empty(N * H * W, device=head.device, dtype=torch.float32)
-    _kept_lse_kernel[(N * H, triton.cdiv(W, block_x))](
-        head, target, threshold.to(torch.float32), lse, C, h, w, H, W, _scale(h, H), _scale(w, W), ignore_index,
-        BLOCK_C=block_c, BLOCK_X=block_x,
-    )
+    # tl.dot needs every block dimension >= 16 (the padding classes are zeroed in dz).
+    block_c = max(16, triton.next_power_of_2(C))
+    block_x = _row_block(W, triton.next_power_of_2(C))  # the forward's segment shape
+    block_j = max(16, min(triton.next_power_of_2(w), 32))
     coef = (grad_loss.to(torch.float32) / (N * H * W)).reshape(1)
     grad = torch.empty_like(head)
-    block_j = max(16, min(triton.next_power_of_2(w), 2048 // block_c))
     ratio_h, ratio_w = H / h, W / w
-    _backward_gather_kernel[(N * h, triton.cdiv(w, block_j))](
-        head, target, lse, coef, grad, C, h, w, H, W, _scale(h, H), _scale(w, W), ratio_h, ratio_w,
-        BLOCK_C=block_c, BLOCK_J=block_j,
-        Y_SPAN=math.ceil(2 * ratio_h) + 3, X_SPAN=math.ceil(2 * ratio_w) + 3,
+    _backward_kernel[(N * h, triton.cdiv(w, block_j))](
+        head, target, threshold.to(torch.float32).reshape(1), coef, grad, C, h, w, H, W, _scale(h, H), _scale(w, W),
+        ratio_h, ratio_w, ignore_index, math.ceil((block_j + 1) * ratio_w) + 3,
+        BLOCK_C=block_c, BLOCK_J=block_j, BLOCK_X=block_x, Y_SPAN=math.ceil(2 * ratio_h) + 3,
     )
     return grad.to(logits.dtype)
