@@ -23,7 +23,7 @@ import benchmarks
 import bisenet_fast as bf
 from benchmarks.timing import device_name
 
-COLUMNS = ("op", "case", "impl", "dtype", "ms", "speedup_vs_eager", "peak_extra_mb", "gbps", "samples_per_s")
+COLUMNS = ("op", "case", "impl", "dtype", "ms", "speedup_vs_eager", "saved_mb", "peak_extra_mb", "gbps", "samples_per_s")
 
 
 def modules(only: list[str] | None):
