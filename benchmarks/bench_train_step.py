@@ -1,74 +1,111 @@
 """One training step of the published recipes: fused kernels (backend auto) vs the eager model.
 
 A step is forward of the five heads, their losses, backward and the SGD step, on a fixed
-batch (data loading excluded: see bench_loader). GPU: the 4x4 recipe's per-GPU batch
-(4 x 1024 x 1024), plain fp32, OHEM, and float16 autocast with the static loss scale; peak
-memory from torch.cuda.max_memory_allocated. Quick/CPU: 2 x 128 x 128.
+batch (data loading excluded: see bench_loader). Three implementations per recipe: eager
+(backend 'eager'), fused (backend 'auto'), and fused plus the opt-in recomputing GE
+expansion (use_fused_ge_training; impl '<backend>+ge_train').
 
-    python -m benchmarks.bench_train_step [--device cuda] [--full]
+Memory, two numbers:
+  saved_mb       activations autograd holds for backward after forward+loss
+                 (timing.saved_activation_mb; parameters, buffers and the batch excluded);
+                 measured on every device from one extra forward.
+  peak_extra_mb  torch.cuda.max_memory_allocated over the timed steps (GPU only).
+
+Shapes: quick, 2 x 128 x 128. Full, the 4x4 recipes' per-GPU batch, 4 x 1024 x 1024: on GPU
+the plain fp32, OHEM and float16-autocast (static loss scale) recipes, timed after warm-up;
+on CPU only the OHEM recipe in fp32, timed as one step without warm-up (a step takes tens of
+seconds there and needs ~10 GB; the number that matters there is saved_mb).
+
+    python -m benchmarks.bench_train_step [--device cuda] [--quick] [--out rows.json]
 """
 from __future__ import annotations
-
 
 import sys
 
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import measure
-from bisenet_fast.configs import load_recipe
-from bisenet_fast.train import LOSS_KEYS, build_optimizer
 from benchmarks.run import main as cli
+from benchmarks.timing import measure, saved_activation_mb, speedups
+from bisenet_fast.configs import load_recipe
+from bisenet_fast.models import use_fused_ge_training
+from bisenet_fast.train import LOSS_KEYS, build_optimizer
 
 RECIPES = {
     "4x4 fp32": "bisenetv2_fcn_4x4_1024x1024_160k_cityscapes",
     "4x4 ohem": "bisenetv2_fcn_ohem_4x4_1024x1024_160k_cityscapes",
     "4x4 fp16": "bisenetv2_fcn_fp16_4x4_1024x1024_160k_cityscapes",
 }
+QUICK_SHAPE = (2, 128)  # batch, crop size
+FULL_SHAPE = (4, 1024)
+
+# impl label -> (backend, use_fused_ge_training)
+IMPLS = {"eager": ("eager", False), "fused": ("auto", False), "fused+ge_train": ("auto", True)}
 
 
-def make_step(recipe: dict, device: torch.device, batch: int, size: int):
-    torch.manual_seed(0)
-    model = bf.BiSeNetV2Segmentor(**recipe["model"]).to(device).train()
-    opt = build_optimizer(model, recipe)
-    amp = recipe.get("amp") or {}
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(amp.get("dtype"))
-    scaler = torch.amp.GradScaler(device.type, init_scale=512.0, enabled=dtype is torch.float16)
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 19, (batch, size, size), device=device)
-    y[:, :, -size // 8 :] = 255  # some padding / ignored pixels, as after RandomCrop + Pad
+class TrainStep:
+    """A model, its optimizer and a fixed batch; step() is one full training step."""
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            losses = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(sum(losses[k] for k in LOSS_KEYS)).backward()
-        scaler.step(opt)
-        if scaler.is_enabled():
-            scaler.update(512.0)
+    def __init__(self, recipe: dict, device: torch.device, batch: int, size: int, fused_ge: bool):
+        torch.manual_seed(0)
+        self.model = bf.BiSeNetV2Segmentor(**recipe["model"]).to(device).train()
+        if fused_ge:
+            use_fused_ge_training(self.model)
+        self.opt = build_optimizer(self.model, recipe)
+        self.device_type = device.type
+        amp = recipe.get("amp") or {}
+        self.amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(amp.get("dtype"))
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=512.0, enabled=self.amp_dtype is torch.float16)
+        self.x = torch.randn(batch, 3, size, size, device=device)
+        self.y = torch.randint(0, 19, (batch, size, size), device=device)
+        self.y[:, :, -size // 8 :] = 255  # some padding / ignored pixels, as after RandomCrop + Pad
 
-    return step
+    def forward_loss(self) -> torch.Tensor:
+        """The scaled sum of the five heads' losses, with its autograd graph."""
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            losses = self.model.loss(self.x, self.y)
+        return self.scaler.scale(sum(losses[k] for k in LOSS_KEYS))
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.forward_loss().backward()
+        self.scaler.step(self.opt)
+        if self.scaler.is_enabled():
+            self.scaler.update(512.0)
+
+    def saved_mb(self) -> float:
+        """Activation memory held for backward by one forward+loss (not the model's own tensors)."""
+        resident = [*self.model.parameters(), *self.model.buffers(), self.x, self.y]
+        return saved_activation_mb(self.forward_loss, exclude=resident)
 
 
 def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     dev = torch.device(device)
-    batch, size = (2, 128) if quick or dev.type == "cpu" else (4, 1024)
-    cases = ["4x4 fp32"] if dev.type == "cpu" else list(RECIPES)
+    batch, size = QUICK_SHAPE if quick else FULL_SHAPE
+    on_cpu = dev.type == "cpu"
+    if on_cpu:
+        cases = ["4x4 fp32", "4x4 ohem"] if quick else ["4x4 ohem"]
+        warmup, repeats = (2, 3) if quick else (0, 1)
+    else:
+        cases = list(RECIPES)
+        warmup, repeats = (2, 3) if quick else (2, 10)
+    fused_backend = bf.backends.resolve("ohem_cross_entropy", dev)
     rows = []
     for case in cases:
         recipe = load_recipe(RECIPES[case])
-        timings = {}
-        for impl, backend in (("eager", "eager"), ("fused", "auto")):
+        eager = None
+        for impl, (backend, fused_ge) in IMPLS.items():
             with bf.backends.use(backend):
-                step = make_step(recipe, dev, batch, size)
-                t = measure(step, dev, warmup=2, repeats=3 if quick else 10)
-            timings[impl] = t
+                train_step = TrainStep(recipe, dev, batch, size, fused_ge)
+                saved_mb = train_step.saved_mb()
+                t = measure(train_step.step, dev, warmup=warmup, repeats=repeats)
+            del train_step
+            eager = eager or t
             rows.append({
-                "op": "train_step", "case": case, "impl": impl if impl == "eager" else bf.backends.resolve(
-                    "ohem_cross_entropy", dev), "dtype": (recipe.get("amp") or {}).get("dtype", "float32"),
-                "shape": [batch, 3, size, size], "ms": t["ms"], "ms_min": t["ms_min"],
-                "peak_extra_mb": t.get("peak_extra_mb"),
-                "speedup_vs_eager": timings["eager"]["ms"] / t["ms"],
+                "op": "train_step", "case": case, "impl": impl.replace("fused", fused_backend),
+                "dtype": (recipe.get("amp") or {}).get("dtype", "float32"), "shape": [batch, 3, size, size],
+                "ms": t["ms"], "ms_min": t["ms_min"], "repeats": repeats, "saved_mb": saved_mb,
+                "peak_extra_mb": t["peak_extra_mb"], **speedups(eager, t),
             })
     return rows
 

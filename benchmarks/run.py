@@ -23,7 +23,8 @@ import benchmarks
 import bisenet_fast as bf
 from benchmarks.timing import device_name
 
-COLUMNS = ("op", "case", "impl", "dtype", "ms", "speedup_vs_eager", "device_ms", "device_x_eager", "peak_extra_mb", "gbps", "samples_per_s")
+COLUMNS = ("op", "case", "impl", "dtype", "ms", "speedup_vs_eager", "device_ms", "device_x_eager", "saved_mb",
+           "peak_extra_mb", "gbps", "samples_per_s")
 
 
 def modules(only: list[str] | None):

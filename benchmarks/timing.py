@@ -7,12 +7,14 @@ model whose GPU queue stays full); peak memory is torch.cuda.max_memory_allocate
 what was allocated before the call.
 CPU: perf_counter around each call, median over repeats; peak memory is not measured
 there (tracemalloc does not see ATen's allocator), so it is reported on GPU only.
+Any device: saved_activation_mb() counts what autograd keeps for backward, a memory
+number that does not depend on the device's allocator.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -72,6 +74,37 @@ def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: i
                  if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
         busy.append(us / 1e3)
     return statistics.median(busy) if any(busy) else None
+
+
+def saved_activation_mb(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> float:
+    """MB (2**20 bytes) of the tensors autograd saves for backward while fn() runs.
+
+    Counts every tensor packed for backward (torch.autograd.graph.saved_tensors_hooks:
+    built-in ops' saved inputs/outputs and custom ops' ctx.save_for_backward), once per
+    distinct storage (views and repeated saves of one tensor count once) at the storage's
+    full size (a saved slice holds its whole storage). Storages shared with `exclude` (e.g.
+    the model's parameters and buffers and the input batch, which exist whether or not
+    backward will run) are not counted.
+
+    Not counted: workspace and temporaries freed during the forward, the outputs fn returns
+    unless saved, anything a custom autograd Function keeps as a plain ctx attribute instead
+    of through save_for_backward, gradients, and optimizer state. It is the activation
+    memory a training step holds between forward and backward, not a peak.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    # Holding the storages until fn returns keeps a saved-then-freed storage's address from
+    # being reused by a later one, which would make two storages look like one.
+    saved: dict[int, torch.UntypedStorage] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved.setdefault(storage.data_ptr(), storage)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storage.nbytes() for storage in saved.values()) / 2**20
 
 
 def device_name(device: str | torch.device) -> str:
