@@ -1,8 +1,10 @@
-"""benchmarks.timing.saved_activation_mb on graphs whose saved tensors are known."""
+"""benchmarks.timing: saved_activation_mb on graphs whose saved tensors are known, and the
+GPU kernel time (device_ms) against what a known kernel must take."""
 import pytest
 import torch
 
-from benchmarks.timing import saved_activation_mb
+from benchmarks.timing import device_busy_ms, measure, saved_activation_mb, speedups
+from tests.helpers import requires_cuda
 
 N = 1024  # float32 elements: 4 KiB per tensor
 KIB = 4096 / 2**20  # one such tensor in MB
@@ -65,3 +67,20 @@ def test_custom_function_save_for_backward_is_counted():
     (x,) = leaves(1)
     doubled = x.detach() * 2  # a non-leaf storage distinct from x
     assert saved_activation_mb(lambda: Square.apply(doubled.requires_grad_()).sum()) == pytest.approx(KIB)
+
+
+def test_speedups_use_device_time_only_when_both_have_it():
+    eager, fused = {"ms": 4.0, "device_ms": 2.0}, {"ms": 2.0, "device_ms": 0.5}
+    assert speedups(eager, fused) == {"speedup_vs_eager": 2.0, "device_ms": 0.5, "device_x_eager": 4.0}
+    assert speedups({"ms": 4.0}, fused)["device_x_eager"] is None
+
+
+@requires_cuda
+def test_device_time_counts_the_kernels_and_not_the_host():
+    x = torch.empty(64 * 2**20, device="cuda")  # 256 MB: a fill takes >= ~50 us on any GPU
+    one_fill = device_busy_ms(lambda: x.fill_(1.0), x.device)
+    three_fills = device_busy_ms(lambda: [x.fill_(v) for v in (1.0, 2.0, 3.0)], x.device)
+    assert one_fill is not None and one_fill > 0.02
+    assert three_fills == pytest.approx(3 * one_fill, rel=0.3)
+    timing = measure(lambda: x.fill_(1.0), x.device, warmup=1, repeats=5)
+    assert 0 < timing["device_ms"] <= timing["ms"] * 1.05  # events include launch and host time
