@@ -1,6 +1,7 @@
 // OHEM cross-entropy on logits upsampled on the fly (CUDA).
 //
-// Forward: one thread per output pixel computes its C upsampled logits from the four
+// Forward: one thread per output pixel (grid: column chunk, row, image, so no 64-bit
+// division recovers the position) computes its C upsampled logits from the four
 // head-resolution taps (never stored at (N, C, H, W)), an online logsumexp, the
 // cross-entropy and the ground-truth probability; per-block counts and sums are reduced by
 // one block in a fixed order (deterministic). Whether the k-th probability is needed is
@@ -106,12 +107,13 @@ __global__ void forward_pixels_kernel(const float* __restrict__ logits, const la
                                       float thresh, int64_t ignore_index, float* __restrict__ prob,
                                       float* __restrict__ ce, long long* __restrict__ block_counts,
                                       double* __restrict__ block_sums) {
-  const int64_t pixels = g.N * g.H * g.W;
-  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t y = blockIdx.y, n = blockIdx.z;
+  const int64_t block = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
   long long valid = 0, le = 0, bad = 0;
   double sum_valid = 0, sum_below = 0;
-  if (pix < pixels) {
-    const int64_t x = pix % g.W, y = (pix / g.W) % g.H, n = pix / (g.W * g.H);
+  if (x < g.W) {
+    const int64_t pix = (n * g.H + y) * g.W + x;
     const int64_t label = static_cast<int64_t>(target[pix]);
     float p = INFINITY, loss = 0.f;
     if (label != ignore_index) {
@@ -137,13 +139,13 @@ __global__ void forward_pixels_kernel(const float* __restrict__ logits, const la
   long long totals[3] = {valid, le, bad};
   for (int i = 0; i < 3; ++i) {
     const long long t = CountReduce(count_storage).Sum(totals[i]);
-    if (threadIdx.x == 0) block_counts[blockIdx.x * 3 + i] = t;
+    if (threadIdx.x == 0) block_counts[block * 3 + i] = t;
     __syncthreads();
   }
   double sums[2] = {sum_valid, sum_below};
   for (int i = 0; i < 2; ++i) {
     const double t = SumReduce(sum_storage).Sum(sums[i]);
-    if (threadIdx.x == 0) block_sums[blockIdx.x * 2 + i] = t;
+    if (threadIdx.x == 0) block_sums[block * 2 + i] = t;
     __syncthreads();
   }
 }
@@ -456,19 +458,24 @@ std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cuda(const at::Ten
   const Geometry g = geometry(head, labels);
   const int64_t pixels = g.N * g.H * g.W;
   const int64_t blocks = blocks_for(pixels, kThreads);
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "ohem_cross_entropy: target too large");
+  TORCH_CHECK(blocks < (int64_t{1} << 31) && g.H <= 65535 && g.N <= 65535,
+              "ohem_cross_entropy (CUDA kernel): target must have <= 65535 images and rows and < 2^39 pixels, got ",
+              target.sizes());
+  const dim3 pixel_grid(static_cast<unsigned>(blocks_for(g.W, kThreads)), static_cast<unsigned>(g.H),
+                        static_cast<unsigned>(g.N));
+  const int64_t pixel_blocks = static_cast<int64_t>(pixel_grid.x) * pixel_grid.y * pixel_grid.z;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = head.options();
   at::Tensor prob = at::empty({pixels}, f32);
   at::Tensor ce = at::empty({pixels}, f32);
-  at::Tensor block_counts = at::empty({blocks, 3}, f32.dtype(at::kLong));
-  at::Tensor block_sums = at::empty({blocks, 2}, f32.dtype(at::kDouble));
+  at::Tensor block_counts = at::empty({pixel_blocks, 3}, f32.dtype(at::kLong));
+  at::Tensor block_sums = at::empty({pixel_blocks, 2}, f32.dtype(at::kDouble));
   at::Tensor state_bytes = at::empty({static_cast<int64_t>(sizeof(ForwardState))}, f32.dtype(at::kByte));
   auto* state = reinterpret_cast<ForwardState*>(state_bytes.data_ptr());
   const float thresh32 = thresh.has_value() ? static_cast<float>(*thresh) : INFINITY;
 
   dispatch_label(labels, [&](auto* target_ptr) {
-    forward_pixels_kernel<<<blocks, kThreads, 0, stream>>>(
+    forward_pixels_kernel<<<pixel_grid, kThreads, 0, stream>>>(
         head.const_data_ptr<float>(), target_ptr, g, thresh32, ignore_index, prob.data_ptr<float>(),
         ce.data_ptr<float>(), reinterpret_cast<long long*>(block_counts.data_ptr<int64_t>()),
         block_sums.data_ptr<double>());
@@ -476,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cuda(const at::Ten
   });
   forward_totals_kernel<<<1, kFinalThreads, 0, stream>>>(
       reinterpret_cast<const long long*>(block_counts.const_data_ptr<int64_t>()), block_sums.const_data_ptr<double>(),
-      blocks, min_kept, g.N, thresh.has_value(), state);
+      pixel_blocks, min_kept, g.N, thresh.has_value(), state);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Radix select, skipped on the device when the threshold is thresh itself.
