@@ -79,6 +79,13 @@ pybind11::dict build_info() {
   info["cuda_archs"] = std::string(BISENET_FAST_CUDA_ARCHS);
   info["compiled_with_torch"] = std::string(BISENET_FAST_TORCH_VERSION);
   info["parallel"] = at::get_parallel_info();
+  // Whether at::parallel_for in these kernels can use more than one thread (torch's OpenMP
+  // backend runs the header's `#pragma omp parallel`, which needs -fopenmp here).
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
   return info;
 }
 

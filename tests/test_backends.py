@@ -86,6 +86,14 @@ def test_build_info_reports_the_build():
     assert set(info) >= {"cuda_archs", "parallel", "triton", "torch_cuda", "cuda_available"}
 
 
+def test_cpu_kernels_are_built_to_run_in_parallel():
+    """With torch's OpenMP backend, at::parallel_for's `#pragma omp parallel` (a header
+    template) runs in parallel only if the extension was compiled with -fopenmp."""
+    if not torch.backends.openmp.is_available():
+        pytest.skip("torch is not built with OpenMP")
+    assert bf.build_info()["openmp"], "bisenet_fast._C was compiled without -fopenmp: its CPU kernels run on one thread"
+
+
 def test_forcing_a_gpu_backend_the_op_lacks_raises():
     if "triton" not in bf.backends.available():
         pytest.skip("needs triton (TRITON_INTERPRET=1 on the CPU)")
