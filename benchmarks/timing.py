@@ -43,7 +43,7 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
             end.synchronize()
             times.append(start.elapsed_time(end))
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        device_ms = device_busy_ms(fn, device, repeats=min(repeats, 5))
+        device_ms = device_busy_ms(fn, device, repeats=min(repeats, 3))
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()

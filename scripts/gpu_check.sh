@@ -5,7 +5,7 @@
 # logs and JSON in the folder given as argument.
 #
 #   scripts/gpu_check.sh OUT_DIR [STAGE_TIMEOUT_S]
-# Environment: TESTS (pytest selection, default: tests), BENCH_ONLY (comma-separated
+# Environment: TESTS (pytest selection, default: tests, on 8 xdist workers), BENCH_ONLY (comma-separated
 # benchmark module substrings, default: all), BENCH_ARGS (extra benchmarks.run arguments).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [STAGE_TIMEOUT_S]}
@@ -37,7 +37,10 @@ fi
 $py -c "import bisenet_fast as bf; print(bf.build_info())" 2>&1 | tee -a "$out/build.log"
 
 echo "== tests"
-timeout "$stage_timeout" $py -m pytest ${TESTS:-tests} -q -rs -p no:cacheprovider --timeout=120 --junitxml="$out/tests.xml" \
+# Default: the whole suite, over 8 workers where pytest-xdist is installed.
+default_tests=tests
+if $py -c "import xdist" 2>/dev/null; then default_tests="tests -n 8"; fi
+timeout "$stage_timeout" $py -m pytest ${TESTS:-$default_tests} -q -rs -p no:cacheprovider --timeout=120 --junitxml="$out/tests.xml" \
   >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -25 "$out/tests.log"
