@@ -34,13 +34,12 @@ def extension():
     define_macros = [("BISENET_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
     # at::parallel_for is a header template: with torch's OpenMP backend (the pip wheels'),
     # its `#pragma omp parallel` only runs in parallel when the extension itself is compiled
-    # with -fopenmp; without it every CPU kernel silently runs on one thread. Linking
-    # -fopenmp adds libgomp.so.1, the soname torch already loaded, so one runtime serves both.
+    # with -fopenmp; without it every CPU kernel silently runs on one thread. Compile only:
+    # the GOMP_* calls then bind, at load time, to the OpenMP runtime libtorch_cpu already
+    # depends on, so there is one runtime and no link-time need for the compiler's libgomp.
     cxx_flags = ["-O3"]
-    link_flags = []
     if torch.backends.openmp.is_available():
         cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
         define_macros.append(("BISENET_FAST_CUDA_ARCHS", '""'))
@@ -50,7 +49,6 @@ def extension():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
         )
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     define_macros += [("BISENET_FAST_WITH_CUDA", None), ("BISENET_FAST_CUDA_ARCHS", f'"{archs}"')]
@@ -63,7 +61,6 @@ def extension():
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
         },
-        extra_link_args=link_flags,
     )
 
 
