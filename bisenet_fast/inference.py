@@ -24,7 +24,9 @@ def load_rgb(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image array must be H x W x 3 (RGB), got shape {image.shape}")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        # One converting copy: also makes a read-only array (np.asarray of a PIL image)
+        # writable, which torch.from_numpy requires.
+        return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
     if isinstance(image, torch.Tensor):
         if image.dim() == 3 and image.shape[0] == 3:
             return image.float()
