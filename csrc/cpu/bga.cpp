@@ -2,14 +2,15 @@
 //
 // Every map is walked as planes of pixel rows (BgaLayout in common/bga_checks.h), so NCHW
 // and channels_last run the same row pipeline natively (no transposes): for one
-// high-resolution row, interpolate the two low-resolution rows it reads vertically, then
-// horizontally, then apply the gate. Bilinear taps come from common/bilinear.h (the same
+// high-resolution row, blend vertically the two low-resolution rows it reads, upsampled
+// horizontally (once per low-res row, cached), then apply the gate. Bilinear taps come from common/bilinear.h (the same
 // taps as F.interpolate), the pointwise math from common/bga_math.h (shared with CUDA).
 //
 // The backward is deterministic and independent of the thread count: the transposes of
 // the upsample are computed per band of low-resolution rows; each band walks the
-// high-resolution rows that read it in increasing order and adds their contributions to
-// its rows in that order, so every low-resolution value is the same sum in the same order
+// high-resolution rows that read it in increasing order and adds their contributions,
+// still at high-res width, to its rows in that order, then transposes the horizontal
+// upsample once per row, so every low-resolution value is the same sum in the same order
 // whatever the banding.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -39,15 +40,18 @@ void forward_kernel(const Geometry& g, const scalar_t* detail, const at::opmath_
   const int64_t low_len = g.low_row_len(), high_len = g.high_row_len();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, high_len));
   at::parallel_for(0, g.planes * g.high_rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> low_s(low_len), low_p(low_len), high_s(high_len), high_p(high_len);
+    std::vector<opmath_t> high_s(high_len), high_p(high_len);
+    UpsampledRows<opmath_t> semantic_rows(col_taps, g.inner), gated_rows(col_taps, g.inner);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / g.high_rows, y = r % g.high_rows;
       const LinearTap& t = row_taps[y];
       const int64_t low_base = plane * g.low_rows;
-      forward_row<scalar_t>(t, semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len,
-                            gated_down + (low_base + t.i0) * low_len, gated_down + (low_base + t.i1) * low_len,
-                            col_taps, g.inner, low_len, detail + r * high_len, out + r * high_len, low_s.data(),
-                            low_p.data(), high_s.data(), high_p.data());
+      const auto [hs0, hs1] =
+          semantic_rows.get(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len);
+      const auto [hp0, hp1] =
+          gated_rows.get(gated_down + (low_base + t.i0) * low_len, gated_down + (low_base + t.i1) * low_len);
+      forward_row<scalar_t>(t, hs0, hs1, hp0, hp1, high_len, detail + r * high_len, out + r * high_len,
+                            high_s.data(), high_p.data());
     }
   });
 }
@@ -71,9 +75,11 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
   const int64_t bands = (g.low_rows + band_rows - 1) / band_rows;
 
   at::parallel_for(0, g.planes * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> acc_sem(band_rows * low_len), acc_up(band_rows * low_len);
-    std::vector<opmath_t> low_s(low_len), high_s(high_len), high_tsem(high_len), high_g(high_len);
+    // The band's low-res rows' contributions, still at high-res width.
+    std::vector<opmath_t> acc_sem(band_rows * high_len), acc_up(band_rows * high_len);
+    std::vector<opmath_t> high_s(high_len), high_tsem(high_len), high_g(high_len);
     std::vector<opmath_t> row_sem(low_len), row_up(low_len);
+    UpsampledRows<opmath_t> semantic_rows(col_taps, g.inner);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / bands, band = task % bands;
       const int64_t i_begin = band * band_rows, i_end = std::min(g.low_rows, i_begin + band_rows);
@@ -87,27 +93,32 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
         const int64_t offset = (plane * g.high_rows + y) * high_len;
         // The band holding tap i0 of row y writes that row's grad_detail: exactly one band.
         const bool owns_row = t.i0 >= i_begin && t.i0 < i_end;
-        backward_row<scalar_t>(t, semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len,
-                               col_taps, g.inner, low_len, grad_out + offset, detail + offset,
-                               owns_row ? grad_detail + offset : nullptr, low_s.data(), high_s.data(),
-                               high_tsem.data(), high_g.data(), row_sem.data(), row_up.data());
+        const auto [hs0, hs1] =
+            semantic_rows.get(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len);
+        backward_row<scalar_t>(t, hs0, hs1, high_len, grad_out + offset, detail + offset,
+                               owns_row ? grad_detail + offset : nullptr, high_s.data(), high_tsem.data(),
+                               high_g.data());
         const int64_t taps_i[2] = {t.i0, t.i1};
         const float taps_w[2] = {t.w0, t.w1};
         for (int k = 0; k < 2; ++k) {
           if (taps_i[k] < i_begin || taps_i[k] >= i_end) continue;
-          const int64_t local = (taps_i[k] - i_begin) * low_len;
-          add_scaled_low_row(row_sem.data(), taps_w[k], acc_sem.data() + local, low_len);
-          add_scaled_low_row(row_up.data(), taps_w[k], acc_up.data() + local, low_len);
+          const int64_t local = (taps_i[k] - i_begin) * high_len;
+          add_scaled_low_row(high_tsem.data(), taps_w[k], acc_sem.data() + local, high_len);
+          add_scaled_low_row(high_g.data(), taps_w[k], acc_up.data() + local, high_len);
         }
       }
-      const int64_t low_offset = (low_base + i_begin) * low_len;
-      const int64_t count = (i_end - i_begin) * low_len;
-      for (int64_t q = 0; q < count; ++q) {
-        const auto lg = bga_low_grad<opmath_t>(acc_up[q], static_cast<opmath_t>(detail_down[low_offset + q]),
-                                               static_cast<opmath_t>(semantic_down[low_offset + q]));
-        grad_semantic[low_offset + q] = static_cast<scalar_t>(acc_sem[q]);
-        grad_detail_down[low_offset + q] = static_cast<scalar_t>(lg.detail_down);
-        grad_semantic_down[low_offset + q] = static_cast<scalar_t>(lg.semantic_down);
+      for (int64_t i = i_begin; i < i_end; ++i) {
+        const int64_t local = (i - i_begin) * high_len;
+        transpose_upsampled_row(acc_sem.data() + local, col_taps, g.inner, row_sem.data(), low_len);
+        transpose_upsampled_row(acc_up.data() + local, col_taps, g.inner, row_up.data(), low_len);
+        const int64_t low_offset = (low_base + i) * low_len;
+        for (int64_t q = 0; q < low_len; ++q) {
+          const auto lg = bga_low_grad<opmath_t>(row_up[q], static_cast<opmath_t>(detail_down[low_offset + q]),
+                                                 static_cast<opmath_t>(semantic_down[low_offset + q]));
+          grad_semantic[low_offset + q] = static_cast<scalar_t>(row_sem[q]);
+          grad_detail_down[low_offset + q] = static_cast<scalar_t>(lg.detail_down);
+          grad_semantic_down[low_offset + q] = static_cast<scalar_t>(lg.semantic_down);
+        }
       }
     }
   });

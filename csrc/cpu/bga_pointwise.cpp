@@ -67,16 +67,18 @@ void pointwise_forward_kernel(const Geometry& g, bool channels_last, const at::T
       // Gate the tile's rows (channels_last) or its (channel, row) rows (NCHW).
       const int64_t planes_per_image = channels_last ? 1 : channels;
       at::parallel_for(0, planes_per_image * rows, 1, [&](int64_t begin, int64_t end) {
-        std::vector<opmath_t> low_s(low_len), low_p(low_len), high_s(high_len), high_p(high_len);
+        std::vector<opmath_t> high_s(high_len), high_p(high_len);
+        UpsampledRows<opmath_t> semantic_rows(col_taps, g.inner), gated_rows(col_taps, g.inner);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t c = task / rows, y = y0 + task % rows;
           const int64_t plane = n * planes_per_image + c, low_base = plane * g.low_rows;
           const LinearTap& t = row_taps[y];
-          forward_row<scalar_t>(t, semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len,
-                                gated_down + (low_base + t.i0) * low_len, gated_down + (low_base + t.i1) * low_len,
-                                col_taps, g.inner, low_len, tile_ptr + task * high_len,
-                                out + (plane * g.high_rows + y) * high_len, low_s.data(), low_p.data(), high_s.data(),
-                                high_p.data());
+          const auto [hs0, hs1] =
+              semantic_rows.get(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len);
+          const auto [hp0, hp1] =
+              gated_rows.get(gated_down + (low_base + t.i0) * low_len, gated_down + (low_base + t.i1) * low_len);
+          forward_row<scalar_t>(t, hs0, hs1, hp0, hp1, high_len, tile_ptr + task * high_len,
+                                out + (plane * g.high_rows + y) * high_len, high_s.data(), high_p.data());
         }
       });
     }

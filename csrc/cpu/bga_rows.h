@@ -1,6 +1,10 @@
 // The row pipeline of the BGA CPU kernels, shared by bga.cpp (the aggregation) and
 // bga_pointwise.cpp (the aggregation fused after the 1x1 conv): bilinear row upsampling,
-// the vectorised sigmoid and the per-row forward/backward of the gate. Everything is in an
+// the vectorised sigmoid and the per-row forward/backward of the gate. Upsampling is
+// horizontal first, once per low-resolution row (UpsampledRows caches the two a high-res
+// row reads), then vertical as a contiguous blend of two high-res-width rows: the
+// horizontal pass, an indexed gather in NCHW, then runs ~scale times less often than if
+// every high-res row upsampled its own vertically blended low-res row. Everything is in an
 // anonymous namespace on purpose: each kernel file gets its own copy of the
 // multiversioned (target_clones) row functions, so no resolver symbol is shared between
 // translation units.
@@ -12,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "common/bga_checks.h"
@@ -132,6 +137,11 @@ void upsample_row_transposed(const T* row, const std::vector<LinearTap>& taps, i
   }
 }
 
+template <typename T>
+BGA_ROW_CLONES void upsample_low_row(const T* row, const std::vector<LinearTap>& col_taps, int64_t inner, T* out) {
+  upsample_row(row, col_taps, inner, out);
+}
+
 struct Geometry {
   int64_t planes, inner, high_rows, high_cols, low_rows, low_cols;
   int64_t high_row_len() const { return high_cols * inner; }
@@ -142,43 +152,69 @@ Geometry geometry(const BgaLayout& layout, const at::Tensor& detail, const at::T
   return {layout.planes, layout.inner, detail.size(2), detail.size(3), semantic.size(2), semantic.size(3)};
 }
 
-// One high-res row of the forward: the two low-res rows it reads (s0/s1 of semantic,
-// p0/p1 of detail_down * sigmoid(semantic_down)) blended vertically, upsampled, gated.
+// Low-resolution rows upsampled horizontally to the high-res width, two at a time (a
+// high-res row reads two): walking consecutive high-res rows, each low-res row is
+// upsampled once instead of once per high-res row that reads it (~scale times).
+template <typename T>
+class UpsampledRows {
+ public:
+  UpsampledRows(const std::vector<LinearTap>& col_taps, int64_t inner)
+      : col_taps_(col_taps), inner_(inner), slots_{std::vector<T>(col_taps.size() * inner),
+                                                    std::vector<T>(col_taps.size() * inner)} {}
+
+  // The upsampled rows of low-res rows r0 and r1 (pointers to their first value).
+  std::pair<const T*, const T*> get(const T* r0, const T* r1) {
+    const int k0 = fill(r0, r1);
+    const int k1 = fill(r1, r0);
+    return {slots_[k0].data(), slots_[k1].data()};
+  }
+
+ private:
+  // Slot holding `row`, upsampling it into the slot not holding `keep` if needed.
+  int fill(const T* row, const T* keep) {
+    for (int k = 0; k < 2; ++k)
+      if (key_[k] == row) return k;
+    const int k = key_[0] == keep ? 1 : 0;
+    upsample_low_row(row, col_taps_, inner_, slots_[k].data());
+    key_[k] = row;
+    return k;
+  }
+
+  const std::vector<LinearTap>& col_taps_;
+  int64_t inner_;
+  std::vector<T> slots_[2];
+  const T* key_[2] = {nullptr, nullptr};
+};
+
+// One high-res row of the forward from the horizontally upsampled low-res rows it reads
+// (hs0/hs1 of semantic, hp0/hp1 of detail_down * sigmoid(semantic_down)): blended
+// vertically, then gated.
 template <typename scalar_t>
-BGA_ROW_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_t>* s0,
-                                const at::opmath_type<scalar_t>* s1, const at::opmath_type<scalar_t>* p0,
-                                const at::opmath_type<scalar_t>* p1, const std::vector<LinearTap>& col_taps,
-                                int64_t inner, int64_t low_len, const scalar_t* detail, scalar_t* out,
-                                at::opmath_type<scalar_t>* low_s, at::opmath_type<scalar_t>* low_p,
-                                at::opmath_type<scalar_t>* high_s, at::opmath_type<scalar_t>* high_p) {
+BGA_ROW_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
+                                const at::opmath_type<scalar_t>* hs1, const at::opmath_type<scalar_t>* hp0,
+                                const at::opmath_type<scalar_t>* hp1, int64_t high_len, const scalar_t* detail,
+                                scalar_t* out, at::opmath_type<scalar_t>* high_s, at::opmath_type<scalar_t>* high_p) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t high_len = static_cast<int64_t>(col_taps.size()) * inner;
-  blend_rows(s0, s1, t.w0, t.w1, low_s, low_len);
-  blend_rows(p0, p1, t.w0, t.w1, low_p, low_len);
-  upsample_row(low_s, col_taps, inner, high_s);
-  upsample_row(low_p, col_taps, inner, high_p);
+  blend_rows(hs0, hs1, t.w0, t.w1, high_s, high_len);
+  blend_rows(hp0, hp1, t.w0, t.w1, high_p, high_len);
   sigmoid_row(high_s, high_s, high_len);
   for (int64_t q = 0; q < high_len; ++q) {
     out[q] = static_cast<scalar_t>(bga_output<opmath_t>(static_cast<opmath_t>(detail[q]), high_s[q], high_p[q]));
   }
 }
 
-// One high-res row of the backward: writes its grad_detail when `grad_detail` is not null
-// and leaves in row_sem / row_up its contributions g * detail * s * (1 - s) and g
-// transposed through the horizontal upsample (low-res row length); the caller adds them
-// into the low-res rows the high-res row reads.
+// One high-res row of the backward, from the horizontally upsampled semantic rows it reads:
+// writes its grad_detail when `grad_detail` is not null and leaves in high_tsem / high_g
+// its contributions g * detail * s * (1 - s) and g, still at high-res width; the caller
+// adds them, with the row's vertical weights, into the low-res rows the row reads and
+// transposes the horizontal upsample once per low-res row.
 template <typename scalar_t>
-BGA_ROW_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar_t>* s0,
-                                 const at::opmath_type<scalar_t>* s1, const std::vector<LinearTap>& col_taps,
-                                 int64_t inner, int64_t low_len, const scalar_t* grad_out, const scalar_t* detail,
-                                 scalar_t* grad_detail, at::opmath_type<scalar_t>* low_s,
-                                 at::opmath_type<scalar_t>* high_s, at::opmath_type<scalar_t>* high_tsem,
-                                 at::opmath_type<scalar_t>* high_g, at::opmath_type<scalar_t>* row_sem,
-                                 at::opmath_type<scalar_t>* row_up) {
+BGA_ROW_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
+                                 const at::opmath_type<scalar_t>* hs1, int64_t high_len, const scalar_t* grad_out,
+                                 const scalar_t* detail, scalar_t* grad_detail, at::opmath_type<scalar_t>* high_s,
+                                 at::opmath_type<scalar_t>* high_tsem, at::opmath_type<scalar_t>* high_g) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t high_len = static_cast<int64_t>(col_taps.size()) * inner;
-  blend_rows(s0, s1, t.w0, t.w1, low_s, low_len);
-  upsample_row(low_s, col_taps, inner, high_s);
+  blend_rows(hs0, hs1, t.w0, t.w1, high_s, high_len);
   sigmoid_row(high_s, high_s, high_len);
   // high_s: up(semantic), then its sigmoid, then grad_detail's row.
   for (int64_t q = 0; q < high_len; ++q) {
@@ -191,15 +227,19 @@ BGA_ROW_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scala
   if (grad_detail != nullptr) {
     for (int64_t q = 0; q < high_len; ++q) grad_detail[q] = static_cast<scalar_t>(high_s[q]);
   }
-  std::fill(row_sem, row_sem + low_len, opmath_t(0));
-  std::fill(row_up, row_up + low_len, opmath_t(0));
-  upsample_row_transposed(high_tsem, col_taps, inner, row_sem);
-  upsample_row_transposed(high_g, col_taps, inner, row_up);
 }
 
 template <typename T>
 BGA_ROW_CLONES void add_scaled_low_row(const T* row, float w, T* acc, int64_t n) {
   add_scaled_row(row, w, acc, n);
+}
+
+// acc = (horizontal upsample)^T of one high-res-width row (acc: low-res row length).
+template <typename T>
+BGA_ROW_CLONES void transpose_upsampled_row(const T* row, const std::vector<LinearTap>& col_taps, int64_t inner,
+                                            T* acc, int64_t low_len) {
+  std::fill(acc, acc + low_len, T(0));
+  upsample_row_transposed(row, col_taps, inner, acc);
 }
 
 }  // namespace
