@@ -4,6 +4,13 @@
 // buffer, projects them with one GEMM on that buffer (bias as the GEMM's addend), and
 // writes relu(projection + residual). The expanded tensor never exists in full.
 //
+// Expanded channels are held in expansion-major order (m' = r * cin + c for the r-th of
+// the `ratio` outputs of input channel c; the weights are permuted to match, once per
+// call), so every tap of the grouped conv is a run of contiguous multiply-adds over the
+// input channels, which vectorise; in PyTorch's order (m = c * ratio + r) the input value
+// would have to be repeated `ratio` times first. The per-pixel loops are compiled for
+// AVX2+FMA besides the baseline ISA and picked at load time, as in the BGA kernels.
+//
 // Stride 2 needs dw1 (3x3 on dw0's output) around each output pixel, so a tile of
 // kTileH x kTileW outputs first computes dw0 on its (kTileH+2) x (kTileW+2) halo
 // (recomputed by neighbouring tiles rather than shared). The shortcut's depthwise output
@@ -22,14 +29,30 @@
 namespace bisenet_fast {
 namespace {
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GE_PIXEL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GE_PIXEL_CLONES
+#endif
+
 constexpr int64_t kStride1TileW = 64;  // output pixels of one row per task
 constexpr int64_t kStride2TileH = 4;
 constexpr int64_t kStride2TileW = 16;
 
+// A tensor over the mid channels (dim 0, length cin * ratio) from PyTorch's order
+// (c * ratio + r) to expansion-major order (r * cin + c); other dims are kept.
+at::Tensor expansion_major(const at::Tensor& t, int64_t cin) {
+  const int64_t ratio = t.size(0) / cin;
+  auto sizes = t.sizes().vec();
+  std::vector<int64_t> split{cin, ratio};
+  split.insert(split.end(), sizes.begin() + 1, sizes.end());
+  return t.reshape(split).transpose(0, 1).reshape(sizes);
+}
+
 // 3x3 weights (k, 1, 3, 3) as [tap][k] in the accumulation type, so the inner loops run
-// over contiguous channels.
-at::Tensor taps_major(const at::Tensor& weight, at::ScalarType acc) {
-  return weight.reshape({weight.size(0), 9}).t().to(acc).contiguous();
+// over contiguous channels; k = cin * ratio channels in expansion-major order.
+at::Tensor taps_major(const at::Tensor& weight, at::ScalarType acc, int64_t cin) {
+  return expansion_major(weight.reshape({weight.size(0), 9}), cin).t().to(acc).contiguous();
 }
 
 void check_cpu_inputs(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors,
@@ -42,27 +65,45 @@ void check_cpu_inputs(const char* op, std::initializer_list<std::pair<const char
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
 }
 
-template <int64_t kRatio, typename scalar_t, typename acc_t>
-inline void grouped_tap_fixed(const scalar_t* v, const acc_t* w, acc_t* acc, int64_t cin) {
-  for (int64_t c = 0; c < cin; ++c) {
-    const acc_t value = static_cast<acc_t>(v[c]);
-    for (int64_t r = 0; r < kRatio; ++r) acc[c * kRatio + r] += value * w[c * kRatio + r];
+// acc[r * cin + c] += v[c] * w[r * cin + c]: one tap of the grouped conv at one pixel, in
+// expansion-major order (contiguous runs over c).
+template <typename scalar_t, typename acc_t>
+inline void grouped_tap(const scalar_t* v, const acc_t* w, acc_t* acc, int64_t cin, int64_t ratio) {
+  for (int64_t r = 0; r < ratio; ++r) {
+    const acc_t* wr = w + r * cin;
+    acc_t* ar = acc + r * cin;
+    for (int64_t c = 0; c < cin; ++c) ar[c] += static_cast<acc_t>(v[c]) * wr[c];
   }
 }
 
-// acc[c*ratio + r] += v[c] * w[c*ratio + r]: one tap of the grouped conv for one pixel.
-// BiSeNetV2's ratios (6 for the expansion, 1 for the shortcut's depthwise conv) get
-// unrolled inner loops; any other ratio runs the same arithmetic with a runtime bound.
+// acc = bias + the grouped 3x3 conv at one pixel: taps[k] is the input pixel (cin values)
+// under tap k, or null where the tap falls in the zero padding; w is [tap][cin * ratio].
 template <typename scalar_t, typename acc_t>
-inline void grouped_tap(const scalar_t* v, const acc_t* w, acc_t* acc, int64_t cin, int64_t ratio) {
-  if (ratio == 6) return grouped_tap_fixed<6>(v, w, acc, cin);
-  if (ratio == 1) return grouped_tap_fixed<1>(v, w, acc, cin);
-  for (int64_t c = 0; c < cin; ++c) {
-    const acc_t value = static_cast<acc_t>(v[c]);
-    const acc_t* wc = w + c * ratio;
-    acc_t* ac = acc + c * ratio;
-    for (int64_t r = 0; r < ratio; ++r) ac[r] += value * wc[r];
+GE_PIXEL_CLONES void grouped_conv_pixel(const scalar_t* const* taps, const acc_t* w, const acc_t* bias, acc_t* acc,
+                                        int64_t cin, int64_t ratio) {
+  const int64_t mid = cin * ratio;
+  std::copy(bias, bias + mid, acc);
+  for (int k = 0; k < 9; ++k)
+    if (taps[k] != nullptr) grouped_tap(taps[k], w + k * mid, acc, cin, ratio);
+}
+
+// e = relu(bias + depthwise 3x3 around one pixel): f[k] is the pixel under tap k (mid
+// values; the halo buffer holds zeros where dw1's padding is).
+template <typename acc_t>
+GE_PIXEL_CLONES void depthwise_relu_pixel(const acc_t* const* f, const acc_t* w, const acc_t* bias, acc_t* e,
+                                          int64_t mid) {
+  std::copy(bias, bias + mid, e);
+  for (int k = 0; k < 9; ++k) {
+    const acc_t* fk = f[k];
+    const acc_t* wk = w + k * mid;
+    for (int64_t m = 0; m < mid; ++m) e[m] += fk[m] * wk[m];
   }
+  for (int64_t m = 0; m < mid; ++m) e[m] = std::max(e[m], acc_t(0));
+}
+
+template <typename acc_t>
+GE_PIXEL_CLONES void relu_inplace(acc_t* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = std::max(v[i], acc_t(0));
 }
 
 at::Tensor ge_layer_stride1_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
@@ -89,9 +130,9 @@ at::Tensor ge_layer_stride1_cpu(const at::Tensor& x, const at::Tensor& y, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ge_layer_stride1_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const auto w_dw = taps_major(dw_weight, acc_type);
-    const auto b_dw = dw_bias.to(acc_type).contiguous();
-    const auto w_pw_t = pw_weight.to(acc_type).t().contiguous();  // [mid][cout]
+    const auto w_dw = taps_major(dw_weight, acc_type, cin);
+    const auto b_dw = expansion_major(dw_bias, cin).to(acc_type).contiguous();
+    const auto w_pw_t = expansion_major(pw_weight.t(), cin).to(acc_type).contiguous();  // [mid][cout]
     const auto b_pw = pw_bias.to(acc_type).contiguous();
     const acc_t* wdw = w_dw.data_ptr<acc_t>();
     const acc_t* bdw = b_dw.data_ptr<acc_t>();
@@ -105,20 +146,16 @@ at::Tensor ge_layer_stride1_cpu(const at::Tensor& x, const at::Tensor& y, const 
       for (int64_t task = begin; task < end; ++task) {
         const int64_t tw = task % tiles_w, h = (task / tiles_w) % height, n = task / (tiles_w * height);
         const int64_t w0 = tw * kStride1TileW, pixels = std::min(kStride1TileW, width - w0);
-        for (int64_t p = 0; p < pixels; ++p) std::copy(bdw, bdw + mid, expanded.data() + p * mid);
-        for (int64_t ky = 0; ky < 3; ++ky) {
-          const int64_t ih = h + ky - 1;
-          if (ih < 0 || ih >= height) continue;
-          for (int64_t kx = 0; kx < 3; ++kx) {
-            const acc_t* wk = wdw + (ky * 3 + kx) * mid;
-            for (int64_t p = 0; p < pixels; ++p) {
-              const int64_t iw = w0 + p + kx - 1;
-              if (iw < 0 || iw >= width) continue;
-              grouped_tap(yp + ((n * height + ih) * width + iw) * cin, wk, expanded.data() + p * mid, cin, ratio);
-            }
+        for (int64_t p = 0; p < pixels; ++p) {
+          const scalar_t* taps[9];
+          for (int64_t k = 0; k < 9; ++k) {
+            const int64_t ih = h + k / 3 - 1, iw = w0 + p + k % 3 - 1;
+            const bool inside = ih >= 0 && ih < height && iw >= 0 && iw < width;
+            taps[k] = inside ? yp + ((n * height + ih) * width + iw) * cin : nullptr;
           }
+          grouped_conv_pixel(taps, wdw, bdw, expanded.data() + p * mid, cin, ratio);
         }
-        for (int64_t i = 0; i < pixels * mid; ++i) expanded[i] = std::max(expanded[i], acc_t(0));
+        relu_inplace(expanded.data(), pixels * mid);
         auto e = at::from_blob(expanded.data(), {pixels, mid}, at::TensorOptions().dtype(acc_type));
         auto acc = at::from_blob(projected.data(), {pixels, cout}, at::TensorOptions().dtype(acc_type));
         at::addmm_out(acc, b_pw, e, w_pw_t);
@@ -165,11 +202,13 @@ at::Tensor ge_layer_stride2_cpu(const at::Tensor& x, const at::Tensor& y, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ge_layer_stride2_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const auto w_dw0 = taps_major(dw0_weight, acc_type), w_dw1 = taps_major(dw1_weight, acc_type);
-    const auto w_sc = taps_major(sc_dw_weight, acc_type);
-    const auto b_dw0 = dw0_bias.to(acc_type).contiguous(), b_dw1 = dw1_bias.to(acc_type).contiguous();
+    const auto w_dw0 = taps_major(dw0_weight, acc_type, cin), w_dw1 = taps_major(dw1_weight, acc_type, cin);
+    const auto w_sc = taps_major(sc_dw_weight, acc_type, cin);
+    const auto b_dw0 = expansion_major(dw0_bias, cin).to(acc_type).contiguous();
+    const auto b_dw1 = expansion_major(dw1_bias, cin).to(acc_type).contiguous();
     const auto b_sc = sc_dw_bias.to(acc_type).contiguous();
-    const auto w_proj_t = at::cat({pw_weight, sc_pw_weight}, 1).to(acc_type).t().contiguous();  // [depth][cout]
+    // [depth][cout]: the expanded channels (expansion-major), then the shortcut's.
+    const auto w_proj_t = at::cat({expansion_major(pw_weight.t(), cin), sc_pw_weight.t()}, 0).to(acc_type).contiguous();
     const auto b_proj = (pw_bias.to(acc_type) + sc_pw_bias.to(acc_type)).contiguous();
     const acc_t *wd0 = w_dw0.data_ptr<acc_t>(), *wd1 = w_dw1.data_ptr<acc_t>(), *wsc = w_sc.data_ptr<acc_t>();
     const acc_t *bd0 = b_dw0.data_ptr<acc_t>(), *bd1 = b_dw1.data_ptr<acc_t>(), *bsc = b_sc.data_ptr<acc_t>();
@@ -198,44 +237,31 @@ at::Tensor ge_layer_stride2_cpu(const at::Tensor& x, const at::Tensor& y, const 
               std::fill(f, f + mid, acc_t(0));
               continue;
             }
-            std::copy(bd0, bd0 + mid, f);
-            for (int64_t ky = 0; ky < 3; ++ky) {
-              const int64_t ih = 2 * qh + ky - 1;
-              if (ih < 0 || ih >= height) continue;
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const int64_t iw = 2 * qw + kx - 1;
-                if (iw < 0 || iw >= width) continue;
-                grouped_tap(yp + ((n * height + ih) * width + iw) * cin, wd0 + (ky * 3 + kx) * mid, f, cin, ratio);
-              }
+            const scalar_t* taps[9];
+            for (int64_t k = 0; k < 9; ++k) {
+              const int64_t ih = 2 * qh + k / 3 - 1, iw = 2 * qw + k % 3 - 1;
+              const bool inside = ih >= 0 && ih < height && iw >= 0 && iw < width;
+              taps[k] = inside ? yp + ((n * height + ih) * width + iw) * cin : nullptr;
             }
+            grouped_conv_pixel(taps, wd0, bd0, f, cin, ratio);
           }
         }
         for (int64_t i = 0; i < rows; ++i) {
           for (int64_t j = 0; j < cols; ++j) {
             acc_t* e = expanded.data() + (i * cols + j) * depth;
             // dw1 (depthwise, stride 1) + ReLU on the halo buffer.
-            std::copy(bd1, bd1 + mid, e);
-            for (int64_t ky = 0; ky < 3; ++ky) {
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const acc_t* f = first.data() + ((i + ky) * halo_w + j + kx) * mid;
-                const acc_t* wk = wd1 + (ky * 3 + kx) * mid;
-                for (int64_t m = 0; m < mid; ++m) e[m] += f[m] * wk[m];
-              }
-            }
-            for (int64_t m = 0; m < mid; ++m) e[m] = std::max(e[m], acc_t(0));
+            const acc_t* halo[9];
+            for (int64_t k = 0; k < 9; ++k) halo[k] = first.data() + ((i + k / 3) * halo_w + j + k % 3) * mid;
+            depthwise_relu_pixel(halo, wd1, bd1, e, mid);
             // Shortcut depthwise (stride 2, no ReLU) on x into the extra columns.
-            acc_t* s = e + mid;
-            std::copy(bsc, bsc + cin, s);
             const int64_t oh = oh0 + i, ow = ow0 + j;
-            for (int64_t ky = 0; ky < 3; ++ky) {
-              const int64_t ih = 2 * oh + ky - 1;
-              if (ih < 0 || ih >= height) continue;
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const int64_t iw = 2 * ow + kx - 1;
-                if (iw < 0 || iw >= width) continue;
-                grouped_tap(xp + ((n * height + ih) * width + iw) * cin, wsc + (ky * 3 + kx) * cin, s, cin, int64_t(1));
-              }
+            const scalar_t* taps[9];
+            for (int64_t k = 0; k < 9; ++k) {
+              const int64_t ih = 2 * oh + k / 3 - 1, iw = 2 * ow + k % 3 - 1;
+              const bool inside = ih >= 0 && ih < height && iw >= 0 && iw < width;
+              taps[k] = inside ? xp + ((n * height + ih) * width + iw) * cin : nullptr;
             }
+            grouped_conv_pixel(taps, wsc, bsc, e + mid, cin, int64_t(1));
           }
         }
         const int64_t pixels = rows * cols;
