@@ -283,9 +283,9 @@ struct BackwardShared {
   }
 };
 
-template <typename label_t>
 // At least 3 resident blocks per SM (<= 85 registers a thread): phase 1 is latency-bound on
 // the logit loads, so occupancy matters more than the few registers spilled.
+template <typename label_t>
 __global__ void __launch_bounds__(kThreads, 3)
     backward_band_kernel(const float* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
                          BackwardTiling tiling, const float* __restrict__ threshold, int64_t ignore_index,
@@ -340,15 +340,17 @@ __global__ void __launch_bounds__(kThreads, 3)
       const LinearTap ty = linear_tap(y, g.h, g.scale_h);
       const int64_t band_row[2] = {ty.i0 - i_begin, ty.i1 - i_begin};
       const float row_weight[2] = {ty.w0, ty.w1};
-      for (int64_t pair = threadIdx.x; pair < g.C * tile_cols; pair += blockDim.x) {
-        const int64_t c = pair % g.C, jl = pair / g.C;  // consecutive threads: consecutive classes
+      // 32-bit (class, column) arithmetic: C * tile_cols is small, and 64-bit division is slow.
+      const int classes = static_cast<int>(g.C), pairs = classes * static_cast<int>(tile_cols);
+      for (int pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
+        const int c = pair % classes, jl = pair / classes;  // consecutive threads: consecutive classes
         const int64_t lo = max(sh.col_x[2 * jl], x0), hi = min(sh.col_x[2 * jl + 1], x0 + chunk);
         float partial = 0.f;
         for (int64_t xx = lo; xx < hi; ++xx)
           partial += linear_weight(sh.tap[xx - x0], j_begin + jl) * sh.dz[c * dz_stride + (xx - x0)];
         for (int r = 0; r < 2; ++r)
           if (band_row[r] >= 0 && band_row[r] < i_end - i_begin)
-            sh.acc[(band_row[r] * g.C + c) * tiling.tile_cols + jl] += row_weight[r] * partial;
+            sh.acc[(band_row[r] * classes + c) * tiling.tile_cols + jl] += row_weight[r] * partial;
       }
       __syncthreads();  // dz is rewritten by the next row
     }
