@@ -22,6 +22,7 @@ py=${PYTHON:-python3}
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$out/env.txt"
 
+SECONDS=0  # stage times go to the log, to plan the next lent machine's minutes
 echo "== build" | tee "$out/build.log"
 # The extension must share libstdc++ with torch: a toolchain that links libstdc++ statically
 # (seen on a lent H200 image, CXX=/opt/gcc/bin/g++) gives the extension its own C++ runtime,
@@ -36,7 +37,8 @@ if ! timeout "$stage_timeout" $py setup.py build_ext --inplace >>"$out/build.log
 fi
 $py -c "import bisenet_fast as bf; print(bf.build_info())" 2>&1 | tee -a "$out/build.log"
 
-echo "== tests"
+echo "== tests (build took ${SECONDS} s)"
+SECONDS=0
 # Default: the whole suite, over 8 workers where pytest-xdist is installed.
 default_tests=tests
 if $py -c "import xdist" 2>/dev/null; then default_tests="tests -n 8"; fi
@@ -45,8 +47,9 @@ timeout "$stage_timeout" $py -m pytest ${TESTS:-$default_tests} -q -rs -p no:cac
 tests_rc=$?
 tail -25 "$out/tests.log"
 
-echo "== benchmarks"
+echo "== benchmarks (tests took ${SECONDS} s)"
+SECONDS=0
 timeout "$stage_timeout" $py -m benchmarks.run --device cuda --only "${BENCH_ONLY:-}" ${BENCH_ARGS:-} --out "$out/bench.json" >"$out/bench.log" 2>&1
 bench_rc=$?
 tail -60 "$out/bench.log"
-echo "tests rc=$tests_rc bench rc=$bench_rc"
+echo "tests rc=$tests_rc bench rc=$bench_rc (benchmarks took ${SECONDS} s)"
