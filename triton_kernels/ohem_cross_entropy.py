@@ -144,8 +144,13 @@ def _scale(in_size: int, out_size: int) -> float:
     return float(np.float32(in_size) / np.float32(out_size))
 
 
-def _row_block(width: int, block_c: int) -> int:
-    return max(16, min(triton.next_power_of_2(width), 4096 // block_c))
+def _blocks(num_classes: int, width: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_X) of a row segment, the same in forward and backward: the backward
+    recomputes which pixels are kept, and only the same block shape (hence the same
+    reduction order over the classes) gives bit-identical probabilities. BLOCK_C >= 16
+    because the backward feeds it to tl.dot."""
+    block_c = max(16, triton.next_power_of_2(num_classes))
+    return block_c, max(16, min(triton.next_power_of_2(width), 4096 // block_c))
 
 
 def _check_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -165,8 +170,7 @@ def forward(logits, target, thresh, min_kept, ignore_index):
     H, W = target.shape[1:]
     prob = torch.empty(N * H * W, device=head.device, dtype=torch.float32)
     ce = torch.empty_like(prob)
-    block_c = triton.next_power_of_2(C)
-    block_x = _row_block(W, block_c)
+    block_c, block_x = _blocks(C, W)
     grid = (N * H, triton.cdiv(W, block_x))
     programs = grid[0] * grid[1]
     counts = torch.empty((programs, 3), device=head.device, dtype=torch.int32)
@@ -196,9 +200,7 @@ def backward(grad_loss, logits, target, threshold, ignore_index):
     target = target.contiguous()
     N, C, h, w = head.shape
     H, W = target.shape[1:]
-    # tl.dot needs every block dimension >= 16 (the padding classes are zeroed in dz).
-    block_c = max(16, triton.next_power_of_2(C))
-    block_x = _row_block(W, triton.next_power_of_2(C))  # the forward's segment shape
+    block_c, block_x = _blocks(C, W)  # the padding classes are zeroed in dz
     block_j = max(16, min(triton.next_power_of_2(w), 32))
     coef = (grad_loss.to(torch.float32) / (N * H * W)).reshape(1)
     grad = torch.empty_like(head)
