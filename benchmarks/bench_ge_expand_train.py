@@ -22,7 +22,7 @@ import sys
 import torch
 
 from benchmarks.run import main as cli
-from benchmarks.timing import measure, speedups
+from benchmarks.timing import measure, saved_activation_mb, speedups
 from bisenet_fast.models import BiSeNetV2Segmentor, use_fused_ge_training
 from bisenet_fast.models.conv_module import ConvModule
 from bisenet_fast.models.fused_training import FusedExpandConvModule
@@ -34,20 +34,6 @@ CONVS = [
     (16, 6, 2, False, 4), (96, 1, 1, True, 8), (32, 6, 1, True, 8), (32, 6, 2, False, 8), (192, 1, 1, True, 16),
     (64, 6, 1, True, 16), (64, 6, 2, False, 16), (384, 1, 1, True, 32), (128, 6, 1, True, 32),
 ]
-
-
-def saved_mb(fn) -> float:
-    """MB of distinct tensor storages autograd saves for backward while fn() runs."""
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values()) / 2**20
 
 
 def _row(op, case, impl, dtype, shape, timing, base, saved):
@@ -76,7 +62,7 @@ def _conv_rows(device, gpu, quick, batch, image, repeats):
 
             timing = measure(step, device, warmup=2 if quick else 5, repeats=repeats)
             base = base or timing
-            saved = saved_mb(lambda module=module: module(x))
+            saved = saved_activation_mb(lambda module=module: module(x), exclude=[*module.state_dict().values(), x])
             rows.append(_row("ge_expand_train", f"{cin}x{ratio} s{stride}{' relu' if relu else ''}", impl,
                              torch.float32, x.shape, timing, base, saved))
     return rows
@@ -103,7 +89,7 @@ def _model_rows(device, gpu, quick, batch, image, repeats):
 
             timing = measure(step, device, warmup=1 if quick else 3, repeats=max(3, repeats // 2))
             base = base or timing
-            saved = saved_mb(forward)
+            saved = saved_activation_mb(forward, exclude=[*model.state_dict().values(), x, target])
             rows.append(_row("train_step_ge_fused", "segmentor loss+backward (OHEM)", impl,
                              torch.float16 if amp else torch.float32, x.shape, timing, base, saved))
     return rows
