@@ -132,17 +132,11 @@ at::Tensor bga_aggregate_cpu(const at::Tensor& detail, const at::Tensor& semanti
   const auto d = detail.contiguous(layout.format);
   auto out = at::empty_like(d, d.options(), layout.format);
   if (out.numel() == 0) return out;
-  const auto opmath = at::toOpMathType(detail.scalar_type());
-  // The low-resolution operands in the math type: 1/16 of the high-res traffic at the
-  // model's sizes, so forming sigmoid(semantic_down) * detail_down once here is cheaper
-  // than per tap.
-  const auto semantic_math = semantic.to(opmath).contiguous(layout.format);
-  const auto gated_down =
-      (detail_down.to(opmath) * at::sigmoid(semantic_down.to(opmath))).contiguous(layout.format);
+  const LowResOperands low = low_res_operands(semantic, detail_down, semantic_down, layout);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail.scalar_type(), "bga_aggregate_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t>(g, d.const_data_ptr<scalar_t>(), semantic_math.const_data_ptr<opmath_t>(),
-                             gated_down.const_data_ptr<opmath_t>(), out.mutable_data_ptr<scalar_t>());
+    forward_kernel<scalar_t>(g, d.const_data_ptr<scalar_t>(), low.semantic.const_data_ptr<opmath_t>(),
+                             low.gated_down.const_data_ptr<opmath_t>(), out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }

@@ -95,18 +95,15 @@ at::Tensor bga_pointwise_aggregate_cpu(const at::Tensor& detail_dw, const at::Te
   const auto d = detail_dw.contiguous(layout.format);
   auto out = at::empty_like(d, d.options(), layout.format);
   if (out.numel() == 0) return out;
-  const auto opmath = at::toOpMathType(detail_dw.scalar_type());
-  // As in bga.cpp: the low-resolution operands once in the math type.
-  const auto semantic_math = semantic.to(opmath).contiguous(layout.format);
-  const auto gated_down = (detail_down.to(opmath) * at::sigmoid(semantic_down.to(opmath))).contiguous(layout.format);
+  const LowResOperands low = low_res_operands(semantic, detail_down, semantic_down, layout);
   const bool channels_last = layout.format == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail_dw.scalar_type(), "bga_pointwise_aggregate_cpu",
                                   [&] {
                                     using opmath_t = at::opmath_type<scalar_t>;
                                     pointwise_forward_kernel<scalar_t>(
                                         g, channels_last, d, pw_weight.contiguous(), pw_bias.contiguous(),
-                                        semantic_math.const_data_ptr<opmath_t>(),
-                                        gated_down.const_data_ptr<opmath_t>(), out.mutable_data_ptr<scalar_t>());
+                                        low.semantic.const_data_ptr<opmath_t>(),
+                                        low.gated_down.const_data_ptr<opmath_t>(), out.mutable_data_ptr<scalar_t>());
                                   });
   return out;
 }

@@ -33,14 +33,7 @@
 namespace bisenet_fast {
 namespace {
 
-// The per-row work is compiled twice, for AVX2+FMA (x86-64-v3) and for the baseline ISA,
-// and picked when the library loads (GCC function multiversioning): the build flags are
-// the baseline's, and ATen's own kernels run with AVX2/AVX-512 on the same machines.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define BGA_ROW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define BGA_ROW_CLONES
-#endif
+// The per-row work is multiversioned (BF_CPU_CLONES, common/macros.h).
 
 // exp(x) for float in a form GCC auto-vectorises (libm's expf is a call per element, and
 // sigmoid is most of the arithmetic here): Cody-Waite range reduction x = n ln2 + r, a
@@ -138,8 +131,23 @@ void upsample_row_transposed(const T* row, const std::vector<LinearTap>& taps, i
 }
 
 template <typename T>
-BGA_ROW_CLONES void upsample_low_row(const T* row, const std::vector<LinearTap>& col_taps, int64_t inner, T* out) {
+BF_CPU_CLONES void upsample_low_row(const T* row, const std::vector<LinearTap>& col_taps, int64_t inner, T* out) {
   upsample_row(row, col_taps, inner, out);
+}
+
+// The low-resolution operands of the forward in the math type and the call's layout:
+// semantic, and detail_down * sigmoid(semantic_down). At the model's sizes they are 1/16
+// of the high-res traffic, so forming the gated product once here is cheaper than per tap.
+struct LowResOperands {
+  at::Tensor semantic;
+  at::Tensor gated_down;
+};
+
+inline LowResOperands low_res_operands(const at::Tensor& semantic, const at::Tensor& detail_down,
+                                       const at::Tensor& semantic_down, const BgaLayout& layout) {
+  const auto opmath = at::toOpMathType(semantic.scalar_type());
+  return {semantic.to(opmath).contiguous(layout.format),
+          (detail_down.to(opmath) * at::sigmoid(semantic_down.to(opmath))).contiguous(layout.format)};
 }
 
 struct Geometry {
@@ -190,7 +198,7 @@ class UpsampledRows {
 // (hs0/hs1 of semantic, hp0/hp1 of detail_down * sigmoid(semantic_down)): blended
 // vertically, then gated.
 template <typename scalar_t>
-BGA_ROW_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
+BF_CPU_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
                                 const at::opmath_type<scalar_t>* hs1, const at::opmath_type<scalar_t>* hp0,
                                 const at::opmath_type<scalar_t>* hp1, int64_t high_len, const scalar_t* detail,
                                 scalar_t* out, at::opmath_type<scalar_t>* high_s, at::opmath_type<scalar_t>* high_p) {
@@ -209,7 +217,7 @@ BGA_ROW_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar
 // adds them, with the row's vertical weights, into the low-res rows the row reads and
 // transposes the horizontal upsample once per low-res row.
 template <typename scalar_t>
-BGA_ROW_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
+BF_CPU_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
                                  const at::opmath_type<scalar_t>* hs1, int64_t high_len, const scalar_t* grad_out,
                                  const scalar_t* detail, scalar_t* grad_detail, at::opmath_type<scalar_t>* high_s,
                                  at::opmath_type<scalar_t>* high_tsem, at::opmath_type<scalar_t>* high_g) {
@@ -230,13 +238,13 @@ BGA_ROW_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scala
 }
 
 template <typename T>
-BGA_ROW_CLONES void add_scaled_low_row(const T* row, float w, T* acc, int64_t n) {
+BF_CPU_CLONES void add_scaled_low_row(const T* row, float w, T* acc, int64_t n) {
   add_scaled_row(row, w, acc, n);
 }
 
 // acc = (horizontal upsample)^T of one high-res-width row (acc: low-res row length).
 template <typename T>
-BGA_ROW_CLONES void transpose_upsampled_row(const T* row, const std::vector<LinearTap>& col_taps, int64_t inner,
+BF_CPU_CLONES void transpose_upsampled_row(const T* row, const std::vector<LinearTap>& col_taps, int64_t inner,
                                             T* acc, int64_t low_len) {
   std::fill(acc, acc + low_len, T(0));
   upsample_row_transposed(row, col_taps, inner, acc);

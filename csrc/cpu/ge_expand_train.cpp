@@ -22,18 +22,12 @@
 #include <tuple>
 #include <vector>
 
+#include "common/macros.h"
+
 namespace bisenet_fast {
 namespace {
 
 inline int64_t conv_out_size(int64_t size, int64_t stride) { return (size - 1) / stride + 1; }
-
-// The plane convolutions (most of the time) are compiled for AVX2+FMA as well as the
-// baseline ISA and picked at load time, as in the BGA and GE inference kernels.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PLANE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PLANE_CLONES
-#endif
 
 // sum over i in [0, n) of term(i), in kLanes interleaved partial sums combined in a fixed
 // order: deterministic, and without the single serial dependency chain that keeps a plain
@@ -66,9 +60,10 @@ inline TapRange tap_range(int64_t k, int64_t size, int64_t stride, int64_t out) 
   return {lo, std::max(lo, hi)};
 }
 
-// dst = 3x3 conv (padding 1) of one (n, c) plane with the taps w9.
+// dst = 3x3 conv (padding 1) of one (n, c) plane with the taps w9 (multiversioned: with
+// its backward, most of this op's time).
 template <int64_t stride, typename scalar_t, typename acc_t>
-PLANE_CLONES void conv3x3_plane_strided(const scalar_t* src, int64_t height, int64_t width, const acc_t* w9, int64_t out_h,
+BF_CPU_CLONES void conv3x3_plane_strided(const scalar_t* src, int64_t height, int64_t width, const acc_t* w9, int64_t out_h,
                            int64_t out_w, acc_t* dst) {
   std::fill(dst, dst + out_h * out_w, acc_t(0));
   for (int64_t ky = 0; ky < 3; ++ky) {
@@ -88,7 +83,7 @@ PLANE_CLONES void conv3x3_plane_strided(const scalar_t* src, int64_t height, int
 // The conv's backward for one (n, c) plane given dz (the gradient at its output): adds the
 // input gradient into dx and the 9 weight-gradient taps into gw.
 template <int64_t stride, typename scalar_t, typename acc_t>
-PLANE_CLONES void conv3x3_plane_backward_strided(const scalar_t* src, const acc_t* dz, int64_t height, int64_t width,
+BF_CPU_CLONES void conv3x3_plane_backward_strided(const scalar_t* src, const acc_t* dz, int64_t height, int64_t width,
                                     const acc_t* w9, int64_t out_h, int64_t out_w, acc_t* dx, acc_t* gw) {
   for (int64_t ky = 0; ky < 3; ++ky) {
     const TapRange rows = tap_range(ky, height, stride, out_h);

@@ -26,14 +26,10 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/macros.h"
+
 namespace bisenet_fast {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define GE_PIXEL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define GE_PIXEL_CLONES
-#endif
 
 constexpr int64_t kStride1TileW = 64;  // output pixels of one row per task
 constexpr int64_t kStride2TileH = 4;
@@ -79,7 +75,7 @@ inline void grouped_tap(const scalar_t* v, const acc_t* w, acc_t* acc, int64_t c
 // acc = bias + the grouped 3x3 conv at one pixel: taps[k] is the input pixel (cin values)
 // under tap k, or null where the tap falls in the zero padding; w is [tap][cin * ratio].
 template <typename scalar_t, typename acc_t>
-GE_PIXEL_CLONES void grouped_conv_pixel(const scalar_t* const* taps, const acc_t* w, const acc_t* bias, acc_t* acc,
+BF_CPU_CLONES void grouped_conv_pixel(const scalar_t* const* taps, const acc_t* w, const acc_t* bias, acc_t* acc,
                                         int64_t cin, int64_t ratio) {
   const int64_t mid = cin * ratio;
   std::copy(bias, bias + mid, acc);
@@ -90,7 +86,7 @@ GE_PIXEL_CLONES void grouped_conv_pixel(const scalar_t* const* taps, const acc_t
 // e = relu(bias + depthwise 3x3 around one pixel): f[k] is the pixel under tap k (mid
 // values; the halo buffer holds zeros where dw1's padding is).
 template <typename acc_t>
-GE_PIXEL_CLONES void depthwise_relu_pixel(const acc_t* const* f, const acc_t* w, const acc_t* bias, acc_t* e,
+BF_CPU_CLONES void depthwise_relu_pixel(const acc_t* const* f, const acc_t* w, const acc_t* bias, acc_t* e,
                                           int64_t mid) {
   std::copy(bias, bias + mid, e);
   for (int k = 0; k < 9; ++k) {
@@ -102,7 +98,7 @@ GE_PIXEL_CLONES void depthwise_relu_pixel(const acc_t* const* f, const acc_t* w,
 }
 
 template <typename acc_t>
-GE_PIXEL_CLONES void relu_inplace(acc_t* v, int64_t n) {
+BF_CPU_CLONES void relu_inplace(acc_t* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] = std::max(v[i], acc_t(0));
 }
 
