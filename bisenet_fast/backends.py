@@ -114,6 +114,11 @@ def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cud
         if device.type == "cpu":
             return "cpp"
         if device.type == "cuda":
+            if not gpu_preference:
+                raise BackendUnavailableError(
+                    f"{op} has no GPU kernel (it is a CPU kernel); use bisenet_fast.backends.use('eager') to run "
+                    "the reference on this device"
+                )
             for candidate in gpu_preference:
                 if _why_unavailable(candidate) is None:
                     return candidate

@@ -53,6 +53,11 @@ TORCH_LIBRARY(bisenet_fast, m) {
       "Tensor dw1_bias, Tensor pw_weight, Tensor pw_bias, Tensor sc_dw_weight, Tensor sc_dw_bias, "
       "Tensor sc_pw_weight, Tensor sc_pw_bias) -> Tensor");
 
+  // Dense 3x3 conv, stride 1, padding 1, + bias, then ReLU if `relu`, by Winograd F(2x2, 3x3);
+  // inference only, CPU. packed_weight (16, cin, cout) is the Winograd-domain weight
+  // G w G^T (bisenet_fast.ops.winograd_weight); x (N, cin, H, W); output channels_last.
+  m.def("conv3x3_winograd(Tensor x, Tensor packed_weight, Tensor bias, bool relu) -> Tensor");
+
   // GE expansion, training form: grouped 3x3 conv (groups = cin, weight (k*cin, 1, 3, 3),
   // stride 1 or 2, padding 1, no bias) -> BatchNorm with this batch's statistics -> ReLU if
   // `relu`. Returns the output (NCHW) and the per-channel batch mean and biased variance

@@ -102,3 +102,9 @@ def test_forcing_a_gpu_backend_the_op_lacks_raises():
         assert resolve("op", device, ("cuda", "triton")) == "triton"
         with pytest.raises(BackendUnavailableError, match="there is no triton kernel for this op; its GPU backends are cuda"):
             resolve("op", device, ("cuda",))
+
+
+def test_cpu_only_op_on_a_gpu_tensor_raises_under_auto():
+    # resolve only looks at the device type, so no GPU is needed to check the message.
+    with pytest.raises(BackendUnavailableError, match="op has no GPU kernel .*use\\('eager'\\)"):
+        resolve("op", torch.device("cuda"), ())
