@@ -40,7 +40,6 @@ void forward_kernel(const Geometry& g, const scalar_t* detail, const at::opmath_
   const int64_t low_len = g.low_row_len(), high_len = g.high_row_len();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, high_len));
   at::parallel_for(0, g.planes * g.high_rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> high_s(high_len), high_p(high_len);
     UpsampledRows<opmath_t> semantic_rows(col_taps, g.inner), gated_rows(col_taps, g.inner);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / g.high_rows, y = r % g.high_rows;
@@ -50,8 +49,7 @@ void forward_kernel(const Geometry& g, const scalar_t* detail, const at::opmath_
           semantic_rows.get(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len);
       const auto [hp0, hp1] =
           gated_rows.get(gated_down + (low_base + t.i0) * low_len, gated_down + (low_base + t.i1) * low_len);
-      forward_row<scalar_t>(t, hs0, hs1, hp0, hp1, high_len, detail + r * high_len, out + r * high_len,
-                            high_s.data(), high_p.data());
+      forward_row<scalar_t>(t, hs0, hs1, hp0, hp1, high_len, detail + r * high_len, out + r * high_len);
     }
   });
 }
@@ -77,7 +75,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
   at::parallel_for(0, g.planes * bands, 1, [&](int64_t begin, int64_t end) {
     // The band's low-res rows' contributions, still at high-res width.
     std::vector<opmath_t> acc_sem(band_rows * high_len), acc_up(band_rows * high_len);
-    std::vector<opmath_t> high_s(high_len), high_tsem(high_len), high_g(high_len);
+    std::vector<opmath_t> high_tsem(high_len), high_g(high_len);
     std::vector<opmath_t> row_sem(low_len), row_up(low_len);
     UpsampledRows<opmath_t> semantic_rows(col_taps, g.inner);
     for (int64_t task = begin; task < end; ++task) {
@@ -96,7 +94,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
         const auto [hs0, hs1] =
             semantic_rows.get(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len);
         backward_row<scalar_t>(t, hs0, hs1, high_len, grad_out + offset, detail + offset,
-                               owns_row ? grad_detail + offset : nullptr, high_s.data(), high_tsem.data(),
+                               owns_row ? grad_detail + offset : nullptr, high_tsem.data(),
                                high_g.data());
         const int64_t taps_i[2] = {t.i0, t.i1};
         const float taps_w[2] = {t.w0, t.w1};

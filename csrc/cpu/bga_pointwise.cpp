@@ -67,8 +67,7 @@ void pointwise_forward_kernel(const Geometry& g, bool channels_last, const at::T
       // Gate the tile's rows (channels_last) or its (channel, row) rows (NCHW).
       const int64_t planes_per_image = channels_last ? 1 : channels;
       at::parallel_for(0, planes_per_image * rows, 1, [&](int64_t begin, int64_t end) {
-        std::vector<opmath_t> high_s(high_len), high_p(high_len);
-        UpsampledRows<opmath_t> semantic_rows(col_taps, g.inner), gated_rows(col_taps, g.inner);
+            UpsampledRows<opmath_t> semantic_rows(col_taps, g.inner), gated_rows(col_taps, g.inner);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t c = task / rows, y = y0 + task % rows;
           const int64_t plane = n * planes_per_image + c, low_base = plane * g.low_rows;
@@ -78,7 +77,7 @@ void pointwise_forward_kernel(const Geometry& g, bool channels_last, const at::T
           const auto [hp0, hp1] =
               gated_rows.get(gated_down + (low_base + t.i0) * low_len, gated_down + (low_base + t.i1) * low_len);
           forward_row<scalar_t>(t, hs0, hs1, hp0, hp1, high_len, tile_ptr + task * high_len,
-                                out + (plane * g.high_rows + y) * high_len, high_s.data(), high_p.data());
+                                out + (plane * g.high_rows + y) * high_len);
         }
       });
     }

@@ -194,6 +194,11 @@ class UpsampledRows {
   const T* key_[2] = {nullptr, nullptr};
 };
 
+// Rows are processed in chunks of this many values so that a chunk's blended, gated and
+// output values stay in L1 between the passes (a channels_last row is W * C values, e.g.
+// 128 KiB at 256 x 128: whole-row passes went through L2 several times).
+constexpr int64_t kRowChunk = 512;
+
 // One high-res row of the forward from the horizontally upsampled low-res rows it reads
 // (hs0/hs1 of semantic, hp0/hp1 of detail_down * sigmoid(semantic_down)): blended
 // vertically, then gated.
@@ -201,13 +206,17 @@ template <typename scalar_t>
 BF_CPU_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
                                 const at::opmath_type<scalar_t>* hs1, const at::opmath_type<scalar_t>* hp0,
                                 const at::opmath_type<scalar_t>* hp1, int64_t high_len, const scalar_t* detail,
-                                scalar_t* out, at::opmath_type<scalar_t>* high_s, at::opmath_type<scalar_t>* high_p) {
+                                scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
-  blend_rows(hs0, hs1, t.w0, t.w1, high_s, high_len);
-  blend_rows(hp0, hp1, t.w0, t.w1, high_p, high_len);
-  sigmoid_row(high_s, high_s, high_len);
-  for (int64_t q = 0; q < high_len; ++q) {
-    out[q] = static_cast<scalar_t>(bga_output<opmath_t>(static_cast<opmath_t>(detail[q]), high_s[q], high_p[q]));
+  opmath_t gate[kRowChunk], down[kRowChunk];
+  for (int64_t q0 = 0; q0 < high_len; q0 += kRowChunk) {
+    const int64_t n = std::min(kRowChunk, high_len - q0);
+    blend_rows(hs0 + q0, hs1 + q0, t.w0, t.w1, gate, n);
+    blend_rows(hp0 + q0, hp1 + q0, t.w0, t.w1, down, n);
+    sigmoid_row(gate, gate, n);
+    for (int64_t q = 0; q < n; ++q) {
+      out[q0 + q] = static_cast<scalar_t>(bga_output<opmath_t>(static_cast<opmath_t>(detail[q0 + q]), gate[q], down[q]));
+    }
   }
 }
 
@@ -219,21 +228,24 @@ BF_CPU_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_
 template <typename scalar_t>
 BF_CPU_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
                                  const at::opmath_type<scalar_t>* hs1, int64_t high_len, const scalar_t* grad_out,
-                                 const scalar_t* detail, scalar_t* grad_detail, at::opmath_type<scalar_t>* high_s,
-                                 at::opmath_type<scalar_t>* high_tsem, at::opmath_type<scalar_t>* high_g) {
+                                 const scalar_t* detail, scalar_t* grad_detail, at::opmath_type<scalar_t>* high_tsem,
+                                 at::opmath_type<scalar_t>* high_g) {
   using opmath_t = at::opmath_type<scalar_t>;
-  blend_rows(hs0, hs1, t.w0, t.w1, high_s, high_len);
-  sigmoid_row(high_s, high_s, high_len);
-  // high_s: up(semantic), then its sigmoid, then grad_detail's row.
-  for (int64_t q = 0; q < high_len; ++q) {
-    const opmath_t gq = static_cast<opmath_t>(grad_out[q]);
-    const auto hg = bga_high_grad<opmath_t>(gq, static_cast<opmath_t>(detail[q]), high_s[q]);
-    high_tsem[q] = hg.semantic_up;
-    high_g[q] = gq;
-    high_s[q] = hg.detail;
-  }
-  if (grad_detail != nullptr) {
-    for (int64_t q = 0; q < high_len; ++q) grad_detail[q] = static_cast<scalar_t>(high_s[q]);
+  opmath_t gate[kRowChunk];  // sigmoid(up(semantic)), then grad_detail's values
+  for (int64_t q0 = 0; q0 < high_len; q0 += kRowChunk) {
+    const int64_t n = std::min(kRowChunk, high_len - q0);
+    blend_rows(hs0 + q0, hs1 + q0, t.w0, t.w1, gate, n);
+    sigmoid_row(gate, gate, n);
+    for (int64_t q = 0; q < n; ++q) {
+      const opmath_t gq = static_cast<opmath_t>(grad_out[q0 + q]);
+      const auto hg = bga_high_grad<opmath_t>(gq, static_cast<opmath_t>(detail[q0 + q]), gate[q]);
+      high_tsem[q0 + q] = hg.semantic_up;
+      high_g[q0 + q] = gq;
+      gate[q] = hg.detail;
+    }
+    if (grad_detail != nullptr) {
+      for (int64_t q = 0; q < n; ++q) grad_detail[q0 + q] = static_cast<scalar_t>(gate[q]);
+    }
   }
 }
 
