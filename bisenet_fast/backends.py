@@ -104,6 +104,12 @@ def use(name: str) -> Iterator[str]:
         stack.pop()
 
 
+def cpu_kernel_selected(device: torch.device) -> bool:
+    """Whether a CPU-only kernel (one whose GPU counterpart is ATen/cuDNN itself) runs for
+    tensors on `device`: CPU tensors with no backend, or 'cpp', forced."""
+    return device.type == "cpu" and current() in ("auto", "cpp")
+
+
 def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cuda", "triton")) -> str:
     """The backend that runs `op` on tensors of `device` under the current choice.
 

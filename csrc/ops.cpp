@@ -58,6 +58,10 @@ TORCH_LIBRARY(bisenet_fast, m) {
   // G w G^T (bisenet_fast.ops.winograd_weight); x (N, cin, H, W); output channels_last.
   m.def("conv3x3_winograd(Tensor x, Tensor packed_weight, Tensor bias, bool relu) -> Tensor");
 
+  // Bilinear resize of (N, C, h, w) to (N, C, size[0], size[1]), align_corners=False, as
+  // F.interpolate(x, size, mode="bilinear"); inference only, CPU; output NCHW-contiguous.
+  m.def("resize_bilinear(Tensor x, int[2] size) -> Tensor");
+
   // GE expansion, training form: grouped 3x3 conv (groups = cin, weight (k*cin, 1, 3, 3),
   // stride 1 or 2, padding 1, no bias) -> BatchNorm with this batch's statistics -> ReLU if
   // `relu`. Returns the output (NCHW) and the per-channel batch mean and biased variance

@@ -8,6 +8,10 @@ Gather-and-Expansion layer runs conv1 through ATen/cuDNN and the rest as the fus
 (bisenet_fast.ops.ge_layer_stride1/2, which picks its backend through bisenet_fast.backends).
 The BGA layer runs detail_dwconv's 1x1 conv and the aggregation after it as one op
 (bisenet_fast.ops.bga_pointwise_aggregate).
+On float32 CPU tensors, dense 3x3 stride-1 convs with 64+ channels run as Winograd
+F(2x2, 3x3) (bisenet_fast.ops.conv3x3_winograd) and the final resize of the logits as
+bisenet_fast.ops.resize_bilinear; both are CPU kernels (cuDNN and ATen run those steps on
+a GPU) and step aside when a backend other than cpp is forced.
 Activations are channels_last; ReLUs after convs run in place on the conv's fresh output.
 
 The fused modules hold their folded weights as buffers (nothing to train) and refuse
@@ -109,7 +113,7 @@ class FusedConv(InferenceModule):
                    relu=module.activate is not None)
 
     def forward(self, x):
-        if self.winograd and x.device.type == "cpu" and x.dtype == torch.float32 and bf_backends.current() in ("auto", "cpp"):
+        if self.winograd and x.dtype == torch.float32 and bf_backends.cpu_kernel_selected(x.device):
             return ops.conv3x3_winograd(x, self.winograd_weight, self.bias, relu=self.relu)
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         return F.relu_(x) if self.relu else x
@@ -306,7 +310,10 @@ class FusedBiSeNetV2Segmentor(InferenceModule):
 
     def forward(self, x):
         size = x.shape[-2:]
-        return resize_bilinear(self.decode_head(self.backbone(x)), size)
+        logits = self.decode_head(self.backbone(x))
+        if bf_backends.cpu_kernel_selected(logits.device):
+            return ops.resize_bilinear(logits, size)
+        return resize_bilinear(logits, size)
 
 
 def capture_cuda_graph(model: nn.Module, example: torch.Tensor, warmup: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -11,6 +11,7 @@ from bisenet_fast.ops.ge_layer import (
     ge_layer_stride2_reference,
 )
 from bisenet_fast.ops.ohem_cross_entropy import ohem_cross_entropy, ohem_cross_entropy_reference
+from bisenet_fast.ops.resize_bilinear import resize_bilinear, resize_bilinear_reference
 
 __all__ = [
     "bga_aggregate",
@@ -27,5 +28,7 @@ __all__ = [
     "ge_layer_stride2_reference",
     "ohem_cross_entropy",
     "ohem_cross_entropy_reference",
+    "resize_bilinear",
+    "resize_bilinear_reference",
     "winograd_weight",
 ]

@@ -1,5 +1,6 @@
 // The row pipeline of the BGA CPU kernels, shared by bga.cpp (the aggregation) and
-// bga_pointwise.cpp (the aggregation fused after the 1x1 conv): bilinear row upsampling,
+// bga_pointwise.cpp (the aggregation fused after the 1x1 conv), whose upsampling part
+// resize_bilinear.cpp reuses: bilinear row upsampling,
 // the vectorised sigmoid and the per-row forward/backward of the gate. Upsampling is
 // horizontal first, once per low-resolution row (UpsampledRows caches the two a high-res
 // row reads), then vertical as a contiguous blend of two high-res-width rows: the
@@ -72,7 +73,7 @@ inline void sigmoid_row(const double* in, double* out, int64_t n) {
   for (int64_t q = 0; q < n; ++q) out[q] = bga_sigmoid(in[q]);
 }
 
-std::vector<LinearTap> axis_taps(int64_t in_size, int64_t out_size) {
+inline std::vector<LinearTap> axis_taps(int64_t in_size, int64_t out_size) {
   const float scale = linear_scale(in_size, out_size);
   std::vector<LinearTap> taps(out_size);
   for (int64_t dst = 0; dst < out_size; ++dst) taps[dst] = linear_tap(dst, in_size, scale);
@@ -156,7 +157,7 @@ struct Geometry {
   int64_t low_row_len() const { return low_cols * inner; }
 };
 
-Geometry geometry(const BgaLayout& layout, const at::Tensor& detail, const at::Tensor& semantic) {
+inline Geometry geometry(const BgaLayout& layout, const at::Tensor& detail, const at::Tensor& semantic) {
   return {layout.planes, layout.inner, detail.size(2), detail.size(3), semantic.size(2), semantic.size(3)};
 }
 

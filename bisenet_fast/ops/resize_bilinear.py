@@ -1,0 +1,54 @@
+"""Bilinear resize with align_corners=False (F.interpolate(x, size, mode="bilinear")),
+inference only, for the CPU: the fused model's last step, resizing the decode head's logits
+to the input size.
+
+ATen's CPU kernel interpolates every output value from four inputs; here each low-res row
+is upsampled horizontally once and each output row is a vectorised blend of two such rows
+(csrc/cpu/resize_bilinear.cpp). Same taps as F.interpolate (csrc/common/bilinear.h), so
+float32 results agree to rounding (~1e-7 of the scale).
+
+Backends: cpp and eager (F.interpolate). No GPU kernel: on CUDA, ATen's upsample is already
+a memory-bound kernel, and the fused model calls it there. Dtypes float32, float16,
+bfloat16 (taps in float, as ATen computes them for float32). Output NCHW-contiguous.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bisenet_fast import backends
+from bisenet_fast.ops._checks import check_tensor
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resize_bilinear_reference(x, size):
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False).contiguous()
+
+
+def check_inputs(x, size):
+    check_tensor("x", x, dim=4, dtypes=DTYPES)
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"size must be two positive ints (H, W), got {tuple(size)}")
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            "resize_bilinear is an inference-only op (no backward); run it under torch.no_grad() or "
+            "torch.inference_mode(), or use F.interpolate for training"
+        )
+
+
+@torch.library.register_fake("bisenet_fast::resize_bilinear")
+def _resize_bilinear_fake(x, size):
+    return x.new_empty((x.shape[0], x.shape[1], size[0], size[1]))
+
+
+def resize_bilinear(x, size):
+    """F.interpolate(x, size, mode="bilinear", align_corners=False) as an NCHW-contiguous tensor."""
+    size = [int(s) for s in size]
+    check_inputs(x, size)
+    backend = backends.resolve("resize_bilinear", x.device, gpu_preference=())
+    if backend == "eager":
+        return resize_bilinear_reference(x, size)
+    return torch.ops.bisenet_fast.resize_bilinear(x, size)
