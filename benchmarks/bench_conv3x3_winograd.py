@@ -1,8 +1,9 @@
 """Each dense 3x3 stride-1 conv of BiSeNetV2's inference form that model.fuse() runs as the
-Winograd F(2x2, 3x3) op on the CPU (64+ channels in and out), with its folded bias and ReLU.
+Winograd op on the CPU (32+ channels in and out), with its folded bias and ReLU, in both
+tile sizes: F(4x4, 3x3), the one the model uses, and F(2x2, 3x3).
 
 impls: eager (F.conv2d + ReLU, i.e. oneDNN's direct conv, NCHW and channels_last) and cpp
-(bisenet_fast.ops.conv3x3_winograd on channels_last). CPU only: the op has no GPU kernel
+(bisenet_fast.ops.conv3x3_winograd on channels_last, tiles 4 and 2). CPU only: the op has no GPU kernel
 (cuDNN runs these convs on a GPU); on a GPU this module reports no rows.
 
     python -m benchmarks.bench_conv3x3_winograd [--quick] [--json out.json]
@@ -24,6 +25,7 @@ CONVS = [
     ("detail stage 2", 64, 64, 4, 2),
     ("detail stage 3 / BGA conv", 128, 128, 8, 3),
     ("decode head", 128, 1024, 8, 1),
+    ("GE conv1 (32)", 32, 32, 8, 2),
     ("GE conv1 (64)", 64, 64, 16, 2),
     ("GE conv1 (128) / CE / BGA", 128, 128, 32, 5),
 ]
@@ -45,11 +47,12 @@ def run(device: str, quick: bool) -> list[dict]:
         bias = torch.randn(cout, generator=gen) * 0.1
         x_cl = x.contiguous(memory_format=torch.channels_last)
         weight_cl = weight.contiguous(memory_format=torch.channels_last)
-        packed = ops.winograd_weight(weight)
+        packed = {tile: ops.winograd_weight(weight, tile) for tile in (4, 2)}
         candidates = [
             ("eager", "NCHW", lambda: F.relu_(F.conv2d(x, weight, bias, padding=1))),
             ("eager", "channels_last", lambda: F.relu_(F.conv2d(x_cl, weight_cl, bias, padding=1))),
-            ("cpp", "winograd channels_last", lambda: ops.conv3x3_winograd(x_cl, packed, bias, relu=True)),
+            ("cpp", "F(4x4) channels_last", lambda: ops.conv3x3_winograd(x_cl, packed[4], bias, relu=True)),
+            ("cpp", "F(2x2) channels_last", lambda: ops.conv3x3_winograd(x_cl, packed[2], bias, relu=True)),
         ]
         eager = None
         for impl, layout, fn in candidates:

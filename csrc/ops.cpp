@@ -53,9 +53,10 @@ TORCH_LIBRARY(bisenet_fast, m) {
       "Tensor dw1_bias, Tensor pw_weight, Tensor pw_bias, Tensor sc_dw_weight, Tensor sc_dw_bias, "
       "Tensor sc_pw_weight, Tensor sc_pw_bias) -> Tensor");
 
-  // Dense 3x3 conv, stride 1, padding 1, + bias, then ReLU if `relu`, by Winograd F(2x2, 3x3);
-  // inference only, CPU. packed_weight (16, cin, cout) is the Winograd-domain weight
-  // G w G^T (bisenet_fast.ops.winograd_weight); x (N, cin, H, W); output channels_last.
+  // Dense 3x3 conv, stride 1, padding 1, + bias, then ReLU if `relu`, by Winograd F(m x m, 3x3);
+  // inference only, CPU. packed_weight ((m+2)^2, cin, cout), 16 for m = 2 or 36 for m = 4, is
+  // the Winograd-domain weight G w G^T (bisenet_fast.ops.winograd_weight); x (N, cin, H, W);
+  // output channels_last.
   m.def("conv3x3_winograd(Tensor x, Tensor packed_weight, Tensor bias, bool relu) -> Tensor");
 
   // Bilinear resize of (N, C, h, w) to (N, C, size[0], size[1]), align_corners=False, as

@@ -8,8 +8,8 @@ Gather-and-Expansion layer runs conv1 through ATen/cuDNN and the rest as the fus
 (bisenet_fast.ops.ge_layer_stride1/2, which picks its backend through bisenet_fast.backends).
 The BGA layer runs detail_dwconv's 1x1 conv and the aggregation after it as one op
 (bisenet_fast.ops.bga_pointwise_aggregate).
-On float32 CPU tensors, dense 3x3 stride-1 convs with 64+ channels run as Winograd
-F(2x2, 3x3) (bisenet_fast.ops.conv3x3_winograd) and the final resize of the logits as
+On float32 CPU tensors, dense 3x3 stride-1 convs with 32+ channels run as Winograd
+F(4x4, 3x3) (bisenet_fast.ops.conv3x3_winograd) and the final resize of the logits as
 bisenet_fast.ops.resize_bilinear; both are CPU kernels (cuDNN and ATen run those steps on
 a GPU) and step aside when a backend other than cpp is forced.
 Activations are channels_last; ReLUs after convs run in place on the conv's fresh output.
@@ -86,11 +86,13 @@ class FusedConv(InferenceModule):
 
     Dense 3x3 stride-1 convs with at least WINOGRAD_MIN_CHANNELS input and output channels
     also keep their Winograd-domain weight and, on float32 CPU tensors, run as
-    ops.conv3x3_winograd (2.25x fewer multiplies than oneDNN's direct conv; below that
-    width the transforms cost more than the GEMMs save) unless another backend than cpp is
-    forced. Elsewhere they run F.conv2d (on CUDA that is cuDNN, which has its own Winograd)."""
+    ops.conv3x3_winograd with F(4x4, 3x3) (4x fewer multiplies than oneDNN's direct conv;
+    narrower convs lose more to the transforms than they gain) unless another backend than
+    cpp is forced. Elsewhere they run F.conv2d (on CUDA that is cuDNN, which has its own
+    Winograd)."""
 
-    WINOGRAD_MIN_CHANNELS = 64
+    WINOGRAD_MIN_CHANNELS = 32
+    WINOGRAD_TILE = 4
 
     def __init__(self, weight, bias, *, stride=1, padding=0, groups=1, relu=False):
         super().__init__()
@@ -103,7 +105,7 @@ class FusedConv(InferenceModule):
             and groups == 1 and min(cin, cout) >= self.WINOGRAD_MIN_CHANNELS
         )
         if self.winograd:
-            self.register_buffer("winograd_weight", ops.winograd_weight(weight.double()).float())
+            self.register_buffer("winograd_weight", ops.winograd_weight(weight.double(), self.WINOGRAD_TILE).float())
 
     @classmethod
     def from_conv_module(cls, module: ConvModule) -> "FusedConv":
