@@ -27,6 +27,7 @@
 #include "common/bga_checks.h"
 #include "common/bilinear.h"
 #include "cpu/bga_rows.h"
+#include "cpu/huge_pages.h"
 
 namespace bisenet_fast {
 namespace {
@@ -129,6 +130,7 @@ at::Tensor bga_aggregate_cpu(const at::Tensor& detail, const at::Tensor& semanti
   const Geometry g = geometry(layout, detail, semantic);
   const auto d = detail.contiguous(layout.format);
   auto out = at::empty_like(d, d.options(), layout.format);
+  advise_huge_pages(out);
   if (out.numel() == 0) return out;
   const LowResOperands low = low_res_operands(semantic, detail_down, semantic_down, layout);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail.scalar_type(), "bga_aggregate_cpu", [&] {
@@ -152,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bga_aggregate_backwar
   const auto sd = semantic_down.contiguous(layout.format);
   const auto semantic_math = semantic.to(at::toOpMathType(detail.scalar_type())).contiguous(layout.format);
   auto grad_detail = at::empty_like(d, d.options(), layout.format);
+  advise_huge_pages(grad_detail);
   auto grad_semantic = at::empty_like(dd, dd.options(), layout.format);
   auto grad_detail_down = at::empty_like(dd, dd.options(), layout.format);
   auto grad_semantic_down = at::empty_like(dd, dd.options(), layout.format);

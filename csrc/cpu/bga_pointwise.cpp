@@ -22,6 +22,7 @@
 #include "common/bga_checks.h"
 #include "common/bilinear.h"
 #include "cpu/bga_rows.h"
+#include "cpu/huge_pages.h"
 
 namespace bisenet_fast {
 namespace {
@@ -93,6 +94,7 @@ at::Tensor bga_pointwise_aggregate_cpu(const at::Tensor& detail_dw, const at::Te
   const Geometry g = geometry(layout, detail_dw, semantic);
   const auto d = detail_dw.contiguous(layout.format);
   auto out = at::empty_like(d, d.options(), layout.format);
+  advise_huge_pages(out);
   if (out.numel() == 0) return out;
   const LowResOperands low = low_res_operands(semantic, detail_down, semantic_down, layout);
   const bool channels_last = layout.format == at::MemoryFormat::ChannelsLast;

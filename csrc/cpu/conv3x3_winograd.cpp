@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/macros.h"
+#include "cpu/huge_pages.h"
 
 namespace bisenet_fast {
 namespace {
@@ -278,6 +279,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& packed_we
   auto out = at::empty({x.size(0), cout, x.size(2), x.size(3)},
                        x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   const auto input = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto weight = packed_weight.contiguous();
   const auto bias_c = bias.contiguous();

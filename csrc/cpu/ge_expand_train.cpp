@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/macros.h"
+#include "cpu/huge_pages.h"
 
 namespace bisenet_fast {
 namespace {
@@ -159,6 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ge_expand_train_cpu(const at::Ten
   const Geometry g = check_and_measure("ge_expand_train", x, weight, bn_weight, bn_bias, stride);
   const auto xc = x.contiguous();
   auto out = at::empty({g.n_batch, g.mid, g.out_h, g.out_w}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(out);
   auto mean = at::empty({g.mid}, x.options().dtype(stats_type(x)));
   auto var = at::empty({g.mid}, x.options().dtype(stats_type(x)));
 
@@ -220,6 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backw
   const auto go = grad_out.to(x.scalar_type()).contiguous();
   const auto mc = mean.contiguous(), vc = var.contiguous();
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(grad_x);
   const auto acc_type = stats_type(x);
   auto grad_w = at::empty({g.mid, 9}, x.options().dtype(acc_type));
   auto grad_gamma = at::empty({g.mid}, x.options().dtype(acc_type));

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/macros.h"
+#include "cpu/huge_pages.h"
 
 namespace bisenet_fast {
 namespace {
@@ -121,6 +122,7 @@ at::Tensor ge_layer_stride1_cpu(const at::Tensor& x, const at::Tensor& y, const 
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto yc = y.contiguous(at::MemoryFormat::ChannelsLast);
   auto out = at::empty({n_batch, cout, height, width}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  advise_huge_pages(out);
   if (out.numel() == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ge_layer_stride1_cpu", [&] {
@@ -193,6 +195,7 @@ at::Tensor ge_layer_stride2_cpu(const at::Tensor& x, const at::Tensor& y, const 
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const auto yc = y.contiguous(at::MemoryFormat::ChannelsLast);
   auto out = at::empty({n_batch, cout, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  advise_huge_pages(out);
   if (out.numel() == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ge_layer_stride2_cpu", [&] {

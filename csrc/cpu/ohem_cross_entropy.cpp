@@ -28,6 +28,7 @@
 
 #include "common/bilinear.h"
 #include "common/ohem_math.h"
+#include "cpu/huge_pages.h"
 
 namespace bisenet_fast {
 namespace {
@@ -235,6 +236,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
   // below a valid one) and cross-entropy.
   at::Tensor prob = at::empty({N * H * W}, acc_options);
   at::Tensor ce = at::empty({N * H * W}, acc_options);
+  advise_huge_pages(prob);
+  advise_huge_pages(ce);
   acc_t* prob_ptr = prob.data_ptr<acc_t>();
   acc_t* ce_ptr = ce.data_ptr<acc_t>();
   const acc_t thresh_value = thresh.has_value() ? static_cast<acc_t>(*thresh) : std::numeric_limits<acc_t>::infinity();
@@ -318,7 +321,9 @@ at::Tensor backward_impl(double grad, const at::Tensor& logits, const at::Tensor
   const int64_t H = target.size(1), W = target.size(2);
   const acc_t* z_head = logits.data_ptr<acc_t>();
   const label_t* labels = target.data_ptr<label_t>();
-  at::Tensor grad_head = at::zeros_like(logits);
+  at::Tensor grad_head = at::empty_like(logits);
+  advise_huge_pages(grad_head);
+  grad_head.zero_();
   acc_t* grad_ptr = grad_head.data_ptr<acc_t>();
   const acc_t coef = static_cast<acc_t>(grad / static_cast<double>(N * H * W));
   const float scale_h = linear_scale(h, H);

@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "cpu/bga_rows.h"
+#include "cpu/huge_pages.h"
 
 namespace bisenet_fast {
 namespace {
@@ -40,6 +41,7 @@ at::Tensor resize_bilinear_cpu(const at::Tensor& x, at::IntArrayRef size) {
   const int64_t planes = x.size(0) * x.size(1), low_rows = x.size(2), low_cols = x.size(3);
   const int64_t high_rows = size[0], high_cols = size[1];
   auto out = at::empty({x.size(0), x.size(1), high_rows, high_cols}, x.options());
+  advise_huge_pages(out);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resize_bilinear", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
