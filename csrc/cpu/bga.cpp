@@ -76,7 +76,6 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
   at::parallel_for(0, g.planes * bands, 1, [&](int64_t begin, int64_t end) {
     // The band's low-res rows' contributions, still at high-res width.
     std::vector<opmath_t> acc_sem(band_rows * high_len), acc_up(band_rows * high_len);
-    std::vector<opmath_t> high_tsem(high_len), high_g(high_len);
     std::vector<opmath_t> row_sem(low_len), row_up(low_len);
     UpsampledRows<opmath_t> semantic_rows(col_taps, g.inner);
     for (int64_t task = begin; task < end; ++task) {
@@ -94,17 +93,16 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
         const bool owns_row = t.i0 >= i_begin && t.i0 < i_end;
         const auto [hs0, hs1] =
             semantic_rows.get(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len);
-        backward_row<scalar_t>(t, hs0, hs1, high_len, grad_out + offset, detail + offset,
-                               owns_row ? grad_detail + offset : nullptr, high_tsem.data(),
-                               high_g.data());
+        LowRowAccumulators<opmath_t> acc{};
         const int64_t taps_i[2] = {t.i0, t.i1};
-        const float taps_w[2] = {t.w0, t.w1};
         for (int k = 0; k < 2; ++k) {
           if (taps_i[k] < i_begin || taps_i[k] >= i_end) continue;
           const int64_t local = (taps_i[k] - i_begin) * high_len;
-          add_scaled_low_row(high_tsem.data(), taps_w[k], acc_sem.data() + local, high_len);
-          add_scaled_low_row(high_g.data(), taps_w[k], acc_up.data() + local, high_len);
+          acc.semantic[k] = acc_sem.data() + local;
+          acc.gated[k] = acc_up.data() + local;
         }
+        backward_row<scalar_t>(t, hs0, hs1, high_len, grad_out + offset, detail + offset,
+                               owns_row ? grad_detail + offset : nullptr, acc);
       }
       for (int64_t i = i_begin; i < i_end; ++i) {
         const int64_t local = (i - i_begin) * high_len;

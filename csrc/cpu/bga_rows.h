@@ -221,18 +221,29 @@ BF_CPU_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_
   }
 }
 
+// Where one high-res row's backward contributions go: the band's accumulators (still at
+// high-res width) of the low-res rows its vertical taps read, or null for a tap whose row
+// belongs to another band.
+template <typename T>
+struct LowRowAccumulators {
+  T* semantic[2];  // += w_k * g * detail * s * (1 - s), for tap k = 0, 1
+  T* gated[2];     // += w_k * g
+};
+
 // One high-res row of the backward, from the horizontally upsampled semantic rows it reads:
-// writes its grad_detail when `grad_detail` is not null and leaves in high_tsem / high_g
-// its contributions g * detail * s * (1 - s) and g, still at high-res width; the caller
-// adds them, with the row's vertical weights, into the low-res rows the row reads and
-// transposes the horizontal upsample once per low-res row.
+// writes its grad_detail when `grad_detail` is not null and adds its contributions
+// g * detail * s * (1 - s) and g, times the row's vertical weights, into `acc`; the caller
+// transposes the horizontal upsample once per low-res row. Per value the additions run in
+// tap order, whatever the chunking.
 template <typename scalar_t>
 BF_CPU_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
                                  const at::opmath_type<scalar_t>* hs1, int64_t high_len, const scalar_t* grad_out,
-                                 const scalar_t* detail, scalar_t* grad_detail, at::opmath_type<scalar_t>* high_tsem,
-                                 at::opmath_type<scalar_t>* high_g) {
+                                 const scalar_t* detail, scalar_t* grad_detail,
+                                 const LowRowAccumulators<at::opmath_type<scalar_t>>& acc) {
   using opmath_t = at::opmath_type<scalar_t>;
   opmath_t gate[kRowChunk];  // sigmoid(up(semantic)), then grad_detail's values
+  opmath_t tsem[kRowChunk], g[kRowChunk];
+  const float weights[2] = {t.w0, t.w1};
   for (int64_t q0 = 0; q0 < high_len; q0 += kRowChunk) {
     const int64_t n = std::min(kRowChunk, high_len - q0);
     blend_rows(hs0 + q0, hs1 + q0, t.w0, t.w1, gate, n);
@@ -240,19 +251,19 @@ BF_CPU_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar
     for (int64_t q = 0; q < n; ++q) {
       const opmath_t gq = static_cast<opmath_t>(grad_out[q0 + q]);
       const auto hg = bga_high_grad<opmath_t>(gq, static_cast<opmath_t>(detail[q0 + q]), gate[q]);
-      high_tsem[q0 + q] = hg.semantic_up;
-      high_g[q0 + q] = gq;
+      tsem[q] = hg.semantic_up;
+      g[q] = gq;
       gate[q] = hg.detail;
     }
     if (grad_detail != nullptr) {
       for (int64_t q = 0; q < n; ++q) grad_detail[q0 + q] = static_cast<scalar_t>(gate[q]);
     }
+    for (int k = 0; k < 2; ++k) {
+      if (acc.semantic[k] == nullptr) continue;
+      add_scaled_row(tsem, weights[k], acc.semantic[k] + q0, n);
+      add_scaled_row(g, weights[k], acc.gated[k] + q0, n);
+    }
   }
-}
-
-template <typename T>
-BF_CPU_CLONES void add_scaled_low_row(const T* row, float w, T* acc, int64_t n) {
-  add_scaled_row(row, w, acc, n);
 }
 
 // acc = (horizontal upsample)^T of one high-res-width row (acc: low-res row length).
