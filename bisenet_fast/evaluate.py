@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -38,7 +39,7 @@ def predict_probs(model, image, img_scale=(2048, 1024), ratios=(1.0,), flip=Fals
     resize the uint8 image to (int(w_s*r), int(h_s*r)) keeping its aspect ratio, normalise,
     logits resized to the network input then to the original size (bilinear,
     align_corners=False), softmax in float32, un-flip. The argmax is the prediction."""
-    device = next(model.parameters()).device
+    device = next(itertools.chain(model.parameters(), model.buffers())).device  # fuse()d models: buffers only
     height, width = image.shape[:2]
     img = image.numpy()
     total = None
@@ -93,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, cuda, triton")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--fused", action="store_true",
+                   help="evaluate the inference form (model.fuse(): BN folded, fused kernels), in the --amp dtype "
+                        "instead of under autocast")
     return p.parse_args(argv)
 
 
@@ -108,13 +112,17 @@ def main(argv=None) -> int:
     model = bf.BiSeNetV2Segmentor(num_classes=recipe["model"]["num_classes"])
     bf.load_mmseg_checkpoint(model, args.checkpoint, strict=True)
     model.to(ctx.device)
+    autocast_dtype = AMP_DTYPES[amp]
+    if args.fused:
+        model, autocast_dtype = model.fuse(dtype=autocast_dtype), None
     dataset = CityscapesDataset(args.data_root or recipe["data"]["root"], args.split)
     with bf.backends.use(args.backend):
-        result = evaluate_model(model, dataset, ctx, recipe["test"], args.aug_test, AMP_DTYPES[amp],
+        result = evaluate_model(model, dataset, ctx, recipe["test"], args.aug_test, autocast_dtype,
                                 recipe["model"]["num_classes"], args.limit)
     if ctx.is_main:
         mode = "ms+flip" if args.aug_test else "single-scale"
-        print(f"{args.checkpoint} on {args.split} ({mode}, autocast {amp}, {ctx.world_size} process(es)):")
+        precision = f"fused, {amp if amp != 'none' else 'float32'}" if args.fused else f"autocast {amp}"
+        print(f"{args.checkpoint} on {args.split} ({mode}, {precision}, {ctx.world_size} process(es)):")
         print(format_table(result, class_names(recipe["model"]["num_classes"])))
     if ctx.enabled:
         torch.distributed.destroy_process_group()

@@ -3,6 +3,7 @@ safety, non-finite losses. Everything runs on tiny synthetic data with the eager
 import copy
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -301,6 +302,21 @@ def test_evaluate_cli_reads_training_checkpoints(tiny_data, tmp_path, capsys):
                           str(tiny_data), "--aug-test", "--limit", "1", "--backend", "eager", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0 and "ms+flip" in out and "mIoU" in out and "bicycle" in out
+
+
+def test_evaluate_cli_fused_matches_unfused(tiny_data, tmp_path, capsys):
+    result = train(tiny_recipe(tiny_data, iters=1), tmp_path, backend="eager", threads=1, log=None)
+    args = ["--recipe", "synthetic", "--checkpoint", str(result["checkpoint"]), "--data-root", str(tiny_data),
+            "--limit", "2", "--device", "cpu"]
+    summaries = []
+    for extra in ([], ["--fused"]):
+        assert evaluate_main(args + extra) == 0
+        out = capsys.readouterr().out
+        summaries.append([float(v) for v in re.findall(r"(?:mIoU|mAcc|aAcc) ([0-9.]+)", out)])
+    assert "(single-scale, fused, float32, 1 process(es))" in out
+    # The float32 inference form agrees with the model to ~1e-6: at most a near-tied pixel
+    # or two may flip class.
+    assert len(summaries[1]) == 3 and summaries[1] == pytest.approx(summaries[0], abs=0.05)
 
 
 def test_torchrun_two_gloo_processes_train_evaluate_and_resume(tiny_data, tmp_path):
