@@ -15,6 +15,10 @@ float32 F(2x2) is within ~1e-6 of a conv's output scale, F(4x4) (larger transfor
 coefficients) within ~1e-5; through the whole fused network the logits stay within ~1e-6
 of float64 either way (tests/test_fuse.py holds them to 1e-4). float64 agrees to ~1e-14.
 
+Memory: each CPU thread keeps its scratch buffer (one block of tiles in the Winograd
+domain, ~11 MB at the decode head's 128->1024) between calls, so repeated calls do not
+page-fault fresh buffers in.
+
 Non-finite inputs: a NaN or infinity makes every output of the tiles that read it NaN (the
 transforms mix a whole tile), where a direct conv gives NaN/inf in its 3x3 neighbourhood
 only; no NaN is lost.
