@@ -28,3 +28,17 @@ def check_tensor(
             raise TypeError(f"{name} must have dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
     if device is not None and value.device != device:
         raise ValueError(f"{name} must be on {device} like the other inputs, got {value.device}")
+
+
+def check_non_empty(name: str, value: torch.Tensor) -> None:
+    if value.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(value.shape)}")
+
+
+def check_inference_only(op: str, tensors: Iterable[torch.Tensor], for_training: str) -> None:
+    """Ops without a backward refuse inputs that would need one, naming what to train with."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{op} is inference-only (no backward); run it under torch.no_grad() or torch.inference_mode(), "
+            f"or {for_training}"
+        )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_inference_only, check_tensor
 from bisenet_fast.ops.bga import TRITON_DTYPES, bga_aggregate_reference, check_bga_inputs
 
 GPU_PREFERENCE = ("triton",)  # no CUDA C++ kernel for this op
@@ -44,11 +44,7 @@ def check_bga_pointwise_inputs(detail_dw, pw_weight, pw_bias, semantic, detail_d
     if tuple(pw_bias.shape) != (c,):
         raise ValueError(f"pw_bias must have shape ({c},), got {tuple(pw_bias.shape)}")
     inputs = (detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        raise RuntimeError(
-            "bga_pointwise_aggregate is inference-only (no backward); run it under torch.no_grad() or "
-            "torch.inference_mode(), or use bga_aggregate after the conv for training"
-        )
+    check_inference_only("bga_pointwise_aggregate", inputs, "use bga_aggregate after the conv for training")
 
 
 @torch.library.register_fake("bisenet_fast::bga_pointwise_aggregate")

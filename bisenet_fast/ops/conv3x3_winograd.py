@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import check_tensor
+from bisenet_fast.ops._checks import check_inference_only, check_non_empty, check_tensor
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -103,8 +103,7 @@ def check_inputs(x, packed_weight, bias):
     check_tensor("x", x, dim=4, dtypes=DTYPES)
     check_tensor("packed_weight", packed_weight, dim=3, dtypes=(x.dtype,), device=x.device)
     check_tensor("bias", bias, dim=1, dtypes=(x.dtype,), device=x.device)
-    if x.numel() == 0:
-        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    check_non_empty("x", x)
     cin = x.shape[1]
     if packed_weight.shape[0] not in TILE_OF_POINTS or packed_weight.shape[1] != cin or packed_weight.shape[2] == 0:
         raise ValueError(
@@ -113,11 +112,7 @@ def check_inputs(x, packed_weight, bias):
         )
     if bias.shape[0] != packed_weight.shape[2]:
         raise ValueError(f"bias must have shape ({packed_weight.shape[2]},), got {tuple(bias.shape)}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, packed_weight, bias)):
-        raise RuntimeError(
-            "conv3x3_winograd is an inference-only op (no backward); run it under torch.no_grad() or "
-            "torch.inference_mode(), or use F.conv2d for training"
-        )
+    check_inference_only("conv3x3_winograd", (x, packed_weight, bias), "use F.conv2d for training")
 
 
 @torch.library.register_fake("bisenet_fast::conv3x3_winograd")

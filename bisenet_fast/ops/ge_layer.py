@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_inference_only, check_non_empty, check_tensor
 
 GPU_PREFERENCE = ("triton",)  # no CUDA C++ kernel for this op yet
 
@@ -57,8 +57,7 @@ def _check_activations(x, y):
     check_tensor("y", y, dim=4, dtypes=(x.dtype,), device=x.device)
     if tuple(y.shape) != tuple(x.shape):
         raise ValueError(f"y (conv1's output) must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    check_non_empty("x", x)
 
 
 def _check_mid(name, dw_weight, cin, like):
@@ -72,14 +71,6 @@ def _check_mid(name, dw_weight, cin, like):
     return mid
 
 
-def _check_no_grad(tensors, op):
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError(
-            f"{op} is an inference-only op (BN folded, no backward); run it under torch.no_grad() "
-            "or torch.inference_mode(), or use the unfused model for training"
-        )
-
-
 def check_stride1_inputs(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     _check_activations(x, y)
     cin = x.shape[1]
@@ -87,7 +78,7 @@ def check_stride1_inputs(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     _check_weight("dw_bias", dw_bias, (mid,), x)
     _check_weight("pw_weight", pw_weight, (cin, mid), x)  # residual: cout == cin
     _check_weight("pw_bias", pw_bias, (cin,), x)
-    _check_no_grad((x, y, dw_weight, dw_bias, pw_weight, pw_bias), "ge_layer_stride1")
+    check_inference_only("ge_layer_stride1", (x, y, dw_weight, dw_bias, pw_weight, pw_bias), "train the unfused model")
 
 
 def check_stride2_inputs(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
@@ -106,9 +97,10 @@ def check_stride2_inputs(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_we
     _check_weight("sc_dw_bias", sc_dw_bias, (cin,), x)
     _check_weight("sc_pw_weight", sc_pw_weight, (cout, cin), x)
     _check_weight("sc_pw_bias", sc_pw_bias, (cout,), x)
-    _check_no_grad(
-        (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias),
+    check_inference_only(
         "ge_layer_stride2",
+        (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias),
+        "train the unfused model",
     )
 
 

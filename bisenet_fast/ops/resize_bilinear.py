@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import check_tensor
+from bisenet_fast.ops._checks import check_inference_only, check_non_empty, check_tensor
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -28,15 +28,10 @@ def resize_bilinear_reference(x, size):
 
 def check_inputs(x, size):
     check_tensor("x", x, dim=4, dtypes=DTYPES)
-    if x.numel() == 0:
-        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    check_non_empty("x", x)
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise ValueError(f"size must be two positive ints (H, W), got {tuple(size)}")
-    if torch.is_grad_enabled() and x.requires_grad:
-        raise RuntimeError(
-            "resize_bilinear is an inference-only op (no backward); run it under torch.no_grad() or "
-            "torch.inference_mode(), or use F.interpolate for training"
-        )
+    check_inference_only("resize_bilinear", (x,), "use F.interpolate for training")
 
 
 @torch.library.register_fake("bisenet_fast::resize_bilinear")
