@@ -5,6 +5,10 @@ batch (data loading excluded: see bench_loader). Three implementations per recip
 (backend 'eager'), fused (backend 'auto'), and fused plus the opt-in recomputing GE
 expansion (use_fused_ge_training; impl '<backend>+ge_train').
 
+Four implementations per recipe in all: the fourth, '<backend>+recompute', adds
+use_recomputing_detail_branch (the detail branch keeps its conv outputs only and rebuilds
+its ReLU outputs in backward) to the recomputing GE expansion.
+
 Memory, two numbers:
   saved_mb       activations autograd holds for backward after forward+loss
                  (timing.saved_activation_mb; parameters, buffers and the batch excluded);
@@ -28,7 +32,7 @@ import bisenet_fast as bf
 from benchmarks.run import main as cli
 from benchmarks.timing import measure, saved_activation_mb, speedups
 from bisenet_fast.configs import load_recipe
-from bisenet_fast.models import use_fused_ge_training
+from bisenet_fast.models import use_fused_ge_training, use_recomputing_detail_branch
 from bisenet_fast.train import LOSS_KEYS, build_optimizer
 
 RECIPES = {
@@ -39,18 +43,23 @@ RECIPES = {
 QUICK_SHAPE = (2, 128)  # batch, crop size
 FULL_SHAPE = (4, 1024)
 
-# impl label -> (backend, use_fused_ge_training)
-IMPLS = {"eager": ("eager", False), "fused": ("auto", False), "fused+ge_train": ("auto", True)}
+# impl label -> (backend, model transforms applied after construction)
+IMPLS = {
+    "eager": ("eager", ()),
+    "fused": ("auto", ()),
+    "fused+ge_train": ("auto", (use_fused_ge_training,)),
+    "fused+recompute": ("auto", (use_fused_ge_training, use_recomputing_detail_branch)),
+}
 
 
 class TrainStep:
     """A model, its optimizer and a fixed batch; step() is one full training step."""
 
-    def __init__(self, recipe: dict, device: torch.device, batch: int, size: int, fused_ge: bool):
+    def __init__(self, recipe: dict, device: torch.device, batch: int, size: int, transforms=()):
         torch.manual_seed(0)
         self.model = bf.BiSeNetV2Segmentor(**recipe["model"]).to(device).train()
-        if fused_ge:
-            use_fused_ge_training(self.model)
+        for transform in transforms:
+            transform(self.model)
         self.opt = build_optimizer(self.model, recipe)
         self.device_type = device.type
         amp = recipe.get("amp") or {}
@@ -94,9 +103,9 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     for case in cases:
         recipe = load_recipe(RECIPES[case])
         eager = None
-        for impl, (backend, fused_ge) in IMPLS.items():
+        for impl, (backend, transforms) in IMPLS.items():
             with bf.backends.use(backend):
-                train_step = TrainStep(recipe, dev, batch, size, fused_ge)
+                train_step = TrainStep(recipe, dev, batch, size, transforms)
                 saved_mb = train_step.saved_mb()
                 t = measure(train_step.step, dev, warmup=warmup, repeats=repeats)
             del train_step

@@ -33,6 +33,7 @@ from bisenet_fast.data.transforms import PhotoMetricDistortion, TrainPipeline
 from bisenet_fast.distributed import DistContext, any_rank, gather_objects, heads_to_sync_bn, init_distributed
 from bisenet_fast.evaluate import AMP_DTYPES, evaluate_model
 from bisenet_fast.metrics import format_table
+from bisenet_fast.models import use_fused_ge_training, use_recomputing_detail_branch
 from bisenet_fast.train_state import (
     capture_rng_state,
     latest_checkpoint,
@@ -80,10 +81,14 @@ class LossModule(nn.Module):
         return self.segmentor.loss(images, labels)
 
 
-def build_model(recipe: dict, ctx: DistContext) -> bf.BiSeNetV2Segmentor:
+def build_model(recipe: dict, ctx: DistContext, recompute: bool = False) -> bf.BiSeNetV2Segmentor:
     """The segmentor on ctx.device; under NCCL its heads use SyncBN (mmseg), the backbone plain BN.
-    With gloo on CPU, SyncBN cannot run, so each process keeps its own BN statistics in the heads."""
+    With gloo on CPU, SyncBN cannot run, so each process keeps its own BN statistics in the heads.
+    recompute: the GE expansions and the detail branch rebuild activations in backward instead
+    of keeping them (same parameters and results, less memory)."""
     model = bf.BiSeNetV2Segmentor(**recipe["model"]).to(ctx.device)
+    if recompute:
+        use_recomputing_detail_branch(use_fused_ge_training(model))
     if ctx.enabled and ctx.device.type == "cuda":
         heads_to_sync_bn(model)
     return model
@@ -181,9 +186,10 @@ def cpu_threads_per_process(ctx: DistContext, loader_workers: int) -> int:
 
 def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = None, device: str | None = None,
           backend: str = "auto", seed: int = 0, stop_after: int | None = None, deterministic: bool = False,
-          threads: int | None = None, log=print) -> dict:
+          threads: int | None = None, recompute: bool = False, log=print) -> dict:
     """Runs (or continues) training; returns {'iteration', 'checkpoint', 'metrics', 'stopped_by'}.
-    threads: torch CPU threads per process (default: cpu_threads_per_process)."""
+    threads: torch CPU threads per process (default: cpu_threads_per_process); recompute: see
+    build_model."""
     ctx = init_distributed(device)
     work_dir = Path(work_dir)
     if ctx.is_main:
@@ -194,7 +200,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     torch.backends.cudnn.deterministic = deterministic
     torch.manual_seed(seed + ctx.rank)
 
-    model = build_model(recipe, ctx)
+    model = build_model(recipe, ctx, recompute)
     optimizer = build_optimizer(model, recipe)
     amp = recipe.get("amp") or {}
     amp_dtype = AMP_DTYPES[amp.get("dtype", "none")]
@@ -361,6 +367,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: cores / processes on this machine, less the "
                         "loader workers when training on the CPU; use 1 on a machine busy with other work)")
+    p.add_argument("--recompute", action="store_true",
+                   help="keep fewer activations: the GE expansion convs' and the detail branch's outputs are "
+                        "rebuilt in backward (use_fused_ge_training + use_recomputing_detail_branch)")
     p.add_argument("--deterministic", action="store_true", help="cudnn deterministic, no cudnn benchmark")
     p.add_argument("--stop-after", type=int, default=None,
                    help="checkpoint and stop after this iteration (the schedule still spans --iters)")
@@ -377,7 +386,7 @@ def main(argv=None) -> int:
     try:
         result = train(recipe, work_dir, resume=args.resume, device=args.device, backend=args.backend,
                        seed=args.seed, stop_after=args.stop_after, deterministic=args.deterministic,
-                       threads=args.threads)
+                       threads=args.threads, recompute=args.recompute)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

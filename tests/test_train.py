@@ -216,6 +216,26 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     bf.load_mmseg_checkpoint(bf.BiSeNetV2Segmentor(), full["checkpoint"])
 
 
+def test_recompute_trains_like_the_plain_model(tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_data, iters=3)
+    plain = train(copy.deepcopy(recipe), tmp_path / "plain", backend="eager", threads=1, seed=3, log=None)
+    recomputed = train(copy.deepcopy(recipe), tmp_path / "recompute", backend="eager", threads=1, seed=3,
+                       recompute=True, log=None)
+    plain_log, recomputed_log = read_log(tmp_path / "plain"), read_log(tmp_path / "recompute")
+    assert [r.keys() for r in recomputed_log] == [r.keys() for r in plain_log] and len(plain_log) == 3
+    for a, b in zip(plain_log, recomputed_log):
+        for key in a:
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+    a = torch.load(plain["checkpoint"], weights_only=True)["state_dict"]
+    b = torch.load(recomputed["checkpoint"], weights_only=True)["state_dict"]
+    assert list(b) == list(a)  # same keys: checkpoints interchange
+    for key in a:  # float rounding only: within 1e-4 of each tensor's scale, 1e-5 absolute
+        if a[key].is_floating_point():
+            assert (b[key] - a[key]).abs().max() <= 1e-4 * a[key].abs().max() + 1e-5, key
+        else:
+            assert torch.equal(b[key], a[key]), key
+
+
 def test_truncated_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     result = train(tiny_recipe(tiny_data, iters=2), tmp_path, backend="eager", threads=1, log=None)
     good = result["checkpoint"]
