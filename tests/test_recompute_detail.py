@@ -12,7 +12,6 @@ import bisenet_fast as bf
 from benchmarks.timing import saved_activation_mb
 from bisenet_fast.models import use_recomputing_detail_branch
 from bisenet_fast.models.bisenetv2 import DetailBranch
-from bisenet_fast.models.conv_module import ConvModule
 from bisenet_fast.models.fused import FusedDetailBranch
 from bisenet_fast.models.recompute_detail import RecomputingDetailBranch, _ConvBNReLUChain, conv_bn_relu_chain
 from tests.helpers import requires_cuda
