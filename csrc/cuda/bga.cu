@@ -53,15 +53,16 @@ unsigned int blocks_for(int64_t total) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, cap)));
 }
 
-// Bilinear value of a low-res map at the taps of one high-res pixel: rows first, then
-// columns (the order of the CPU kernel). `r0`, `r1` index the two rows' first pixels.
+// Bilinear value of a low-res map at the taps of one high-res pixel: each of the two rows
+// interpolated along x, then the two blended along y (the CPU kernel's and ATen's order, so
+// results round alike). `r0`, `r1` index the two rows' first pixels.
 template <typename scalar_t, typename opmath_t>
 __device__ __forceinline__ opmath_t bilinear(const scalar_t* __restrict__ map, int64_t r0, int64_t r1,
                                              const LinearTap& ty, const LinearTap& tx, int64_t inner, int64_t k) {
   const int64_t c0 = tx.i0 * inner + k, c1 = tx.i1 * inner + k;
-  const opmath_t left = ty.w0 * static_cast<opmath_t>(map[r0 + c0]) + ty.w1 * static_cast<opmath_t>(map[r1 + c0]);
-  const opmath_t right = ty.w0 * static_cast<opmath_t>(map[r0 + c1]) + ty.w1 * static_cast<opmath_t>(map[r1 + c1]);
-  return tx.w0 * left + tx.w1 * right;
+  const opmath_t top = tx.w0 * static_cast<opmath_t>(map[r0 + c0]) + tx.w1 * static_cast<opmath_t>(map[r0 + c1]);
+  const opmath_t bottom = tx.w0 * static_cast<opmath_t>(map[r1 + c0]) + tx.w1 * static_cast<opmath_t>(map[r1 + c1]);
+  return ty.w0 * top + ty.w1 * bottom;
 }
 
 template <typename scalar_t, typename opmath_t>
@@ -92,10 +93,10 @@ __global__ void bga_forward_kernel(const scalar_t* __restrict__ detail, const sc
     const int64_t r1 = (plane * g.low_rows + ty.i1) * low_row_len;
     const opmath_t semantic_up = bilinear<scalar_t, opmath_t>(semantic, r0, r1, ty, tx, inner, k);
     const opmath_t gated_up =
-        tx.w0 * (ty.w0 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r0 + c0) +
-                 ty.w1 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r1 + c0)) +
-        tx.w1 * (ty.w0 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r0 + c1) +
-                 ty.w1 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r1 + c1));
+        ty.w0 * (tx.w0 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r0 + c0) +
+                 tx.w1 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r0 + c1)) +
+        ty.w1 * (tx.w0 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r1 + c0) +
+                 tx.w1 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r1 + c1));
     const int64_t high = (plane * g.high_rows + y) * row_len + e;
     out[high] = static_cast<scalar_t>(
         bga_output<opmath_t>(static_cast<opmath_t>(detail[high]), bga_sigmoid(semantic_up), gated_up));
