@@ -5,9 +5,10 @@ batch (data loading excluded: see bench_loader). Three implementations per recip
 (backend 'eager'), fused (backend 'auto'), and fused plus the opt-in recomputing GE
 expansion (use_fused_ge_training; impl '<backend>+ge_train').
 
-Four implementations per recipe in all: the fourth, '<backend>+recompute', adds
-use_recomputing_detail_branch (the detail branch keeps its conv outputs only and rebuilds
-its ReLU outputs in backward) to the recomputing GE expansion.
+Then '<backend>+recompute' adds use_recomputing_detail_branch (the detail branch keeps its
+conv outputs only and rebuilds its ReLU outputs in backward) to the recomputing GE
+expansion, and '<backend>+recompute+cl' trains that in channels_last (model and batch, as
+train --channels-last), with 'eager+cl' as its eager counterpart.
 
 Memory, two numbers:
   saved_mb       activations autograd holds for backward after forward+loss
@@ -43,29 +44,35 @@ RECIPES = {
 QUICK_SHAPE = (2, 128)  # batch, crop size
 FULL_SHAPE = (4, 1024)
 
-# impl label -> (backend, model transforms applied after construction)
+# impl label -> (backend, model transforms applied after construction, channels_last)
+RECOMPUTE = (use_fused_ge_training, use_recomputing_detail_branch)
 IMPLS = {
-    "eager": ("eager", ()),
-    "fused": ("auto", ()),
-    "fused+ge_train": ("auto", (use_fused_ge_training,)),
-    "fused+recompute": ("auto", (use_fused_ge_training, use_recomputing_detail_branch)),
+    "eager": ("eager", (), False),
+    "fused": ("auto", (), False),
+    "fused+ge_train": ("auto", (use_fused_ge_training,), False),
+    "fused+recompute": ("auto", RECOMPUTE, False),
+    "eager+cl": ("eager", (), True),
+    "fused+recompute+cl": ("auto", RECOMPUTE, True),
 }
 
 
 class TrainStep:
     """A model, its optimizer and a fixed batch; step() is one full training step."""
 
-    def __init__(self, recipe: dict, device: torch.device, batch: int, size: int, transforms=()):
+    def __init__(self, recipe: dict, device: torch.device, batch: int, size: int, transforms=(),
+                 channels_last: bool = False):
         torch.manual_seed(0)
         self.model = bf.BiSeNetV2Segmentor(**recipe["model"]).to(device).train()
         for transform in transforms:
             transform(self.model)
+        image_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=image_format)
         self.opt = build_optimizer(self.model, recipe)
         self.device_type = device.type
         amp = recipe.get("amp") or {}
         self.amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(amp.get("dtype"))
         self.scaler = torch.amp.GradScaler(device.type, init_scale=512.0, enabled=self.amp_dtype is torch.float16)
-        self.x = torch.randn(batch, 3, size, size, device=device)
+        self.x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=image_format)
         self.y = torch.randint(0, 19, (batch, size, size), device=device)
         self.y[:, :, -size // 8 :] = 255  # some padding / ignored pixels, as after RandomCrop + Pad
 
@@ -103,9 +110,9 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
     for case in cases:
         recipe = load_recipe(RECIPES[case])
         eager = None
-        for impl, (backend, transforms) in IMPLS.items():
+        for impl, (backend, transforms, channels_last) in IMPLS.items():
             with bf.backends.use(backend):
-                train_step = TrainStep(recipe, dev, batch, size, transforms)
+                train_step = TrainStep(recipe, dev, batch, size, transforms, channels_last)
                 saved_mb = train_step.saved_mb()
                 t = measure(train_step.step, dev, warmup=warmup, repeats=repeats)
             del train_step

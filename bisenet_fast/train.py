@@ -81,12 +81,16 @@ class LossModule(nn.Module):
         return self.segmentor.loss(images, labels)
 
 
-def build_model(recipe: dict, ctx: DistContext, recompute: bool = False) -> bf.BiSeNetV2Segmentor:
+def build_model(recipe: dict, ctx: DistContext, recompute: bool = False,
+                channels_last: bool = False) -> bf.BiSeNetV2Segmentor:
     """The segmentor on ctx.device; under NCCL its heads use SyncBN (mmseg), the backbone plain BN.
     With gloo on CPU, SyncBN cannot run, so each process keeps its own BN statistics in the heads.
     recompute: the GE expansions and the detail branch rebuild activations in backward instead
-    of keeping them (same parameters and results, less memory)."""
+    of keeping them (same parameters and results, less memory). channels_last: the conv weights
+    in NHWC, so activations follow (the layout tensor-core convolutions run natively)."""
     model = bf.BiSeNetV2Segmentor(**recipe["model"]).to(ctx.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if recompute:
         use_recomputing_detail_branch(use_fused_ge_training(model))
     if ctx.enabled and ctx.device.type == "cuda":
@@ -186,10 +190,10 @@ def cpu_threads_per_process(ctx: DistContext, loader_workers: int) -> int:
 
 def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = None, device: str | None = None,
           backend: str = "auto", seed: int = 0, stop_after: int | None = None, deterministic: bool = False,
-          threads: int | None = None, recompute: bool = False, log=print) -> dict:
+          threads: int | None = None, recompute: bool = False, channels_last: bool = False, log=print) -> dict:
     """Runs (or continues) training; returns {'iteration', 'checkpoint', 'metrics', 'stopped_by'}.
-    threads: torch CPU threads per process (default: cpu_threads_per_process); recompute: see
-    build_model."""
+    threads: torch CPU threads per process (default: cpu_threads_per_process); recompute and
+    channels_last: see build_model (the batches follow channels_last too)."""
     ctx = init_distributed(device)
     work_dir = Path(work_dir)
     if ctx.is_main:
@@ -200,7 +204,8 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     torch.backends.cudnn.deterministic = deterministic
     torch.manual_seed(seed + ctx.rank)
 
-    model = build_model(recipe, ctx, recompute)
+    model = build_model(recipe, ctx, recompute, channels_last)
+    image_format = torch.channels_last if channels_last else torch.contiguous_format
     optimizer = build_optimizer(model, recipe)
     amp = recipe.get("amp") or {}
     amp_dtype = AMP_DTYPES[amp.get("dtype", "none")]
@@ -283,7 +288,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 images, labels = next(batches)
-                images = images.to(ctx.device, non_blocking=True)
+                images = images.to(ctx.device, non_blocking=True).contiguous(memory_format=image_format)
                 labels = labels.to(ctx.device, non_blocking=True)
                 with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = step_module(images, labels)
@@ -370,6 +375,8 @@ def parse_args(argv=None):
     p.add_argument("--recompute", action="store_true",
                    help="keep fewer activations: the GE expansion convs' and the detail branch's outputs are "
                         "rebuilt in backward (use_fused_ge_training + use_recomputing_detail_branch)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="train in NHWC (model and batches): the layout of tensor-core convolutions on GPUs")
     p.add_argument("--deterministic", action="store_true", help="cudnn deterministic, no cudnn benchmark")
     p.add_argument("--stop-after", type=int, default=None,
                    help="checkpoint and stop after this iteration (the schedule still spans --iters)")
@@ -386,7 +393,7 @@ def main(argv=None) -> int:
     try:
         result = train(recipe, work_dir, resume=args.resume, device=args.device, backend=args.backend,
                        seed=args.seed, stop_after=args.stop_after, deterministic=args.deterministic,
-                       threads=args.threads, recompute=args.recompute)
+                       threads=args.threads, recompute=args.recompute, channels_last=args.channels_last)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
