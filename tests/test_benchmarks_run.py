@@ -24,3 +24,9 @@ def test_module_runs_quick_on_cpu(module):
 
 def test_device_name_names_the_cpu_threads():
     assert device_name("cpu").startswith("CPU ") and "threads" in device_name("cpu")
+
+
+def test_only_runs_matching_modules_in_the_given_order():
+    assert runner.modules(["ohem", "bga", "ohem_cross"]) == [
+        "bench_ohem_cross_entropy", "bench_bga", "bench_bga_pointwise"]
+    assert runner.modules(None) == sorted(runner.modules(None))
