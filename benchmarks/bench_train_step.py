@@ -1,14 +1,13 @@
 """One training step of the published recipes: fused kernels (backend auto) vs the eager model.
 
 A step is forward of the five heads, their losses, backward and the SGD step, on a fixed
-batch (data loading excluded: see bench_loader). Three implementations per recipe: eager
-(backend 'eager'), fused (backend 'auto'), and fused plus the opt-in recomputing GE
-expansion (use_fused_ge_training; impl '<backend>+ge_train').
-
-Then '<backend>+recompute' adds use_recomputing_detail_branch (the detail branch keeps its
-conv outputs only and rebuilds its ReLU outputs in backward) to the recomputing GE
-expansion, and '<backend>+recompute+cl' trains that in channels_last (model and batch, as
-train --channels-last), with 'eager+cl' as its eager counterpart.
+batch (data loading excluded: see bench_loader). Implementations per recipe (IMPLS):
+  eager                     backend 'eager'
+  <backend>                 backend 'auto' (the fused kernels)
+  <backend>+ge_train        plus the recomputing GE expansion (use_fused_ge_training)
+  <backend>+recompute       plus the recomputing detail branch too (train --recompute)
+  eager+cl, <backend>+recompute+cl
+                            eager and <backend>+recompute in channels_last (train --channels-last)
 
 Memory, two numbers:
   saved_mb       activations autograd holds for backward after forward+loss
