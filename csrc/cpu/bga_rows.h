@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -63,14 +64,20 @@ inline float vectorisable_exp(float x) {
   return p * scale;
 }
 
-// out[q] = sigmoid(in[q]); float through vectorisable_exp, double through libm (the
-// float64 path exists for gradcheck, not speed).
+// sigmoid(x): float through vectorisable_exp, double through libm (the float64 path
+// exists for gradcheck, not speed).
+inline float row_sigmoid(float x) { return 1.0f / (1.0f + vectorisable_exp(-x)); }
+inline double row_sigmoid(double x) { return bga_sigmoid(x); }
+
+// out[q] = sigmoid(in[q]). Plain overloads, not a template: GCC inlines these into the
+// multiversioned callers (so they take the caller's ISA); a template instance was emitted
+// out of line for the baseline ISA and made the backward 25 % slower.
 inline void sigmoid_row(const float* in, float* out, int64_t n) {
-  for (int64_t q = 0; q < n; ++q) out[q] = 1.0f / (1.0f + vectorisable_exp(-in[q]));
+  for (int64_t q = 0; q < n; ++q) out[q] = row_sigmoid(in[q]);
 }
 
 inline void sigmoid_row(const double* in, double* out, int64_t n) {
-  for (int64_t q = 0; q < n; ++q) out[q] = bga_sigmoid(in[q]);
+  for (int64_t q = 0; q < n; ++q) out[q] = row_sigmoid(in[q]);
 }
 
 inline std::vector<LinearTap> axis_taps(int64_t in_size, int64_t out_size) {
@@ -209,6 +216,17 @@ BF_CPU_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_
                                 const at::opmath_type<scalar_t>* hp1, int64_t high_len, const scalar_t* detail,
                                 scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    // One pass: the blends, the sigmoid and the output vectorise together, with nothing
+    // going through a temporary row (channels_last forward 2.7 -> 1.7 ms at 1x128x128x256).
+    // float16/bfloat16 keep the chunked passes below; one pass was not tried for them.
+    const opmath_t w0 = t.w0, w1 = t.w1;
+    for (int64_t q = 0; q < high_len; ++q) {
+      const opmath_t gate = row_sigmoid(w0 * hs0[q] + w1 * hs1[q]);
+      out[q] = bga_output<opmath_t>(detail[q], gate, w0 * hp0[q] + w1 * hp1[q]);
+    }
+    return;
+  }
   opmath_t gate[kRowChunk], down[kRowChunk];
   for (int64_t q0 = 0; q0 < high_len; q0 += kRowChunk) {
     const int64_t n = std::min(kRowChunk, high_len - q0);
