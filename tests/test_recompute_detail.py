@@ -36,7 +36,12 @@ def step(branch, x, grad_seed=1, autocast_dtype=None):
         out = branch(x)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
     out.backward(g.to(device=out.device, dtype=out.dtype))
-    return out.detach(), x.grad, {name: p.grad for name, p in branch.named_parameters()}
+    return out.detach(), x.grad, {_plain(name): p.grad for name, p in branch.named_parameters()}
+
+
+def _plain(name):
+    """A parameter or buffer name without torch.compile's wrapper prefix."""
+    return name.removeprefix("_orig_mod.")
 
 
 def assert_close_to_scale(actual, expected, rel, what):
@@ -57,7 +62,8 @@ def assert_same_steps(eager, fused, inputs, rel, autocast_dtype=None, buffer_rel
         assert gp_f.keys() == gp_e.keys()
         for name in gp_e:
             assert_close_to_scale(gp_f[name], gp_e[name], rel, f"step {i} grad of {name}")
-    buffers_e, buffers_f = dict(eager.named_buffers()), dict(fused.named_buffers())
+    buffers_e = dict(eager.named_buffers())
+    buffers_f = {_plain(name): value for name, value in fused.named_buffers()}
     assert buffers_f.keys() == buffers_e.keys()
     for name, value in buffers_e.items():
         if name.endswith("num_batches_tracked"):
@@ -120,6 +126,13 @@ def test_gradcheck_float64():
               for p in (layer.conv.weight, layer.bn.weight, layer.bn.bias)]
     assert torch.autograd.gradcheck(lambda x, *params: _ConvBNReLUChain.apply(x, layers, torch.float64, *params),
                                     (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_compiles_with_torch_compile():
+    eager = make_branch()
+    compiled = torch.compile(RecomputingDetailBranch(copy.deepcopy(eager)))
+    x = torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(0))
+    assert_same_steps(eager, compiled, [x], rel=2e-5)
 
 
 def test_keeps_only_the_conv_outputs():
