@@ -7,7 +7,9 @@
 // one block in a fixed order (deterministic). Whether the k-th probability is needed is
 // decided on the device; if it is, an exact radix select over the probabilities' bits
 // (3 passes of integer histograms: 11 + 11 + 10 bits) finds it, and the kept CE is summed
-// again. The host synchronises once, to read the count of out-of-range labels.
+// again. The host synchronises once, to read the count of out-of-range labels. Logits are
+// read in their dtype (float math throughout) and the gradient is written in it, so
+// float16/bfloat16 calls make no float32 copy of the logits or the gradient.
 //
 // Backward, as a gather (no float atomics, deterministic): one block per (image, band of
 // head rows, tile of head columns), the CUDA form of the CPU kernel's row pipeline. For each
@@ -71,22 +73,31 @@ struct PixelSoftmax {
   float zmax, sumexp, z_gt;
 };
 
-__device__ __forceinline__ float upsampled_logit(const float* __restrict__ channel, int64_t w, const LinearTap& ty,
+// Logits are read in their own dtype and converted per tap (float math throughout), so
+// float16/bfloat16 logits need no float32 copy at head resolution.
+template <typename scalar_t>
+__device__ __forceinline__ float logit_at(const scalar_t* __restrict__ channel, int64_t offset) {
+  return static_cast<float>(channel[offset]);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ float upsampled_logit(const scalar_t* __restrict__ channel, int64_t w, const LinearTap& ty,
                                                  const LinearTap& tx) {
-  const float top = tx.w0 * channel[ty.i0 * w + tx.i0] + tx.w1 * channel[ty.i0 * w + tx.i1];
-  const float bottom = tx.w0 * channel[ty.i1 * w + tx.i0] + tx.w1 * channel[ty.i1 * w + tx.i1];
+  const float top = tx.w0 * logit_at(channel, ty.i0 * w + tx.i0) + tx.w1 * logit_at(channel, ty.i0 * w + tx.i1);
+  const float bottom = tx.w0 * logit_at(channel, ty.i1 * w + tx.i0) + tx.w1 * logit_at(channel, ty.i1 * w + tx.i1);
   return ty.w0 * top + ty.w1 * bottom;
 }
 
 // Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`;
 // with z_store set, each class's upsampled logit is also stored at z_store[c * z_stride].
 // Forward and backward call this same function, so they agree on which pixels are kept.
-__device__ __forceinline__ PixelSoftmax pixel_softmax(const float* __restrict__ logits, const Geometry& g, int64_t n,
+template <typename scalar_t>
+__device__ __forceinline__ PixelSoftmax pixel_softmax(const scalar_t* __restrict__ logits, const Geometry& g, int64_t n,
                                                       int64_t y, int64_t x, int64_t label,
                                                       float* z_store = nullptr, int z_stride = 0) {
   const LinearTap ty = linear_tap(y, g.h, g.scale_h);
   const LinearTap tx = linear_tap(x, g.w, g.scale_w);
-  const float* image = logits + n * g.C * g.h * g.w;
+  const scalar_t* image = logits + n * g.C * g.h * g.w;
   PixelSoftmax s{-INFINITY, 0.f, 0.f};
   for (int64_t c = 0; c < g.C; ++c) {
     const float z = upsampled_logit(image + c * g.h * g.w, g.w, ty, tx);
@@ -102,8 +113,8 @@ __device__ __forceinline__ PixelSoftmax pixel_softmax(const float* __restrict__ 
   return s;
 }
 
-template <typename label_t>
-__global__ void forward_pixels_kernel(const float* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
+template <typename scalar_t, typename label_t>
+__global__ void forward_pixels_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
                                       float thresh, int64_t ignore_index, float* __restrict__ prob,
                                       float* __restrict__ ce, long long* __restrict__ block_counts,
                                       double* __restrict__ block_sums) {
@@ -285,11 +296,11 @@ struct BackwardShared {
 
 // At least 3 resident blocks per SM (<= 85 registers a thread; sm_90 needs 80, no spills):
 // phase 1 is latency-bound on the logit loads, so occupancy matters.
-template <typename label_t>
+template <typename scalar_t, typename label_t>
 __global__ void __launch_bounds__(kThreads, 3)
-    backward_band_kernel(const float* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
+    backward_band_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
                          BackwardTiling tiling, const float* __restrict__ threshold, int64_t ignore_index,
-                         const float* __restrict__ grad_loss, float* __restrict__ grad) {
+                         const float* __restrict__ grad_loss, scalar_t* __restrict__ grad) {
   extern __shared__ __align__(16) char shared_base[];
   BackwardShared sh(shared_base, tiling, g.C);
   const int64_t n = blockIdx.z;
@@ -361,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   for (int64_t a = threadIdx.x; a < accumulators; a += blockDim.x) {
     const int64_t jl = a % tiling.tile_cols, c = (a / tiling.tile_cols) % g.C, b = a / (tiling.tile_cols * g.C);
     if (jl < tile_cols && i_begin + b < i_end)
-      grad[((n * g.C + c) * g.h + i_begin + b) * g.w + j_begin + jl] = sh.acc[a] * coef;
+      grad[((n * g.C + c) * g.h + i_begin + b) * g.w + j_begin + jl] = static_cast<scalar_t>(sh.acc[a] * coef);
   }
 }
 
@@ -439,6 +450,21 @@ void dispatch_label(const at::Tensor& target, F&& f) {
   }
 }
 
+// f(pointer to the logits' data) in their dtype (check_inputs admits these three).
+template <typename F>
+void dispatch_logits(const at::Tensor& logits, F&& f) {
+  switch (logits.scalar_type()) {
+    case at::kHalf:
+      f(logits.const_data_ptr<at::Half>());
+      break;
+    case at::kBFloat16:
+      f(logits.const_data_ptr<at::BFloat16>());
+      break;
+    default:
+      f(logits.const_data_ptr<float>());
+  }
+}
+
 int64_t blocks_for(int64_t count, int threads) { return (count + threads - 1) / threads; }
 
 void raise_bad_label(const at::Tensor& target, int64_t channels, int64_t ignore_index) {
@@ -455,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cuda(const at::Ten
   check_inputs(logits, target);
   TORCH_CHECK(min_kept >= 0, "ohem_cross_entropy: min_kept must be >= 0, got ", min_kept);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor head = logits.to(at::kFloat).contiguous();  // fp32 at head resolution
+  const at::Tensor head = logits.contiguous();  // NCHW at head resolution, in its own dtype
   const at::Tensor labels = target.contiguous();
   const Geometry g = geometry(head, labels);
   const int64_t pixels = g.N * g.H * g.W;
@@ -467,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cuda(const at::Ten
                         static_cast<unsigned>(g.N));
   const int64_t pixel_blocks = static_cast<int64_t>(pixel_grid.x) * pixel_grid.y * pixel_grid.z;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto f32 = head.options();
+  const auto f32 = head.options().dtype(at::kFloat);
   at::Tensor prob = at::empty({pixels}, f32);
   at::Tensor ce = at::empty({pixels}, f32);
   at::Tensor block_counts = at::empty({pixel_blocks, 3}, f32.dtype(at::kLong));
@@ -476,12 +502,14 @@ std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cuda(const at::Ten
   auto* state = reinterpret_cast<ForwardState*>(state_bytes.data_ptr());
   const float thresh32 = thresh.has_value() ? static_cast<float>(*thresh) : INFINITY;
 
-  dispatch_label(labels, [&](auto* target_ptr) {
-    forward_pixels_kernel<<<pixel_grid, kThreads, 0, stream>>>(
-        head.const_data_ptr<float>(), target_ptr, g, thresh32, ignore_index, prob.data_ptr<float>(),
-        ce.data_ptr<float>(), reinterpret_cast<long long*>(block_counts.data_ptr<int64_t>()),
-        block_sums.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_logits(head, [&](auto* logits_ptr) {
+    dispatch_label(labels, [&](auto* target_ptr) {
+      forward_pixels_kernel<<<pixel_grid, kThreads, 0, stream>>>(
+          logits_ptr, target_ptr, g, thresh32, ignore_index, prob.data_ptr<float>(),
+          ce.data_ptr<float>(), reinterpret_cast<long long*>(block_counts.data_ptr<int64_t>()),
+          block_sums.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   forward_totals_kernel<<<1, kFinalThreads, 0, stream>>>(
       reinterpret_cast<const long long*>(block_counts.const_data_ptr<int64_t>()), block_sums.const_data_ptr<double>(),
@@ -525,27 +553,32 @@ at::Tensor ohem_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const a
   TORCH_CHECK(grad_loss.numel() == 1 && threshold.numel() == 1,
               "ohem_cross_entropy_backward: grad_loss and threshold must be scalars");
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor head = logits.to(at::kFloat).contiguous();
+  const at::Tensor head = logits.contiguous();
   const at::Tensor labels = target.contiguous();
-  const at::Tensor grad_scalar = grad_loss.to(head.options()).reshape({1});
-  const at::Tensor threshold32 = threshold.to(head.options()).reshape({1});
+  const auto f32 = head.options().dtype(at::kFloat);
+  const at::Tensor grad_scalar = grad_loss.to(f32).reshape({1});
+  const at::Tensor threshold32 = threshold.to(f32).reshape({1});
   const Geometry g = geometry(head, labels);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const BackwardTiling tiling = backward_tiling(g);
   const dim3 grid(static_cast<unsigned>((g.w + tiling.tile_cols - 1) / tiling.tile_cols),
                   static_cast<unsigned>((g.h + tiling.band_rows - 1) / tiling.band_rows), static_cast<unsigned>(g.N));
-  at::Tensor grad = at::empty_like(head);
-  dispatch_label(labels, [&](auto* target_ptr) {
-    const auto kernel = backward_band_kernel<std::remove_const_t<std::remove_pointer_t<decltype(target_ptr)>>>;
-    if (tiling.shared_bytes > kDefaultSharedBytes)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(tiling.shared_bytes)));
-    kernel<<<grid, kThreads, tiling.shared_bytes, stream>>>(head.const_data_ptr<float>(), target_ptr, g, tiling,
-                                                            threshold32.const_data_ptr<float>(), ignore_index,
-                                                            grad_scalar.const_data_ptr<float>(), grad.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor grad = at::empty_like(head);  // written in the logits' dtype from float sums
+  dispatch_logits(head, [&](auto* logits_ptr) {
+    using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(logits_ptr)>>;
+    dispatch_label(labels, [&](auto* target_ptr) {
+      const auto kernel =
+          backward_band_kernel<scalar_t, std::remove_const_t<std::remove_pointer_t<decltype(target_ptr)>>>;
+      if (tiling.shared_bytes > kDefaultSharedBytes)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(tiling.shared_bytes)));
+      kernel<<<grid, kThreads, tiling.shared_bytes, stream>>>(
+          logits_ptr, target_ptr, g, tiling, threshold32.const_data_ptr<float>(), ignore_index,
+          grad_scalar.const_data_ptr<float>(), grad.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
-  return grad.to(logits.scalar_type());
+  return grad;
 }
 
 }  // namespace
