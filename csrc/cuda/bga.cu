@@ -4,9 +4,11 @@
 // (BgaLayout: NCHW is N*C planes of 1-value pixels, channels_last is N planes of C-value
 // pixels), so consecutive threads touch consecutive addresses in both layouts.
 //
-// Forward: one thread per output value reads detail once and the four bilinear taps of
-// the three low-resolution maps (1/16 of the output, served from L2), forming
-// detail_down * sigmoid(semantic_down) per tap. A 3-D grid (column chunk, row, plane)
+// Forward: a first kernel forms gated = detail_down * sigmoid(semantic_down) once per
+// low-resolution value (in float; 1/16 of the output's values); then one thread per output
+// value reads detail once and the four bilinear taps of semantic and of gated (served from
+// L2). Forming gated per tap instead cost four more exp and divisions per output value,
+// which made the kernel arithmetic-bound. A 3-D grid (column chunk, row, plane)
 // gives each thread its position with at most one 32-bit division (channels_last),
 // where a flat index would need three 64-bit divisions and modulos per value, which cost
 // more than the value's memory traffic.
@@ -65,16 +67,21 @@ __device__ __forceinline__ opmath_t bilinear(const scalar_t* __restrict__ map, i
   return ty.w0 * top + ty.w1 * bottom;
 }
 
-template <typename scalar_t, typename opmath_t>
-__device__ __forceinline__ opmath_t gated_at(const scalar_t* __restrict__ detail_down,
-                                             const scalar_t* __restrict__ semantic_down, int64_t offset) {
-  return bga_gated_down(static_cast<opmath_t>(detail_down[offset]), static_cast<opmath_t>(semantic_down[offset]));
+// gated[i] = detail_down[i] * sigmoid(semantic_down[i]) in the math type (grid-stride).
+template <typename scalar_t>
+__global__ void bga_gated_down_kernel(const scalar_t* __restrict__ detail_down,
+                                      const scalar_t* __restrict__ semantic_down,
+                                      at::opmath_type<scalar_t>* __restrict__ gated, int64_t total) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    gated[i] = bga_gated_down(static_cast<opmath_t>(detail_down[i]), static_cast<opmath_t>(semantic_down[i]));
+  }
 }
 
 template <typename scalar_t, bool kChannelsLast>
 __global__ void bga_forward_kernel(const scalar_t* __restrict__ detail, const scalar_t* __restrict__ semantic,
-                                   const scalar_t* __restrict__ detail_down,
-                                   const scalar_t* __restrict__ semantic_down, scalar_t* __restrict__ out,
+                                   const at::opmath_type<scalar_t>* __restrict__ gated, scalar_t* __restrict__ out,
                                    Geometry g, int64_t planes) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int inner = kChannelsLast ? static_cast<int>(g.inner) : 1;
@@ -86,17 +93,12 @@ __global__ void bga_forward_kernel(const scalar_t* __restrict__ detail, const sc
   const int64_t y = blockIdx.y;
   const LinearTap ty = linear_tap(y, g.low_rows, g.row_scale);
   const LinearTap tx = linear_tap(x, g.low_cols, g.col_scale);
-  const int64_t c0 = tx.i0 * inner + k, c1 = tx.i1 * inner + k;
   const int64_t low_row_len = g.low_cols * inner;
   for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {
     const int64_t r0 = (plane * g.low_rows + ty.i0) * low_row_len;
     const int64_t r1 = (plane * g.low_rows + ty.i1) * low_row_len;
     const opmath_t semantic_up = bilinear<scalar_t, opmath_t>(semantic, r0, r1, ty, tx, inner, k);
-    const opmath_t gated_up =
-        ty.w0 * (tx.w0 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r0 + c0) +
-                 tx.w1 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r0 + c1)) +
-        ty.w1 * (tx.w0 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r1 + c0) +
-                 tx.w1 * gated_at<scalar_t, opmath_t>(detail_down, semantic_down, r1 + c1));
+    const opmath_t gated_up = bilinear<opmath_t, opmath_t>(gated, r0, r1, ty, tx, inner, k);
     const int64_t high = (plane * g.high_rows + y) * row_len + e;
     out[high] = static_cast<scalar_t>(
         bga_output<opmath_t>(static_cast<opmath_t>(detail[high]), bga_sigmoid(semantic_up), gated_up));
@@ -170,11 +172,18 @@ at::Tensor bga_aggregate_cuda(const at::Tensor& detail, const at::Tensor& semant
   const dim3 grid(static_cast<unsigned>((row_len + threads - 1) / threads), static_cast<unsigned>(g.high_rows),
                   static_cast<unsigned>(std::min<int64_t>(layout.planes, 65535)));
   const bool channels_last = layout.format == at::MemoryFormat::ChannelsLast;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto gated = at::empty_like(dd, dd.options().dtype(at::toOpMathType(dd.scalar_type())), layout.format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, detail.scalar_type(), "bga_aggregate_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    bga_gated_down_kernel<scalar_t><<<blocks_for(gated.numel()), kThreads, 0, stream>>>(
+        dd.const_data_ptr<scalar_t>(), sd.const_data_ptr<scalar_t>(), gated.mutable_data_ptr<opmath_t>(),
+        gated.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto kernel = channels_last ? bga_forward_kernel<scalar_t, true> : bga_forward_kernel<scalar_t, false>;
-    kernel<<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        d.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), dd.const_data_ptr<scalar_t>(),
-        sd.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, layout.planes);
+    kernel<<<grid, threads, 0, stream>>>(d.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+                                         gated.const_data_ptr<opmath_t>(), out.mutable_data_ptr<scalar_t>(), g,
+                                         layout.planes);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
