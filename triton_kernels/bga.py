@@ -6,10 +6,13 @@ Every tensor is contiguous in one layout, walked as planes of rows x cols pixels
 `inner` consecutive values (NCHW: N*C planes, inner 1; channels_last: N planes, inner C),
 so one kernel serves both layouts with coalesced accesses.
 
-Forward: one program per BLOCK output values; each reads detail once and the four bilinear
-taps of the three low-resolution maps (cache-resident: they are 1/16 of the output), forming
-detail_down * sigmoid(semantic_down) per tap. Taps are computed like common/bilinear.h
-(the same float arithmetic as ATen's upsample_bilinear2d).
+Forward: a first kernel forms gated = detail_down * sigmoid(semantic_down) once per
+low-resolution value (float32; forming it per tap cost four more sigmoids per output
+value); then each program takes BLOCK values of one output row (grid: row chunk, row,
+planes) and reads detail once and the four bilinear taps of semantic and of gated
+(cache-resident: 1/16 of the output). The grid gives each value its row and plane without
+the 64-bit divisions a flat index needs. Taps are computed like common/bilinear.h (the same
+float arithmetic as ATen's upsample_bilinear2d).
 
 Backward: deterministic gathers, no atomics. One program per BLOCK low-resolution values;
 each walks the high-resolution pixels that read its pixel (the transpose of the upsample,
@@ -62,12 +65,13 @@ def _first_dst_with_i0_at_least(m, in_size, out_size):
 
 @triton.jit
 def _bilinear(ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask):
-    """Rows first, then columns, in fp32: the order of the CPU kernel."""
+    """Each row along x, then the two rows along y, in fp32: the order of the CPU and CUDA
+    kernels and ATen."""
     v00 = tl.load(ptr + r0 + c0, mask=mask, other=0.0).to(tl.float32)
-    v10 = tl.load(ptr + r1 + c0, mask=mask, other=0.0).to(tl.float32)
     v01 = tl.load(ptr + r0 + c1, mask=mask, other=0.0).to(tl.float32)
+    v10 = tl.load(ptr + r1 + c0, mask=mask, other=0.0).to(tl.float32)
     v11 = tl.load(ptr + r1 + c1, mask=mask, other=0.0).to(tl.float32)
-    return cw0 * (rw0 * v00 + rw1 * v10) + cw1 * (rw0 * v01 + rw1 * v11)
+    return rw0 * (cw0 * v00 + cw1 * v01) + rw1 * (cw0 * v10 + cw1 * v11)
 
 
 @triton.jit
@@ -77,30 +81,37 @@ def _gated(dd_ptr, sd_ptr, offset, mask):
     return dd * tl.sigmoid(sd)
 
 
-@triton.jit(do_not_specialize=_SIZES)
-def _bga_forward_kernel(d_ptr, s_ptr, dd_ptr, sd_ptr, out_ptr, total, H, W, h, w, K, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["total"])
+def _gated_down_kernel(dd_ptr, sd_ptr, gated_ptr, total, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
-    k = idx % K
-    pixel = idx // K
-    x = (pixel % W).to(tl.int32)
-    row = pixel // W
-    y = (row % H).to(tl.int32)
-    plane = row // H
+    tl.store(gated_ptr + idx, _gated(dd_ptr, sd_ptr, idx, mask), mask=mask)
 
+
+@triton.jit(do_not_specialize=["planes", "H", "W", "h", "w"])
+def _bga_forward_kernel(d_ptr, s_ptr, g_ptr, out_ptr, planes, H, W, h, w, K: tl.constexpr, BLOCK: tl.constexpr):
+    # K (values per pixel) is a compile-time constant: 1 in NCHW, C in channels_last, so
+    # the split of a row position into pixel and channel is a shift or a 32-bit division.
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # position in the output row
+    mask = e < W * K
+    x = e // K
+    k = e - x * K
+    y = tl.program_id(1)
     ri0, ri1, rw0, rw1 = _tap(y, h, H)
     ci0, ci1, cw0, cw1 = _tap(x, w, W)
-    r0 = ((plane * h + ri0) * w) * K + k
-    r1 = ((plane * h + ri1) * w) * K + k
-    c0 = ci0.to(tl.int64) * K
-    c1 = ci1.to(tl.int64) * K
-
-    semantic_up = _bilinear(s_ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask)
-    gated_up = cw0 * (rw0 * _gated(dd_ptr, sd_ptr, r0 + c0, mask) + rw1 * _gated(dd_ptr, sd_ptr, r1 + c0, mask)) + \
-        cw1 * (rw0 * _gated(dd_ptr, sd_ptr, r0 + c1, mask) + rw1 * _gated(dd_ptr, sd_ptr, r1 + c1, mask))
-    detail = tl.load(d_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    out = detail * tl.sigmoid(semantic_up) + gated_up
-    tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
+    c0 = ci0 * K + k
+    c1 = ci1 * K + k
+    h64, H64 = h.to(tl.int64), H.to(tl.int64)  # offsets across planes can pass 2^31
+    for plane in range(tl.program_id(2), planes, tl.num_programs(2)):
+        low_plane = plane * h64
+        r0 = (low_plane + ri0) * w * K
+        r1 = (low_plane + ri1) * w * K
+        semantic_up = _bilinear(s_ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask)
+        gated_up = _bilinear(g_ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask)
+        high = ((plane * H64 + y) * W) * K + e
+        detail = tl.load(d_ptr + high, mask=mask, other=0.0).to(tl.float32)
+        out = detail * tl.sigmoid(semantic_up) + gated_up
+        tl.store(out_ptr + high, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -178,12 +189,19 @@ def _geometry(detail: torch.Tensor, semantic: torch.Tensor, channels_last: bool)
 def bga_forward(detail, semantic, detail_down, semantic_down, channels_last: bool) -> torch.Tensor:
     """All inputs contiguous in the layout `channels_last` names."""
     out = torch.empty_like(detail)
-    total = out.numel()
-    if total == 0:
+    if out.numel() == 0:
         return out
     H, W, h, w, K = _geometry(detail, semantic, channels_last)
-    grid = (triton.cdiv(total, BLOCK),)
-    _bga_forward_kernel[grid](detail, semantic, detail_down, semantic_down, out, total, H, W, h, w, K, BLOCK=BLOCK)
+    if H > 65535:  # a grid axis
+        raise ValueError(f"bga_aggregate (Triton kernel): detail height must be <= 65535, got {H}")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gated = torch.empty_like(detail_down, dtype=torch.float32, memory_format=fmt)
+    _gated_down_kernel[(triton.cdiv(gated.numel(), BLOCK),)](detail_down, semantic_down, gated, gated.numel(),
+                                                             BLOCK=BLOCK)
+    planes = detail.numel() // (H * W * K)
+    row_block = min(BLOCK, triton.next_power_of_2(W * K))
+    grid = (triton.cdiv(W * K, row_block), H, min(planes, 65535))
+    _bga_forward_kernel[grid](detail, semantic, gated, out, planes, H, W, h, w, K=K, BLOCK=row_block)
     return out
 
 
