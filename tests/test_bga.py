@@ -244,6 +244,13 @@ def test_triton_rejects_float64():
         bf.ops.bga_aggregate(*inputs)
 
 
+@requires_triton
+def test_triton_rejects_a_height_beyond_its_grid():
+    inputs = make_inputs((1, 1, 65536, 1, 2, 1), device=triton_device())
+    with bf.backends.use("triton"), pytest.raises(ValueError, match="detail height must be <= 65535, got 65536"):
+        bf.ops.bga_aggregate(*inputs)
+
+
 # --- the model ----------------------------------------------------------------------------
 
 
