@@ -347,6 +347,23 @@ def test_model_loss_cpp_matches_eager(ohem, monkeypatch):
 
 
 @requires_triton
+@pytest.mark.parametrize("count", [2, 7, 10_000])
+def test_triton_radix_select_equals_kthvalue(count):
+    """The Triton path's k-th probability: ties, zeros, +inf (ignored pixels), several programs."""
+    from bisenet_fast.triton_kernels.ohem_cross_entropy import _kth_smallest
+
+    prob = torch.rand(count, generator=torch.Generator().manual_seed(count))
+    prob[::3] = prob[1]
+    prob[::7] = float("inf")
+    prob[::11] = 0.0
+    prob = prob.to(triton_device())
+    for k in sorted({0, count // 2, count // 7, count - 1}):
+        got = _kth_smallest(prob, k)
+        assert got.shape == () and got.dtype == torch.float32
+        assert torch.equal(got, torch.kthvalue(prob, k + 1).values), k
+
+
+@requires_triton
 @pytest.mark.parametrize("shape", TRITON_SHAPES)
 @pytest.mark.parametrize("thresh, kept_fraction", OHEM_CASES)
 def test_triton_matches_reference(shape, thresh, kept_fraction):

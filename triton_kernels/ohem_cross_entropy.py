@@ -4,8 +4,13 @@ Forward: one program per segment of an output row computes the C upsampled logit
 pixels from the four head-resolution taps (never stored at (N, C, H, W)), their logsumexp,
 the cross-entropy and the ground-truth probability, and writes per-program counts and sums
 (reduced afterwards in a fixed order: deterministic). The k-th probability is needed only
-when fewer than k+1 valid probabilities are <= thresh; it is then found with
-torch.kthvalue (a selection, not a sort) on the per-pixel probabilities.
+when fewer than k+1 valid probabilities are <= thresh; it is then found by an exact radix
+select over the probabilities' float bits (non-negative floats order as their bit
+patterns): three passes of per-program histograms of 11, 11 and 10 bits (tl.histogram,
+added into one global histogram with integer atomics, so the counts do not depend on
+order), each narrowing the prefix on the device without a host synchronisation.
+torch.kthvalue, used before, selects a single 4M-value slice with one thread block and
+took ~19 ms on an H200.
 
 Backward, as a gather (no float atomics, deterministic): one program per (head row, tile of
 head columns) walks the output rows that read its head row; for each segment of such a row
@@ -163,6 +168,43 @@ def _check_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> 
     )
 
 
+SELECT_BITS = (11, 11, 10)  # digits of the 32-bit keys, most significant first
+SELECT_BLOCK = 4096
+
+
+@triton.jit(do_not_specialize=["count"])
+def _select_histogram_kernel(prob_ptr, count, prefix_ptr, hist_ptr,
+                             SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    """hist[d] += #{keys whose bits above SHIFT + BITS equal *prefix and whose next BITS bits are d}."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < count
+    key = tl.load(prob_ptr + offs, mask=mask, other=float("inf")).to(tl.int32, bitcast=True)
+    if not FIRST:
+        mask = mask & ((key >> (SHIFT + BITS)) == tl.load(prefix_ptr))
+    digit = (key >> SHIFT) & ((1 << BITS) - 1)
+    counts = tl.histogram(digit, 1 << BITS, mask=mask)
+    tl.atomic_add(hist_ptr + tl.arange(0, 1 << BITS), counts)
+
+
+def _kth_smallest(prob: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (0-indexed) of the non-negative float32 values `prob`, as a 0-d
+    tensor on their device, without a sort and without a host synchronisation."""
+    device = prob.device
+    prefix = torch.zeros(1, device=device, dtype=torch.int32)
+    rank = torch.full((1,), k, device=device, dtype=torch.int64)
+    shift = 32
+    for i, bits in enumerate(SELECT_BITS):
+        shift -= bits
+        hist = torch.zeros(1 << bits, device=device, dtype=torch.int32)
+        _select_histogram_kernel[(triton.cdiv(prob.numel(), SELECT_BLOCK),)](
+            prob, prob.numel(), prefix, hist, SHIFT=shift, BITS=bits, FIRST=i == 0, BLOCK=SELECT_BLOCK)
+        below = torch.cumsum(hist, 0, dtype=torch.int64)
+        digit = torch.searchsorted(below, rank, right=True)  # the bin holding the rank-th key
+        rank = rank - torch.where(digit > 0, below[(digit - 1).clamp_min(0)], 0)
+        prefix = (prefix << bits) | digit.to(torch.int32)
+    return prefix.view(torch.float32).reshape(())
+
+
 def forward(logits, target, thresh, min_kept, ignore_index):
     head = logits.to(torch.float32).contiguous()
     target = target.contiguous()
@@ -189,7 +231,7 @@ def forward(logits, target, thresh, min_kept, ignore_index):
         k = min(min_kept * N, n_valid - 1)
         if n_le_thresh < k + 1:
             # Ignored pixels hold +inf, above every valid probability, and k < n_valid.
-            threshold = torch.kthvalue(prob, k + 1).values
+            threshold = _kth_smallest(prob, k)
             loss_sum = torch.where(prob < threshold, ce, 0.0).sum(dtype=torch.float64)
     loss = (loss_sum / (N * H * W)).to(torch.float32)
     return loss, threshold
