@@ -4,9 +4,10 @@
 
 One program per tile of BLOCK_P pixels x BLOCK_C output channels of one image: tl.dot over
 the input channels, then the epilogue gates the accumulator with the four bilinear taps of
-the low-resolution maps (the tap and blend helpers of triton_kernels/bga.py, so the taps are
-those of F.interpolate) and adds the upsampled gated low-resolution branch. The conv's output
-never leaves registers.
+semantic and adds those of gated = detail_down * sigmoid(semantic_down), formed beforehand
+once per low-resolution value by triton_kernels/bga.py's kernel (per tap it cost four more
+sigmoids per output value). The tap and blend helpers are bga.py's, so the taps are those
+of F.interpolate. The conv's output never leaves registers.
 
 Tensors are addressed through (batch, channel, pixel) strides, pixel = y * W + x, so NCHW
 and channels_last both run natively (every map of one call shares one layout).
@@ -22,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bisenet_fast.triton_kernels.bga import _bilinear, _gated, _tap
+from bisenet_fast.triton_kernels.bga import BLOCK as GATED_BLOCK
+from bisenet_fast.triton_kernels.bga import _bilinear, _gated_down_kernel, _tap
 
 BLOCK_P = 64
 BLOCK_K = 32
@@ -39,7 +41,7 @@ _SIZES = ["H", "W", "h", "w"]
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _bga_pointwise_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dd_ptr, sd_ptr, out_ptr,
+def _bga_pointwise_kernel(x_ptr, w_ptr, b_ptr, s_ptr, g_ptr, out_ptr,
                           H, W, h, w, C, s_n, s_c, s_p, l_n, l_c, l_p,
                           INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -80,8 +82,7 @@ def _bga_pointwise_kernel(x_ptr, w_ptr, b_ptr, s_ptr, dd_ptr, sd_ptr, out_ptr,
     mask = pixel_ok[:, None] & channel_ok[None, :]
 
     semantic_up = _bilinear(s_ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask)
-    gated_up = cw0 * (rw0 * _gated(dd_ptr, sd_ptr, r0 + c0, mask) + rw1 * _gated(dd_ptr, sd_ptr, r1 + c0, mask)) + \
-        cw1 * (rw0 * _gated(dd_ptr, sd_ptr, r0 + c1, mask) + rw1 * _gated(dd_ptr, sd_ptr, r1 + c1, mask))
+    gated_up = _bilinear(g_ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask)
     out = acc * tl.sigmoid(semantic_up) + gated_up
     out_offset = n * s_n + pixel.to(tl.int64)[:, None] * s_p + channel.to(tl.int64)[None, :] * s_c
     tl.store(out_ptr + out_offset, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -120,10 +121,13 @@ def bga_pointwise_forward(detail_dw, pw_weight, pw_bias, semantic, detail_down, 
         return out
     batch, channels, H, W = detail_dw.shape
     h, w = semantic.shape[-2:]
+    gated = torch.empty_like(detail_down, dtype=torch.float32, memory_format=fmt)
+    _gated_down_kernel[(triton.cdiv(gated.numel(), GATED_BLOCK),)](detail_down, semantic_down, gated, gated.numel(),
+                                                                   BLOCK=GATED_BLOCK)
     block_c = min(MAX_BLOCK_C, max(16, triton.next_power_of_2(channels)))
     grid = (triton.cdiv(H * W, BLOCK_P), triton.cdiv(channels, block_c), batch)
     _bga_pointwise_kernel[grid](
-        detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down, out,
+        detail_dw, pw_weight, pw_bias, semantic, gated, out,
         H, W, h, w, channels, *_pixel_strides(detail_dw, channels_last), *_pixel_strides(semantic, channels_last),
         INPUT_PRECISION=dot_precision(detail_dw.dtype), DOT_IN_FP32=_interpreter_needs_fp32_dot(detail_dw.dtype),
         BLOCK_P=BLOCK_P, BLOCK_C=block_c, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
