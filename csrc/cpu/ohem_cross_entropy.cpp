@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/bilinear.h"
+#include "common/macros.h"
 #include "common/ohem_math.h"
 #include "cpu/huge_pages.h"
 
@@ -102,15 +103,58 @@ struct ColumnGather {
     }
   }
 
-  void apply(const acc_t* g, acc_t* out) const {
-    const int64_t columns = static_cast<int64_t>(begin.size()) - 1;
-    for (int64_t j = 0; j < columns; ++j) {
-      acc_t acc = 0;
-      for (int64_t k = begin[j]; k < begin[j + 1]; ++k) acc += weight[k] * g[x[k]];
-      out[j] = acc;
-    }
-  }
 };
+
+// The row pipeline's loops, compiled for AVX-512, AVX2 and the baseline ISA (BF_CPU_CLONES;
+// the build flags alone are the baseline's, 4 float lanes). Free functions in this
+// anonymous namespace, as the clones need.
+
+// out[j] = sum over k in [begin[j], begin[j + 1]) of weight[k] * g[x[k]] (ColumnGather).
+template <typename acc_t>
+BF_CPU_CLONES void gather_columns(const ColumnGather<acc_t>& columns, const acc_t* g, acc_t* out) {
+  const int64_t count = static_cast<int64_t>(columns.begin.size()) - 1;
+  const int64_t* begin = columns.begin.data();
+  const int64_t* x = columns.x.data();
+  const acc_t* weight = columns.weight.data();
+  for (int64_t j = 0; j < count; ++j) {
+    acc_t acc = 0;
+    for (int64_t k = begin[j]; k < begin[j + 1]; ++k) acc += weight[k] * g[x[k]];
+    out[j] = acc;
+  }
+}
+
+// z[e] = wy0 * a[e] + wy1 * b[e]
+template <typename acc_t>
+BF_CPU_CLONES void blend_rows(const acc_t* a, const acc_t* b, acc_t wy0, acc_t wy1, acc_t* z, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) z[e] = wy0 * a[e] + wy1 * b[e];
+}
+
+// dst[x] = wx0[x] * src[x0[x]] + wx1[x] * src[x1[x]] for every channel's row.
+template <typename acc_t>
+BF_CPU_CLONES void interpolate_rows_x(const acc_t* image_row, int64_t channel_stride, int64_t channels,
+                                      const int64_t* x0, const int64_t* x1, const acc_t* wx0, const acc_t* wx1,
+                                      int64_t W, acc_t* out) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t* src = image_row + c * channel_stride;
+    acc_t* dst = out + c * W;
+    for (int64_t x = 0; x < W; ++x) dst[x] = wx0[x] * src[x0[x]] + wx1[x] * src[x1[x]];
+  }
+}
+
+// z[c * W + x] *= coef[x] for every class c.
+template <typename acc_t>
+BF_CPU_CLONES void scale_columns(acc_t* z, const acc_t* coef, int64_t channels, int64_t W) {
+  for (int64_t c = 0; c < channels; ++c) {
+    acc_t* zc = z + c * W;
+    for (int64_t x = 0; x < W; ++x) zc[x] *= coef[x];
+  }
+}
+
+// dst[j] += w * src[j]
+template <typename acc_t>
+BF_CPU_CLONES void add_scaled(const acc_t* src, acc_t w, acc_t* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] += w * src[j];
+}
 
 // Upsampled logits of one output row of one image, z[c * W + x], in ATen's order
 // wy0 * (x-interpolated row i0) + wy1 * (x-interpolated row i1). The two x-interpolated head
@@ -126,8 +170,7 @@ class RowUpsampler {
   void upsample(int64_t i0, int64_t i1, acc_t wy0, acc_t wy1, acc_t* z) {
     const acc_t* a = row(i0, -1);
     const acc_t* b = row(i1, i0);
-    const int64_t n = channels_ * W_;
-    for (int64_t e = 0; e < n; ++e) z[e] = wy0 * a[e] + wy1 * b[e];
+    blend_rows(a, b, wy0, wy1, z, channels_ * W_);
   }
 
  private:
@@ -138,15 +181,8 @@ class RowUpsampler {
     const int s = row_of_[0] == keep ? 1 : 0;
     row_of_[s] = i;
     acc_t* out = slots_[s].data();
-    const int64_t* x0 = tx_.i0.data();
-    const int64_t* x1 = tx_.i1.data();
-    const acc_t* wx0 = tx_.w0.data();
-    const acc_t* wx1 = tx_.w1.data();
-    for (int64_t c = 0; c < channels_; ++c) {
-      const acc_t* src = image_ + (c * h_ + i) * w_;
-      acc_t* dst = out + c * W_;
-      for (int64_t x = 0; x < W_; ++x) dst[x] = wx0[x] * src[x0[x]] + wx1[x] * src[x1[x]];
-    }
+    interpolate_rows_x(image_ + i * w_, h_ * w_, channels_, tx_.i0.data(), tx_.i1.data(), tx_.w0.data(),
+                       tx_.w1.data(), W_, out);
     return out;
   }
 
@@ -162,7 +198,7 @@ class RowUpsampler {
 // z[gt * W + x] / sumexp[x]: forward and backward both read it from here, so they agree
 // bit for bit on which pixels are kept.
 template <typename acc_t>
-void row_softmax(acc_t* z, int64_t channels, int64_t W, acc_t* zmax, acc_t* sumexp) {
+BF_CPU_CLONES void row_softmax(acc_t* z, int64_t channels, int64_t W, acc_t* zmax, acc_t* sumexp) {
   std::copy(z, z + W, zmax);
   for (int64_t c = 1; c < channels; ++c) {
     const acc_t* zc = z + c * W;
@@ -358,22 +394,16 @@ at::Tensor backward_impl(double grad, const at::Tensor& logits, const at::Tensor
         }
         if (!any_kept) continue;
         // Softmax gradient of the row, overwriting z, then reduced along x into head columns.
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t* zc = z.data() + c * W;
-          for (int64_t x = 0; x < W; ++x) zc[x] *= row_coef[x];
-        }
+        scale_columns(z.data(), row_coef.data(), C, W);
         for (int64_t x = 0; x < W; ++x)
           if (row_coef[x] != acc_t(0)) z[row_label[x] * W + x] -= coef;
-        for (int64_t c = 0; c < C; ++c) columns.apply(z.data() + c * W, row_grad.data() + c * w);
+        for (int64_t c = 0; c < C; ++c) gather_columns(columns, z.data() + c * W, row_grad.data() + c * w);
         const int64_t taps[2] = {ty.i0[y], ty.i1[y]};
         const acc_t weights[2] = {ty.w0[y], ty.w1[y]};
         for (int t = 0; t < 2; ++t) {
           if (taps[t] < i_begin || taps[t] >= i_end) continue;
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t* dst = grad_image + (c * h + taps[t]) * w;
-            const acc_t* src = row_grad.data() + c * w;
-            for (int64_t j = 0; j < w; ++j) dst[j] += weights[t] * src[j];
-          }
+          for (int64_t c = 0; c < C; ++c)
+            add_scaled(row_grad.data() + c * w, weights[t], grad_image + (c * h + taps[t]) * w, w);
         }
       }
     }
