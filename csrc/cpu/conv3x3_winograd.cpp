@@ -52,22 +52,19 @@ using Lanes = T[kLanes];
 // which compiles to vector moves; a loop of runtime length `lanes` is turned into a memcpy
 // call by GCC, and those calls (four per point and lane block) took ~10 % of the model.
 template <typename T>
-inline void load_lanes(const T* src, int lanes, T* dst) {
+inline void copy_lanes(const T* src, int lanes, T* dst) {
   if (lanes == kLanes) {
     for (int l = 0; l < kLanes; ++l) dst[l] = src[l];
     return;
   }
   for (int l = 0; l < lanes; ++l) dst[l] = src[l];
-  for (int l = lanes; l < kLanes; ++l) dst[l] = T(0);
 }
 
+// A lane row from `lanes` channels, the unused lanes zero.
 template <typename T>
-inline void store_lanes(const T* src, int lanes, T* dst) {
-  if (lanes == kLanes) {
-    for (int l = 0; l < kLanes; ++l) dst[l] = src[l];
-    return;
-  }
-  for (int l = 0; l < lanes; ++l) dst[l] = src[l];
+inline void load_lanes(const T* src, int lanes, T* dst) {
+  copy_lanes(src, lanes, dst);
+  for (int l = lanes; l < kLanes; ++l) dst[l] = T(0);
 }
 
 // ---- F(2x2, 3x3): 4x4 input tiles, 16 points -------------------------------------------
@@ -156,7 +153,7 @@ BF_CPU_CLONES void input_transform(const scalar_t* const* d, scalar_t* v, int64_
     for (int k = 0; k < W::kPoints; ++k) load_lanes(d[k] + c0, lanes, tile[k]);
     for (int j = 0; j < a; ++j) W::input_1d(tile + j, a, t + j, a);            // B^T d: columns
     for (int i = 0; i < a; ++i) W::input_1d(t + a * i, 1, out + a * i, 1);     // (B^T d) B: rows
-    for (int k = 0; k < W::kPoints; ++k) store_lanes(out[k], lanes, v + k * plane + c0);
+    for (int k = 0; k < W::kPoints; ++k) copy_lanes(out[k], lanes, v + k * plane + c0);
   }
 }
 
