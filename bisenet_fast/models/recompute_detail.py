@@ -33,6 +33,7 @@ from bisenet_fast.models.bisenetv2 import DetailBranch
 from bisenet_fast.models.conv_module import ConvModule
 
 PARAMS_PER_LAYER = 3  # conv.weight, bn.weight, bn.bias
+SAVED_PER_LAYER = 3  # the conv output, BatchNorm's batch mean and inverse std
 
 
 def _check_chain_layer(module: nn.Module) -> None:
@@ -98,7 +99,7 @@ class _ConvBNReLUChain(torch.autograd.Function):
         grads = [None] * n_params
 
         def layer_output(k):
-            z, mean, invstd = saved[3 * k : 3 * k + 3]
+            z, mean, invstd = saved[SAVED_PER_LAYER * k : SAVED_PER_LAYER * (k + 1)]
             return _relu_of_bn(z, mean, invstd, params[PARAMS_PER_LAYER * k + 1], params[PARAMS_PER_LAYER * k + 2])
 
         grad = grad_y
@@ -106,7 +107,7 @@ class _ConvBNReLUChain(torch.autograd.Function):
         for k in reversed(range(len(layers))):
             conv, bn = layers[k].conv, layers[k].bn
             conv_w, bn_w, _ = params[PARAMS_PER_LAYER * k : PARAMS_PER_LAYER * (k + 1)]
-            z, mean, invstd = saved[3 * k : 3 * k + 3]
+            z, mean, invstd = saved[SAVED_PER_LAYER * k : SAVED_PER_LAYER * (k + 1)]
             grad = torch.ops.aten.threshold_backward(grad.to(y.dtype), y, 0)  # ReLU's backward
             grad_z, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
                 grad, z, bn_w, None, None, mean, invstd, True, bn.eps,
