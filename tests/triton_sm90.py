@@ -12,7 +12,8 @@ launch are garbage; a wrapper that trips over them has already recorded its laun
                                         replaces the kernels with Python functions)
 
 Prints one line per compiled kernel (registers, spills, shared memory) and exits non-zero if
-any kernel fails to compile or is never launched by the wrappers.
+any kernel fails to compile, needs more shared memory than every listed GPU gives a block,
+or is never launched by the wrappers.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ TARGET = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
                  torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
 OPTION_NAMES = ("num_warps", "num_stages", "num_ctas")
+# The least shared memory a block may opt into among the GPUs the README lists (sm_86 and
+# sm_89: 99 KiB; sm_80 163 KiB, sm_90 227 KiB): a kernel above it cannot launch there.
+SHARED_LIMIT = 99 * 1024
 
 launches: list[tuple[JITFunction, tuple, dict]] = []
 
@@ -164,6 +168,9 @@ def main() -> int:
             failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             continue
         compiled.add(name)
+        if kernel.metadata.shared > SHARED_LIMIT:
+            failures.append(f"{name}: {kernel.metadata.shared} B of shared memory, more than the {SHARED_LIMIT} B "
+                            "an sm_86/sm_89 block may use")
         if kernel.metadata.hash not in seen:  # a specialisation seen before compiles from Triton's cache
             seen.add(kernel.metadata.hash)
             print(f"{name}: {resource_usage(kernel)}, {kernel.metadata.shared} B shared, "

@@ -168,6 +168,11 @@ def _check_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> 
     )
 
 
+# Software-pipelining depth of the backward's loops. Triton's default (3) buffers its dot
+# operands in 162 KiB of shared memory at C=19 (compiled for sm_90 by tests/triton_sm90.py):
+# more than sm_86/sm_89 GPUs give a block (99 KiB), and one block per SM on Hopper. Two
+# stages take 97 KiB.
+BACKWARD_STAGES = 2
 SELECT_BITS = (11, 11, 10)  # digits of the 32-bit keys, most significant first
 SELECT_BLOCK = 4096
 
@@ -251,5 +256,6 @@ def backward(grad_loss, logits, target, threshold, ignore_index):
         head, target, threshold.to(torch.float32).reshape(1), coef, grad, C, h, w, H, W, _scale(h, H), _scale(w, W),
         ratio_h, ratio_w, ignore_index, math.ceil((block_j + 1) * ratio_w) + 3,
         BLOCK_C=block_c, BLOCK_J=block_j, BLOCK_X=block_x, Y_SPAN=math.ceil(2 * ratio_h) + 3,
+        num_stages=BACKWARD_STAGES,
     )
     return grad.to(logits.dtype)
