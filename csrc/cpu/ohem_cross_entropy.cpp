@@ -80,8 +80,9 @@ struct AxisTaps {
   }
 };
 
-// The transpose of the x interpolation as a gather: head column j sums weight[k] * g[x[k]]
-// over k in [begin[j], begin[j + 1]), the output columns that read j, in increasing x.
+// The transpose of the x interpolation as a gather (applied by gather_columns below): head
+// column j sums weight[k] * g[x[k]] over k in [begin[j], begin[j + 1]), the output columns
+// that read j, in increasing x.
 // (A scatter along x would chain every add through memory on the same few columns.)
 template <typename acc_t>
 struct ColumnGather {
@@ -102,7 +103,6 @@ struct ColumnGather {
       begin[j + 1] = static_cast<int64_t>(x.size());
     }
   }
-
 };
 
 // The row pipeline's loops, compiled for AVX-512, AVX2 and the baseline ISA (BF_CPU_CLONES;
