@@ -81,7 +81,10 @@ class _ConvBNReLUChain(torch.autograd.Function):
                 factor = _running_stats_factor(bn)
                 y, mean, invstd = torch.native_batch_norm(z, bn_w, bn_b, bn.running_mean, bn.running_var, True,
                                                           factor, bn.eps)
-                y.relu_()
+                # Not in place: torch 2.11's torch.compile routes the gradient of an output that
+                # forward mutated in place to the wrong slot, and every gradient comes out zero
+                # (pytorch/pytorch#180642; seen here with torch 2.11.0, the lent GPUs' torch).
+                y = y.relu()
                 saved += [z, mean, invstd]
         ctx.layers = layers
         ctx.compute_dtype = compute_dtype
