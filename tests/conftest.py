@@ -2,7 +2,42 @@
 must be switched on before triton (and so bisenet_fast) is imported."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _check_triton_interpreter()
+
+
+def _check_triton_interpreter():
+    """Stop at once where the interpreter cannot run a loop with a runtime bound, instead of
+    failing every Triton test with a TypeError from inside triton: Triton <= 3.6's interpreter
+    converts such a bound with int() on a 1-element array, which numpy >= 2.4 refuses
+    (triton-lang/triton#9171)."""
+    try:
+        import numpy
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return
+
+    @triton.jit
+    def count_to(out_ptr, n):
+        total = 0
+        for _ in range(0, n):
+            total += 1
+        tl.store(out_ptr, total)
+
+    try:
+        count_to[(1,)](torch.zeros(1, dtype=torch.int32), 3)
+    except Exception as error:  # the interpreter wraps the TypeError in its own error type
+        raise pytest.UsageError(
+            f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run these tests with "
+            f"numpy {numpy.__version__} ({error}; triton-lang/triton#9171): install numpy<2.4 or a newer "
+            "triton (the Makefile's torch==2.14.1 brings triton 3.8)"
+        ) from error
