@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _nvidia_backend_present() -> bool:
+    if importlib.util.find_spec("triton") is None:  # a CPU-only torch comes without triton
+        return False
     spec = importlib.util.find_spec("triton.backends.nvidia")
     return spec is not None and (Path(spec.origin).parent / "bin" / "ptxas").exists()
 
