@@ -90,6 +90,16 @@ def test_no_batchnorm_left_ceblock_gap_included(segmentor):
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
 
 
+def test_compiles_as_one_graph(segmentor, image):
+    """Every fused op has a fake kernel, so torch.compile takes the whole inference form in
+    one graph (a graph break would leave the GPU launches between the pieces uncompiled)."""
+    fused = segmentor.fuse()
+    with torch.no_grad():
+        expected = fused(image)
+        compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)(image)
+    assert_matches(compiled, expected, 1e-6)
+
+
 def test_fuse_leaves_the_model_untouched(segmentor, image):
     before = {k: v.clone() for k, v in segmentor.state_dict().items()}
     segmentor.fuse(dtype=torch.float16)
