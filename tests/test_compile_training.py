@@ -12,6 +12,7 @@ from torch import nn
 
 import bisenet_fast as bf
 from bisenet_fast.models import use_fused_ge_training, use_recomputing_detail_branch
+from tests.helpers import assert_close_to_scale
 
 
 def _training_step(model, loss_fn, images, labels):
@@ -20,13 +21,6 @@ def _training_step(model, loss_fn, images, labels):
     sum(losses.values()).backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     return losses, grads, dict(model.named_buffers())
-
-
-def _assert_close_to_scale(actual, expected, rel, what):
-    assert actual is not None, f"{what}: no gradient"
-    scale = expected.abs().max().clamp_min(1e-12)
-    err = ((actual.double() - expected.double()).abs().max() / scale).item()
-    assert err <= rel, f"{what}: error {err:.3g} of the scale > {rel}"
 
 
 @pytest.mark.parametrize(
@@ -58,9 +52,9 @@ def test_compiled_training_step_matches_uncompiled(transforms):
         torch.testing.assert_close(losses_c[key], value, rtol=1e-5, atol=1e-6)
     assert grads_c.keys() == grads.keys()
     for name, grad in grads.items():
-        _assert_close_to_scale(grads_c[name], grad, 1e-4, name)
+        assert_close_to_scale(grads_c[name], grad, 1e-4, name)
     for name, value in buffers.items():
         if name.endswith("num_batches_tracked"):
             assert torch.equal(buffers_c[name], value), name
         else:
-            _assert_close_to_scale(buffers_c[name], value, 1e-5, name)
+            assert_close_to_scale(buffers_c[name], value, 1e-5, name)

@@ -14,7 +14,7 @@ from bisenet_fast.models import use_recomputing_detail_branch
 from bisenet_fast.models.bisenetv2 import DetailBranch
 from bisenet_fast.models.fused import FusedDetailBranch
 from bisenet_fast.models.recompute_detail import RecomputingDetailBranch, _ConvBNReLUChain, conv_bn_relu_chain
-from tests.helpers import requires_cuda
+from tests.helpers import assert_close_to_scale, requires_cuda
 
 
 def make_branch(channels=(8, 8, 16), momentum=0.1, dtype=torch.float32, seed=0):
@@ -42,12 +42,6 @@ def step(branch, x, grad_seed=1, autocast_dtype=None):
 def _plain(name):
     """A parameter or buffer name without torch.compile's wrapper prefix."""
     return name.removeprefix("_orig_mod.")
-
-
-def assert_close_to_scale(actual, expected, rel, what):
-    scale = expected.abs().max().clamp_min(1e-12)
-    err = (actual.double() - expected.double()).abs().max() / scale
-    assert err <= rel, f"{what}: error {err:.3g} of the scale > {rel}"
 
 
 def assert_same_steps(eager, fused, inputs, rel, autocast_dtype=None, buffer_rel=1e-6):
