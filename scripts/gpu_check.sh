@@ -51,10 +51,18 @@ default_tests=tests
 if $py -c "import xdist" 2>/dev/null; then default_tests="tests -n 8"; fi
 per_test=""
 if $py -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout=120"; fi
-timeout "$(at_most "${TESTS_S:-180}" 120)" $py -m pytest ${TESTS:-$default_tests} -q -rs -p no:cacheprovider \
+# -v: one line per finished test, so a stage stopped at its deadline (no summary, no junit
+# file) still tells which tests passed and failed.
+timeout "$(at_most "${TESTS_S:-180}" 120)" $py -m pytest ${TESTS:-$default_tests} -v -rfEs -p no:cacheprovider \
   $per_test --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
 tests_rc=$?
-tail -25 "$out/tests.log"
+# The summary's failures, errors and skips (without its last line), then the counts.
+sed -n '/short test summary info/,$p' "$out/tests.log" | sed '$d' | head -60
+tail -1 "$out/tests.log"
+if [ "$tests_rc" = 124 ]; then
+  echo "tests stopped at the deadline: $(grep -c " PASSED " "$out/tests.log") passed," \
+    "$(grep -c -E " (FAILED|ERROR) " "$out/tests.log") failed or errored so far"
+fi
 
 echo "== benchmarks (tests took ${SECONDS} s, $(left) s left)"
 SECONDS=0
