@@ -2,16 +2,34 @@
 must be switched on before triton (and so bisenet_fast) is imported."""
 import os
 
+import numpy
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch comes without triton
+    triton = None
+
 
 def pytest_configure(config):
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
         _check_triton_interpreter()
+
+
+if triton is not None:
+    # At module level: older interpreters (triton 3.1) look triton.language up in the
+    # kernel's globals.
+    @triton.jit
+    def _count_to(out_ptr, n):
+        total = 0
+        for _ in range(0, n):
+            total += 1
+        tl.store(out_ptr, total)
 
 
 def _check_triton_interpreter():
@@ -20,21 +38,7 @@ def _check_triton_interpreter():
     converts such a bound with int() on a 1-element array, which numpy >= 2.4 refuses
     (triton-lang/triton#9171)."""
     try:
-        import numpy
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return
-
-    @triton.jit
-    def count_to(out_ptr, n):
-        total = 0
-        for _ in range(0, n):
-            total += 1
-        tl.store(out_ptr, total)
-
-    try:
-        count_to[(1,)](torch.zeros(1, dtype=torch.int32), 3)
+        _count_to[(1,)](torch.zeros(1, dtype=torch.int32), 3)
     except Exception as error:  # the interpreter wraps the TypeError in its own error type
         if "0-dimensional arrays" not in str(error):
             raise
