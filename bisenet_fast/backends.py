@@ -18,6 +18,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import re
 import threading
 from typing import Iterator, Sequence
 
@@ -25,6 +26,10 @@ import torch
 
 NAMES = ("eager", "cpp", "cuda", "triton")
 ENV_VAR = "BISENET_FAST_BACKEND"
+# The oldest triton the kernels are tested with (3.5.1, torch 2.9's; 3.6 and 3.8 pass too).
+# Triton 3.1 (torch 2.5's) rejects them (tl.arange of constexpr expressions), so releases
+# before the tested ones are refused with this reason rather than failing inside a kernel.
+MIN_TRITON_VERSION = (3, 5)
 
 _local = threading.local()
 
@@ -44,8 +49,14 @@ def triton_interpreted() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _triton_version() -> tuple[int, int] | None:
+    """The installed triton's (major, minor), None if it is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    major, minor = re.match(r"(\d+)\.(\d+)", triton.__version__).groups()
+    return int(major), int(minor)
 
 
 def _why_unavailable(name: str) -> str | None:
@@ -59,8 +70,12 @@ def _why_unavailable(name: str) -> str | None:
             return "no CUDA device is available"
         return None
     if name == "triton":
-        if not _triton_installed():
+        version = _triton_version()
+        if version is None:
             return "the triton package is not installed"
+        if version < MIN_TRITON_VERSION:
+            return (f"triton {version[0]}.{version[1]} is older than {MIN_TRITON_VERSION[0]}.{MIN_TRITON_VERSION[1]}, "
+                    "the oldest release these kernels are tested with")
         if not (torch.cuda.is_available() or triton_interpreted()):
             return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
         return None
@@ -128,8 +143,9 @@ def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cud
             for candidate in gpu_preference:
                 if _why_unavailable(candidate) is None:
                     return candidate
+            reasons = "; ".join(f"{candidate}: {_why_unavailable(candidate)}" for candidate in gpu_preference)
             raise BackendUnavailableError(
-                f"{op}: no fused GPU backend is available ({', '.join(gpu_preference)} both unavailable); "
+                f"{op}: no fused GPU backend is available ({reasons}); "
                 "use bisenet_fast.backends.use('eager') to run the reference"
             )
         raise BackendUnavailableError(f"{op}: tensors on {device.type} are only supported by backend 'eager'")

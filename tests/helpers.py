@@ -11,7 +11,7 @@ requires_cuda_build = pytest.mark.skipif(
     not (CUDA and bf.build_info()["cuda"]), reason="needs a CUDA device and bisenet_fast._C built with CUDA"
 )
 requires_triton = pytest.mark.skipif(
-    "triton" not in bf.backends.available(), reason="needs triton (on a GPU, or TRITON_INTERPRET=1 on the CPU)"
+    "triton" not in bf.backends.available(), reason=f"needs the triton backend: {bf.backends._why_unavailable('triton')}"
 )
 
 

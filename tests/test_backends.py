@@ -74,6 +74,17 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
                 pass
 
 
+def test_triton_older_than_the_tested_releases_is_refused_with_its_reason(monkeypatch):
+    monkeypatch.setattr(bf.backends, "_triton_version", lambda: (3, 1))
+    assert "triton" not in bf.backends.available()
+    with pytest.raises(BackendUnavailableError, match="triton 3.1 is older than 3.5"):
+        with bf.backends.use("triton"):
+            pass
+    monkeypatch.setattr(bf.backends, "_triton_version", lambda: None)
+    with pytest.raises(BackendUnavailableError, match="triton package is not installed"):
+        resolve("bga_aggregate", torch.device("cuda", 0), ("triton",))
+
+
 def test_build_info_reports_the_build():
     info = bf.build_info()
     assert info["cpu"] is True

@@ -8,17 +8,26 @@ from pathlib import Path
 
 import pytest
 
+import bisenet_fast as bf
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _nvidia_backend_present() -> bool:
+def _why_skipped() -> str | None:
     if importlib.util.find_spec("triton") is None:  # a CPU-only torch comes without triton
-        return False
+        return "triton is not installed"
+    if bf.backends._triton_version() < bf.backends.MIN_TRITON_VERSION:
+        return bf.backends._why_unavailable("triton")
     spec = importlib.util.find_spec("triton.backends.nvidia")
-    return spec is not None and (Path(spec.origin).parent / "bin" / "ptxas").exists()
+    if spec is None or not (Path(spec.origin).parent / "bin" / "ptxas").exists():
+        return "Triton's NVIDIA backend (ptxas) is not installed"
+    return None
 
 
-@pytest.mark.skipif(not _nvidia_backend_present(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+SKIP_REASON = _why_skipped()
+
+
+@pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
 def test_every_triton_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tests.triton_sm90"], cwd=ROOT, env=env, capture_output=True,
