@@ -233,7 +233,13 @@ def test_recompute_trains_like_the_plain_model(tiny_data, tmp_path):
     assert list(b) == list(a)  # same keys: checkpoints interchange
     for key in a:  # float rounding only: within 1e-3 of each tensor's scale, 1e-5 absolute
         if a[key].is_floating_point():
-            assert (b[key] - a[key]).abs().max() <= 1e-3 * a[key].abs().max() + 1e-5, key
+            scale = a[key].abs().max()
+            # Except a tensor that is rounding noise as a whole: the BN biases before a 1x1 conv
+            # and a training-mode BN (the shortcuts' depthwise BNs) have an analytically zero
+            # gradient, so after updates they hold noise (~5e-5, different with each torch
+            # release), compared in absolute terms.
+            tolerance = 1e-3 * scale + 1e-5 if scale >= 1e-4 else 1e-4
+            assert (b[key] - a[key]).abs().max() <= tolerance, key
         else:
             assert torch.equal(b[key], a[key]), key
 
