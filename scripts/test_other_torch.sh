@@ -8,7 +8,8 @@
 #   scripts/test_other_torch.sh 2.11.0 triton==3.6.0 'numpy<2.4'
 #
 # Arguments: the torch version, then any further pip requirements. Environment: WORK (where
-# the venv and checkout go; default /tmp/bisenet_fast-torch-VERSION), PYTEST_ARGS.
+# the venv and checkout go; default /tmp/bisenet_fast-torch-VERSION), PYTEST_ARGS,
+# NO_CUDA_BUILD=1 (CPU part only).
 set -euo pipefail
 version=${1:?usage: scripts/test_other_torch.sh TORCH_VERSION [PIP_REQUIREMENT ...]}
 shift
@@ -33,7 +34,9 @@ if [ -d "$repo/../shared" ]; then ln -sfn "$(cd "$repo/../shared" && pwd)" "$wor
 cd "$src"
 build_env=(FORCE_CUDA=0)
 nvidia=$("$py" -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))" 2>/dev/null || true)
-if [ -n "$nvidia" ] && [ -x /usr/local/cuda/bin/nvcc ] && [ -z "${NO_CUDA_BUILD:-}" ]; then
+# torch's own CUDA headers (CUDA 13 builds: nvidia/cu13); older CUDA 12 builds lack that
+# folder, and then only the CPU part is built.
+if [ -n "$nvidia" ] && [ -d "$nvidia/include" ] && [ -x /usr/local/cuda/bin/nvcc ] && [ -z "${NO_CUDA_BUILD:-}" ]; then
   build_env=(FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" CUDA_HOME=/usr/local/cuda
              CPATH="$nvidia/include" LIBRARY_PATH="$nvidia/lib")
 fi
