@@ -59,6 +59,17 @@ def _triton_version() -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
+def triton_install_problem() -> str | None:
+    """Why the installed triton cannot run these kernels anywhere (missing, too old), or None."""
+    version = _triton_version()
+    if version is None:
+        return "the triton package is not installed"
+    if version < MIN_TRITON_VERSION:
+        return (f"triton {version[0]}.{version[1]} is older than {MIN_TRITON_VERSION[0]}.{MIN_TRITON_VERSION[1]}, "
+                "the oldest release these kernels are tested with")
+    return None
+
+
 def _why_unavailable(name: str) -> str | None:
     """None if `name` can run on this machine, else the reason it cannot."""
     if name in ("eager", "cpp"):
@@ -70,12 +81,9 @@ def _why_unavailable(name: str) -> str | None:
             return "no CUDA device is available"
         return None
     if name == "triton":
-        version = _triton_version()
-        if version is None:
-            return "the triton package is not installed"
-        if version < MIN_TRITON_VERSION:
-            return (f"triton {version[0]}.{version[1]} is older than {MIN_TRITON_VERSION[0]}.{MIN_TRITON_VERSION[1]}, "
-                    "the oldest release these kernels are tested with")
+        problem = triton_install_problem()
+        if problem is not None:
+            return problem
         if not (torch.cuda.is_available() or triton_interpreted()):
             return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
         return None

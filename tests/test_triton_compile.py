@@ -14,10 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _why_skipped() -> str | None:
-    if importlib.util.find_spec("triton") is None:  # a CPU-only torch comes without triton
-        return "triton is not installed"
-    if bf.backends._triton_version() < bf.backends.MIN_TRITON_VERSION:
-        return bf.backends._why_unavailable("triton")
+    problem = bf.backends.triton_install_problem()  # e.g. a CPU-only torch comes without triton
+    if problem is not None:
+        return problem
     spec = importlib.util.find_spec("triton.backends.nvidia")
     if spec is None or not (Path(spec.origin).parent / "bin" / "ptxas").exists():
         return "Triton's NVIDIA backend (ptxas) is not installed"
