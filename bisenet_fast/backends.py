@@ -38,7 +38,10 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that is not built, not installed, or cannot run the call."""
 
 
+@functools.lru_cache(maxsize=None)
 def _compiled_with_cuda() -> bool:
+    # Fixed at build time; cached because every fused-op call on a GPU asks (the uncached
+    # query cost ~10 us of host time per call, as much as a small kernel runs).
     from bisenet_fast._C import build_info
 
     return bool(build_info()["cuda"])
