@@ -236,6 +236,64 @@ def test_cpp_kernel_checks_labels_itself():
         torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits, target, 0.7, 5, 255)
 
 
+# ---- non-finite logits (a float16 head that overflowed, a diverging run): the loss is
+# non-finite exactly when the reference's is, never a silently finite value that the
+# training loop's check would let through, and so is the gradient.
+
+
+def fused_backends():
+    """(backend, device) of every fused implementation this session can run."""
+    params = [pytest.param("cpp", "cpu", id="cpp")]
+    if "triton" in bf.backends.available():
+        params.append(pytest.param("triton", triton_device(), id="triton"))
+    params.append(pytest.param("cuda", "cuda", id="cuda", marks=requires_cuda_build))
+    return params
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("thresh, min_kept", [(0.7, 3), (0.7, 10**6), (None, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_finite_logits_give_a_non_finite_loss(backend, device, bad_value, thresh, min_kept, dtype):
+    logits, target = make_inputs((2, 3, 4, 5, 9, 11), dtype=dtype, ignore_index=255, device=device)
+    target.fill_(1)  # every pixel valid, so the reference's non-finite gradients come from valid pixels
+    logits[1, 2, 1, 3] = bad_value
+    ref_loss, ref_grad = loss_and_grad("eager", logits, target, thresh=thresh, min_kept=min_kept)
+    loss, grad = loss_and_grad(backend, logits, target, thresh=thresh, min_kept=min_kept)
+    assert not torch.isfinite(ref_loss)  # the case is what it claims to be
+    assert not torch.isfinite(loss), f"finite loss {loss.item()} where the reference's is {ref_loss.item()}"
+    assert not torch.isfinite(grad).all() and not torch.isfinite(ref_grad).all()
+    # The image without the bad value keeps finite gradients in both.
+    assert torch.isfinite(grad[0]).all() and torch.isfinite(ref_grad[0]).all()
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
+def test_a_minus_inf_logit_of_another_class_keeps_the_loss_finite(backend, device):
+    # 4x4 -> 8x8: the readers of head pixel (2, 2) all read it with a non-zero weight (a zero
+    # weight times -inf would make NaN), so its -inf in class 0, the class an online softmax
+    # starts from, only removes that class from those pixels' softmax.
+    logits, target = make_inputs((1, 3, 4, 4, 8, 8), device=device)
+    target.fill_(2)
+    logits[0, 0, 2, 2] = float("-inf")
+    ref_loss, ref_grad = loss_and_grad("eager", logits, target, thresh=0.7, min_kept=3)
+    assert torch.isfinite(ref_loss) and torch.isfinite(ref_grad).all()  # the case is what it claims
+    check_against_reference(backend, logits, target, thresh=0.7, min_kept=3)
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
+def test_logits_read_only_by_ignored_pixels_never_matter(backend, device):
+    # Pixels labelled ignore_index contribute nothing whatever their logits (the reference's
+    # log-softmax backward still turns a NaN there into NaN gradients; the fused kernels
+    # never read those pixels' logits in backward).
+    logits, target = make_inputs((1, 3, 4, 5, 8, 10), device=device)
+    target[:, :4] = 255  # every pixel reading head rows 0-1 only
+    clean = loss_and_grad(backend, logits, target, thresh=0.7, min_kept=5)
+    logits[0, 1, 0, 2] = float("nan")
+    loss, grad = loss_and_grad(backend, logits, target, thresh=0.7, min_kept=5)
+    torch.testing.assert_close(loss, clean[0])
+    assert torch.isfinite(grad).all()
+
+
 # ---- argument errors (the front checks, the same for every backend)
 
 

@@ -61,6 +61,14 @@ def _upsampled_logits(logits_ptr, n, y, x, mask, C, h, w, scale_h, scale_w, BLOC
 
 
 @triton.jit
+def _kept(p, threshold):
+    """ohem_kept of common/ohem_math.h: p < threshold, and a NaN p (from a NaN or infinite
+    logit) counts as kept so that its NaN reaches the loss and the gradient, as in the
+    reference (CE * weight is NaN even at weight 0)."""
+    return (p >= threshold) == 0
+
+
+@triton.jit
 def _forward_kernel(logits_ptr, target_ptr, prob_ptr, ce_ptr, counts_ptr, sums_ptr,
                     C, h, w, H, W, scale_h, scale_w, thresh, ignore_index,
                     BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
@@ -89,7 +97,7 @@ def _forward_kernel(logits_ptr, target_ptr, prob_ptr, ce_ptr, counts_ptr, sums_p
     tl.store(counts_ptr + program * 3 + 1, tl.sum((good & (p <= thresh)).to(tl.int32), axis=0))
     tl.store(counts_ptr + program * 3 + 2, tl.sum(bad.to(tl.int32), axis=0))
     tl.store(sums_ptr + program * 2 + 0, tl.sum(tl.where(good, ce, 0.0), axis=0))
-    tl.store(sums_ptr + program * 2 + 1, tl.sum(tl.where(good & (p < thresh), ce, 0.0), axis=0))
+    tl.store(sums_ptr + program * 2 + 1, tl.sum(tl.where(good & _kept(p, thresh), ce, 0.0), axis=0))
 
 
 @triton.jit
@@ -130,7 +138,7 @@ def _backward_kernel(logits_ptr, target_ptr, threshold_ptr, coef_ptr, grad_ptr,
                 label = tl.load(target_ptr + pix, mask=mask, other=0).to(tl.int64)
                 good = mask & (label != ignore_index) & (label >= 0) & (label < C)
                 z_gt = tl.sum(tl.where(c == label[None, :], z, 0.0), axis=0)
-                kept = good & (tl.exp(z_gt - zmax) / sumexp < threshold)
+                kept = good & _kept(tl.exp(z_gt - zmax) / sumexp, threshold)
                 onehot = tl.where(c == label[None, :], 1.0, 0.0)
                 dz = tl.where(kept[None, :] & (c < C), e / sumexp[None, :] - onehot, 0.0)
                 # (BLOCK_X, BLOCK_J) bilinear weights of the segment's columns, times wy.
@@ -237,7 +245,7 @@ def forward(logits, target, thresh, min_kept, ignore_index):
         if n_le_thresh < k + 1:
             # Ignored pixels hold +inf, above every valid probability, and k < n_valid.
             threshold = _kth_smallest(prob, k)
-            loss_sum = torch.where(prob < threshold, ce, 0.0).sum(dtype=torch.float64)
+            loss_sum = torch.where(~(prob >= threshold), ce, 0.0).sum(dtype=torch.float64)  # as _kept
     loss = (loss_sum / (N * H * W)).to(torch.float32)
     return loss, threshold
 

@@ -79,6 +79,15 @@ BF_HOST_DEVICE bool ohem_needs_select(int64_t n_valid, int64_t count_le_thresh, 
   return n_valid > 0 && count_le_thresh < k + 1;
 }
 
+// Whether a valid pixel of probability p is kept (mmseg: p < threshold). A NaN p (a NaN or
+// infinite upsampled logit) counts as kept, so that its NaN cross-entropy reaches the loss
+// and the gradient: in the reference, CE * weight is NaN even where the weight is 0, and a
+// silently finite loss would hide the blow-up from the training loop's check.
+template <typename acc_t>
+BF_HOST_DEVICE bool ohem_kept(acc_t p, acc_t threshold) {
+  return !(p >= threshold);
+}
+
 // d loss / d z_c of a pixel with loss weight `coef` (kept * grad_loss / (N*H*W)).
 template <typename acc_t>
 BF_HOST_DEVICE acc_t ce_grad(acc_t softmax_c, bool is_target, acc_t coef) {

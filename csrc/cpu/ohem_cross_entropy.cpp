@@ -194,7 +194,9 @@ class RowUpsampler {
 };
 
 // Per pixel of one output row: max over the classes, then z[c * W + x] is overwritten with
-// exp(z - max) and sumexp[x] gets their sum. The ground-truth probability is then
+// exp(z - max) and sumexp[x] gets their sum. The max propagates NaN (std::max would drop a
+// NaN after the first class, and exp_fast maps NaN to 0), so a pixel with a NaN or infinite
+// logit gets a NaN cross-entropy and probability, as in the reference. The ground-truth probability is then
 // z[gt * W + x] / sumexp[x]: forward and backward both read it from here, so they agree
 // bit for bit on which pixels are kept.
 template <typename acc_t>
@@ -202,7 +204,7 @@ BF_CPU_CLONES void row_softmax(acc_t* z, int64_t channels, int64_t W, acc_t* zma
   std::copy(z, z + W, zmax);
   for (int64_t c = 1; c < channels; ++c) {
     const acc_t* zc = z + c * W;
-    for (int64_t x = 0; x < W; ++x) zmax[x] = std::max(zmax[x], zc[x]);
+    for (int64_t x = 0; x < W; ++x) zmax[x] = (zc[x] > zmax[x] || zc[x] != zc[x]) ? zc[x] : zmax[x];
   }
   std::fill(sumexp, sumexp + W, acc_t(0));
   for (int64_t c = 0; c < channels; ++c) {
@@ -316,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
         stats.n_valid += 1;
         stats.sum_valid += loss;
         if (p <= thresh_value) stats.n_le_thresh += 1;
-        if (p < thresh_value) stats.sum_below += loss;
+        if (ohem_kept(p, thresh_value)) stats.sum_below += loss;
       }
       rows[row] = stats;
     }
@@ -339,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const 
       for (int64_t row = begin; row < end; ++row) {
         double sum = 0;
         for (int64_t x = 0; x < W; ++x)
-          if (prob_ptr[row * W + x] < threshold) sum += ce_ptr[row * W + x];
+          if (ohem_kept(prob_ptr[row * W + x], threshold)) sum += ce_ptr[row * W + x];
         row_sums[row] = sum;
       }
     });
@@ -388,7 +390,7 @@ at::Tensor backward_impl(double grad, const at::Tensor& logits, const at::Tensor
         for (int64_t x = 0; x < W; ++x) {
           const int64_t label = checked_label(row_labels[x], C, ignore_index);
           row_label[x] = label;
-          const bool kept = label != ignore_index && z[label * W + x] / sumexp[x] < threshold;
+          const bool kept = label != ignore_index && ohem_kept(z[label * W + x] / sumexp[x], threshold);
           row_coef[x] = kept ? coef / sumexp[x] : acc_t(0);
           any_kept |= kept;
         }

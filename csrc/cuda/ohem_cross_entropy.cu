@@ -98,12 +98,17 @@ __device__ __forceinline__ PixelSoftmax pixel_softmax(const scalar_t* __restrict
   const LinearTap ty = linear_tap(y, g.h, g.scale_h);
   const LinearTap tx = linear_tap(x, g.w, g.scale_w);
   const scalar_t* image = logits + n * g.C * g.h * g.w;
-  PixelSoftmax s{-INFINITY, 0.f, 0.f};
+  PixelSoftmax s{0.f, 0.f, 0.f};
   for (int64_t c = 0; c < g.C; ++c) {
     const float z = upsampled_logit(image + c * g.h * g.w, g.w, ty, tx);
     if (z_store != nullptr) z_store[c * z_stride] = z;
     if (c == label) s.z_gt = z;
-    if (z > s.zmax) {
+    // Starting from the first class (not from -inf) keeps a -inf logit finite here: -inf
+    // minus a -inf running max would make the sum NaN where the reference's is not.
+    if (c == 0) {
+      s.zmax = z;
+      s.sumexp = 1.f;
+    } else if (z > s.zmax) {
       s.sumexp = s.sumexp * expf(s.zmax - z) + 1.f;
       s.zmax = z;
     } else {
@@ -137,7 +142,7 @@ __global__ void forward_pixels_kernel(const scalar_t* __restrict__ logits, const
         valid = 1;
         le = p <= thresh;
         sum_valid = loss;
-        sum_below = p < thresh ? loss : 0.0;
+        sum_below = ohem_kept(p, thresh) ? loss : 0.0;
       }
     }
     prob[pix] = p;
@@ -233,7 +238,7 @@ __global__ void kept_sum_kernel(const float* __restrict__ prob, const float* __r
   if (!state->needs_select) return;
   const float threshold = prob_from_key(static_cast<uint32_t>(state->prefix));
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const double v = (e < count && prob[e] < threshold) ? static_cast<double>(ce[e]) : 0.0;
+  const double v = (e < count && ohem_kept(prob[e], threshold)) ? static_cast<double>(ce[e]) : 0.0;
   using SumReduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename SumReduce::TempStorage storage;
   const double t = SumReduce(storage).Sum(v);
@@ -338,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 3)
         if (label != ignore_index && label >= 0 && label < g.C) {
           const PixelSoftmax s = pixel_softmax(logits, g, n, y, x, label, dz, dz_stride);
           const float inv_sumexp = 1.f / s.sumexp;
-          kept = expf(s.z_gt - s.zmax) / s.sumexp < thresh;
+          kept = ohem_kept(expf(s.z_gt - s.zmax) / s.sumexp, thresh);
           if (kept)
             for (int64_t c = 0; c < g.C; ++c)
               dz[c * dz_stride] = ce_grad(expf(dz[c * dz_stride] - s.zmax) * inv_sumexp, c == label, 1.f);
