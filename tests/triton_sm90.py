@@ -1,12 +1,16 @@
-"""Compile every Triton kernel for an H100/H200 (sm_90) on a machine without a GPU.
+"""Compile every Triton kernel for an H100/H200 (sm_90) and an sm_86 GPU on a machine
+without a GPU.
 
 The Triton kernels run here only through the interpreter, which never lowers them: a kernel
 that the interpreter runs may still fail to compile for a GPU (a type the backend rejects,
-an unsupported op, a shared-memory overflow). This drives each op's Python wrapper on small
-CPU tensors with kernel launches replaced by a recorder, then compiles each recorded launch
-(the argument types, constexprs and launch options of the real call) ahead of time for
-GPUTarget("cuda", 90, 32) with Triton's own ptxas. Kernels are not run, so results after a
-launch are garbage; a wrapper that trips over them has already recorded its launches.
+an unsupported op, a shared-memory overflow). This drives each op's Python wrapper on CPU
+tensors with kernel launches replaced by a recorder, then compiles each recorded launch
+ahead of time with Triton's own ptxas, specialised by Triton's own launcher code as a real
+launch would be (argument types, constexprs, launch options, and the 16-byte alignment and
+divisibility-by-16 hints that select the vectorised variant). The wrappers are driven at
+odd small sizes and at the network's own channel counts and sizes divisible by 16 (the
+block sizes and hints of the real calls). Kernels are not run, so results after a launch
+are garbage; a wrapper that trips over them has already recorded its launches.
 
     python -m tests.triton_sm90        (TRITON_INTERPRET must be unset: the interpreter
                                         replaces the kernels with Python functions)
@@ -26,13 +30,11 @@ import tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-TARGET = GPUTarget("cuda", 90, 32)
-POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
-                 torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
-OPTION_NAMES = ("num_warps", "num_stages", "num_ctas")
+# The lent GPUs (H100/H200) and the smallest shared memory among the README's architectures.
+TARGETS = (GPUTarget("cuda", 90, 32), GPUTarget("cuda", 86, 32))
 # The least shared memory a block may opt into among the GPUs the README lists (sm_86 and
 # sm_89: 99 KiB; sm_80 163 KiB, sm_90 227 KiB): a kernel above it cannot launch there.
 SHARED_LIMIT = 99 * 1024
@@ -48,30 +50,15 @@ class _Recorder:
         launches.append((self.fn, args, kwargs))
 
 
-def _arg_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return POINTER_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for argument {value!r}")
-
-
-def compile_launch(fn: JITFunction, args: tuple, kwargs: dict):
-    signature, constexprs = {}, {}
-    for i, param in enumerate(fn.params):
-        name = param.name
-        value = args[i] if i < len(args) else kwargs.get(name, param.default)
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            constexprs[name] = value
-        else:
-            signature[name] = _arg_type(value)
-    options = {k: kwargs[k] for k in OPTION_NAMES if k in kwargs}
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET, options=options)
+def compile_launch(fn: JITFunction, args: tuple, kwargs: dict, target: GPUTarget):
+    """Compile the launch fn[grid](*args, **kwargs) for `target` as JITFunction.run would:
+    Triton's binder and _pack_args (private, the same in triton 3.5 to 3.8) turn the call's
+    values into the signature, constexprs, specialisation attributes and options."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def resource_usage(kernel) -> str:
@@ -88,51 +75,93 @@ def resource_usage(kernel) -> str:
     return f"{found.group(1)} registers, {found.group(2)} B local (spills)" if found else "resource usage unknown"
 
 
-def _drive_wrappers() -> None:
-    """Call every op's Triton wrapper, each dtype and layout the ops accept."""
-    from bisenet_fast.triton_kernels import bga, bga_pointwise, ge_expand_train, ge_layer, ohem_cross_entropy
+# The network's GE layers (cin, cout, stride; mid = 6 * cin) and GE expansion convs in
+# training (cin, ratio, stride, relu), as tests/test_ge_layer.py and test_ge_expand_train.py
+# list them.
+GE_LAYERS = [(16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
+GE_EXPANSIONS = [(16, 6, 2, False), (96, 1, 1, True), (32, 6, 1, True), (32, 6, 2, False), (192, 1, 1, True),
+                 (64, 6, 1, True), (64, 6, 2, False), (384, 1, 1, True), (128, 6, 1, True)]
 
-    def attempt(call, *args, **kwargs):
-        try:
-            call(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - results of unrun kernels are garbage; the launches are recorded
-            pass
+
+def _attempt(call, *args, **kwargs):
+    try:
+        call(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - results of unrun kernels are garbage; the launches are recorded
+        pass
+
+
+def _drive_bga(dtype, channels, high, low) -> None:
+    from bisenet_fast.triton_kernels import bga, bga_pointwise
+
+    for channels_last in (False, True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        detail = torch.randn(2, channels, *high, dtype=dtype).contiguous(memory_format=fmt)
+        lows = [torch.randn(2, channels, *low, dtype=dtype).contiguous(memory_format=fmt) for _ in range(3)]
+        _attempt(bga.bga_forward, detail, *lows, channels_last=channels_last)
+        _attempt(bga.bga_backward, torch.randn_like(detail), detail, *lows, channels_last=channels_last)
+        _attempt(bga_pointwise.bga_pointwise_forward, detail, torch.randn(channels, channels, dtype=dtype),
+                 torch.randn(channels, dtype=dtype), *lows, channels_last=channels_last)
+
+
+def _drive_ge_layer(dtype, cin, cout, stride, size) -> None:
+    from bisenet_fast.triton_kernels import ge_layer
+
+    mid = 6 * cin
+    x = torch.randn(1, cin, *size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    dw = (torch.randn(mid, 1, 3, 3, dtype=dtype), torch.randn(mid, dtype=dtype))
+    if stride == 1:
+        _attempt(ge_layer.ge_layer_stride1_triton, x, x, *dw, torch.randn(cout, mid, dtype=dtype),
+                 torch.randn(cout, dtype=dtype))
+    else:
+        _attempt(ge_layer.ge_layer_stride2_triton, x, x, *dw, *dw, torch.randn(cout, mid, dtype=dtype),
+                 torch.randn(cout, dtype=dtype), torch.randn(cin, 1, 3, 3, dtype=dtype), torch.randn(cin, dtype=dtype),
+                 torch.randn(cout, cin, dtype=dtype), torch.randn(cout, dtype=dtype))
+
+
+def _drive_ge_expand_train(dtype, cin, ratio, stride, relu, size) -> None:
+    from bisenet_fast.triton_kernels import ge_expand_train
+
+    mid = cin * ratio
+    x = torch.randn(1, cin, *size, dtype=dtype)
+    weight = torch.randn(mid, 1, 3, 3, dtype=dtype)
+    gamma, beta = torch.rand(mid), torch.randn(mid)
+    _attempt(ge_expand_train.ge_expand_train_triton, x, weight, gamma, beta, stride, relu, 1e-5)
+    out_size = (1, mid, (size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1)
+    _attempt(ge_expand_train.ge_expand_train_backward_triton, torch.randn(out_size, dtype=dtype), x, weight,
+             gamma, beta, torch.zeros(mid), torch.ones(mid), stride, relu, 1e-5)
+
+
+def _drive_ohem(dtype, logits_shape, target_shape) -> None:
+    from bisenet_fast.triton_kernels import ohem_cross_entropy
+
+    logits = torch.randn(*logits_shape, dtype=dtype)
+    for target_dtype in (torch.uint8, torch.int32, torch.int64):
+        target = torch.randint(0, logits_shape[1], target_shape).to(target_dtype)
+        _attempt(ohem_cross_entropy.forward, logits, target, 0.7, 100, 255)
+        _attempt(ohem_cross_entropy.backward, torch.ones(()), logits, target, torch.tensor(0.5), 255)
+
+
+def _drive_wrappers() -> None:
+    """Call every op's Triton wrapper: each dtype and layout the ops accept at odd small
+    sizes, and the network's channel counts at sizes divisible by 16."""
+    from bisenet_fast.triton_kernels import ohem_cross_entropy
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for channels_last in (False, True):
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            detail = torch.randn(2, 8, 12, 20, dtype=dtype).contiguous(memory_format=fmt)
-            low = [torch.randn(2, 8, 3, 5, dtype=dtype).contiguous(memory_format=fmt) for _ in range(3)]
-            attempt(bga.bga_forward, detail, *low, channels_last=channels_last)
-            attempt(bga.bga_backward, torch.randn_like(detail), detail, *low, channels_last=channels_last)
-            attempt(bga_pointwise.bga_pointwise_forward, detail, torch.randn(8, 8, dtype=dtype),
-                    torch.randn(8, dtype=dtype), *low, channels_last=channels_last)
-
-        cin, mid = 16, 96
-        x = torch.randn(1, cin, 10, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        attempt(ge_layer.ge_layer_stride1_triton, x, x, torch.randn(mid, 1, 3, 3, dtype=dtype),
-                torch.randn(mid, dtype=dtype), torch.randn(cin, mid, dtype=dtype), torch.randn(cin, dtype=dtype))
-        cout = 32
-        attempt(ge_layer.ge_layer_stride2_triton, x, x, torch.randn(mid, 1, 3, 3, dtype=dtype),
-                torch.randn(mid, dtype=dtype), torch.randn(mid, 1, 3, 3, dtype=dtype), torch.randn(mid, dtype=dtype),
-                torch.randn(cout, mid, dtype=dtype), torch.randn(cout, dtype=dtype),
-                torch.randn(cin, 1, 3, 3, dtype=dtype), torch.randn(cin, dtype=dtype),
-                torch.randn(cout, cin, dtype=dtype), torch.randn(cout, dtype=dtype))
-
-        for stride, relu in ((1, True), (2, False)):
-            weight = torch.randn(mid, 1, 3, 3, dtype=dtype)
-            gamma, beta = torch.rand(mid), torch.randn(mid)
-            attempt(ge_expand_train.ge_expand_train_triton, x, weight, gamma, beta, stride, relu, 1e-5)
-            out_size = (1, mid, (10 - 1) // stride + 1, (14 - 1) // stride + 1)
-            attempt(ge_expand_train.ge_expand_train_backward_triton, torch.randn(out_size, dtype=dtype), x, weight,
-                    gamma, beta, torch.zeros(mid), torch.ones(mid), stride, relu, 1e-5)
-
-        logits = torch.randn(2, 19, 9, 13, dtype=dtype)
-        for target_dtype in (torch.uint8, torch.int32, torch.int64):
-            target = torch.randint(0, 19, (2, 67, 101)).to(target_dtype)
-            attempt(ohem_cross_entropy.forward, logits, target, 0.7, 100, 255)
-            attempt(ohem_cross_entropy.backward, torch.ones(()), logits, target, torch.tensor(0.5), 255)
-    attempt(ohem_cross_entropy._kth_smallest, torch.rand(5000), 10)
+        _drive_bga(dtype, 8, (12, 20), (3, 5))
+        _drive_bga(dtype, 128, (32, 64), (8, 16))
+        _drive_ge_layer(dtype, 16, 16, 1, (10, 14))
+        _drive_ge_layer(dtype, 16, 32, 2, (10, 14))
+        _drive_ge_expand_train(dtype, 16, 6, 1, True, (10, 14))
+        _drive_ge_expand_train(dtype, 16, 6, 2, False, (10, 14))
+        _drive_ohem(dtype, (2, 19, 9, 13), (2, 67, 101))
+        _drive_ohem(dtype, (4, 19, 32, 32), (4, 256, 256))
+    # The network's layers in float16, the dtype of the published fps setting (inference) and
+    # of AMP training (the block sizes depend on the channels, not on the dtype).
+    for cin, cout, stride in GE_LAYERS:
+        _drive_ge_layer(torch.float16, cin, cout, stride, (32, 64))
+    for cin, ratio, stride, relu in GE_EXPANSIONS:
+        _drive_ge_expand_train(torch.float16, cin, ratio, stride, relu, (32, 64))
+    _attempt(ohem_cross_entropy._kth_smallest, torch.rand(5000), 10)
 
 
 def _all_kernels() -> set[str]:
@@ -162,20 +191,22 @@ def main() -> int:
     failures, compiled, seen = [], set(), set()
     for fn, args, kwargs in launches:
         name = _kernel_name(fn)
-        try:
-            kernel = compile_launch(fn, args, kwargs)
-        except Exception as error:  # noqa: BLE001 - report every kernel, then fail
-            failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-            continue
-        compiled.add(name)
-        if kernel.metadata.shared > SHARED_LIMIT:
-            failures.append(f"{name}: {kernel.metadata.shared} B of shared memory, more than the {SHARED_LIMIT} B "
-                            "an sm_86/sm_89 block may use")
-        if kernel.metadata.hash not in seen:  # a specialisation seen before compiles from Triton's cache
-            seen.add(kernel.metadata.hash)
-            print(f"{name}: {resource_usage(kernel)}, {kernel.metadata.shared} B shared, "
-                  f"{kernel.metadata.num_warps} warps")
-    never = sorted(_all_kernels() - compiled - {f.split(':')[0] for f in failures})
+        for target in TARGETS:
+            where = f"{name} (sm_{target.arch})"
+            try:
+                kernel = compile_launch(fn, args, kwargs, target)
+            except Exception as error:  # noqa: BLE001 - report every kernel, then fail
+                failures.append(f"{where}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                continue
+            compiled.add(name)
+            if kernel.metadata.shared > SHARED_LIMIT:
+                failures.append(f"{where}: {kernel.metadata.shared} B of shared memory, more than the {SHARED_LIMIT} B "
+                                "an sm_86/sm_89 block may use")
+            if kernel.metadata.hash not in seen:  # a specialisation seen before compiles from Triton's cache
+                seen.add(kernel.metadata.hash)
+                print(f"{where}: {resource_usage(kernel)}, {kernel.metadata.shared} B shared, "
+                      f"{kernel.metadata.num_warps} warps")
+    never = sorted(_all_kernels() - compiled - {f.split(' ')[0].rstrip(':') for f in failures})
     for name in never:
         failures.append(f"{name}: never launched by the wrappers")
     for failure in failures:
