@@ -16,7 +16,7 @@ are garbage; a wrapper that trips over them has already recorded its launches.
                                         replaces the kernels with Python functions)
 
 Prints one line per compiled kernel (registers, spills, shared memory) and exits non-zero if
-any kernel fails to compile, needs more shared memory than every listed GPU gives a block,
+any kernel fails to compile, spills registers where MUST_NOT_SPILL says it must not, needs more shared memory than every listed GPU gives a block,
 or is never launched by the wrappers.
 """
 from __future__ import annotations
@@ -38,6 +38,10 @@ TARGETS = (GPUTarget("cuda", 90, 32), GPUTarget("cuda", 86, 32))
 # The least shared memory a block may opt into among the GPUs the README lists (sm_86 and
 # sm_89: 99 KiB; sm_80 163 KiB, sm_90 227 KiB): a kernel above it cannot launch there.
 SHARED_LIMIT = 99 * 1024
+# Kernels whose spills are known to cost: the OHEM backward's 1.8 KiB per thread went to L2
+# and took it from 10.6 to 28 ms on an H200. The others' spills (GE layer stride 2, GE
+# training backward, BGA pointwise) are printed here and not yet fixed.
+MUST_NOT_SPILL = {"ohem_cross_entropy._backward_kernel"}
 
 launches: list[tuple[JITFunction, tuple, dict]] = []
 
@@ -61,9 +65,11 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict, target: GPUTarget
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def resource_usage(kernel) -> str:
-    """Registers and local memory (spills) of a compiled kernel, read from its cubin with
-    the cuobjdump Triton ships (the loaded-kernel attributes need a GPU)."""
+def resource_usage(kernel) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of a compiled kernel, read from its cubin with the
+    cuobjdump Triton ships (the loaded-kernel attributes need a GPU). Register spills live in
+    the stack frame (cuobjdump's LOCAL stays 0 for them); a Triton kernel has no other use
+    for one."""
     import triton.backends.nvidia as nvidia
 
     tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
@@ -71,8 +77,10 @@ def resource_usage(kernel) -> str:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
         report = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"REG:(\d+) .*LOCAL:(\d+)", report)
-    return f"{found.group(1)} registers, {found.group(2)} B local (spills)" if found else "resource usage unknown"
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    if found is None:
+        raise RuntimeError(f"no register and stack usage in cuobjdump's report:\n{report}")
+    return int(found.group(1)), int(found.group(2))
 
 
 # The network's GE layers (cin, cout, stride; mid = 6 * cin) and GE expansion convs in
@@ -204,8 +212,11 @@ def main() -> int:
                                 "an sm_86/sm_89 block may use")
             if kernel.metadata.hash not in seen:  # a specialisation seen before compiles from Triton's cache
                 seen.add(kernel.metadata.hash)
-                print(f"{where}: {resource_usage(kernel)}, {kernel.metadata.shared} B shared, "
+                registers, stack = resource_usage(kernel)
+                print(f"{where}: {registers} registers, {stack} B stack (spills), {kernel.metadata.shared} B shared, "
                       f"{kernel.metadata.num_warps} warps")
+                if stack and name in MUST_NOT_SPILL:
+                    failures.append(f"{where}: spills {stack} B of registers per thread to the stack")
     never = sorted(_all_kernels() - compiled - {f.split(' ')[0].rstrip(':') for f in failures})
     for name in never:
         failures.append(f"{name}: never launched by the wrappers")
