@@ -58,7 +58,9 @@ per_test=""
 if $py -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout=120"; fi
 # -v: one line per finished test, so a stage stopped at its deadline (no summary, no junit
 # file) still tells which tests passed and failed.
-timeout "$(at_most "${TESTS_S:-180}" 120)" $py -m pytest ${TESTS:-$default_tests} -v -rfEs -p no:cacheprovider \
+# SIGINT at the deadline: pytest then still prints its summary with the failures' tracebacks
+# (a SIGTERM lost them on 2026-11-27); SIGKILL 20 s later if it hangs.
+timeout -s INT -k 20 "$(at_most "${TESTS_S:-180}" 140)" $py -m pytest ${TESTS:-$default_tests} -v -rfEs -p no:cacheprovider \
   $per_test --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
 tests_rc=$?
 # The summary's failures, errors and skips (without its last line), then the counts.
