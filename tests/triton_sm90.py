@@ -16,8 +16,8 @@ are garbage; a wrapper that trips over them has already recorded its launches.
                                         replaces the kernels with Python functions)
 
 Prints one line per compiled kernel (registers, spills, shared memory) and exits non-zero if
-any kernel fails to compile, spills registers where MUST_NOT_SPILL says it must not, needs more shared memory than every listed GPU gives a block,
-or is never launched by the wrappers.
+any kernel fails to compile, spills registers though MUST_NOT_SPILL names it, needs more
+shared memory than every listed GPU gives a block, or is never launched by the wrappers.
 """
 from __future__ import annotations
 

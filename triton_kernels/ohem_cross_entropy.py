@@ -26,7 +26,7 @@ segments, 3xTF32 dots and 64-bit addresses per element it needed 255 registers a
 1.8 KiB stack of spills per thread, and an H200 timed the Triton loss at 28 ms at the
 decode head's training shape, where the gather it replaced had taken 10.6 ms.
 Hence 64-pixel segments, an exact fp32 (FMA) dot, 32-bit offsets inside one image and one
-pipeline stage: 192 registers, no spills (tests/triton_sm90.py fails any kernel that spills).
+pipeline stage: 192 registers, no spills (tests/triton_sm90.py fails this kernel if it spills).
 """
 from __future__ import annotations
 
