@@ -9,6 +9,7 @@
 # at most TESTS_S (default 180) while leaving the benchmarks 120 s, and the benchmarks the
 # rest, so a lent machine's minutes are used to the end and nothing outlives the call.
 # Environment: TESTS (pytest selection, default: tests, on 8 xdist workers), TESTS_S,
+# TESTS_K (a pytest -k expression, e.g. "cuda or triton" to run the GPU tests first),
 # BENCH_ONLY (comma-separated benchmark module substrings, run in that order; default: all),
 # BENCH_ARGS (extra benchmarks.run arguments).
 set -uo pipefail
@@ -60,7 +61,7 @@ if $py -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout=120"; fi
 # file) still tells which tests passed and failed.
 # SIGINT at the deadline: pytest then still prints its summary with the failures' tracebacks
 # (a SIGTERM lost them on 2026-11-27); SIGKILL 20 s later if it hangs.
-timeout -s INT -k 20 "$(at_most "${TESTS_S:-180}" 140)" $py -m pytest ${TESTS:-$default_tests} -v -rfEs -p no:cacheprovider \
+timeout -s INT -k 20 "$(at_most "${TESTS_S:-180}" 140)" $py -m pytest ${TESTS:-$default_tests} ${TESTS_K:+-k "$TESTS_K"} -v -rfEs -p no:cacheprovider \
   $per_test --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
 tests_rc=$?
 # The summary's failures, errors and skips (without its last line), then the counts.
