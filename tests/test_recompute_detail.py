@@ -101,13 +101,42 @@ def test_autocast_matches_eager(dtype):
 
 
 @requires_cuda
-@pytest.mark.parametrize("autocast_dtype, rel", [(None, 1e-4), (torch.float16, 3e-2)])
-def test_cuda_matches_eager(autocast_dtype, rel):
+def test_cuda_matches_eager():
     """On a GPU eager BatchNorm runs cuDNN's kernels and the chain ATen's native ones."""
     eager = make_branch().cuda()
     fused = RecomputingDetailBranch(copy.deepcopy(eager))
     inputs = [torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(s)).cuda() for s in range(2)]
-    assert_same_steps(eager, fused, inputs, rel=rel, autocast_dtype=autocast_dtype, buffer_rel=max(rel, 1e-5))
+    assert_same_steps(eager, fused, inputs, rel=1e-4, buffer_rel=1e-5)
+
+
+def scaled_error(actual, exact):
+    return ((actual.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-12)).item()
+
+
+@requires_cuda
+def test_cuda_float16_as_accurate_as_eager():
+    """Under float16 autocast the branch's eight conv/BN layers lose 10-20 % of a gradient's
+    scale against float64 whatever the kernels (measured on the CPU, where the chain and eager
+    agree bit for bit). On a GPU eager runs cuDNN's BatchNorm and the chain ATen's, so they
+    differ from each other by as much: each is held to float64 instead, the chain at most
+    a little worse than eager."""
+    eager = make_branch().cuda()
+    fused = RecomputingDetailBranch(copy.deepcopy(eager))
+    exact = copy.deepcopy(eager).double()
+    for seed in range(2):
+        x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(seed)).cuda()
+        out_x, gx_x, gp_x = step(exact, x.double(), grad_seed=seed)
+        out_e, gx_e, gp_e = step(eager, x, grad_seed=seed, autocast_dtype=torch.float16)
+        out_f, gx_f, gp_f = step(fused, x, grad_seed=seed, autocast_dtype=torch.float16)
+        assert out_f.dtype == out_e.dtype == torch.float16
+        pairs = {"output": (out_f, out_e, out_x), "grad of x": (gx_f, gx_e, gx_x)}
+        pairs.update({f"grad of {name}": (gp_f[name], gp_e[name], gp_x[name]) for name in gp_x})
+        for what, (fused_value, eager_value, exact_value) in pairs.items():
+            err_f, err_e = scaled_error(fused_value, exact_value), scaled_error(eager_value, exact_value)
+            assert err_f <= 1.25 * err_e + 1e-2, f"step {seed} {what}: chain {err_f:.3g}, eager {err_e:.3g} of the scale"
+    buffers_f = dict(fused.named_buffers())
+    for name, value in eager.named_buffers():
+        assert_close_to_scale(buffers_f[name], value, 3e-2, name)
 
 
 def test_gradcheck_float64():
