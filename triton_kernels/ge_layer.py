@@ -28,6 +28,10 @@ BLOCK_K = 32
 # No software pipelining of the K loop: its loads are 9-tap gathers (81 for stride 2) that
 # hit L1; staging them through shared memory over 3 stages needs ~220 KB per block at fp32.
 NUM_STAGES = 1
+# 8 warps: with 4, each thread held a quarter of the [BLOCK_P, C] accumulator and of the 9
+# gathered [BLOCK_P, BLOCK_K] tiles, and sm_90 builds spilled (up to 450 B per thread for
+# stride 1 at 128 channels). With 8 none spills (tests/triton_sm90.py enforces it).
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -101,7 +105,9 @@ def _ge_stride2_kernel(x_ptr, y_ptr, dw0_w_ptr, dw0_b_ptr, dw1_w_ptr, dw1_b_ptr,
         k_mask = offs_k < MID
         e = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
         e += tl.load(dw1_b_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        for tap in tl.static_range(9):
+        # A loop, not unrolled: unrolled, the compiler hoisted all 81 gathers of y and
+        # spilled ~10 KiB per thread on sm_90 (the H200 timed the layer at 0.1-0.5x eager).
+        for tap in range(9):
             qh = oh + (tap // 3 - 1)
             qw = ow + (tap % 3 - 1)
             inside = p_mask & (qh >= 0) & (qh < HO) & (qw >= 0) & (qw < WO)
@@ -143,7 +149,7 @@ def ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     _ge_stride1_kernel[grid](
         x, y, dw_weight.contiguous(), dw_bias.contiguous(), pw_weight.contiguous(), pw_bias.contiguous(), out,
         pixels, h, w, C=c, MID=mid, RATIO=mid // c, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_C=_block_c(c),
-        FP32=x.dtype == torch.float32, num_stages=NUM_STAGES,
+        FP32=x.dtype == torch.float32, num_stages=NUM_STAGES, num_warps=NUM_WARPS,
     )
     return out
 
@@ -164,6 +170,6 @@ def ge_layer_stride2_triton(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw
         pw_weight.contiguous(), pw_bias.contiguous(), sc_dw_weight.contiguous(), sc_dw_bias.contiguous(),
         sc_pw_weight.contiguous(), sc_pw_bias.contiguous(), out, pixels, h, w, ho, wo,
         C=c, COUT=cout, MID=mid, RATIO=mid // c, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_C=_block_c(cout),
-        FP32=x.dtype == torch.float32, num_stages=NUM_STAGES,
+        FP32=x.dtype == torch.float32, num_stages=NUM_STAGES, num_warps=NUM_WARPS,
     )
     return out
