@@ -110,6 +110,17 @@ def test_matches_reference_spec_sizes_triton(shape, layout, dtype):
     assert_matches_reference("triton", inputs, tolerance("triton", dtype))
 
 
+@requires_triton
+def test_triton_rejects_images_beyond_32_bit_offsets():
+    from bisenet_fast.triton_kernels.bga_pointwise import bga_pointwise_forward
+
+    # Expanded, so nothing of the 2**31 values is allocated: the check comes before any allocation.
+    detail_dw = torch.zeros(1, 1, 1, 1).expand(1, 128, 2**12, 2**12)
+    low = torch.zeros(1, 128, 2**10, 2**10)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 elements per image .* got 128x4096x4096"):
+        bga_pointwise_forward(detail_dw, torch.zeros(128, 128), torch.zeros(128), low, low, low, channels_last=False)
+
+
 @pytest.mark.skipif(not CUDA, reason="TF32 only exists on the GPU")
 def test_triton_float32_ieee_when_tf32_is_off(monkeypatch):
     """With cuDNN's TF32 off, the Triton GEMM runs in IEEE fp32 and meets the fp32 tolerance."""

@@ -29,8 +29,10 @@ from bisenet_fast.triton_kernels.bga import _bilinear, _gated_down_kernel, _tap
 BLOCK_P = 64
 BLOCK_K = 32
 # Output channels per program: all of them up to 128 (BiSeNetV2's BGA has 128), so each
-# pixel tile of detail_dw is read once; at least 16, tl.dot's smallest block.
+# pixel tile of detail_dw is read once; at least 16, tl.dot's smallest block. NCHW maps
+# take 64: at 128 their epilogue spilled ~1 KiB per thread on sm_90.
 MAX_BLOCK_C = 128
+MAX_BLOCK_C_NCHW = 64
 # The epilogue keeps several [BLOCK_P, BLOCK_C] tensors live (offsets, taps, the
 # accumulator): 8 warps hold a 64 x 128 tile without spilling where 4 would not.
 NUM_WARPS = 8
@@ -45,19 +47,25 @@ def _bga_pointwise_kernel(x_ptr, w_ptr, b_ptr, s_ptr, g_ptr, out_ptr,
                           H, W, h, w, C, s_n, s_c, s_p, l_n, l_c, l_p,
                           INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Offsets within one image are int32 (the wrapper checks they fit): int64 [BLOCK_P,
+    # BLOCK_C] offset tensors of the NCHW epilogue spilled 1.3-1.4 KiB per thread on sm_90.
     n = tl.program_id(2).to(tl.int64)
+    x_ptr += n * s_n
+    out_ptr += n * s_n
+    s_ptr += n * l_n
+    g_ptr += n * l_n
     pixel = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     channel = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pixel_ok = pixel < H * W
     channel_ok = channel < C
     ks = tl.arange(0, BLOCK_K)
 
-    x_base = x_ptr + n * s_n + pixel.to(tl.int64)[:, None] * s_p
+    x_rows = x_ptr + (pixel * s_p)[:, None]
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         k = k0 + ks
         k_ok = k < C
-        x = tl.load(x_base + k.to(tl.int64)[None, :] * s_c, mask=pixel_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_rows + (k * s_c)[None, :], mask=pixel_ok[:, None] & k_ok[None, :], other=0.0)
         # weight (C_out, C_in) row-major, read as its transpose (C_in, C_out).
         wt = tl.load(w_ptr + channel[None, :] * C + k[:, None], mask=k_ok[:, None] & channel_ok[None, :], other=0.0)
         if DOT_IN_FP32:
@@ -70,11 +78,11 @@ def _bga_pointwise_kernel(x_ptr, w_ptr, b_ptr, s_ptr, g_ptr, out_ptr,
     xx = pixel % W
     ri0, ri1, rw0, rw1 = _tap(y, h, H)
     ci0, ci1, cw0, cw1 = _tap(xx, w, W)
-    low_base = n * l_n + channel.to(tl.int64)[None, :] * l_c
-    r0 = low_base + (ri0.to(tl.int64) * w * l_p)[:, None]
-    r1 = low_base + (ri1.to(tl.int64) * w * l_p)[:, None]
-    c0 = (ci0.to(tl.int64) * l_p)[:, None]
-    c1 = (ci1.to(tl.int64) * l_p)[:, None]
+    low_channel = (channel * l_c)[None, :]
+    r0 = low_channel + (ri0 * w * l_p)[:, None]
+    r1 = low_channel + (ri1 * w * l_p)[:, None]
+    c0 = (ci0 * l_p)[:, None]
+    c1 = (ci1 * l_p)[:, None]
     rw0 = rw0[:, None]
     rw1 = rw1[:, None]
     cw0 = cw0[:, None]
@@ -84,7 +92,7 @@ def _bga_pointwise_kernel(x_ptr, w_ptr, b_ptr, s_ptr, g_ptr, out_ptr,
     semantic_up = _bilinear(s_ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask)
     gated_up = _bilinear(g_ptr, r0, r1, c0, c1, rw0, rw1, cw0, cw1, mask)
     out = acc * tl.sigmoid(semantic_up) + gated_up
-    out_offset = n * s_n + pixel.to(tl.int64)[:, None] * s_p + channel.to(tl.int64)[None, :] * s_c
+    out_offset = (pixel * s_p)[:, None] + (channel * s_c)[None, :]
     tl.store(out_ptr + out_offset, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -115,16 +123,22 @@ def bga_pointwise_forward(detail_dw, pw_weight, pw_bias, semantic, detail_down, 
                           channels_last: bool) -> torch.Tensor:
     """All maps contiguous in the layout `channels_last` names; pw_weight (C, C) and pw_bias
     (C) contiguous. Returns the output in that layout."""
+    batch, channels, H, W = detail_dw.shape
+    if channels * H * W >= 2**31:
+        raise ValueError(
+            "bga_pointwise_aggregate (triton): detail_dw must have fewer than 2**31 elements per image "
+            f"(the kernel's offsets within an image are 32-bit), got {channels}x{H}x{W}; use the eager backend "
+            "for such images"
+        )
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty_like(detail_dw, memory_format=fmt)
     if out.numel() == 0:
         return out
-    batch, channels, H, W = detail_dw.shape
     h, w = semantic.shape[-2:]
     gated = torch.empty_like(detail_down, dtype=torch.float32, memory_format=fmt)
     _gated_down_kernel[(triton.cdiv(gated.numel(), GATED_BLOCK),)](detail_down, semantic_down, gated, gated.numel(),
                                                                    BLOCK=GATED_BLOCK)
-    block_c = min(MAX_BLOCK_C, max(16, triton.next_power_of_2(channels)))
+    block_c = min(MAX_BLOCK_C if channels_last else MAX_BLOCK_C_NCHW, max(16, triton.next_power_of_2(channels)))
     grid = (triton.cdiv(H * W, BLOCK_P), triton.cdiv(channels, block_c), batch)
     _bga_pointwise_kernel[grid](
         detail_dw, pw_weight, pw_bias, semantic, gated, out,
