@@ -152,6 +152,21 @@ def test_triton_matches_reference(cin, cout, stride, dtype):
 
 
 @requires_triton
+@pytest.mark.parametrize("cin,cout,stride", [(4, 4, 1), (4, 8, 2)])
+@pytest.mark.parametrize("height,width,block_p", [(3, 5, 16), (33, 67, 64)])
+def test_triton_pixel_blocks(cin, cout, stride, height, width, block_p):
+    """Both pixel-block sizes (16 where 64-pixel blocks would leave SMs idle), over many
+    programs with a partial last block, and the expanded tensor of stride 2 at odd sizes."""
+    from bisenet_fast.triton_kernels import ge_layer as ge_triton
+
+    args = make_inputs(2, cin, cout, stride, height, width, device=triton_device())
+    out_pixels = 2 * ((height - 1) // stride + 1) * ((width - 1) // stride + 1)
+    if not CUDA:  # on a GPU the block also depends on its SM count
+        assert ge_triton._block_p(out_pixels, torch.device("cpu")) == block_p
+    assert_close_to_scale(run("triton", stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
+
+
+@requires_triton
 def test_triton_rejects_float64():
     args = make_inputs(1, 4, 4, 1, 3, 3, torch.float64, device=triton_device())
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):

@@ -162,7 +162,8 @@ def _drive_wrappers() -> None:
     # The network's layers in float16, the dtype of the published fps setting (inference) and
     # of AMP training (the block sizes depend on the channels, not on the dtype).
     for cin, cout, stride in GE_LAYERS:
-        _drive_ge_layer(torch.float16, cin, cout, stride, (32, 64))
+        for size in ((32, 64), (8, 16)):  # 64- and 16-pixel blocks (ge_layer._block_p)
+            _drive_ge_layer(torch.float16, cin, cout, stride, size)
     for cin, ratio, stride, relu in GE_EXPANSIONS:
         _drive_ge_expand_train(torch.float16, cin, ratio, stride, relu, (32, 64))
     _attempt(ohem_cross_entropy._kth_smallest, torch.rand(5000), 10)

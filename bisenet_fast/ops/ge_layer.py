@@ -1,7 +1,8 @@
 """Gather-and-Expansion layer (spec §2.2), inference form: every BN already folded into its
 conv (weight and bias), so the layer is a chain of biased convs. The dense 3x3 `conv1`
 (x -> y) stays with cuDNN/ATen; these ops fuse everything after it, keeping the 6x
-expanded tensor on chip:
+expanded tensor on chip (except the Triton stride-2 kernel, which writes dw0's
+half-resolution output once: see triton_kernels/ge_layer.py for why):
 
 stride 1 (cin == cout):
     out = relu(x + pw(relu(dw(y))))                dw: 3x3 grouped (groups=cin), cin -> mid
