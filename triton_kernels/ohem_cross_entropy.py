@@ -194,6 +194,8 @@ def _check_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> 
 BACKWARD_STAGES = 1
 SELECT_BITS = (11, 11, 10)  # digits of the 32-bit keys, most significant first
 SELECT_BLOCK = 4096
+# 8 warps, 16 keys per thread: with 4 (32 keys each), triton 3.6's sm_86 build spilled.
+SELECT_WARPS = 8
 
 
 @triton.jit(do_not_specialize=["count"])
@@ -223,7 +225,8 @@ def _kth_smallest(prob: torch.Tensor, k: int) -> torch.Tensor:
         shift -= bits
         hist = torch.zeros(1 << bits, device=device, dtype=torch.int32)
         _select_histogram_kernel[(triton.cdiv(prob.numel(), SELECT_BLOCK),)](
-            prob, prob.numel(), prefix, hist, SHIFT=shift, BITS=bits, FIRST=i == 0, BLOCK=SELECT_BLOCK)
+            prob, prob.numel(), prefix, hist, SHIFT=shift, BITS=bits, FIRST=i == 0, BLOCK=SELECT_BLOCK,
+            num_warps=SELECT_WARPS)
         below = torch.cumsum(hist, 0, dtype=torch.int64)
         digit = torch.searchsorted(below, rank, right=True)  # the bin holding the rank-th key
         rank = rank - torch.where(digit > 0, below[(digit - 1).clamp_min(0)], 0)
