@@ -115,10 +115,13 @@ def test_triton_rejects_images_beyond_32_bit_offsets():
     from bisenet_fast.triton_kernels.bga_pointwise import bga_pointwise_forward
 
     # Expanded, so nothing of the 2**31 values is allocated: the check comes before any allocation.
-    detail_dw = torch.zeros(1, 1, 1, 1).expand(1, 128, 2**12, 2**12)
-    low = torch.zeros(1, 128, 2**10, 2**10)
-    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 elements per image .* got 128x4096x4096"):
-        bga_pointwise_forward(detail_dw, torch.zeros(128, 128), torch.zeros(128), low, low, low, channels_last=False)
+    huge = torch.zeros(1, 1, 1, 1).expand(1, 128, 2**12, 2**12)
+    small = torch.zeros(1, 128, 4, 4)
+    weight, bias = torch.zeros(128, 128), torch.zeros(128)
+    with pytest.raises(ValueError, match=r"detail_dw must have fewer than 2\*\*31 elements per image .* 128x4096x4096"):
+        bga_pointwise_forward(huge, weight, bias, small, small, small, channels_last=False)
+    with pytest.raises(ValueError, match=r"semantic must have fewer than 2\*\*31 elements per image .* 128x4096x4096"):
+        bga_pointwise_forward(small, weight, bias, huge, huge, huge, channels_last=False)
 
 
 @pytest.mark.skipif(not CUDA, reason="TF32 only exists on the GPU")

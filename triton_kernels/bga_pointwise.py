@@ -124,12 +124,13 @@ def bga_pointwise_forward(detail_dw, pw_weight, pw_bias, semantic, detail_down, 
     """All maps contiguous in the layout `channels_last` names; pw_weight (C, C) and pw_bias
     (C) contiguous. Returns the output in that layout."""
     batch, channels, H, W = detail_dw.shape
-    if channels * H * W >= 2**31:
-        raise ValueError(
-            "bga_pointwise_aggregate (triton): detail_dw must have fewer than 2**31 elements per image "
-            f"(the kernel's offsets within an image are 32-bit), got {channels}x{H}x{W}; use the eager backend "
-            "for such images"
-        )
+    for name, t in (("detail_dw", detail_dw), ("semantic", semantic)):  # the low-res maps share semantic's size
+        if t[0].numel() >= 2**31:
+            raise ValueError(
+                f"bga_pointwise_aggregate (triton): {name} must have fewer than 2**31 elements per image (the "
+                f"kernel's offsets within an image are 32-bit), got {'x'.join(map(str, t.shape[1:]))}; use the "
+                "eager backend for such images"
+            )
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty_like(detail_dw, memory_format=fmt)
     if out.numel() == 0:

@@ -32,7 +32,7 @@ def _conv_block(x_ptr, w_ptr, m, n, oh, ow, mask, H, W, CIN: tl.constexpr, RATIO
     c = m // RATIO
     plane = (n * CIN + c) * H
     acc = tl.zeros(oh.shape, dtype=tl.float32)
-    for tap in range(9):
+    for tap in range(9):  # a loop: unrolled, the hoisted gathers spilled on sm_90
         ih = oh * STRIDE + (tap // 3 - 1)
         iw = ow * STRIDE + (tap % 3 - 1)
         valid = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
