@@ -3,7 +3,8 @@
 GPU: CUDA events around each call after warm-up, median over repeats ("ms": what one call
 costs a caller that waits for it, host overhead and launch latency included); the GPU time
 the call's kernels occupy ("device_ms", torch.profiler/CUPTI: what the call costs inside a
-model whose GPU queue stays full); peak memory is torch.cuda.max_memory_allocated above
+model whose GPU queue stays full), with the call's longest kernels by name
+("device_kernels", in the JSON rows); peak memory is torch.cuda.max_memory_allocated above
 what was allocated before the call.
 CPU: perf_counter around each call, median over repeats; peak memory is not measured
 there (tracemalloc does not see ATen's allocator), so it is reported on GPU only.
@@ -33,6 +34,7 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
     _sync(device)
     times = []
     peak_mb = device_ms = None
+    kernels: dict[str, float] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -44,28 +46,31 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
             end.synchronize()
             times.append(start.elapsed_time(end))
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        device_ms = device_busy_ms(fn, device, repeats=min(repeats, 3))
+        device_ms, kernels = device_busy_ms(fn, device, repeats=min(repeats, 3))
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return {"ms": statistics.median(times), "ms_min": min(times), "device_ms": device_ms, "peak_extra_mb": peak_mb,
-            "repeats": repeats}
+            "repeats": repeats, "device_kernels": kernels}
 
 
-def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 5) -> float | None:
-    """Median over calls of the GPU time one call of fn() occupies: the summed durations of
-    the kernels, copies and fills it launches, as CUPTI reports them through torch.profiler.
+def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 5,
+                   top: int = 5) -> tuple[float | None, dict[str, float]]:
+    """The GPU time one call of fn() occupies: the summed durations of the kernels, copies
+    and fills it launches, as CUPTI reports them through torch.profiler, in the median call
+    of `repeats`; and that call's `top` longest kernels ({name: ms}), which tell where the
+    time goes (e.g. a loss's forward, selection and backward kernels).
 
     Event timing of a lone call includes host work (Python, argument checks, dispatch) and
     launch latency, which dominate sub-millisecond ops and hide what their kernels cost;
-    this leaves both out. None if the profiler saw no GPU activity (e.g. no CUPTI).
+    this leaves both out. (None, {}) if the profiler saw no GPU activity (e.g. no CUPTI).
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    busy = []
+    calls = []
     for _ in range(repeats):
         try:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -73,12 +78,19 @@ def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: i
                 torch.cuda.synchronize(device)
         except RuntimeError as error:  # a sandbox without CUPTI tracing: keep the wall times
             warnings.warn(f"device_ms not measured, torch.profiler failed: {error}")
-            return None
+            return None, {}
         # As the profiler's own "Self CUDA time total": GPU-side events, annotations excluded.
-        us = sum(e.self_device_time_total for e in prof.events()
-                 if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
-        busy.append(us / 1e3)
-    return statistics.median(busy) if any(busy) else None
+        kernels: dict[str, float] = {}
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+                kernels[e.name] = kernels.get(e.name, 0.0) + e.self_device_time_total / 1e3
+        calls.append((sum(kernels.values()), kernels))
+    calls.sort(key=lambda call: call[0])
+    busy, kernels = calls[len(calls) // 2]
+    if not busy:
+        return None, {}
+    longest = sorted(kernels.items(), key=lambda item: -item[1])[:top]
+    return busy, {name[:120]: ms for name, ms in longest}
 
 
 def saved_activation_mb(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> float:
@@ -145,11 +157,14 @@ def speedups(eager: dict, timing: dict) -> dict:
     """Speed-up over the eager baseline by wall time and, where measured (GPU), by the GPU
     time of the kernels alone (device_x_eager)."""
     device_ms, eager_device_ms = timing.get("device_ms"), eager.get("device_ms")
-    return {
+    row = {
         "speedup_vs_eager": eager["ms"] / timing["ms"],
         "device_ms": device_ms,
         "device_x_eager": eager_device_ms / device_ms if device_ms and eager_device_ms else None,
     }
+    if timing.get("device_kernels"):  # the JSON's per-kernel breakdown (GPU only)
+        row["device_kernels"] = timing["device_kernels"]
+    return row
 
 
 def achieved_gbps(bytes_moved: int, timing: dict) -> float:

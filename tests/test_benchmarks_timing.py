@@ -78,9 +78,11 @@ def test_speedups_use_device_time_only_when_both_have_it():
 @requires_cuda
 def test_device_time_counts_the_kernels_and_not_the_host():
     x = torch.empty(64 * 2**20, device="cuda")  # 256 MB: a fill takes >= ~50 us on any GPU
-    one_fill = device_busy_ms(lambda: x.fill_(1.0), x.device)
-    three_fills = device_busy_ms(lambda: [x.fill_(v) for v in (1.0, 2.0, 3.0)], x.device)
+    one_fill, kernels = device_busy_ms(lambda: x.fill_(1.0), x.device)
+    three_fills, _ = device_busy_ms(lambda: [x.fill_(v) for v in (1.0, 2.0, 3.0)], x.device)
     assert one_fill is not None and one_fill > 0.02
     assert three_fills == pytest.approx(3 * one_fill, rel=0.3)
+    assert len(kernels) == 1 and sum(kernels.values()) == pytest.approx(one_fill)  # the fill kernel, by name
     timing = measure(lambda: x.fill_(1.0), x.device, warmup=1, repeats=5)
     assert 0 < timing["device_ms"] <= timing["ms"] * 1.05  # events include launch and host time
+    assert speedups(timing, timing)["device_kernels"] == timing["device_kernels"]
