@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bisenet_fast.triton_kernels.ge_expand_train import _pixels  # (offsets, mask, n, oh, ow) of a pixel block
+
 BLOCK_P = 64
 SMALL_BLOCK_P = 16  # tl.dot's smallest M
 BLOCK_K = 32
@@ -85,13 +87,6 @@ def _expand_and_project(acc, src_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, n, oh, ow, p
         e = _grouped_conv3x3_chunk(src_ptr, dw_w_ptr, dw_b_ptr, n, oh, ow, p_mask, offs_k, k_mask, H, W, C, RATIO, 1)
         acc = _project_chunk(acc, tl.maximum(e, 0.0), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, MID, FP32)
     return acc
-
-
-@triton.jit
-def _pixels(P, H, W, BLOCK_P: tl.constexpr):
-    """This program's output pixels, flattened over N*H*W: (offsets, mask, n, oh, ow)."""
-    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return offs_p, offs_p < P, offs_p // (H * W), (offs_p // W) % H, offs_p % W
 
 
 @triton.jit
