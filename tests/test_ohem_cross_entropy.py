@@ -460,7 +460,7 @@ def test_triton_rejects_images_beyond_32_bit_offsets():
     # Expanded, so nothing of the 2**31 values is allocated: the check comes before any copy.
     logits = torch.zeros(1, 1, 1, 1).expand(1, 2**15, 2**8, 2**8)
     target = torch.zeros(1, 4, 4, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"2147483648 values per image .* fewer than 2\*\*31"):
+    with pytest.raises(ValueError, match=r"logits holds 2147483648 values per image .* fewer than 2\*\*31"):
         triton_ohem.forward(logits, target, 0.7, 5, 255)
     with pytest.raises(ValueError, match="fewer than 2\\*\\*31"):
         triton_ohem.backward(torch.ones(()), logits, target, torch.tensor(0.5), 255)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bisenet_fast.ops._checks import check_image_fits_int32
 from bisenet_fast.triton_kernels.bga import BLOCK as GATED_BLOCK
 from bisenet_fast.triton_kernels.bga import _bilinear, _gated_down_kernel, _tap
 
@@ -125,12 +126,7 @@ def bga_pointwise_forward(detail_dw, pw_weight, pw_bias, semantic, detail_down, 
     (C) contiguous. Returns the output in that layout."""
     batch, channels, H, W = detail_dw.shape
     for name, t in (("detail_dw", detail_dw), ("semantic", semantic)):  # the low-res maps share semantic's size
-        if t[0].numel() >= 2**31:
-            raise ValueError(
-                f"bga_pointwise_aggregate (triton): {name} must have fewer than 2**31 elements per image (the "
-                f"kernel's offsets within an image are 32-bit), got {'x'.join(map(str, t.shape[1:]))}; use the "
-                "eager backend for such images"
-            )
+        check_image_fits_int32("bga_pointwise_aggregate (triton)", name, t, "use the eager backend for such images")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty_like(detail_dw, memory_format=fmt)
     if out.numel() == 0:

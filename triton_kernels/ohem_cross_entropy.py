@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bisenet_fast.ops._checks import check_image_fits_int32
+
 
 @triton.jit
 def _tap(dst, in_size, scale):
@@ -235,14 +237,9 @@ def _kth_smallest(prob: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _check_image_size(logits: torch.Tensor) -> None:
-    """The kernels address one image's logits with 32-bit offsets (64-bit ones cost registers
-    the backward does not have, see the module docstring)."""
-    per_image = math.prod(logits.shape[1:])
-    if per_image >= 2**31:
-        raise ValueError(
-            f"ohem_cross_entropy (triton): logits hold {per_image} values per image (C*h*w of shape "
-            f"{tuple(logits.shape)}); the Triton kernels need fewer than 2**31, the cpp and cuda backends do not"
-        )
+    """32-bit offsets within one image: 64-bit ones cost registers the backward does not have
+    (module docstring)."""
+    check_image_fits_int32("ohem_cross_entropy (triton)", "logits", logits, "the cpp and cuda backends have no such limit")
 
 
 def forward(logits, target, thresh, min_kept, ignore_index):

@@ -42,3 +42,15 @@ def check_inference_only(op: str, tensors: Iterable[torch.Tensor], for_training:
             f"{op} is inference-only (no backward); run it under torch.no_grad() or torch.inference_mode(), "
             f"or {for_training}"
         )
+
+
+def check_image_fits_int32(op: str, name: str, value: torch.Tensor, instead: str) -> None:
+    """For kernels that address within one image (value[n]) with 32-bit offsets, which cost
+    fewer registers than 64-bit ones: a clear error, naming what to use `instead`, for an
+    image of 2**31 or more values (checked before anything is allocated or copied)."""
+    per_image = value[0].numel() if value.dim() and value.shape[0] else 0
+    if per_image >= 2**31:
+        raise ValueError(
+            f"{op}: {name} holds {per_image} values per image (shape {tuple(value.shape)}); its kernel's offsets "
+            f"within an image are 32-bit and need fewer than 2**31; {instead}"
+        )
