@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 import bisenet_fast as bf
-from bisenet_fast.models.fused import FusedBiSeNetV2, FusedBiSeNetV2Segmentor, capture_cuda_graph
-from tests.helpers import requires_cuda
+from bisenet_fast.models.bisenetv2 import GELayer
+from bisenet_fast.models.fused import FusedBiSeNetV2, FusedBiSeNetV2Segmentor, FusedGELayer, capture_cuda_graph
+from tests.helpers import requires_cuda, requires_triton, triton_device
 
 
 def randomise_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -121,6 +122,29 @@ def test_inference_only(segmentor, image):
 def test_bad_dtype(segmentor):
     with pytest.raises(ValueError, match="fuse\\(dtype=...\\) must be one of"):
         segmentor.fuse(dtype=torch.float64)
+
+
+@requires_triton
+@pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (16, 32, 2)])
+def test_fused_ge_layer_triton_uses_its_packed_weights(cin, cout, stride):
+    """FusedGELayer packs its weights for the Triton kernels once; the packed copies follow
+    a dtype cast and a loaded state_dict, and give the unfused layer's output."""
+    torch.manual_seed(0)
+    layer = randomise_batchnorms(GELayer(cin, cout, 6, stride)).to(triton_device())
+    x = torch.randn(1, cin, 9, 11, device=triton_device()).relu()
+    fused = FusedGELayer(layer)
+    assert not any(name.startswith("triton_packed") for name in fused.state_dict())
+    with torch.no_grad():
+        expected = layer(x)
+        with bf.backends.use("triton"):
+            assert_matches(fused(x.contiguous(memory_format=torch.channels_last)), expected, 1e-4)
+            half = FusedGELayer(layer).half()
+            assert all(t.dtype == torch.float16 for t in half.triton_weights())
+            assert_matches(half(x.half().contiguous(memory_format=torch.channels_last)), expected, 1e-2)
+            other = randomise_batchnorms(GELayer(cin, cout, 6, stride), seed=1).to(triton_device())
+            reloaded = FusedGELayer(other)
+            reloaded.load_state_dict(fused.state_dict())
+            assert_matches(reloaded(x.contiguous(memory_format=torch.channels_last)), expected, 1e-4)
 
 
 def test_capture_cuda_graph_needs_cuda(segmentor):

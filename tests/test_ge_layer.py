@@ -167,6 +167,49 @@ def test_triton_pixel_blocks(cin, cout, stride, height, width, block_p):
 
 
 @requires_triton
+@pytest.mark.parametrize("cin,cout,stride,ratio", [(40, 40, 1, 6), (40, 24, 2, 6), (5, 5, 1, 2), (3, 7, 2, 3)])
+def test_triton_channel_blocks_and_ratios(cin, cout, stride, ratio):
+    """Input channels over more than one 32-channel block (the last one partial), fewer than
+    16, and expansion ratios other than 6: the packed channel order for any mid = k * cin."""
+    args = make_inputs(1, cin, cout, stride, 5, 7, device=triton_device(), ratio=ratio)
+    assert_close_to_scale(run("triton", stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("ratio", [1, 3, 6])
+def test_packed_channel_order(ratio):
+    """pack_triton_*: expanded channel m = c * ratio + r (PyTorch's grouped-conv order) lands
+    at r * cin + c, in the 3x3 weights, their bias and the projection's rows alike."""
+    cin = cout = 4  # stride 1: a residual layer
+    mid = cin * ratio
+    dw_weight = torch.arange(mid * 9, dtype=torch.float32).reshape(mid, 1, 3, 3)
+    dw_bias = torch.arange(mid, dtype=torch.float32)
+    pw_weight = torch.arange(cout * mid, dtype=torch.float32).reshape(cout, mid)
+    dw_packed, bias_packed, pw_packed, _ = ge.pack_triton_stride1(dw_weight, dw_bias, pw_weight, torch.zeros(cout))
+    for c in range(cin):
+        for r in range(ratio):
+            m, packed = c * ratio + r, r * cin + c
+            assert torch.equal(dw_packed[:, packed], dw_weight[m].flatten())
+            assert bias_packed[packed] == dw_bias[m]
+            assert torch.equal(pw_packed[packed], pw_weight[:, m])
+
+
+@requires_triton
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_prepacked_weights(stride):
+    """triton_weights (packed once, as FusedGELayer does) give the per-call packing's result;
+    packed weights of the wrong count or shape are refused by name."""
+    x, y, *weights = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 5, device=triton_device())
+    pack = ge.pack_triton_stride1 if stride == 1 else ge.pack_triton_stride2
+    packed = pack(*weights)
+    with torch.no_grad(), bf.backends.use("triton"):
+        assert torch.equal(fused(stride)(x, y, *weights, triton_weights=packed), fused(stride)(x, y, *weights))
+        with pytest.raises(TypeError, match="triton_weights must be the"):
+            fused(stride)(x, y, *weights, triton_weights=packed[:-1])
+        with pytest.raises(ValueError, match=r"triton_weights\[2\] must be contiguous with shape"):
+            fused(stride)(x, y, *weights, triton_weights=(*packed[:2], packed[2].t(), *packed[3:]))
+
+
+@requires_triton
 def test_triton_rejects_float64():
     args = make_inputs(1, 4, 4, 1, 3, 3, torch.float64, device=triton_device())
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
@@ -176,9 +219,10 @@ def test_triton_rejects_float64():
 @requires_triton
 @pytest.mark.parametrize("stride", [1, 2])
 def test_triton_custom_op_fake(stride):
-    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 4, device=triton_device())
+    x, y, *weights = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 4, device=triton_device())
+    pack = ge.pack_triton_stride1 if stride == 1 else ge.pack_triton_stride2
     op = torch.ops.bisenet_fast_triton.ge_layer_stride1 if stride == 1 else torch.ops.bisenet_fast_triton.ge_layer_stride2
-    torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op.default, (x, y, *pack(*weights)), test_utils=("test_schema", "test_faketensor"))
 
 
 @requires_cuda

@@ -108,18 +108,19 @@ def _drive_bga(dtype, channels, high, low) -> None:
 
 
 def _drive_ge_layer(dtype, cin, cout, stride, size) -> None:
+    from bisenet_fast.ops.ge_layer import pack_triton_stride1, pack_triton_stride2
     from bisenet_fast.triton_kernels import ge_layer
 
     mid = 6 * cin
     x = torch.randn(1, cin, *size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     dw = (torch.randn(mid, 1, 3, 3, dtype=dtype), torch.randn(mid, dtype=dtype))
+    pw = (torch.randn(cout, mid, dtype=dtype), torch.randn(cout, dtype=dtype))
     if stride == 1:
-        _attempt(ge_layer.ge_layer_stride1_triton, x, x, *dw, torch.randn(cout, mid, dtype=dtype),
-                 torch.randn(cout, dtype=dtype))
+        _attempt(ge_layer.ge_layer_stride1_triton, x, x, *pack_triton_stride1(*dw, *pw))
     else:
-        _attempt(ge_layer.ge_layer_stride2_triton, x, x, *dw, *dw, torch.randn(cout, mid, dtype=dtype),
-                 torch.randn(cout, dtype=dtype), torch.randn(cin, 1, 3, 3, dtype=dtype), torch.randn(cin, dtype=dtype),
-                 torch.randn(cout, cin, dtype=dtype), torch.randn(cout, dtype=dtype))
+        shortcut = (torch.randn(cin, 1, 3, 3, dtype=dtype), torch.randn(cin, dtype=dtype),
+                    torch.randn(cout, cin, dtype=dtype), torch.randn(cout, dtype=dtype))
+        _attempt(ge_layer.ge_layer_stride2_triton, x, x, *pack_triton_stride2(*dw, *dw, *pw, *shortcut))
 
 
 def _drive_ge_expand_train(dtype, cin, ratio, stride, relu, size) -> None:

@@ -2,18 +2,29 @@
 contract in bisenet_fast/ops/ge_layer.py).
 
 The main kernel's program owns BLOCK_P output pixels (flattened over N*H*W, channels_last)
-and all output channels. It walks the expanded channels in chunks of BLOCK_K: computes that
-chunk of a 3x3 grouped/depthwise conv (+ bias, ReLU) in registers and feeds it straight into
-tl.dot with the matching slice of the 1x1 projection, so that conv's output never reaches
-global memory. The residual add (stride 1) or the shortcut branch (stride 2: depthwise conv
-of x, projected by a second tl.dot into the same accumulator) and the final ReLU are the
-epilogue.
+and all output channels. It walks the expanded channels in chunks: computes each chunk of a
+3x3 grouped/depthwise conv (+ bias, ReLU) in registers and feeds it straight into tl.dot
+with the matching rows of the 1x1 projection, so that conv's output never reaches global
+memory. The residual add (stride 1) or the shortcut branch (stride 2: depthwise conv of x,
+projected by a second tl.dot into the same accumulator) and the final ReLU are the epilogue.
+
+Weights come packed (bisenet_fast.ops.ge_layer.pack_triton_*): expanded channel m = c*R + r
+(R = mid // cin, input channel c, as PyTorch's grouped conv orders them) is stored at
+position r*C + c, depthwise weights as [9, mid] and projections as [mid, cout]. A chunk of
+expanded channels is then BLOCK_CIN consecutive input channels for one r: its 3x3
+neighbourhood is 9 vector loads of contiguous NHWC channels, loaded once and reused for all
+R values of r, and its weights are contiguous rows. The first version gathered each expanded
+channel's input channel m // R separately: ~80 scalar loads per thread per 32 expanded
+channels in its sm_90 build, issued a few at a time. On an H200 its kernel time divided by
+its chunk count came to ~11 us per chunk in every layer, and it ran 3-27x slower than eager
+PyTorch (benchmarks/results/2026-11-27-h200-run3); this layout needs ~1/8 of the load
+instructions of that build (GPU speed not yet measured).
 
 Stride 2 runs its first conv (grouped, stride 2, cin -> mid) as a kernel of its own that
-writes the half-resolution expanded tensor once; the main kernel then reads it through the
-depthwise conv dw1. Computing dw0 inside the main kernel instead (Triton has no indexable
-shared memory, so at the 9 neighbours of every pixel: 81 gathers per expanded value) was
-measured on an H200 at 2.6-27x slower than eager PyTorch (benchmarks/results/2026-11-27-h200-run3).
+writes the half-resolution expanded tensor once (in the packed channel order); the main
+kernel then reads it through the depthwise conv dw1. Computing dw0 inside the main kernel
+instead (Triton has no indexable shared memory, so at the 9 neighbours of every pixel: 81
+gathers per expanded value) was measured 2.6-27x slower than eager PyTorch (same results).
 
 BLOCK_P shrinks to 16 where 64-pixel blocks would leave SMs idle: the deep layers have only
 2048 output pixels at 1024x2048, 32 programs of 64 for an H200's 132 SMs.
@@ -33,72 +44,92 @@ from bisenet_fast.triton_kernels.ge_expand_train import _pixels  # (offsets, mas
 
 BLOCK_P = 64
 SMALL_BLOCK_P = 16  # tl.dot's smallest M
-BLOCK_K = 32
-# No software pipelining of the K loop: its loads are 9-tap gathers that hit L1; staging
-# them through shared memory over 3 stages needs ~220 KB per block at fp32.
+# Channels per 3x3 neighbourhood (input channels of a stride-1 chunk, expanded channels of
+# dw1): its 9 tiles stay in registers while they serve the chunk's R expanded channels. With
+# 32, sm_86 builds of the 64-pixel blocks spilled up to 650 B per thread.
+BLOCK_CIN = 16
+BLOCK_K = 16
+# No software pipelining of the K loop: its loads are 3x3 neighbourhoods that feed FMAs,
+# not tl.dot, so the pipeliner could only stage them through shared memory.
 NUM_STAGES = 1
-# 8 warps: with 4, each thread held a quarter of the [BLOCK_P, C] accumulator and of the 9
-# gathered [BLOCK_P, BLOCK_K] tiles, and sm_90 builds spilled (up to 450 B per thread for
-# stride 1 at 128 channels). With 8 none spills (tests/triton_sm90.py enforces it).
+# 8 warps for 64-pixel blocks (with 4, each thread held a quarter of the [64, C]
+# accumulator and sm_90 builds spilled); 4 for 16-pixel blocks, whose dots split the output
+# channels over the warps, each warp holding all 16 rows of the chunk.
 NUM_WARPS = 8
+SMALL_BLOCK_WARPS = 4
+# Without a register limit, ptxas capped some builds at 96 or 128 registers and spilled;
+# one program per SM may use them all (tests/triton_sm90.py fails on any spill).
+MAX_REGISTERS = 255
 # The interpreter has no SMs; with this count the tests' small images take the 16-pixel
 # blocks and their larger ones the 64-pixel blocks.
 INTERPRETER_SMS = 4
 
 
 @triton.jit
-def _grouped_conv3x3_chunk(src_ptr, w_ptr, b_ptr, n, oh, ow, p_mask, offs_k, k_mask, H, W,
-                           C: tl.constexpr, RATIO: tl.constexpr, STRIDE: tl.constexpr):
-    """bias + grouped 3x3 conv (padding 1) of NHWC `src` at output pixel (n, oh, ow) for the
-    output channels offs_k (channel k reads input channel k // RATIO); fp32 [P, K]."""
-    cin = offs_k // RATIO
-    acc = tl.zeros([oh.shape[0], offs_k.shape[0]], dtype=tl.float32)
-    acc += tl.load(b_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-    for tap in tl.static_range(9):
-        ih = oh * STRIDE + (tap // 3 - 1)
-        iw = ow * STRIDE + (tap % 3 - 1)
-        valid = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pix = (n * H + ih).to(tl.int64) * W + iw
-        v = tl.load(src_ptr + pix[:, None] * C + cin[None, :], mask=valid[:, None] & k_mask[None, :], other=0.0)
-        wk = tl.load(w_ptr + offs_k * 9 + tap, mask=k_mask, other=0.0)
-        acc += v.to(tl.float32) * wk.to(tl.float32)[None, :]
+def _tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W,
+         C: tl.constexpr, STRIDE: tl.constexpr, DY: tl.constexpr, DX: tl.constexpr):
+    """NHWC `src` at pixel (oh * STRIDE + DY, ow * STRIDE + DX) of image n, channels offs_c;
+    0 outside the image (padding 1): [P, CB] in src's dtype."""
+    ih = oh * STRIDE + DY
+    iw = ow * STRIDE + DX
+    valid = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    pix = (n * H + ih) * W + iw
+    return tl.load(src_ptr + pix[:, None] * C + offs_c[None, :], mask=valid[:, None] & c_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _neighbourhood(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C: tl.constexpr, STRIDE: tl.constexpr):
+    """The 9 taps of a 3x3 conv (padding 1) at output pixels (n, oh, ow), row-major."""
+    return (_tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, STRIDE, -1, -1),
+            _tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, STRIDE, -1, 0),
+            _tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, STRIDE, -1, 1),
+            _tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, STRIDE, 0, -1),
+            _tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, STRIDE, 0, 0),
+            _tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, STRIDE, 0, 1),
+            _tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, STRIDE, 1, -1),
+            _tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, STRIDE, 1, 0),
+            _tap(src_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, STRIDE, 1, 1))
+
+
+@triton.jit
+def _conv3x3(taps, w_ptr, b_ptr, cols, col_mask, K_TOTAL: tl.constexpr):
+    """bias + the 3x3 conv of a neighbourhood for packed channels `cols`: w packed [9, K_TOTAL],
+    tap t of channel k at w[t, k]; fp32 [P, CB]."""
+    bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    acc = taps[0].to(tl.float32) * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    acc += bias[None, :]
+    for tap in tl.static_range(1, 9):
+        w = tl.load(w_ptr + tap * K_TOTAL + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc += taps[tap].to(tl.float32) * w[None, :]
     return acc
 
 
 @triton.jit
-def _project_chunk(acc, e, w_ptr, offs_k, k_mask, offs_o, o_mask, K_TOTAL: tl.constexpr, FP32: tl.constexpr):
-    """acc += e @ w[:, offs_k]^T with w (cout, K_TOTAL) row-major in the input dtype."""
-    w = tl.load(w_ptr + offs_o[None, :] * K_TOTAL + offs_k[:, None], mask=k_mask[:, None] & o_mask[None, :], other=0.0)
-    e = tl.where(k_mask[None, :], e, 0.0).to(w.dtype)
+def _project(acc, e, w_ptr, rows, row_mask, offs_o, o_mask, COUT: tl.constexpr, FP32: tl.constexpr):
+    """acc += e @ w[rows, :] with w packed [K, COUT] row-major in the input dtype (rows outside
+    row_mask load 0, so whatever e holds there adds nothing)."""
+    w = tl.load(w_ptr + rows[:, None] * COUT + offs_o[None, :], mask=row_mask[:, None] & o_mask[None, :], other=0.0)
     if FP32:
         return tl.dot(e, w, acc, input_precision="tf32x3")
-    return tl.dot(e, w, acc)
-
-
-@triton.jit
-def _expand_and_project(acc, src_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, n, oh, ow, p_mask, offs_o, o_mask, H, W,
-                        C: tl.constexpr, MID: tl.constexpr, RATIO: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FP32: tl.constexpr):
-    """acc += pw(relu(dw(src))) at output pixels (n, oh, ow): the 3x3 stride-1 conv dw
-    (C -> MID channels, channel m reading m // RATIO) in chunks of BLOCK_K channels."""
-    for k0 in range(0, MID, BLOCK_K):  # a loop, not unrolled: MID reaches 768
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < MID
-        e = _grouped_conv3x3_chunk(src_ptr, dw_w_ptr, dw_b_ptr, n, oh, ow, p_mask, offs_k, k_mask, H, W, C, RATIO, 1)
-        acc = _project_chunk(acc, tl.maximum(e, 0.0), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, MID, FP32)
-    return acc
+    return tl.dot(e.to(w.dtype), w, acc)
 
 
 @triton.jit
 def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out_ptr, P, H, W,
-                       C: tl.constexpr, MID: tl.constexpr, RATIO: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, FP32: tl.constexpr):
+                       C: tl.constexpr, RATIO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CIN: tl.constexpr,
+                       BLOCK_C: tl.constexpr, FP32: tl.constexpr):
     offs_p, p_mask, n, oh, ow = _pixels(P, H, W, BLOCK_P)
     offs_o = tl.arange(0, BLOCK_C)
     o_mask = offs_o < C
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    acc = _expand_and_project(acc, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, n, oh, ow, p_mask, offs_o, o_mask, H, W,
-                              C, MID, RATIO, BLOCK_K, FP32)
+    for c0 in range(0, C, BLOCK_CIN):  # a loop, not unrolled: each step holds 9 tiles
+        offs_c = c0 + tl.arange(0, BLOCK_CIN)
+        c_mask = offs_c < C
+        taps = _neighbourhood(y_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, 1)
+        for r in range(RATIO):  # rolled: unrolled, the compiler hoists all R x 9 weight loads and spills
+            cols = r * C + offs_c
+            e = _conv3x3(taps, dw_w_ptr, dw_b_ptr, cols, c_mask, RATIO * C)
+            acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, cols, c_mask, offs_o, o_mask, C, FP32)
     acc += tl.load(pw_b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     io_mask = p_mask[:, None] & o_mask[None, :]
     io = offs_p[:, None] * C + offs_o[None, :]
@@ -107,33 +138,42 @@ def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out
 
 
 @triton.jit
-def _expand_stride2_kernel(y_ptr, w_ptr, b_ptr, e_ptr, P, H, W, HO, WO, C: tl.constexpr, MID: tl.constexpr,
-                           RATIO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """e = dw0(y): the grouped 3x3 stride-2 conv with its bias, NHWC, one chunk of channels."""
+def _expand_stride2_kernel(y_ptr, w_ptr, b_ptr, e_ptr, P, H, W, HO, WO, C: tl.constexpr, RATIO: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_CIN: tl.constexpr):
+    """e = dw0(y), the grouped 3x3 stride-2 conv with its bias, NHWC in the packed channel
+    order: one block of input channels, all RATIO expanded channels of each."""
     offs_p, p_mask, n, oh, ow = _pixels(P, HO, WO, BLOCK_P)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = offs_k < MID
-    e = _grouped_conv3x3_chunk(y_ptr, w_ptr, b_ptr, n, oh, ow, p_mask, offs_k, k_mask, H, W, C, RATIO, 2)
-    tl.store(e_ptr + offs_p[:, None] * MID + offs_k[None, :], e.to(e_ptr.dtype.element_ty),
-             mask=p_mask[:, None] & k_mask[None, :])
+    offs_c = tl.program_id(1) * BLOCK_CIN + tl.arange(0, BLOCK_CIN)
+    c_mask = offs_c < C
+    taps = _neighbourhood(y_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, 2)
+    io_mask = p_mask[:, None] & c_mask[None, :]
+    for r in tl.static_range(RATIO):
+        cols = r * C + offs_c
+        e = _conv3x3(taps, w_ptr, b_ptr, cols, c_mask, RATIO * C)
+        tl.store(e_ptr + offs_p[:, None] * (RATIO * C) + cols[None, :], e.to(e_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
 def _ge_stride2_kernel(x_ptr, e_ptr, dw1_w_ptr, dw1_b_ptr, pw_w_ptr, pw_b_ptr,
                        sc_dw_w_ptr, sc_dw_b_ptr, sc_pw_w_ptr, sc_pw_b_ptr, out_ptr, P, H, W, HO, WO,
-                       C: tl.constexpr, COUT: tl.constexpr, MID: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, FP32: tl.constexpr):
+                       C: tl.constexpr, COUT: tl.constexpr, MID: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_CIN: tl.constexpr, BLOCK_C: tl.constexpr, FP32: tl.constexpr):
     offs_p, p_mask, n, oh, ow = _pixels(P, HO, WO, BLOCK_P)
     offs_o = tl.arange(0, BLOCK_C)
     o_mask = offs_o < COUT
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    acc = _expand_and_project(acc, e_ptr, dw1_w_ptr, dw1_b_ptr, pw_w_ptr, n, oh, ow, p_mask, offs_o, o_mask, HO, WO,
-                              MID, MID, 1, BLOCK_K, FP32)
-    for c0 in range(0, C, BLOCK_K):
-        offs_c = c0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, MID, BLOCK_K):  # main branch: pw(relu(dw1(e))), depthwise on mid
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < MID
+        taps = _neighbourhood(e_ptr, n, oh, ow, p_mask, offs_k, k_mask, HO, WO, MID, 1)
+        e = _conv3x3(taps, dw1_w_ptr, dw1_b_ptr, offs_k, k_mask, MID)
+        acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, COUT, FP32)
+    for c0 in range(0, C, BLOCK_CIN):  # shortcut: sc_pw(sc_dw(x)), depthwise stride 2 on x
+        offs_c = c0 + tl.arange(0, BLOCK_CIN)
         c_mask = offs_c < C
-        s = _grouped_conv3x3_chunk(x_ptr, sc_dw_w_ptr, sc_dw_b_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, 1, 2)
-        acc = _project_chunk(acc, s, sc_pw_w_ptr, offs_c, c_mask, offs_o, o_mask, C, FP32)
+        taps = _neighbourhood(x_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, 2)
+        s = _conv3x3(taps, sc_dw_w_ptr, sc_dw_b_ptr, offs_c, c_mask, C)
+        acc = _project(acc, s, sc_pw_w_ptr, offs_c, c_mask, offs_o, o_mask, COUT, FP32)
     acc += tl.load(pw_b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     acc += tl.load(sc_pw_b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     io_mask = p_mask[:, None] & o_mask[None, :]
@@ -156,43 +196,50 @@ def _block_p(pixels: int, device: torch.device) -> int:
     return BLOCK_P if triton.cdiv(pixels, BLOCK_P) >= 2 * sms else SMALL_BLOCK_P
 
 
+def _launch_options(block_p: int) -> dict:
+    return {"num_warps": NUM_WARPS if block_p == BLOCK_P else SMALL_BLOCK_WARPS, "maxnreg": MAX_REGISTERS}
+
+
 def ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
+    """Weights packed by bisenet_fast.ops.ge_layer.pack_triton_stride1."""
     _check_dtype(x)
     n, c, h, w = x.shape
-    mid = dw_weight.shape[0]
+    mid = dw_weight.shape[1]
     x = x.contiguous(memory_format=torch.channels_last)
     y = y.contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     pixels = n * h * w
     block_p = _block_p(pixels, x.device)
     _ge_stride1_kernel[(triton.cdiv(pixels, block_p),)](
-        x, y, dw_weight.contiguous(), dw_bias.contiguous(), pw_weight.contiguous(), pw_bias.contiguous(), out,
-        pixels, h, w, C=c, MID=mid, RATIO=mid // c, BLOCK_P=block_p, BLOCK_K=BLOCK_K, BLOCK_C=_block_c(c),
-        FP32=x.dtype == torch.float32, num_stages=NUM_STAGES, num_warps=NUM_WARPS,
+        x, y, dw_weight, dw_bias, pw_weight, pw_bias, out, pixels, h, w,
+        C=c, RATIO=mid // c, BLOCK_P=block_p, BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(c),
+        FP32=x.dtype == torch.float32, num_stages=NUM_STAGES, **_launch_options(block_p),
     )
     return out
 
 
 def ge_layer_stride2_triton(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
                             sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
+    """Weights packed by bisenet_fast.ops.ge_layer.pack_triton_stride2."""
     _check_dtype(x)
     n, c, h, w = x.shape
-    mid, cout = dw0_weight.shape[0], pw_weight.shape[0]
+    mid, cout = dw0_weight.shape[1], pw_weight.shape[1]
     ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
     x = x.contiguous(memory_format=torch.channels_last)
     y = y.contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    expanded = torch.empty((n, mid, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    # dw0's output, NHWC in the packed channel order (read only by the main kernel).
+    expanded = torch.empty((n, ho, wo, mid), dtype=x.dtype, device=x.device)
     pixels = n * ho * wo
-    _expand_stride2_kernel[(triton.cdiv(pixels, BLOCK_P), triton.cdiv(mid, BLOCK_K))](
-        y, dw0_weight.contiguous(), dw0_bias.contiguous(), expanded, pixels, h, w, ho, wo,
-        C=c, MID=mid, RATIO=mid // c, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
-    )
     block_p = _block_p(pixels, x.device)
+    _expand_stride2_kernel[(triton.cdiv(pixels, block_p), triton.cdiv(c, BLOCK_CIN))](
+        y, dw0_weight, dw0_bias, expanded, pixels, h, w, ho, wo,
+        C=c, RATIO=mid // c, BLOCK_P=block_p, BLOCK_CIN=BLOCK_CIN, num_warps=NUM_WARPS,
+    )
     _ge_stride2_kernel[(triton.cdiv(pixels, block_p),)](
-        x, expanded, dw1_weight.contiguous(), dw1_bias.contiguous(), pw_weight.contiguous(), pw_bias.contiguous(),
-        sc_dw_weight.contiguous(), sc_dw_bias.contiguous(), sc_pw_weight.contiguous(), sc_pw_bias.contiguous(), out,
-        pixels, h, w, ho, wo, C=c, COUT=cout, MID=mid, BLOCK_P=block_p, BLOCK_K=BLOCK_K, BLOCK_C=_block_c(cout),
-        FP32=x.dtype == torch.float32, num_stages=NUM_STAGES, num_warps=NUM_WARPS,
+        x, expanded, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
+        out, pixels, h, w, ho, wo, C=c, COUT=cout, MID=mid, BLOCK_P=block_p, BLOCK_K=BLOCK_K,
+        BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(cout), FP32=x.dtype == torch.float32,
+        num_stages=NUM_STAGES, **_launch_options(block_p),
     )
     return out

@@ -147,6 +147,12 @@ class FusedStemBlock(InferenceModule):
         return self.fuse_last(torch.cat([self.convs(x), self.pool(x)], dim=1))
 
 
+# The GE ops' weight arguments, in order (bisenet_fast.ops.ge_layer_stride1/2).
+STRIDE1_WEIGHTS = ("dw_weight", "dw_bias", "pw_weight", "pw_bias")
+STRIDE2_WEIGHTS = ("dw0_weight", "dw0_bias", "dw1_weight", "dw1_bias", "pw_weight", "pw_bias",
+                   "sc_dw_weight", "sc_dw_bias", "sc_pw_weight", "sc_pw_bias")
+
+
 class FusedGELayer(InferenceModule):
     """conv1 (dense 3x3, ATen/cuDNN) then the fused GE op on (x, conv1(x))."""
 
@@ -165,17 +171,39 @@ class FusedGELayer(InferenceModule):
             tensors["sc_dw_weight"], tensors["sc_dw_bias"] = fold_conv_module(separable.depthwise_conv)
             sc_pw_weight, tensors["sc_pw_bias"] = fold_conv_module(separable.pointwise_conv)
             tensors["sc_pw_weight"] = sc_pw_weight.flatten(1)
+        self.weight_names = STRIDE1_WEIGHTS if layer.stride == 1 else STRIDE2_WEIGHTS
         for name, value in tensors.items():
             self.register_buffer(name, value.float().contiguous())
+        # The Triton kernels' layout of the same weights, packed once here rather than on
+        # every call; not in the state_dict (derived, and repacked when one is loaded), but
+        # moved and cast with the module.
+        self.packed_names = []
+        for i, value in enumerate(self._pack()):
+            self.packed_names.append(f"triton_packed_{i}")
+            self.register_buffer(self.packed_names[-1], value, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._repack())
+
+    def _pack(self) -> tuple[torch.Tensor, ...]:
+        pack = ops.pack_triton_stride1 if self.stride == 1 else ops.pack_triton_stride2
+        return pack(*self.weights())
+
+    @torch.no_grad()
+    def _repack(self) -> None:
+        for name, value in zip(self.packed_names, self._pack()):
+            getattr(self, name).copy_(value)
+
+    def weights(self) -> list[torch.Tensor]:
+        """The op's weight arguments, in order."""
+        return [getattr(self, name) for name in self.weight_names]
+
+    def triton_weights(self) -> tuple[torch.Tensor, ...]:
+        """The same weights packed for the Triton kernels (the op's triton_weights)."""
+        return tuple(getattr(self, name) for name in self.packed_names)
 
     def forward(self, x):
         y = self.conv1(x)
-        if self.stride == 1:
-            return ops.ge_layer_stride1(x, y, self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias)
-        return ops.ge_layer_stride2(
-            x, y, self.dw0_weight, self.dw0_bias, self.dw1_weight, self.dw1_bias, self.pw_weight, self.pw_bias,
-            self.sc_dw_weight, self.sc_dw_bias, self.sc_pw_weight, self.sc_pw_bias,
-        )
+        op = ops.ge_layer_stride1 if self.stride == 1 else ops.ge_layer_stride2
+        return op(x, y, *self.weights(), triton_weights=self.triton_weights())
 
 
 class FusedCEBlock(InferenceModule):

@@ -9,6 +9,8 @@ from bisenet_fast.ops.ge_layer import (
     ge_layer_stride1_reference,
     ge_layer_stride2,
     ge_layer_stride2_reference,
+    pack_triton_stride1,
+    pack_triton_stride2,
 )
 from bisenet_fast.ops.ohem_cross_entropy import ohem_cross_entropy, ohem_cross_entropy_reference
 from bisenet_fast.ops.resize_bilinear import resize_bilinear, resize_bilinear_reference
@@ -28,6 +30,8 @@ __all__ = [
     "ge_layer_stride2_reference",
     "ohem_cross_entropy",
     "ohem_cross_entropy_reference",
+    "pack_triton_stride1",
+    "pack_triton_stride2",
     "resize_bilinear",
     "resize_bilinear_reference",
     "winograd_weight",

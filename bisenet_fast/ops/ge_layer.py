@@ -17,6 +17,11 @@ m // (mid // cin), as in PyTorch's grouped conv). Outputs are channels_last.
 
 Inference only: no backward is defined, and calling with tensors that require grad while
 grad mode is on raises.
+
+The Triton kernels take their weights packed (pack_triton_stride1/2: expanded channels
+reordered so a chunk of them reads contiguous input channels, projections transposed). The
+ops pack on every call unless given `triton_weights`, the packed weights computed once
+(FusedGELayer keeps them beside its weights); packing costs a few small kernels per call.
 """
 from __future__ import annotations
 
@@ -105,6 +110,58 @@ def check_stride2_inputs(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_we
     )
 
 
+def _pack_conv3x3(weight, bias, ratio):
+    """(mid, 1, 3, 3) grouped-conv weight and (mid,) bias, expanded channel m = c * ratio + r,
+    -> [9, mid] and [mid] with channel m at position r * (mid // ratio) + c."""
+    mid = weight.shape[0]
+    cin = mid // ratio
+    return (weight.reshape(cin, ratio, 9).permute(2, 1, 0).reshape(9, mid).contiguous(),
+            bias.reshape(cin, ratio).t().reshape(mid).contiguous())
+
+
+def _pack_projection(weight, ratio):
+    """(cout, mid) 1x1-conv weight -> [mid, cout] with its rows in _pack_conv3x3's order."""
+    cout, mid = weight.shape
+    return weight.reshape(cout, mid // ratio, ratio).permute(2, 1, 0).reshape(mid, cout).contiguous()
+
+
+def pack_triton_stride1(dw_weight, dw_bias, pw_weight, pw_bias):
+    """The stride-1 weights in the Triton kernel's layout (see the module docstring)."""
+    ratio = dw_weight.shape[0] // pw_weight.shape[0]
+    return (*_pack_conv3x3(dw_weight, dw_bias, ratio), _pack_projection(pw_weight, ratio), pw_bias.contiguous())
+
+
+def pack_triton_stride2(dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
+                        sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
+    """The stride-2 weights in the Triton kernels' layout: dw0's output is stored in the
+    packed channel order, so dw1 and pw follow that order too."""
+    ratio = dw0_weight.shape[0] // sc_dw_weight.shape[0]
+    return (
+        *_pack_conv3x3(dw0_weight, dw0_bias, ratio),
+        *_pack_conv3x3(dw1_weight, dw1_bias, ratio),
+        _pack_projection(pw_weight, ratio),
+        pw_bias.contiguous(),
+        *_pack_conv3x3(sc_dw_weight, sc_dw_bias, 1),
+        _pack_projection(sc_pw_weight, 1),
+        sc_pw_bias.contiguous(),
+    )
+
+
+def _check_triton_weights(op, packed, shapes, like):
+    """Packed weights must have the shapes pack_triton_* gives this call's weights."""
+    if not isinstance(packed, (tuple, list)) or len(packed) != len(shapes):
+        raise TypeError(
+            f"{op}: triton_weights must be the {len(shapes)} tensors pack_triton_* returns, got {packed!r:.80}"
+        )
+    for i, (t, shape) in enumerate(zip(packed, shapes)):
+        check_tensor(f"triton_weights[{i}]", t, dtypes=(like.dtype,), device=like.device)
+        if tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(
+                f"{op}: triton_weights[{i}] must be contiguous with shape {shape} (as pack_triton_* returns), "
+                f"got shape {tuple(t.shape)}"
+            )
+
+
 def _empty_like_output(x, cout, height, width):
     return torch.empty(
         (x.shape[0], cout, height, width), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
@@ -135,8 +192,8 @@ def _ge_layer_stride1_triton(
 
 
 @_ge_layer_stride1_triton.register_fake
-def _(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
-    return _ge_layer_stride1_fake(x, y, dw_weight, dw_bias, pw_weight, pw_bias)
+def _(x, y, dw_weight, dw_bias, pw_weight, pw_bias):  # packed weights: pw_weight is (mid, cout)
+    return _empty_like_output(x, pw_weight.shape[1], x.shape[2], x.shape[3])
 
 
 @torch.library.custom_op("bisenet_fast_triton::ge_layer_stride2", mutates_args=())
@@ -162,29 +219,43 @@ def _ge_layer_stride2_triton(
 
 
 @_ge_layer_stride2_triton.register_fake
-def _(*args):
-    return _ge_layer_stride2_fake(*args)
+def _(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, *rest):  # packed: pw_weight is (mid, cout)
+    return _empty_like_output(x, pw_weight.shape[1], _stride2_size(x.shape[2]), _stride2_size(x.shape[3]))
 
 
-def ge_layer_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
-    """relu(x + pw(relu(dw(y)))) with folded-BN weights; see the module docstring."""
+def ge_layer_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias, *, triton_weights=None):
+    """relu(x + pw(relu(dw(y)))) with folded-BN weights; see the module docstring.
+    triton_weights: pack_triton_stride1 of these weights, used by the Triton backend."""
     check_stride1_inputs(x, y, dw_weight, dw_bias, pw_weight, pw_bias)
     args = (x, y, dw_weight, dw_bias, pw_weight, pw_bias)
     backend = backends.resolve("ge_layer_stride1", x.device, GPU_PREFERENCE)
     if backend == "eager":
         return ge_layer_stride1_reference(*args)
     if backend == "triton":
-        return torch.ops.bisenet_fast_triton.ge_layer_stride1(*args)
+        if triton_weights is None:
+            triton_weights = pack_triton_stride1(dw_weight, dw_bias, pw_weight, pw_bias)
+        else:
+            mid, cout = pw_weight.shape[1], pw_weight.shape[0]
+            _check_triton_weights("ge_layer_stride1", triton_weights, [(9, mid), (mid,), (mid, cout), (cout,)], x)
+        return torch.ops.bisenet_fast_triton.ge_layer_stride1(x, y, *triton_weights)
     return torch.ops.bisenet_fast.ge_layer_stride1(*args)
 
 
-def ge_layer_stride2(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
-    """relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x))) with folded-BN weights; see the module docstring."""
+def ge_layer_stride2(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias,
+                     sc_pw_weight, sc_pw_bias, *, triton_weights=None):
+    """relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x))) with folded-BN weights; see the module docstring.
+    triton_weights: pack_triton_stride2 of these weights, used by the Triton backend."""
     args = (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias)
     check_stride2_inputs(*args)
     backend = backends.resolve("ge_layer_stride2", x.device, GPU_PREFERENCE)
     if backend == "eager":
         return ge_layer_stride2_reference(*args)
     if backend == "triton":
-        return torch.ops.bisenet_fast_triton.ge_layer_stride2(*args)
+        if triton_weights is None:
+            triton_weights = pack_triton_stride2(*args[2:])
+        else:
+            cin, (cout, mid) = x.shape[1], pw_weight.shape
+            shapes = [(9, mid), (mid,), (9, mid), (mid,), (mid, cout), (cout,), (9, cin), (cin,), (cin, cout), (cout,)]
+            _check_triton_weights("ge_layer_stride2", triton_weights, shapes, x)
+        return torch.ops.bisenet_fast_triton.ge_layer_stride2(x, y, *triton_weights)
     return torch.ops.bisenet_fast.ge_layer_stride2(*args)
