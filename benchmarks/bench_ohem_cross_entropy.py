@@ -6,6 +6,8 @@ aux heads 256x256, 64x64, 32x32) -> labels 1024x1024, thresh=0.7. Two regimes:
 "select": logits confident on the labels and a budget of a quarter of the pixels, so the
 k-th probability must be selected (radix select on the fused paths, sort in eager).
 quick=True divides every spatial size by 4 (and min_kept by 16).
+impl "cuda-prechecked": the CUDA kernel with check_labels=False, as the model's loss calls
+it (the labels checked once for the five heads), without the host synchronisation.
 
     python -m benchmarks.bench_ohem_cross_entropy [--device cpu|cuda] [--quick] [--case 128]
 """
@@ -46,15 +48,17 @@ def impls(device: str, head: int, quick: bool) -> list[str]:
     # seconds, and the comparison is the same at every shape.
     names = ["eager"] + (["compile"] if head == HEAD_SIZES[0] // (4 if quick else 1) else [])
     available = bf.backends.available()
-    return names + [name for name in ("cuda", "triton") if name in available]
+    fused = [name for name in ("cuda", "triton") if name in available]
+    return names + fused + (["cuda-prechecked"] if "cuda" in fused else [])
 
 
 def step_fn(impl: str, logits: torch.Tensor, target: torch.Tensor, min_kept: int):
     x = logits.detach().clone().requires_grad_()
-    backend = "eager" if impl == "compile" else impl
+    backend = {"compile": "eager", "cuda-prechecked": "cuda"}.get(impl, impl)
+    check_labels = impl != "cuda-prechecked"
 
     def loss_fn(x, target):
-        return bf.ops.ohem_cross_entropy(x, target, thresh=0.7, min_kept=min_kept)
+        return bf.ops.ohem_cross_entropy(x, target, thresh=0.7, min_kept=min_kept, check_labels=check_labels)
 
     fn = torch.compile(loss_fn) if impl == "compile" else loss_fn
 

@@ -16,9 +16,11 @@ TORCH_LIBRARY(bisenet_fast, m) {
   // thresh=None: plain cross-entropy. Returns the loss (0-dim float32) and the
   // probability threshold used (0-dim float32, +inf without OHEM), saved for backward;
   // both float64 for float64 logits (CPU), where the threshold compares float64 probabilities.
+  // check_labels=False lets the CUDA kernel skip its one host synchronisation (the label
+  // check); a label outside [0, C) other than ignore_index then makes the loss NaN.
   m.def(
       "ohem_cross_entropy_forward(Tensor logits, Tensor target, float? thresh, int min_kept, "
-      "int ignore_index) -> (Tensor loss, Tensor threshold)");
+      "int ignore_index, bool check_labels=True) -> (Tensor loss, Tensor threshold)");
   // Gradient w.r.t. the head-resolution logits (same shape and dtype as logits).
   m.def(
       "ohem_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "

@@ -127,11 +127,12 @@ def test_cpp_gradcheck_float64(thresh, kept_fraction):
     assert torch.autograd.gradcheck(loss, (logits.requires_grad_(),), eps=1e-6, atol=1e-7)
 
 
-def test_cpp_opcheck():
+@pytest.mark.parametrize("check_labels", [(), (False,)])
+def test_cpp_opcheck(check_labels):
     logits, target = make_inputs(SHAPES[0])
     torch.library.opcheck(
         torch.ops.bisenet_fast.ohem_cross_entropy_forward.default,
-        (logits.requires_grad_(), target, 0.2, 200, 255),
+        (logits.requires_grad_(), target, 0.2, 200, 255, *check_labels),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
 
@@ -227,6 +228,21 @@ def test_label_out_of_range_raises(backend, bad_label):
     target[0, 2, 3] = bad_label
     with bf.backends.use(backend), pytest.raises((ValueError, RuntimeError), match="neither a class id in \\[0, 5\\)"):
         bf.ops.ohem_cross_entropy(logits, target, thresh=0.7, min_kept=5)
+
+
+@pytest.mark.parametrize("backend", ["eager"] + cpu_backends())
+def test_check_labels_false_changes_nothing_off_cuda(backend):
+    """check_labels=False only lets the CUDA kernel skip its synchronisation: elsewhere the
+    result is the same and a bad label still raises."""
+    logits, target = make_inputs((1, 5, 3, 4, 6, 7))
+    checked = loss_and_grad(backend, logits, target, thresh=0.7, min_kept=5)
+    unchecked = loss_and_grad(backend, logits, target, thresh=0.7, min_kept=5, check_labels=False)
+    assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[1], unchecked[1])
+    target[0, 2, 3] = 5
+    with bf.backends.use(backend), pytest.raises((ValueError, RuntimeError), match="neither a class id"):
+        bf.ops.ohem_cross_entropy(logits, target, thresh=0.7, min_kept=5, check_labels=False)
+    with pytest.raises(TypeError, match="check_labels must be a bool"):
+        bf.ops.ohem_cross_entropy(logits, target, check_labels=1)
 
 
 def test_cpp_kernel_checks_labels_itself():
@@ -512,3 +528,32 @@ def test_gpu_edge_cases_and_determinism(backend):
     bad[1, 3, 4] = 9
     with bf.backends.use(backend), pytest.raises((ValueError, RuntimeError), match="neither a class id"):
         bf.ops.ohem_cross_entropy(logits, bad)
+
+
+@requires_cuda_build
+def test_cuda_check_labels_false():
+    """Without the check (no host synchronisation) the CUDA kernel gives the checked result,
+    and a label out of range makes the loss NaN instead of raising."""
+    shape = (2, 5, 9, 13, 67, 101)
+    logits, target = make_inputs(shape, device="cuda")
+    for kwargs in (dict(thresh=0.2, min_kept=3000), dict(thresh=None)):
+        checked = loss_and_grad("cuda", logits, target, **kwargs)
+        unchecked = loss_and_grad("cuda", logits, target, check_labels=False, **kwargs)
+        assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[1], unchecked[1])
+    target[1, 3, 4] = 9
+    loss, _ = loss_and_grad("cuda", logits, target, thresh=0.7, min_kept=5, check_labels=False)
+    assert loss.isnan()
+
+
+@requires_cuda_build
+def test_cuda_segmentor_checks_labels_once():
+    """BiSeNetV2Segmentor.loss checks the labels itself on a GPU (one synchronisation for
+    the five heads, which then skip theirs): a bad label still raises, naming it."""
+    model = bf.BiSeNetV2Segmentor(num_classes=5).cuda().train()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    target = torch.randint(0, 5, (2, 64, 64), device="cuda")
+    losses = model.loss(x, target)
+    assert all(v.isfinite() for v in losses.values())
+    target[1, 7, 9] = 6
+    with pytest.raises(ValueError, match="label 6, which is neither a class id"):
+        model.loss(x, target)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from bisenet_fast import ops
+from bisenet_fast.ops.ohem_cross_entropy import check_target_labels
 from bisenet_fast.models.bisenetv2 import BiSeNetV2, resize_bilinear
 from bisenet_fast.models.fcn_head import FCNHead
 
@@ -73,9 +74,15 @@ class BiSeNetV2Segmentor(nn.Module):
         if target.dim() == 4 and target.shape[1] == 1:
             target = target[:, 0]
         thresh = self.ohem_thresh if self.ohem else None
+        # On a GPU each label check is a host synchronisation: one here for the five heads.
+        # (The CPU kernel checks each label as it reads it, at no cost.)
+        checked_here = target.is_cuda
+        if checked_here:
+            check_target_labels(self.num_classes, target, self.ignore_index)
         return {
             f"{name}.loss_ce": ops.ohem_cross_entropy(
-                logits, target, thresh=thresh, min_kept=self.ohem_min_kept, ignore_index=self.ignore_index
+                logits, target, thresh=thresh, min_kept=self.ohem_min_kept, ignore_index=self.ignore_index,
+                check_labels=not checked_here,
             )
             for name, logits in self.head_logits(x).items()
         }

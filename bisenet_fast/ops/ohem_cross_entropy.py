@@ -59,9 +59,8 @@ def check_ohem_inputs(logits, target, thresh, min_kept, ignore_index) -> None:
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
 
-def check_target_labels(logits, target, ignore_index) -> None:
-    """Labels other than ignore_index must be class ids in [0, C)."""
-    num_classes = logits.shape[1]
+def check_target_labels(num_classes, target, ignore_index) -> None:
+    """Labels other than ignore_index must be class ids in [0, num_classes)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         value = int(target[bad][0])
@@ -75,7 +74,7 @@ def check_target_labels(logits, target, ignore_index) -> None:
 
 
 @torch.library.register_fake("bisenet_fast::ohem_cross_entropy_forward")
-def _forward_fake(logits, target, thresh, min_kept, ignore_index):
+def _forward_fake(logits, target, thresh, min_kept, ignore_index, check_labels=True):
     acc = _acc_dtype(logits.dtype)
     return logits.new_empty((), dtype=acc), logits.new_empty((), dtype=acc)
 
@@ -92,10 +91,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, _thresh, _min_kept, ignore_index = inputs
+    logits, target, _thresh, _min_kept, ignore_index, *_check_labels = inputs  # (the Triton op has none)
     _loss, threshold = output
     ctx.save_for_backward(logits, target, threshold)
     ctx.ignore_index = ignore_index
+    ctx.input_count = len(inputs)
     ctx.mark_non_differentiable(threshold)
 
 
@@ -103,7 +103,7 @@ def _make_backward(backward_op):
     def backward(ctx, grad_loss, _grad_threshold):
         logits, target, threshold = ctx.saved_tensors
         grad_logits = backward_op(grad_loss, logits, target, threshold, ctx.ignore_index)
-        return grad_logits, None, None, None, None
+        return grad_logits, *([None] * (ctx.input_count - 1))
 
     return backward
 
@@ -149,12 +149,19 @@ _triton_forward.register_autograd(
 GPU_PREFERENCE = ("cuda", "triton")
 
 
-def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_index=255):
+def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_index=255, check_labels=True):
     """Loss of one head (0-dim float32; float64 for float64 logits).
 
     logits (N, C, h, w) at head resolution (float32/float16/bfloat16; float64 on CPU);
     target (N, H, W) integer labels (uint8/int32/int64). thresh=None: plain cross-entropy
-    averaged over N*H*W. Labels other than ignore_index must lie in [0, C).
+    averaged over N*H*W. Labels other than ignore_index must lie in [0, C): a ValueError
+    names the first one that does not.
+
+    check_labels=False: the caller has checked the labels (e.g. once for all five heads, as
+    BiSeNetV2Segmentor.loss does), so the CUDA kernel skips its one host synchronisation,
+    the label check; there a label outside [0, C) makes the loss NaN instead of raising.
+    The other backends check either way (free on the CPU; the Triton kernel synchronises
+    anyway, to choose its selection on the host).
 
     A NaN or infinite logit read by a valid pixel makes the loss NaN or inf and the gradient
     non-finite, as in the reference (whose CE * weight is NaN even at weight 0), so that the
@@ -163,8 +170,10 @@ def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_ind
     check_ohem_inputs(logits, target, thresh, min_kept, ignore_index)
     backend = backends.resolve("ohem_cross_entropy", logits.device, GPU_PREFERENCE)
     thresh = None if thresh is None else float(thresh)
+    if not isinstance(check_labels, bool):
+        raise TypeError(f"check_labels must be a bool, got {check_labels!r}")
     if backend == "eager":
-        check_target_labels(logits, target, ignore_index)
+        check_target_labels(logits.shape[1], target, ignore_index)
         return ohem_cross_entropy_reference(
             logits, target, thresh=thresh, min_kept=min_kept, ignore_index=ignore_index
         )
@@ -175,4 +184,6 @@ def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_ind
         )
     if backend == "triton":
         return torch.ops.bisenet_fast_triton.ohem_cross_entropy_forward(logits, target, thresh, min_kept, ignore_index)[0]
-    return torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits, target, thresh, min_kept, ignore_index)[0]
+    return torch.ops.bisenet_fast.ohem_cross_entropy_forward(
+        logits, target, thresh, min_kept, ignore_index, check_labels
+    )[0]

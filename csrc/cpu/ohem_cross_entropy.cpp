@@ -451,9 +451,11 @@ auto dispatch_types(const at::Tensor& logits, const at::Tensor& target, F&& f) {
   return logits.scalar_type() == at::kDouble ? with_label(double{}) : with_label(float{});
 }
 
+// check_labels is not needed here: this kernel checks each label as it reads it, which
+// costs nothing on the CPU.
 std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                                   c10::optional<double> thresh, int64_t min_kept,
-                                                                  int64_t ignore_index) {
+                                                                  int64_t ignore_index, bool /*check_labels*/) {
   check_inputs(logits, target);
   TORCH_CHECK(min_kept >= 0, "ohem_cross_entropy: min_kept must be >= 0, got ", min_kept);
   const at::Tensor head = head_logits(logits);

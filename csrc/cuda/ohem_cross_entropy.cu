@@ -7,7 +7,9 @@
 // one block in a fixed order (deterministic). Whether the k-th probability is needed is
 // decided on the device; if it is, an exact radix select over the probabilities' bits
 // (3 passes of integer histograms: 11 + 11 + 10 bits) finds it, and the kept CE is summed
-// again. The host synchronises once, to read the count of out-of-range labels. Logits are
+// again. The host synchronises once, to read the count of out-of-range labels, unless the
+// caller has checked the labels already (check_labels=False; an out-of-range label then
+// makes the loss NaN on the device instead of raising). Logits are
 // read in their dtype (float math throughout) and the gradient is written in it, so
 // float16/bfloat16 calls make no float32 copy of the logits or the gradient.
 //
@@ -267,7 +269,9 @@ __global__ void forward_result_kernel(const double* __restrict__ kept_block_sums
       total = state->sum_below;
       *threshold = thresh;
     }
-    *loss = static_cast<float>(total / pixels);
+    // Out-of-range labels count as ignored in the sums; a NaN loss makes them visible
+    // where the host did not check (check_labels=False).
+    *loss = state->n_bad > 0 ? NAN : static_cast<float>(total / pixels);
   }
 }
 
@@ -482,7 +486,7 @@ void raise_bad_label(const at::Tensor& target, int64_t channels, int64_t ignore_
 
 std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                                    c10::optional<double> thresh, int64_t min_kept,
-                                                                   int64_t ignore_index) {
+                                                                   int64_t ignore_index, bool check_labels) {
   check_inputs(logits, target);
   TORCH_CHECK(min_kept >= 0, "ohem_cross_entropy: min_kept must be >= 0, got ", min_kept);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -544,10 +548,12 @@ std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cuda(const at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // The one synchronisation: labels outside [0, C) are an error, not a silent zero.
-  long long n_bad = 0;
-  C10_CUDA_CHECK(cudaMemcpyAsync(&n_bad, &state->n_bad, sizeof(n_bad), cudaMemcpyDeviceToHost, stream));
-  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  if (n_bad > 0) raise_bad_label(labels, g.C, ignore_index);
+  if (check_labels) {
+    long long n_bad = 0;
+    C10_CUDA_CHECK(cudaMemcpyAsync(&n_bad, &state->n_bad, sizeof(n_bad), cudaMemcpyDeviceToHost, stream));
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (n_bad > 0) raise_bad_label(labels, g.C, ignore_index);
+  }
   return {loss, threshold};
 }
 
