@@ -78,17 +78,41 @@ struct PixelSoftmax {
 // Logits are read in their own dtype and converted per tap (float math throughout), so
 // float16/bfloat16 logits need no float32 copy at head resolution.
 template <typename scalar_t>
-__device__ __forceinline__ float logit_at(const scalar_t* __restrict__ channel, int64_t offset) {
+__device__ __forceinline__ float logit_at(const scalar_t* __restrict__ channel, int offset) {
   return static_cast<float>(channel[offset]);
 }
 
-template <typename scalar_t>
-__device__ __forceinline__ float upsampled_logit(const scalar_t* __restrict__ channel, int64_t w, const LinearTap& ty,
-                                                 const LinearTap& tx) {
-  const float top = tx.w0 * logit_at(channel, ty.i0 * w + tx.i0) + tx.w1 * logit_at(channel, ty.i0 * w + tx.i1);
-  const float bottom = tx.w0 * logit_at(channel, ty.i1 * w + tx.i0) + tx.w1 * logit_at(channel, ty.i1 * w + tx.i1);
-  return ty.w0 * top + ty.w1 * bottom;
+// The four head-resolution taps of one output pixel, as offsets within a class plane
+// (< 2^31, checked on the host) and weights: computed once per pixel, so each class costs
+// four loads and a pointer step instead of the 64-bit tap arithmetic per class and tap that
+// the first version's build redid (~25 integer instructions of its ~74 per class).
+struct PixelTaps {
+  int top_left, top_right, bottom_left, bottom_right;
+  float wx0, wx1, wy0, wy1;
+};
+
+__device__ __forceinline__ PixelTaps pixel_taps(const Geometry& g, int64_t y, int64_t x) {
+  const LinearTap ty = linear_tap(y, g.h, g.scale_h);
+  const LinearTap tx = linear_tap(x, g.w, g.scale_w);
+  const int top = static_cast<int>(ty.i0 * g.w), bottom = static_cast<int>(ty.i1 * g.w);
+  const int left = static_cast<int>(tx.i0), right = static_cast<int>(tx.i1);
+  return {top + left, top + right, bottom + left, bottom + right, tx.w0, tx.w1, ty.w0, ty.w1};
 }
+
+// Each row interpolated along x, then the two blended along y: ATen's order, so the value
+// rounds as F.interpolate's does.
+template <typename scalar_t>
+__device__ __forceinline__ float upsampled_logit(const scalar_t* __restrict__ channel, const PixelTaps& t) {
+  const float top = t.wx0 * logit_at(channel, t.top_left) + t.wx1 * logit_at(channel, t.top_right);
+  const float bottom = t.wx0 * logit_at(channel, t.bottom_left) + t.wx1 * logit_at(channel, t.bottom_right);
+  return t.wy0 * top + t.wy1 * bottom;
+}
+
+// exp on the SFU (ex2.approx after a multiply: relative error ~1e-6 for the arguments of a
+// softmax, z - max <= 0) instead of the ~9-instruction accurate expf: the kernels evaluate
+// it ~3 times per pixel and class. Forward and backward both use it, so they agree on
+// which pixels are kept.
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 
 // Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`;
 // with z_store set, each class's upsampled logit is also stored at z_store[c * z_stride].
@@ -97,12 +121,12 @@ template <typename scalar_t>
 __device__ __forceinline__ PixelSoftmax pixel_softmax(const scalar_t* __restrict__ logits, const Geometry& g, int64_t n,
                                                       int64_t y, int64_t x, int64_t label,
                                                       float* z_store = nullptr, int z_stride = 0) {
-  const LinearTap ty = linear_tap(y, g.h, g.scale_h);
-  const LinearTap tx = linear_tap(x, g.w, g.scale_w);
-  const scalar_t* image = logits + n * g.C * g.h * g.w;
+  const PixelTaps taps = pixel_taps(g, y, x);
+  const int64_t plane = g.h * g.w;
+  const scalar_t* channel = logits + n * g.C * plane;
   PixelSoftmax s{0.f, 0.f, 0.f};
-  for (int64_t c = 0; c < g.C; ++c) {
-    const float z = upsampled_logit(image + c * g.h * g.w, g.w, ty, tx);
+  for (int64_t c = 0; c < g.C; ++c, channel += plane) {
+    const float z = upsampled_logit(channel, taps);
     if (z_store != nullptr) z_store[c * z_stride] = z;
     if (c == label) s.z_gt = z;
     // Starting from the first class (not from -inf) keeps a -inf logit finite here: -inf
@@ -111,10 +135,10 @@ __device__ __forceinline__ PixelSoftmax pixel_softmax(const scalar_t* __restrict
       s.zmax = z;
       s.sumexp = 1.f;
     } else if (z > s.zmax) {
-      s.sumexp = s.sumexp * expf(s.zmax - z) + 1.f;
+      s.sumexp = s.sumexp * fast_exp(s.zmax - z) + 1.f;
       s.zmax = z;
     } else {
-      s.sumexp += expf(z - s.zmax);
+      s.sumexp += fast_exp(z - s.zmax);
     }
   }
   return s;
@@ -140,7 +164,7 @@ __global__ void forward_pixels_kernel(const scalar_t* __restrict__ logits, const
       } else {
         const PixelSoftmax s = pixel_softmax(logits, g, n, y, x, label);
         loss = s.zmax + logf(s.sumexp) - s.z_gt;
-        p = expf(s.z_gt - s.zmax) / s.sumexp;
+        p = fast_exp(s.z_gt - s.zmax) / s.sumexp;
         valid = 1;
         le = p <= thresh;
         sum_valid = loss;
@@ -347,10 +371,10 @@ __global__ void __launch_bounds__(kThreads, 3)
         if (label != ignore_index && label >= 0 && label < g.C) {
           const PixelSoftmax s = pixel_softmax(logits, g, n, y, x, label, dz, dz_stride);
           const float inv_sumexp = 1.f / s.sumexp;
-          kept = ohem_kept(expf(s.z_gt - s.zmax) / s.sumexp, thresh);
+          kept = ohem_kept(fast_exp(s.z_gt - s.zmax) / s.sumexp, thresh);
           if (kept)
             for (int64_t c = 0; c < g.C; ++c)
-              dz[c * dz_stride] = ce_grad(expf(dz[c * dz_stride] - s.zmax) * inv_sumexp, c == label, 1.f);
+              dz[c * dz_stride] = ce_grad(fast_exp(dz[c * dz_stride] - s.zmax) * inv_sumexp, c == label, 1.f);
         }
         if (!kept)
           for (int64_t c = 0; c < g.C; ++c) dz[c * dz_stride] = 0.f;
@@ -442,6 +466,8 @@ Geometry geometry(const at::Tensor& head, const at::Tensor& target) {
   g.W = target.size(2);
   g.scale_h = linear_scale(g.h, g.H);
   g.scale_w = linear_scale(g.w, g.W);
+  TORCH_CHECK(g.h * g.w < (int64_t{1} << 31), "ohem_cross_entropy (CUDA kernel): logits must have fewer than 2^31 ",
+              "values per class and image (32-bit tap offsets), got ", head.sizes());
   return g;
 }
 
