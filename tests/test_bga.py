@@ -126,6 +126,30 @@ def test_low_precision(impl, dtype, layout):
     assert_close_to_reference(impl, inputs, grad_out, TOLERANCES[dtype])
 
 
+def off_alignment(t):
+    """t's values and strides in storage one element past a 16-byte boundary."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+    shifted = storage.as_strided(t.shape, t.stride())
+    shifted.copy_(t)
+    return shifted
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_cuda_forward_wide_and_unaligned(dtype, layout, aligned):
+    """16 channels and 40 columns: each thread of the CUDA forward computes 16 bytes of output
+    (a pixel's channels in channels_last, a row's pixels in NCHW); the same tensors off
+    16-byte alignment take the one-value-per-thread kernel. Both match the reference."""
+    inputs = make_inputs((2, 16, 24, 40, 7, 11), dtype=dtype, device="cuda", layout=layout)
+    if not aligned:
+        inputs = [off_alignment(t) for t in inputs]
+        assert inputs[0].data_ptr() % 16 != 0
+    grad_out = in_layout(torch.randn(inputs[0].shape, device="cuda").to(dtype), layout)
+    assert_close_to_reference("cuda", inputs, grad_out, TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 2, 7, 9, 3, 4), (2, 2, 6, 5, 4, 2)], ids=["up", "mixed"])
 def test_gradcheck_cpp_float64(shape, layout):
