@@ -115,8 +115,10 @@ __global__ void bga_forward_kernel(const scalar_t* __restrict__ detail, const sc
   using opmath_t = at::opmath_type<scalar_t>;
   const int inner = kChannelsLast ? static_cast<int>(g.inner) : 1;
   const int row_len = static_cast<int>(g.high_cols) * inner;  // < 2^31, checked on the host
-  const int e = (blockIdx.x * blockDim.x + threadIdx.x) * kVec;  // first of the thread's values in the row
-  if (e >= row_len) return;
+  // First of the thread's values in the row (64-bit: the last block's spare threads overshoot).
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  if (first >= row_len) return;
+  const int e = static_cast<int>(first);
   const int64_t y = blockIdx.y;
   const LinearTap ty = linear_tap(y, g.low_rows, g.row_scale);
   // Horizontal taps: one pixel for all lanes (channels_last), one per lane (NCHW).
