@@ -167,6 +167,16 @@ def test_triton_pixel_blocks(cin, cout, stride, height, width, block_p):
 
 
 @requires_triton
+@pytest.mark.parametrize("cin,cout,stride", NETWORK_CONFIGS)
+def test_triton_network_configs(cin, cout, stride):
+    """The network's channel counts (up to 8 blocks of 16 input channels, 768 expanded ones)
+    in float16; under the interpreter stride 1 takes the 64-pixel blocks here, stride 2 (a
+    quarter of the output pixels) the 16-pixel ones."""
+    args = make_inputs(1, cin, cout, stride, 24, 40, torch.float16, device=triton_device())
+    assert_close_to_scale(run("triton", stride, args), reference_float64(stride, args), TOLERANCE[torch.float16])
+
+
+@requires_triton
 @pytest.mark.parametrize("cin,cout,stride,ratio", [(40, 40, 1, 6), (40, 24, 2, 6), (5, 5, 1, 2), (3, 7, 2, 3)])
 def test_triton_channel_blocks_and_ratios(cin, cout, stride, ratio):
     """Input channels over more than one 32-channel block (the last one partial), fewer than
