@@ -40,6 +40,9 @@ TARGETS = (GPUTarget("cuda", 90, 32), GPUTarget("cuda", 86, 32))
 SHARED_LIMIT = 99 * 1024
 
 launches: list[tuple[JITFunction, tuple, dict]] = []
+# Architectures the launches recorded from now on are compiled for (None: every target).
+_recorded_archs: tuple[int, ...] | None = None
+launch_archs: list[tuple[int, ...] | None] = []
 
 
 class _Recorder:
@@ -48,6 +51,7 @@ class _Recorder:
 
     def __call__(self, *args, **kwargs):
         launches.append((self.fn, args, kwargs))
+        launch_archs.append(_recorded_archs)
 
 
 def compile_launch(fn: JITFunction, args: tuple, kwargs: dict, target: GPUTarget):
@@ -154,12 +158,29 @@ def _drive_wrappers() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         _drive_bga(dtype, 8, (12, 20), (3, 5))
         _drive_bga(dtype, 128, (32, 64), (8, 16))
-        _drive_ge_layer(dtype, 16, 16, 1, (10, 14))
-        _drive_ge_layer(dtype, 16, 32, 2, (10, 14))
+        if dtype != torch.float32:  # float32: below, sm_90 only
+            _drive_ge_layer(dtype, 16, 16, 1, (10, 14))
+            _drive_ge_layer(dtype, 16, 32, 2, (10, 14))
         _drive_ge_expand_train(dtype, 16, 6, 1, True, (10, 14))
         _drive_ge_expand_train(dtype, 16, 6, 2, False, (10, 14))
         _drive_ohem(dtype, (2, 19, 9, 13), (2, 67, 101))
         _drive_ohem(dtype, (4, 19, 32, 32), (4, 256, 256))
+    # The GE layers in float32 (odd small sizes and the network's layers), with TF32 dots and
+    # (cuDNN kept off TF32) 3xTF32 ones, for sm_90 only: sm_86 float32 builds spill
+    # (triton_kernels/ge_layer.py says why that is accepted).
+    global _recorded_archs
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    _recorded_archs = (90,)
+    try:
+        for tf32 in (True, False):
+            torch.backends.cudnn.allow_tf32 = tf32
+            _drive_ge_layer(torch.float32, 16, 16, 1, (10, 14))
+            _drive_ge_layer(torch.float32, 16, 32, 2, (10, 14))
+            for cin, cout, stride in GE_LAYERS:
+                _drive_ge_layer(torch.float32, cin, cout, stride, (32, 64))
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        _recorded_archs = None
     # The network's layers in float16, the dtype of the published fps setting (inference) and
     # of AMP training (the block sizes depend on the channels, not on the dtype).
     for cin, cout, stride in GE_LAYERS:
@@ -195,9 +216,11 @@ def main() -> int:
         JITFunction.__getitem__ = original
 
     failures, compiled, seen = [], set(), set()
-    for fn, args, kwargs in launches:
+    for (fn, args, kwargs), archs in zip(launches, launch_archs):
         name = _kernel_name(fn)
         for target in TARGETS:
+            if archs is not None and target.arch not in archs:
+                continue
             where = f"{name} (sm_{target.arch})"
             try:
                 kernel = compile_launch(fn, args, kwargs, target)

@@ -29,10 +29,11 @@ gathers per expanded value) was measured 2.6-27x slower than eager PyTorch (same
 BLOCK_P shrinks to 16 where 64-pixel blocks would leave SMs idle: the deep layers have only
 2048 output pixels at 1024x2048, 32 programs of 64 for an H200's 132 SMs.
 
-float32 dots use 3xTF32 (error ~1e-6 relative, unlike plain TF32's ~1e-3) so the fused model
-matches the eager one to 1e-4; IEEE fp32 dots run on FMA units and, compiled for sm_90, asked
-for more shared memory than a block may have. float16/bfloat16 feed the tensor cores with
-fp32 accumulation. float64 is not supported.
+float32 dots run in TF32 where torch.backends.cudnn.allow_tf32 lets cuDNN's convs do so
+(PyTorch's default: the eager layer's convs round alike), else in 3xTF32 (error ~1e-6
+relative, so the fused model matches the eager one to 1e-4); IEEE fp32 dots run on FMA
+units and, compiled for sm_90, asked for more shared memory than a block may have.
+float16/bfloat16 feed the tensor cores with fp32 accumulation. float64 is not supported.
 """
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ from bisenet_fast.triton_kernels.ge_expand_train import _pixels  # (offsets, mas
 BLOCK_P = 64
 SMALL_BLOCK_P = 16  # tl.dot's smallest M
 # Channels per 3x3 neighbourhood (input channels of a stride-1 chunk, expanded channels of
-# dw1): its 9 tiles stay in registers while they serve the chunk's R expanded channels. With
-# 32, sm_86 builds of the 64-pixel blocks spilled up to 650 B per thread.
+# dw1): its 9 tiles stay in registers while they serve the chunk's R expanded channels. 16,
+# tl.dot's smallest K (triton 3.6 asks it of float32 too); with 32, sm_86 float16 builds of
+# the 64-pixel blocks spilled up to 650 B per thread. float32 builds for sm_86 still spill
+# (16 B to ~650 B per thread, most at the network's channel counts with 3xTF32): float16 and
+# bfloat16 are the fused model's fast dtypes there, and every sm_90 build is spill-free.
 BLOCK_CIN = 16
-BLOCK_K = 16
 # No software pipelining of the K loop: its loads are 3x3 neighbourhoods that feed FMAs,
 # not tl.dot, so the pipeliner could only stage them through shared memory.
 NUM_STAGES = 1
@@ -105,19 +108,19 @@ def _conv3x3(taps, w_ptr, b_ptr, cols, col_mask, K_TOTAL: tl.constexpr):
 
 
 @triton.jit
-def _project(acc, e, w_ptr, rows, row_mask, offs_o, o_mask, COUT: tl.constexpr, FP32: tl.constexpr):
+def _project(acc, e, w_ptr, rows, row_mask, offs_o, o_mask, COUT: tl.constexpr, PRECISION: tl.constexpr):
     """acc += e @ w[rows, :] with w packed [K, COUT] row-major in the input dtype (rows outside
-    row_mask load 0, so whatever e holds there adds nothing)."""
+    row_mask load 0, so whatever e holds there adds nothing); PRECISION: float32's dot precision."""
     w = tl.load(w_ptr + rows[:, None] * COUT + offs_o[None, :], mask=row_mask[:, None] & o_mask[None, :], other=0.0)
-    if FP32:
-        return tl.dot(e, w, acc, input_precision="tf32x3")
+    if w.dtype == tl.float32:
+        return tl.dot(e, w, acc, input_precision=PRECISION)
     return tl.dot(e.to(w.dtype), w, acc)
 
 
 @triton.jit
 def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out_ptr, P, H, W,
                        C: tl.constexpr, RATIO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CIN: tl.constexpr,
-                       BLOCK_C: tl.constexpr, FP32: tl.constexpr):
+                       BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     offs_p, p_mask, n, oh, ow = _pixels(P, H, W, BLOCK_P)
     offs_o = tl.arange(0, BLOCK_C)
     o_mask = offs_o < C
@@ -129,7 +132,7 @@ def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out
         for r in range(RATIO):  # rolled: unrolled, the compiler hoists all R x 9 weight loads and spills
             cols = r * C + offs_c
             e = _conv3x3(taps, dw_w_ptr, dw_b_ptr, cols, c_mask, RATIO * C)
-            acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, cols, c_mask, offs_o, o_mask, C, FP32)
+            acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, cols, c_mask, offs_o, o_mask, C, PRECISION)
     acc += tl.load(pw_b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     io_mask = p_mask[:, None] & o_mask[None, :]
     io = offs_p[:, None] * C + offs_o[None, :]
@@ -157,7 +160,8 @@ def _expand_stride2_kernel(y_ptr, w_ptr, b_ptr, e_ptr, P, H, W, HO, WO, C: tl.co
 def _ge_stride2_kernel(x_ptr, e_ptr, dw1_w_ptr, dw1_b_ptr, pw_w_ptr, pw_b_ptr,
                        sc_dw_w_ptr, sc_dw_b_ptr, sc_pw_w_ptr, sc_pw_b_ptr, out_ptr, P, H, W, HO, WO,
                        C: tl.constexpr, COUT: tl.constexpr, MID: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_CIN: tl.constexpr, BLOCK_C: tl.constexpr, FP32: tl.constexpr):
+                       BLOCK_K: tl.constexpr, BLOCK_CIN: tl.constexpr, BLOCK_C: tl.constexpr,
+                       PRECISION: tl.constexpr):
     offs_p, p_mask, n, oh, ow = _pixels(P, HO, WO, BLOCK_P)
     offs_o = tl.arange(0, BLOCK_C)
     o_mask = offs_o < COUT
@@ -167,13 +171,13 @@ def _ge_stride2_kernel(x_ptr, e_ptr, dw1_w_ptr, dw1_b_ptr, pw_w_ptr, pw_b_ptr,
         k_mask = offs_k < MID
         taps = _neighbourhood(e_ptr, n, oh, ow, p_mask, offs_k, k_mask, HO, WO, MID, 1)
         e = _conv3x3(taps, dw1_w_ptr, dw1_b_ptr, offs_k, k_mask, MID)
-        acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, COUT, FP32)
+        acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, COUT, PRECISION)
     for c0 in range(0, C, BLOCK_CIN):  # shortcut: sc_pw(sc_dw(x)), depthwise stride 2 on x
         offs_c = c0 + tl.arange(0, BLOCK_CIN)
         c_mask = offs_c < C
         taps = _neighbourhood(x_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, 2)
         s = _conv3x3(taps, sc_dw_w_ptr, sc_dw_b_ptr, offs_c, c_mask, C)
-        acc = _project(acc, s, sc_pw_w_ptr, offs_c, c_mask, offs_o, o_mask, COUT, FP32)
+        acc = _project(acc, s, sc_pw_w_ptr, offs_c, c_mask, offs_o, o_mask, COUT, PRECISION)
     acc += tl.load(pw_b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     acc += tl.load(sc_pw_b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
     io_mask = p_mask[:, None] & o_mask[None, :]
@@ -196,8 +200,14 @@ def _block_p(pixels: int, device: torch.device) -> int:
     return BLOCK_P if triton.cdiv(pixels, BLOCK_P) >= 2 * sms else SMALL_BLOCK_P
 
 
+def _fp32_dot_precision() -> str:
+    """float32 projections: TF32 where cuDNN's convs may use it (torch.backends.cudnn.allow_tf32,
+    PyTorch's default, so the fused layer rounds like the eager one), else 3xTF32 (~1e-6)."""
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
+
+
 def _launch_options(block_p: int) -> dict:
-    return {"num_warps": NUM_WARPS if block_p == BLOCK_P else SMALL_BLOCK_WARPS, "maxnreg": MAX_REGISTERS}
+    return {"num_warps": SMALL_BLOCK_WARPS if block_p == SMALL_BLOCK_P else NUM_WARPS, "maxnreg": MAX_REGISTERS}
 
 
 def ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
@@ -213,7 +223,7 @@ def ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     _ge_stride1_kernel[(triton.cdiv(pixels, block_p),)](
         x, y, dw_weight, dw_bias, pw_weight, pw_bias, out, pixels, h, w,
         C=c, RATIO=mid // c, BLOCK_P=block_p, BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(c),
-        FP32=x.dtype == torch.float32, num_stages=NUM_STAGES, **_launch_options(block_p),
+        PRECISION=_fp32_dot_precision(), num_stages=NUM_STAGES, **_launch_options(block_p),
     )
     return out
 
@@ -238,8 +248,8 @@ def ge_layer_stride2_triton(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw
     )
     _ge_stride2_kernel[(triton.cdiv(pixels, block_p),)](
         x, expanded, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
-        out, pixels, h, w, ho, wo, C=c, COUT=cout, MID=mid, BLOCK_P=block_p, BLOCK_K=BLOCK_K,
-        BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(cout), FP32=x.dtype == torch.float32,
+        out, pixels, h, w, ho, wo, C=c, COUT=cout, MID=mid, BLOCK_P=block_p, BLOCK_K=BLOCK_CIN,
+        BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(cout), PRECISION=_fp32_dot_precision(),
         num_stages=NUM_STAGES, **_launch_options(block_p),
     )
     return out
