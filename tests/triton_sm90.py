@@ -158,24 +158,29 @@ def _drive_wrappers() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         _drive_bga(dtype, 8, (12, 20), (3, 5))
         _drive_bga(dtype, 128, (32, 64), (8, 16))
-        if dtype != torch.float32:  # float32: below, sm_90 only
+        if dtype != torch.float32:  # float32: below
             _drive_ge_layer(dtype, 16, 16, 1, (10, 14))
             _drive_ge_layer(dtype, 16, 32, 2, (10, 14))
         _drive_ge_expand_train(dtype, 16, 6, 1, True, (10, 14))
         _drive_ge_expand_train(dtype, 16, 6, 2, False, (10, 14))
         _drive_ohem(dtype, (2, 19, 9, 13), (2, 67, 101))
         _drive_ohem(dtype, (4, 19, 32, 32), (4, 256, 256))
-    # The GE layers in float32 (odd small sizes and the network's layers), with TF32 dots and
-    # (cuDNN kept off TF32) 3xTF32 ones, for sm_90 only: sm_86 float32 builds spill
-    # (triton_kernels/ge_layer.py says why that is accepted).
+    # The GE layers in float32: 3xTF32 dots (cuDNN kept off TF32) at the odd small sizes for
+    # every target; TF32 dots there, and the network's layers in both precisions, for sm_90
+    # only: sm_86 float32 builds of those spill (triton_kernels/ge_layer.py says why that is
+    # accepted).
     global _recorded_archs
     allow_tf32 = torch.backends.cudnn.allow_tf32
-    _recorded_archs = (90,)
     try:
+        torch.backends.cudnn.allow_tf32 = False
+        _drive_ge_layer(torch.float32, 16, 16, 1, (10, 14))
+        _drive_ge_layer(torch.float32, 16, 32, 2, (10, 14))
+        _recorded_archs = (90,)
         for tf32 in (True, False):
             torch.backends.cudnn.allow_tf32 = tf32
-            _drive_ge_layer(torch.float32, 16, 16, 1, (10, 14))
-            _drive_ge_layer(torch.float32, 16, 32, 2, (10, 14))
+            if tf32:
+                _drive_ge_layer(torch.float32, 16, 16, 1, (10, 14))
+                _drive_ge_layer(torch.float32, 16, 32, 2, (10, 14))
             for cin, cout, stride in GE_LAYERS:
                 _drive_ge_layer(torch.float32, cin, cout, stride, (32, 64))
     finally:
