@@ -57,25 +57,23 @@ unsigned int blocks_for(int64_t total) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wanted, cap)));
 }
 
-// Bilinear value of a low-res map at the taps of one high-res pixel: each of the two rows
-// interpolated along x, then the two blended along y (the CPU kernel's and ATen's order, so
-// results round alike). `r0`, `r1` index the two rows' first pixels.
-template <typename scalar_t, typename opmath_t>
-__device__ __forceinline__ opmath_t bilinear(const scalar_t* __restrict__ map, int64_t r0, int64_t r1,
-                                             const LinearTap& ty, const LinearTap& tx, int64_t inner, int64_t k) {
-  const int64_t c0 = tx.i0 * inner + k, c1 = tx.i1 * inner + k;
-  const opmath_t top = tx.w0 * static_cast<opmath_t>(map[r0 + c0]) + tx.w1 * static_cast<opmath_t>(map[r0 + c1]);
-  const opmath_t bottom = tx.w0 * static_cast<opmath_t>(map[r1 + c0]) + tx.w1 * static_cast<opmath_t>(map[r1 + c1]);
-  return ty.w0 * top + ty.w1 * bottom;
-}
-
-// The same blend from the four tap values already loaded (top-left, top-right,
-// bottom-left, bottom-right), in the same order, so it rounds as bilinear() does.
+// Bilinear blend of the four tap values of one high-res pixel (top-left, top-right,
+// bottom-left, bottom-right): each of the two rows interpolated along x, then the two
+// blended along y (the CPU kernel's and ATen's order, so results round alike).
 template <typename opmath_t, typename T>
 __device__ __forceinline__ opmath_t lerp2d(T v00, T v01, T v10, T v11, const LinearTap& ty, const LinearTap& tx) {
   const opmath_t top = tx.w0 * static_cast<opmath_t>(v00) + tx.w1 * static_cast<opmath_t>(v01);
   const opmath_t bottom = tx.w0 * static_cast<opmath_t>(v10) + tx.w1 * static_cast<opmath_t>(v11);
   return ty.w0 * top + ty.w1 * bottom;
+}
+
+// Bilinear value of a low-res map at the taps of one high-res pixel; `r0`, `r1` index the
+// two rows' first pixels.
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ opmath_t bilinear(const scalar_t* __restrict__ map, int64_t r0, int64_t r1,
+                                             const LinearTap& ty, const LinearTap& tx, int64_t inner, int64_t k) {
+  const int64_t c0 = tx.i0 * inner + k, c1 = tx.i1 * inner + k;
+  return lerp2d<opmath_t>(map[r0 + c0], map[r0 + c1], map[r1 + c0], map[r1 + c1], ty, tx);
 }
 
 // gated[i] = detail_down[i] * sigmoid(semantic_down[i]) in the math type (grid-stride).
