@@ -215,8 +215,11 @@ def test_triton_prepacked_weights(stride):
         assert torch.equal(fused(stride)(x, y, *weights, triton_weights=packed), fused(stride)(x, y, *weights))
         with pytest.raises(TypeError, match="triton_weights must be the"):
             fused(stride)(x, y, *weights, triton_weights=packed[:-1])
-        with pytest.raises(ValueError, match=r"triton_weights\[2\] must be contiguous with shape"):
+        with pytest.raises(ValueError, match=r"triton_weights\[2\] must have shape"):
             fused(stride)(x, y, *weights, triton_weights=(*packed[:2], packed[2].t(), *packed[3:]))
+        with pytest.raises(ValueError, match=r"triton_weights\[2\] must be contiguous"):
+            strided = packed[2].new_empty(packed[2].shape[::-1]).t().copy_(packed[2])
+            fused(stride)(x, y, *weights, triton_weights=(*packed[:2], strided, *packed[3:]))
 
 
 @requires_triton

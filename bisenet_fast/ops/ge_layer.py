@@ -154,12 +154,9 @@ def _check_triton_weights(op, packed, shapes, like):
             f"{op}: triton_weights must be the {len(shapes)} tensors pack_triton_* returns, got {packed!r:.80}"
         )
     for i, (t, shape) in enumerate(zip(packed, shapes)):
-        check_tensor(f"triton_weights[{i}]", t, dtypes=(like.dtype,), device=like.device)
-        if tuple(t.shape) != shape or not t.is_contiguous():
-            raise ValueError(
-                f"{op}: triton_weights[{i}] must be contiguous with shape {shape} (as pack_triton_* returns), "
-                f"got shape {tuple(t.shape)}"
-            )
+        _check_weight(f"triton_weights[{i}]", t, shape, like)
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: triton_weights[{i}] must be contiguous, as pack_triton_* returns it")
 
 
 def _empty_like_output(x, cout, height, width):

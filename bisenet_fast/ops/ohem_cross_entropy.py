@@ -91,11 +91,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, _thresh, _min_kept, ignore_index, *_check_labels = inputs  # (the Triton op has none)
+    logits, target, _thresh, _min_kept, ignore_index = inputs[:5]  # the C++ op also takes check_labels
     _loss, threshold = output
     ctx.save_for_backward(logits, target, threshold)
     ctx.ignore_index = ignore_index
-    ctx.input_count = len(inputs)
+    ctx.input_count = len(inputs)  # backward returns None for each input after logits
     ctx.mark_non_differentiable(threshold)
 
 
