@@ -44,6 +44,21 @@ def init_distributed(device: str | None = None) -> DistContext:
     return DistContext(rank, world_size, local_rank, dev)
 
 
+def leave_distributed(ranks_in_step: bool = True) -> None:
+    """Destroys the process group, if there is one.
+
+    ranks_in_step: every rank got here on the same path (a normal finish). Then they first meet at a
+    barrier, so no rank tears down its connections while a peer is still using them; with gloo,
+    a rank shutting down alone now and then dies in std::terminate. After an error the peers may
+    never arrive, so pass False: no barrier.
+    """
+    if not dist.is_initialized():
+        return
+    if ranks_in_step:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def heads_to_sync_bn(model: nn.Module) -> nn.Module:
     """mmseg's layout: SyncBN in the decode and auxiliary heads, plain per-GPU BN in the backbone.
 

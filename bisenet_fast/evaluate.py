@@ -21,7 +21,7 @@ import bisenet_fast as bf
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.data.transforms import imrescale, normalize
-from bisenet_fast.distributed import DistContext, init_distributed
+from bisenet_fast.distributed import DistContext, init_distributed, leave_distributed
 from bisenet_fast.metrics import IoUAccumulator, format_table
 
 AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -124,8 +124,7 @@ def main(argv=None) -> int:
         precision = f"fused, {amp if amp != 'none' else 'float32'}" if args.fused else f"autocast {amp}"
         print(f"{args.checkpoint} on {args.split} ({mode}, {precision}, {ctx.world_size} process(es)):")
         print(format_table(result, class_names(recipe["model"]["num_classes"])))
-    if ctx.enabled:
-        torch.distributed.destroy_process_group()
+    leave_distributed()
     return 0
 
 

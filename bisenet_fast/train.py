@@ -30,7 +30,8 @@ from bisenet_fast.configs import load_recipe
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.data.sampler import InfiniteShardedSampler
 from bisenet_fast.data.transforms import PhotoMetricDistortion, TrainPipeline
-from bisenet_fast.distributed import DistContext, any_rank, gather_objects, heads_to_sync_bn, init_distributed
+from bisenet_fast.distributed import (DistContext, any_rank, gather_objects, heads_to_sync_bn, init_distributed,
+                                      leave_distributed)
 from bisenet_fast.evaluate import AMP_DTYPES, evaluate_model
 from bisenet_fast.metrics import format_table
 from bisenet_fast.models import use_fused_ge_training, use_recomputing_detail_branch
@@ -390,16 +391,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     recipe = apply_overrides(load_recipe(args.recipe), args)
     work_dir = args.work_dir or os.path.join("work_dirs", recipe["name"])
+    finished = False
     try:
         result = train(recipe, work_dir, resume=args.resume, device=args.device, backend=args.backend,
                        seed=args.seed, stop_after=args.stop_after, deterministic=args.deterministic,
                        threads=args.threads, recompute=args.recompute, channels_last=args.channels_last)
+        finished = True
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_distributed(ranks_in_step=finished)
     if result["stopped_by"]:
         return 128 + signal.Signals[result["stopped_by"]].value
     return 0

@@ -20,7 +20,7 @@ from bisenet_fast import train_state
 from bisenet_fast.configs import load_recipe, recipe_names
 from bisenet_fast.data.cityscapes import CityscapesDataset
 from bisenet_fast.data.synthetic import generate
-from bisenet_fast.distributed import heads_to_sync_bn, init_distributed
+from bisenet_fast.distributed import heads_to_sync_bn, init_distributed, leave_distributed
 from bisenet_fast.evaluate import evaluate_model
 from bisenet_fast.evaluate import main as evaluate_main
 from bisenet_fast.train import (
@@ -160,7 +160,7 @@ def _ddp_worker(rank, world, port, x, y, out_dir, data_root):
                                  load_recipe("synthetic")["test"] | {"img_scale": [64, 32]}, log=None)
     if rank == 0:
         torch.save({"state_dict": model.state_dict(), "IoU": metrics["IoU"]}, Path(out_dir) / "ddp.pt")
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
