@@ -2,13 +2,15 @@
 fused op replaces (expand dwconv -> projection + residual/shortcut + ReLU).
 
 impls: eager (the folded-BN reference, NCHW and channels_last), compile (torch.compile of
-the reference, GPU only), and the fused kernel (cpp on CPU, triton on GPU).
+the reference, GPU only), and the fused kernel (cpp on CPU, triton on GPU; on GPU also
+triton-unsplit, the Triton kernels with split-K off, in the layers whose grid splits its K
+loop, to show what the split buys).
 
     python -m benchmarks.bench_ge_layer [--device cuda] [--quick] [--json out.json]
 """
 from __future__ import annotations
 
-
+import contextlib
 import sys
 
 import torch
@@ -24,6 +26,24 @@ LAYERS = [(16, 32, 2, 4), (32, 32, 1, 8), (32, 64, 2, 8), (64, 64, 1, 16), (64, 
 FULL_IMAGE = (1024, 2048)
 CPU_IMAGE = (512, 1024)  # the CPU target's setting
 QUICK_IMAGE = (256, 512)
+
+
+@contextlib.contextmanager
+def _split_k_off():
+    from bisenet_fast.triton_kernels import ge_layer as ge_triton
+
+    chosen = ge_triton._k_splits
+    ge_triton._k_splits = lambda blocks, k_items, device: 1
+    try:
+        yield
+    finally:
+        ge_triton._k_splits = chosen
+
+
+def _splits_k_loop(stride: int, cin: int, out_pixels: int, device: torch.device) -> bool:
+    from bisenet_fast.triton_kernels import ge_layer as ge_triton
+
+    return ge_triton.main_kernel_grid(stride, cin, 6 * cin, out_pixels, device)[2] > 1
 
 
 def _layer(cin, cout, stride, device, dtype) -> FusedGELayer:
@@ -63,6 +83,11 @@ def run(device: str, quick: bool) -> list[dict]:
                 candidates.append(("compile", "channels_last", lambda: compiled(x_cl, y_cl, *weights)))
             candidates.append((fused_impl, "channels_last", lambda: op(x_cl, y_cl, *weights, triton_weights=packed)))
             out_h, out_w = (h, w) if stride == 1 else ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
+            if gpu and _splits_k_loop(stride, cin, out_h * out_w, device):
+                def unsplit():
+                    with _split_k_off():
+                        return op(x_cl, y_cl, *weights, triton_weights=packed)
+                candidates.append(("triton-unsplit", "channels_last", unsplit))
             min_bytes = (2 * x.numel() + cout * out_h * out_w) * x.element_size()
             base = None
             for impl, layout, fn in candidates:

@@ -166,6 +166,38 @@ def test_triton_pixel_blocks(cin, cout, stride, height, width, block_p):
     assert_close_to_scale(run("triton", stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("blocks,k_items,splits", [(512, 6, 1), (264, 24, 1), (128, 6, 3), (128, 24, 3),
+                                                    (100, 24, 3), (32, 6, 6), (32, 24, 12), (1, 5, 5)])
+def test_k_splits_give_every_sm_two_programs(blocks, k_items, splits, monkeypatch):
+    """With an H200's 132 SMs: no split where the pixel blocks fill the SMs twice; else the
+    fewest splits that do, as a divisor of the K loop's items; at most one per item. The
+    1024x2048 deep layers (128 blocks of 16 pixels, 6 values of r or 24 chunks of mid) get 3."""
+    from bisenet_fast.triton_kernels import ge_layer as ge_triton
+
+    monkeypatch.setattr(ge_triton, "INTERPRETER_SMS", 132)
+    assert ge_triton._k_splits(blocks, k_items, torch.device("cpu")) == splits
+
+
+@requires_triton
+@pytest.mark.parametrize("cin,cout,stride,k_items", [(16, 16, 1, 6), (32, 40, 2, 12)])
+@pytest.mark.parametrize("sms,splits", [(1, 1), (3, 2), (8, 6)])
+def test_triton_split_k_loop(cin, cout, stride, k_items, sms, splits, monkeypatch):
+    """The K loop split over 1, 2 and 6 programs (partial sums added by a second kernel): for
+    stride 1 over the 6 values of r, for stride 2 over the 12 chunks of mid and the shortcut's
+    2 chunks (so with 6 splits four get none); 48 output pixels, 3 blocks of 16. Against the
+    reference, and deterministic."""
+    from bisenet_fast.triton_kernels import ge_layer as ge_triton
+
+    monkeypatch.setattr(ge_triton, "INTERPRETER_SMS", sms)
+    args = make_inputs(1, cin, cout, stride, 8 * stride, 6 * stride, device=triton_device())
+    if not CUDA:  # on a GPU the blocks and splits depend on its SM count
+        assert ge_triton._block_p(48, torch.device("cpu")) == ge_triton.SMALL_BLOCK_P
+        assert ge_triton._k_splits(3, k_items, torch.device("cpu")) == splits
+    out = run("triton", stride, args)
+    assert_close_to_scale(out, reference_float64(stride, args), TOLERANCE[torch.float32])
+    assert torch.equal(run("triton", stride, args), out)
+
+
 @requires_triton
 @pytest.mark.parametrize("cin,cout,stride", NETWORK_CONFIGS)
 def test_triton_network_configs(cin, cout, stride):

@@ -183,14 +183,24 @@ def _drive_wrappers() -> None:
                 _drive_ge_layer(torch.float32, 16, 32, 2, (10, 14))
             for cin, cout, stride in GE_LAYERS:
                 _drive_ge_layer(torch.float32, cin, cout, stride, (32, 64))
+                _drive_ge_layer(torch.float32, cin, cout, stride, (8, 16))
     finally:
         torch.backends.cudnn.allow_tf32 = allow_tf32
         _recorded_archs = None
     # The network's layers in float16, the dtype of the published fps setting (inference) and
-    # of AMP training (the block sizes depend on the channels, not on the dtype).
-    for cin, cout, stride in GE_LAYERS:
-        for size in ((32, 64), (8, 16)):  # 64- and 16-pixel blocks (ge_layer._block_p)
-            _drive_ge_layer(torch.float16, cin, cout, stride, size)
+    # of AMP training (the block sizes depend on the channels, not on the dtype): with the
+    # interpreter's SM count 64- and 16-pixel blocks, unsplit; with an H100's/H200's 132 SMs
+    # the 16-pixel blocks and split K loops (ge_layer._k_splits) the deep layers get there.
+    from bisenet_fast.triton_kernels import ge_layer
+
+    interpreter_sms = ge_layer.INTERPRETER_SMS
+    try:
+        for ge_layer.INTERPRETER_SMS in (interpreter_sms, 132):
+            for cin, cout, stride in GE_LAYERS:
+                for size in ((32, 64), (8, 16)):
+                    _drive_ge_layer(torch.float16, cin, cout, stride, size)
+    finally:
+        ge_layer.INTERPRETER_SMS = interpreter_sms
     for cin, ratio, stride, relu in GE_EXPANSIONS:
         _drive_ge_expand_train(torch.float16, cin, ratio, stride, relu, (32, 64))
     _attempt(ohem_cross_entropy._kth_smallest, torch.rand(5000), 10)

@@ -27,7 +27,13 @@ instead (Triton has no indexable shared memory, so at the 9 neighbours of every 
 gathers per expanded value) was measured 2.6-27x slower than eager PyTorch (same results).
 
 BLOCK_P shrinks to 16 where 64-pixel blocks would leave SMs idle: the deep layers have only
-2048 output pixels at 1024x2048, 32 programs of 64 for an H200's 132 SMs.
+2048 output pixels at 1024x2048, 32 programs of 64 for an H200's 132 SMs. Where even
+16-pixel blocks leave fewer than two programs per SM (those layers: 128 blocks, each
+walking 384-768 expanded channels alone), the K loop is split too (split-K): program
+(block, s) sums every K_SPLITS-th item of it (value r of the expansion for stride 1, chunk
+of expanded and of shortcut channels for stride 2) into float32 partial sums, and
+_sum_partials_kernel adds them in split order, then the epilogue. The sum's order is fixed,
+so the result stays deterministic.
 
 float32 dots run in TF32 where torch.backends.cudnn.allow_tf32 lets cuDNN's convs do so
 (PyTorch's default: the eager layer's convs round alike), else in 3xTF32 (error ~1e-6
@@ -118,10 +124,54 @@ def _project(acc, e, w_ptr, rows, row_mask, offs_o, o_mask, COUT: tl.constexpr, 
 
 
 @triton.jit
-def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out_ptr, P, H, W,
-                       C: tl.constexpr, RATIO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CIN: tl.constexpr,
-                       BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+def _epilogue(acc, offs_p, p_mask, offs_o, o_mask, bias_ptr, addend_ptr, out_ptr, COUT: tl.constexpr,
+              ADDEND_IS_RESIDUAL: tl.constexpr):
+    """out = relu(acc + bias + addend) for pixels offs_p: addend is the residual x [P, COUT]
+    (stride 1) or the shortcut projection's bias [COUT] (stride 2)."""
+    acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
+    io_mask = p_mask[:, None] & o_mask[None, :]
+    io = offs_p[:, None] * COUT + offs_o[None, :]
+    if ADDEND_IS_RESIDUAL:
+        acc += tl.load(addend_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
+    else:
+        acc += tl.load(addend_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + io, tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _finish(acc, offs_p, p_mask, offs_o, o_mask, bias_ptr, addend_ptr, out_ptr, partial_ptr, P,
+            COUT: tl.constexpr, K_SPLITS: tl.constexpr, ADDEND_IS_RESIDUAL: tl.constexpr):
+    """The epilogue, or with a split K loop this split's float32 partial sums ([K_SPLITS, P, COUT])."""
+    if K_SPLITS == 1:
+        _epilogue(acc, offs_p, p_mask, offs_o, o_mask, bias_ptr, addend_ptr, out_ptr, COUT, ADDEND_IS_RESIDUAL)
+    else:
+        split = tl.program_id(1).to(tl.int64)
+        io = (split * P + offs_p)[:, None] * COUT + offs_o[None, :]
+        tl.store(partial_ptr + io, acc, mask=p_mask[:, None] & o_mask[None, :])
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, bias_ptr, addend_ptr, out_ptr, P, COUT: tl.constexpr, K_SPLITS: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ADDEND_IS_RESIDUAL: tl.constexpr):
+    """The split K loop's partial sums added in split order, then the epilogue."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P
+    offs_o = tl.arange(0, BLOCK_C)
+    o_mask = offs_o < COUT
+    io = offs_p[:, None] * COUT + offs_o[None, :]
+    io_mask = p_mask[:, None] & o_mask[None, :]
+    acc = tl.load(partial_ptr + io, mask=io_mask, other=0.0)
+    for split in range(1, K_SPLITS):  # rolled: unrolled, all K_SPLITS loads are hoisted and spill
+        acc += tl.load(partial_ptr + split * P * COUT + io, mask=io_mask, other=0.0)
+    _epilogue(acc, offs_p, p_mask, offs_o, o_mask, bias_ptr, addend_ptr, out_ptr, COUT, ADDEND_IS_RESIDUAL)
+
+
+@triton.jit
+def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out_ptr, partial_ptr, P, H, W,
+                       C: tl.constexpr, RATIO: tl.constexpr, K_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_CIN: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     offs_p, p_mask, n, oh, ow = _pixels(P, H, W, BLOCK_P)
+    split = tl.program_id(1)
     offs_o = tl.arange(0, BLOCK_C)
     o_mask = offs_o < C
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
@@ -129,15 +179,12 @@ def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out
         offs_c = c0 + tl.arange(0, BLOCK_CIN)
         c_mask = offs_c < C
         taps = _neighbourhood(y_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, 1)
-        for r in range(RATIO):  # rolled: unrolled, the compiler hoists all R x 9 weight loads and spills
+        # rolled: unrolled, the compiler hoists all R x 9 weight loads and spills
+        for r in range(split, RATIO, K_SPLITS):
             cols = r * C + offs_c
             e = _conv3x3(taps, dw_w_ptr, dw_b_ptr, cols, c_mask, RATIO * C)
             acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, cols, c_mask, offs_o, o_mask, C, PRECISION)
-    acc += tl.load(pw_b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-    io_mask = p_mask[:, None] & o_mask[None, :]
-    io = offs_p[:, None] * C + offs_o[None, :]
-    acc += tl.load(x_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + io, tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty), mask=io_mask)
+    _finish(acc, offs_p, p_mask, offs_o, o_mask, pw_b_ptr, x_ptr, out_ptr, partial_ptr, P, C, K_SPLITS, True)
 
 
 @triton.jit
@@ -158,31 +205,30 @@ def _expand_stride2_kernel(y_ptr, w_ptr, b_ptr, e_ptr, P, H, W, HO, WO, C: tl.co
 
 @triton.jit
 def _ge_stride2_kernel(x_ptr, e_ptr, dw1_w_ptr, dw1_b_ptr, pw_w_ptr, pw_b_ptr,
-                       sc_dw_w_ptr, sc_dw_b_ptr, sc_pw_w_ptr, sc_pw_b_ptr, out_ptr, P, H, W, HO, WO,
-                       C: tl.constexpr, COUT: tl.constexpr, MID: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_CIN: tl.constexpr, BLOCK_C: tl.constexpr,
+                       sc_dw_w_ptr, sc_dw_b_ptr, sc_pw_w_ptr, sc_pw_b_ptr, out_ptr, partial_ptr, P, H, W, HO, WO,
+                       C: tl.constexpr, COUT: tl.constexpr, MID: tl.constexpr, K_SPLITS: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CIN: tl.constexpr, BLOCK_C: tl.constexpr,
                        PRECISION: tl.constexpr):
     offs_p, p_mask, n, oh, ow = _pixels(P, HO, WO, BLOCK_P)
+    split = tl.program_id(1)
     offs_o = tl.arange(0, BLOCK_C)
     o_mask = offs_o < COUT
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for k0 in range(0, MID, BLOCK_K):  # main branch: pw(relu(dw1(e))), depthwise on mid
+    # main branch: pw(relu(dw1(e))), depthwise on mid
+    for k0 in range(split * BLOCK_K, MID, K_SPLITS * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < MID
         taps = _neighbourhood(e_ptr, n, oh, ow, p_mask, offs_k, k_mask, HO, WO, MID, 1)
         e = _conv3x3(taps, dw1_w_ptr, dw1_b_ptr, offs_k, k_mask, MID)
         acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, COUT, PRECISION)
-    for c0 in range(0, C, BLOCK_CIN):  # shortcut: sc_pw(sc_dw(x)), depthwise stride 2 on x
+    # shortcut: sc_pw(sc_dw(x)), depthwise stride 2 on x
+    for c0 in range(split * BLOCK_CIN, C, K_SPLITS * BLOCK_CIN):
         offs_c = c0 + tl.arange(0, BLOCK_CIN)
         c_mask = offs_c < C
         taps = _neighbourhood(x_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, 2)
         s = _conv3x3(taps, sc_dw_w_ptr, sc_dw_b_ptr, offs_c, c_mask, C)
         acc = _project(acc, s, sc_pw_w_ptr, offs_c, c_mask, offs_o, o_mask, COUT, PRECISION)
-    acc += tl.load(pw_b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-    acc += tl.load(sc_pw_b_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-    io_mask = p_mask[:, None] & o_mask[None, :]
-    tl.store(out_ptr + offs_p[:, None] * COUT + offs_o[None, :], tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty),
-             mask=io_mask)
+    _finish(acc, offs_p, p_mask, offs_o, o_mask, pw_b_ptr, sc_pw_b_ptr, out_ptr, partial_ptr, P, COUT, K_SPLITS, False)
 
 
 def _check_dtype(x: torch.Tensor) -> None:
@@ -194,10 +240,44 @@ def _block_c(channels: int) -> int:
     return max(16, triton.next_power_of_2(channels))  # tl.dot needs every dim >= 16
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else INTERPRETER_SMS
+
+
 def _block_p(pixels: int, device: torch.device) -> int:
     """64-pixel blocks where they give every SM two programs, else 16-pixel ones."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else INTERPRETER_SMS
-    return BLOCK_P if triton.cdiv(pixels, BLOCK_P) >= 2 * sms else SMALL_BLOCK_P
+    return BLOCK_P if triton.cdiv(pixels, BLOCK_P) >= 2 * _sm_count(device) else SMALL_BLOCK_P
+
+
+def _k_splits(blocks: int, k_items: int, device: torch.device) -> int:
+    """How many programs share a pixel block's K loop of k_items items: the fewest that give
+    every SM two programs, rounded up to a divisor of k_items so the splits get equal shares."""
+    wanted = triton.cdiv(2 * _sm_count(device), blocks)
+    return next(d for d in range(1, k_items + 1) if k_items % d == 0 and (d >= wanted or d == k_items))
+
+
+def main_kernel_grid(stride: int, cin: int, mid: int, out_pixels: int, device: torch.device) -> tuple[int, int, int]:
+    """(pixels per block, pixel blocks, K splits) of a layer's main kernel: stride 1 splits
+    over the expansion's r, stride 2 over chunks of mid."""
+    block_p = _block_p(out_pixels, device)
+    blocks = triton.cdiv(out_pixels, block_p)
+    k_items = mid // cin if stride == 1 else triton.cdiv(mid, BLOCK_CIN)
+    return block_p, blocks, _k_splits(blocks, k_items, device)
+
+
+def _sum_partials(partial, bias, addend, out, addend_is_residual: bool) -> None:
+    k_splits, pixels, cout = partial.shape
+    _sum_partials_kernel[(triton.cdiv(pixels, BLOCK_P),)](
+        partial, bias, addend, out, pixels, COUT=cout, K_SPLITS=k_splits, BLOCK_P=BLOCK_P,
+        BLOCK_C=_block_c(cout), ADDEND_IS_RESIDUAL=addend_is_residual, num_warps=SMALL_BLOCK_WARPS,
+    )
+
+
+def _partial_sums(k_splits: int, pixels: int, cout: int, out: torch.Tensor) -> torch.Tensor:
+    """Workspace of a split K loop; unsplit kernels never touch it (out stands in)."""
+    if k_splits == 1:
+        return out
+    return torch.empty((k_splits, pixels, cout), dtype=torch.float32, device=out.device)
 
 
 def _fp32_dot_precision() -> str:
@@ -219,12 +299,15 @@ def ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     y = y.contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     pixels = n * h * w
-    block_p = _block_p(pixels, x.device)
-    _ge_stride1_kernel[(triton.cdiv(pixels, block_p),)](
-        x, y, dw_weight, dw_bias, pw_weight, pw_bias, out, pixels, h, w,
-        C=c, RATIO=mid // c, BLOCK_P=block_p, BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(c),
+    block_p, blocks, k_splits = main_kernel_grid(1, c, mid, pixels, x.device)
+    partial = _partial_sums(k_splits, pixels, c, out)
+    _ge_stride1_kernel[(blocks, k_splits)](
+        x, y, dw_weight, dw_bias, pw_weight, pw_bias, out, partial, pixels, h, w,
+        C=c, RATIO=mid // c, K_SPLITS=k_splits, BLOCK_P=block_p, BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(c),
         PRECISION=_fp32_dot_precision(), num_stages=NUM_STAGES, **_launch_options(block_p),
     )
+    if k_splits > 1:
+        _sum_partials(partial, pw_bias, x, out, addend_is_residual=True)
     return out
 
 
@@ -241,15 +324,18 @@ def ge_layer_stride2_triton(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw
     # dw0's output, NHWC in the packed channel order (read only by the main kernel).
     expanded = torch.empty((n, ho, wo, mid), dtype=x.dtype, device=x.device)
     pixels = n * ho * wo
-    block_p = _block_p(pixels, x.device)
+    block_p, blocks, k_splits = main_kernel_grid(2, c, mid, pixels, x.device)
     _expand_stride2_kernel[(triton.cdiv(pixels, block_p), triton.cdiv(c, BLOCK_CIN))](
         y, dw0_weight, dw0_bias, expanded, pixels, h, w, ho, wo,
         C=c, RATIO=mid // c, BLOCK_P=block_p, BLOCK_CIN=BLOCK_CIN, num_warps=NUM_WARPS,
     )
-    _ge_stride2_kernel[(triton.cdiv(pixels, block_p),)](
+    partial = _partial_sums(k_splits, pixels, cout, out)
+    _ge_stride2_kernel[(blocks, k_splits)](
         x, expanded, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
-        out, pixels, h, w, ho, wo, C=c, COUT=cout, MID=mid, BLOCK_P=block_p, BLOCK_K=BLOCK_CIN,
-        BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(cout), PRECISION=_fp32_dot_precision(),
+        out, partial, pixels, h, w, ho, wo, C=c, COUT=cout, MID=mid, K_SPLITS=k_splits, BLOCK_P=block_p,
+        BLOCK_K=BLOCK_CIN, BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(cout), PRECISION=_fp32_dot_precision(),
         num_stages=NUM_STAGES, **_launch_options(block_p),
     )
+    if k_splits > 1:
+        _sum_partials(partial, pw_bias, sc_pw_bias, out, addend_is_residual=False)
     return out
