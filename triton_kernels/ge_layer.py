@@ -325,7 +325,7 @@ def ge_layer_stride2_triton(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw
     expanded = torch.empty((n, ho, wo, mid), dtype=x.dtype, device=x.device)
     pixels = n * ho * wo
     block_p, blocks, k_splits = main_kernel_grid(2, c, mid, pixels, x.device)
-    _expand_stride2_kernel[(triton.cdiv(pixels, block_p), triton.cdiv(c, BLOCK_CIN))](
+    _expand_stride2_kernel[(blocks, triton.cdiv(c, BLOCK_CIN))](
         y, dw0_weight, dw0_bias, expanded, pixels, h, w, ho, wo,
         C=c, RATIO=mid // c, BLOCK_P=block_p, BLOCK_CIN=BLOCK_CIN, num_warps=NUM_WARPS,
     )
