@@ -73,11 +73,17 @@ def heads_to_sync_bn(model: nn.Module) -> nn.Module:
 
 def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True on every rank if `flag` is true on any (one tiny all_reduce when distributed)."""
+    return bool(max_over_ranks(torch.tensor([1 if flag else 0]), ctx).item())
+
+
+def max_over_ranks(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The elementwise max of `values` over the ranks, on every rank (values itself when not
+    distributed); on the process group's device (NCCL: the GPU), so read it with .item()/.tolist()."""
     if not ctx.enabled:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=ctx.device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        return values
+    values = values.to(ctx.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
 
 
 def gather_objects(obj, ctx: DistContext) -> list:

@@ -31,7 +31,7 @@ from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.data.sampler import InfiniteShardedSampler
 from bisenet_fast.data.transforms import PhotoMetricDistortion, TrainPipeline
 from bisenet_fast.distributed import (DistContext, any_rank, gather_objects, heads_to_sync_bn, init_distributed,
-                                      leave_distributed)
+                                      leave_distributed, max_over_ranks)
 from bisenet_fast.evaluate import AMP_DTYPES, evaluate_model
 from bisenet_fast.metrics import format_table
 from bisenet_fast.models import use_fused_ge_training, use_recomputing_detail_branch
@@ -154,11 +154,16 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def check_finite(losses: dict, iteration: int) -> None:
+def check_finite(losses: dict, iteration: int, ctx: DistContext) -> None:
+    """Raises NonFiniteLossError on every rank when a head's loss is NaN or inf on any rank:
+    a rank stopping alone would leave the others waiting in the next gradient all_reduce
+    until the process group's timeout."""
     values = torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
-    finite = torch.isfinite(values)
-    if not bool(finite.all()):
-        bad = [f"{k}={values[i].item()}" for i, k in enumerate(LOSS_KEYS) if not finite[i]]
+    local = ~torch.isfinite(values)
+    anywhere = max_over_ranks(local.to(torch.int32), ctx).tolist()
+    if any(anywhere):
+        bad = [f"{k}={values[i].item()}" if local[i] else f"{k} (on another rank)"
+               for i, k in enumerate(LOSS_KEYS) if anywhere[i]]
         raise NonFiniteLossError(f"non-finite loss at iteration {iteration + 1} in head(s): {', '.join(bad)}; "
                                  "stopping (lower the lr, or resume from the last checkpoint)")
 
@@ -293,7 +298,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 labels = labels.to(ctx.device, non_blocking=True)
                 with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = step_module(images, labels)
-                check_finite(losses, iteration)
+                check_finite(losses, iteration, ctx)
                 total = sum(losses[k] for k in LOSS_KEYS)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()

@@ -2,6 +2,7 @@
 safety, non-finite losses. Everything runs on tiny synthetic data with the eager loss."""
 import copy
 import csv
+import json
 import math
 import os
 import re
@@ -20,10 +21,11 @@ from bisenet_fast import train_state
 from bisenet_fast.configs import load_recipe, recipe_names
 from bisenet_fast.data.cityscapes import CityscapesDataset
 from bisenet_fast.data.synthetic import generate
-from bisenet_fast.distributed import heads_to_sync_bn, init_distributed, leave_distributed
+from bisenet_fast.distributed import DistContext, heads_to_sync_bn, init_distributed, leave_distributed
 from bisenet_fast.evaluate import evaluate_model
 from bisenet_fast.evaluate import main as evaluate_main
 from bisenet_fast.train import (
+    LOSS_KEYS,
     NonFiniteLossError,
     build_model,
     build_optimizer,
@@ -198,6 +200,35 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path
     np.testing.assert_array_equal(np.array(saved["IoU"]), np.array(single["IoU"]))  # NaN == NaN here
 
 
+def _non_finite_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    ctx = init_distributed("cpu")
+    messages = []
+    for iteration, bad_rank in ((3, None), (4, 1)):
+        losses = {k: torch.tensor(1.0) for k in LOSS_KEYS}
+        if rank == bad_rank:
+            losses["aux_2.loss_ce"] = torch.tensor(float("inf"))
+        try:
+            check_finite(losses, iteration, ctx)
+            messages.append(None)
+        except NonFiniteLossError as err:
+            messages.append(str(err))
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(messages))
+    leave_distributed(ranks_in_step=False)
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """A NaN/inf loss on one rank raises on all of them at the same iteration: a rank stopping
+    alone would leave the others waiting in DDP's gradient all_reduce until the timeout."""
+    port = 30500 + os.getpid() % 1000
+    mp.start_processes(_non_finite_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0[0] is None and rank1[0] is None  # finite everywhere: no error
+    assert "iteration 5 in head(s): aux_2.loss_ce (on another rank);" in rank0[1]
+    assert "iteration 5 in head(s): aux_2.loss_ce=inf;" in rank1[1]
+
+
 # ---------------------------------------------------------------- resume, signals, checkpoint safety
 def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     recipe = tiny_recipe(tiny_data)
@@ -319,11 +350,10 @@ def test_sigterm_writes_a_usable_checkpoint(tiny_data, tmp_path):
 
 
 def test_non_finite_loss_names_iteration_and_head(tiny_data, tmp_path):
-    losses = {k: torch.tensor(1.0) for k in ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce", "aux_2.loss_ce",
-                                            "aux_3.loss_ce")}
+    losses = {k: torch.tensor(1.0) for k in LOSS_KEYS}
     losses["aux_2.loss_ce"] = torch.tensor(float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"iteration 8 in head\(s\): aux_2.loss_ce=nan"):
-        check_finite(losses, 7)
+        check_finite(losses, 7, DistContext())
     recipe = tiny_recipe(tiny_data, iters=5)
     recipe["optimizer"]["lr"] = 1e30  # the first step blows the weights up
     with pytest.raises(NonFiniteLossError, match=r"at iteration [23] in head"):
