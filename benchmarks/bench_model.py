@@ -73,7 +73,8 @@ def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
             base = None
             for impl, variant, fn in candidates:
                 with torch.inference_mode():
-                    timing = measure(fn, device, warmup=1 if quick else 5, repeats=repeats)
+                    # a whole network's kernels: enough names to see where its time goes
+                    timing = measure(fn, device, warmup=1 if quick else 5, repeats=repeats, top_kernels=15)
                 base = base or timing
                 rows.append({
                     "op": "bisenetv2_inference", "case": variant, "impl": impl,

@@ -26,8 +26,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int = 3, repeats: int = 10) -> dict:
-    """Median/min time of fn() in ms (and peak extra GPU memory in MB on CUDA)."""
+def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int = 3, repeats: int = 10,
+            top_kernels: int = 5) -> dict:
+    """Median/min time of fn() in ms (and peak extra GPU memory in MB on CUDA, and the call's
+    `top_kernels` longest kernels)."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
@@ -46,7 +48,7 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
             end.synchronize()
             times.append(start.elapsed_time(end))
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        device_ms, kernels = device_busy_ms(fn, device, repeats=min(repeats, 3))
+        device_ms, kernels = device_busy_ms(fn, device, repeats=min(repeats, 3), top=top_kernels)
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
