@@ -120,7 +120,7 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
             with bf.backends.use(backend):
                 train_step = TrainStep(recipe, dev, batch, size, transforms, channels_last)
                 saved_mb = train_step.saved_mb()
-                t = measure(train_step.step, dev, warmup=warmup, repeats=repeats)
+                t = measure(train_step.step, dev, warmup=warmup, repeats=repeats, top_kernels=15)  # a whole step
             del train_step
             eager = eager or t
             rows.append({
