@@ -40,10 +40,10 @@ def _split_k_off():
         ge_triton._k_splits = chosen
 
 
-def _splits_k_loop(stride: int, cin: int, out_pixels: int, device: torch.device) -> bool:
+def _splits_k_loop(stride: int, cin: int, mid: int, out_pixels: int, device: torch.device) -> bool:
     from bisenet_fast.triton_kernels import ge_layer as ge_triton
 
-    return ge_triton.main_kernel_grid(stride, cin, 6 * cin, out_pixels, device)[2] > 1
+    return ge_triton.main_kernel_grid(stride, cin, mid, out_pixels, device)[2] > 1
 
 
 def _layer(cin, cout, stride, device, dtype) -> FusedGELayer:
@@ -83,7 +83,8 @@ def run(device: str, quick: bool) -> list[dict]:
                 candidates.append(("compile", "channels_last", lambda: compiled(x_cl, y_cl, *weights)))
             candidates.append((fused_impl, "channels_last", lambda: op(x_cl, y_cl, *weights, triton_weights=packed)))
             out_h, out_w = (h, w) if stride == 1 else ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
-            if gpu and _splits_k_loop(stride, cin, out_h * out_w, device):
+            mid = weights[0].shape[0]  # the expansion's channels (dw or dw0 weight: mid, 1, 3, 3)
+            if gpu and _splits_k_loop(stride, cin, mid, out_h * out_w, device):
                 def unsplit():
                     with _split_k_off():
                         return op(x_cl, y_cl, *weights, triton_weights=packed)
