@@ -2,11 +2,13 @@
 //
 // Forward: one thread per output pixel (grid: column chunk, row, image, so no 64-bit
 // division recovers the position) computes its C upsampled logits from the four
-// head-resolution taps (never stored at (N, C, H, W)), an online logsumexp, the
+// head-resolution taps (never stored at (N, C, H, W)), their logsumexp (in registers, two
+// passes, for up to kRegisterClasses classes; an online loop beyond), the
 // cross-entropy and the ground-truth probability; per-block counts and sums are reduced by
 // one block in a fixed order (deterministic). Whether the k-th probability is needed is
 // decided on the device; if it is, an exact radix select over the probabilities' bits
-// (3 passes of integer histograms: 11 + 11 + 10 bits) finds it, and the kept CE is summed
+// (3 passes of integer histograms: 11 + 11 + 10 bits, one shared-memory atomic per warp and
+// digit) finds it, and the kept CE is summed
 // again. The host synchronises once, to read the count of out-of-range labels, unless the
 // caller has checked the labels already (check_labels=False; an out-of-range label then
 // makes the loss NaN on the device instead of raising). Logits are
@@ -48,6 +50,10 @@ constexpr int kFinalThreads = 1024;
 // Shared memory a block may use without opting in, and the widest head-column tile.
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
 constexpr int kMaxTileCols = 128;
+// Up to this many classes (Cityscapes has 19) a pixel's logits are held in registers
+// (pixel_softmax_in_registers); more take the online loop (pixel_softmax_online). Registers
+// are allocated for the bound, not for C, so it is kept near the classes of the datasets.
+constexpr int kRegisterClasses = 20;
 // Radix select over 32-bit keys: digits of 11, 11 and 10 bits, most significant first.
 constexpr int kSelectPasses = 3;
 constexpr int kSelectBins = 1 << 11;
@@ -82,6 +88,17 @@ __device__ __forceinline__ float logit_at(const scalar_t* __restrict__ channel, 
   return static_cast<float>(channel[offset]);
 }
 
+// A logit through the read-only (non-coherent) path, ld.global.nc, as the compiler emits
+// for the __restrict__ pointers above but cannot for an address it may not analyse.
+__device__ __forceinline__ float read_only_logit(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float read_only_logit(const at::Half* p) {
+  return static_cast<float>(at::Half(__ldg(reinterpret_cast<const unsigned short*>(p)), at::Half::from_bits()));
+}
+__device__ __forceinline__ float read_only_logit(const at::BFloat16* p) {
+  return static_cast<float>(
+      at::BFloat16(__ldg(reinterpret_cast<const unsigned short*>(p)), at::BFloat16::from_bits()));
+}
+
 // The four head-resolution taps of one output pixel, as offsets within a class plane
 // (< 2^31, checked on the host) and weights: computed once per pixel, so each class costs
 // four loads and a pointer step instead of the 64-bit tap arithmetic per class and tap that
@@ -114,11 +131,13 @@ __device__ __forceinline__ float upsampled_logit(const scalar_t* __restrict__ ch
 // which pixels are kept.
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 
-// Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`;
-// with z_store set, each class's upsampled logit is also stored at z_store[c * z_stride].
-// Forward and backward call this same function, so they agree on which pixels are kept.
+// Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`,
+// for any number of classes; with z_store set, each class's upsampled logit is also stored
+// at z_store[c * z_stride]. Forward and backward call the same softmax function for a given
+// class count (pixel_softmax_in_registers up to kRegisterClasses), so they agree on which
+// pixels are kept.
 template <typename scalar_t>
-__device__ __forceinline__ PixelSoftmax pixel_softmax(const scalar_t* __restrict__ logits, const Geometry& g, int64_t n,
+__device__ __forceinline__ PixelSoftmax pixel_softmax_online(const scalar_t* __restrict__ logits, const Geometry& g, int64_t n,
                                                       int64_t y, int64_t x, int64_t label,
                                                       float* z_store = nullptr, int z_stride = 0) {
   const PixelTaps taps = pixel_taps(g, y, x);
@@ -144,7 +163,50 @@ __device__ __forceinline__ PixelSoftmax pixel_softmax(const scalar_t* __restrict
   return s;
 }
 
-template <typename scalar_t, typename label_t>
+// pixel_softmax_online for C <= kMaxClasses (a compile-time bound): the upsampled logits
+// stay in registers (z[c] on return, for c < C), the loops unroll with no branch, so the 4C
+// tap loads issue back to back, and the softmax takes two passes (max, then sum) instead of
+// the online loop's rescaling, whose compare and branch per class made it ~47 instructions
+// per class in the sm_90 build. Offsets within the image are 32-bit (checked on the host).
+template <int kMaxClasses, typename scalar_t>
+__device__ __forceinline__ PixelSoftmax pixel_softmax_in_registers(const scalar_t* __restrict__ logits,
+                                                                   const Geometry& g, int64_t n, int64_t y,
+                                                                   int64_t x, int64_t label, float (&z)[kMaxClasses]) {
+  const PixelTaps taps = pixel_taps(g, y, x);
+  // Unsigned 32-bit indices: one IMAD and one IMAD.WIDE.U32 per load.
+  const uint32_t plane = static_cast<uint32_t>(g.h * g.w);
+  const uint32_t top_left = taps.top_left, top_right = taps.top_right;
+  const uint32_t bottom_left = taps.bottom_left, bottom_right = taps.bottom_right;
+  const int classes = static_cast<int>(g.C);
+  const scalar_t* image = logits + n * g.C * g.h * g.w;
+  // The image's address as an opaque register: else the compiler folds the 64-bit image
+  // offset into every load's index arithmetic (four instructions per load).
+  asm("" : "+l"(image));
+#pragma unroll
+  for (int c = 0; c < kMaxClasses; ++c) {
+    // Classes from C on re-read class C - 1 (in bounds, so no load needs a branch); the
+    // passes below leave them out.
+    const uint32_t offset = static_cast<uint32_t>(min(c, classes - 1)) * plane;
+    const float top = taps.wx0 * read_only_logit(image + (top_left + offset)) +
+                      taps.wx1 * read_only_logit(image + (top_right + offset));
+    const float bottom = taps.wx0 * read_only_logit(image + (bottom_left + offset)) +
+                         taps.wx1 * read_only_logit(image + (bottom_right + offset));
+    z[c] = taps.wy0 * top + taps.wy1 * bottom;  // upsampled_logit's arithmetic, in its order
+  }
+  // fmaxf skips a NaN logit; its exp below still makes the sum, hence the loss, NaN.
+  PixelSoftmax s{z[0], 0.f, z[0]};
+#pragma unroll
+  for (int c = 1; c < kMaxClasses; ++c) s.zmax = c < classes ? fmaxf(s.zmax, z[c]) : s.zmax;
+#pragma unroll
+  for (int c = 0; c < kMaxClasses; ++c) {
+    s.sumexp += c < classes ? fast_exp(z[c] - s.zmax) : 0.f;
+    s.z_gt = c == label ? z[c] : s.z_gt;
+  }
+  return s;
+}
+
+// kMaxClasses: pixel_softmax_in_registers's bound on C, 0 for pixel_softmax_online.
+template <int kMaxClasses, typename scalar_t, typename label_t>
 __global__ void forward_pixels_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
                                       float thresh, int64_t ignore_index, float* __restrict__ prob,
                                       float* __restrict__ ce, long long* __restrict__ block_counts,
@@ -162,7 +224,13 @@ __global__ void forward_pixels_kernel(const scalar_t* __restrict__ logits, const
       if (label < 0 || label >= g.C) {
         bad = 1;
       } else {
-        const PixelSoftmax s = pixel_softmax(logits, g, n, y, x, label);
+        PixelSoftmax s;
+        if constexpr (kMaxClasses > 0) {
+          float z[kMaxClasses];
+          s = pixel_softmax_in_registers(logits, g, n, y, x, label, z);
+        } else {
+          s = pixel_softmax_online(logits, g, n, y, x, label);
+        }
         loss = s.zmax + logf(s.sumexp) - s.z_gt;
         p = fast_exp(s.z_gt - s.zmax) / s.sumexp;
         valid = 1;
@@ -230,6 +298,8 @@ __global__ void forward_totals_kernel(const long long* __restrict__ block_counts
   }
 }
 
+static_assert(kThreads % 32 == 0, "select_histogram_kernel steps whole warps");
+
 __global__ void select_histogram_kernel(const float* __restrict__ prob, int64_t count, int pass,
                                         const ForwardState* __restrict__ state,
                                         unsigned long long* __restrict__ histogram) {
@@ -240,10 +310,25 @@ __global__ void select_histogram_kernel(const float* __restrict__ prob, int64_t 
   const int shift = select_shift(pass), bits = select_bits(pass);
   const int prefix_shift = pass == 0 ? 32 : select_shift(pass - 1);
   const uint32_t prefix = state->prefix;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
+  const int lane = threadIdx.x % 32;
+  // Lanes whose keys share a digit add their count with one atomic (their leader's). The
+  // probabilities of a confident head crowd near 1, into a few digits of the first passes:
+  // one atomic per key serialised up to 32-way there. Whole warps step together (the loop
+  // runs while the warp's first element is in range) so that every lane joins the ballot.
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e - lane < count;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint32_t key = prob_key(prob[e]);
-    if (key_has_prefix(key, prefix, prefix_shift)) atomicAdd(&local[key_digit(key, shift, bits)], 1u);
+    uint32_t digit = 0;
+    bool counted = false;
+    if (e < count) {
+      const uint32_t key = prob_key(prob[e]);
+      counted = key_has_prefix(key, prefix, prefix_shift);
+      digit = key_digit(key, shift, bits);
+    }
+    const unsigned counting = __ballot_sync(0xffffffffu, counted);
+    if (counted) {
+      const unsigned peers = __match_any_sync(counting, digit);
+      if (lane == __ffs(peers) - 1) atomicAdd(&local[digit], static_cast<unsigned>(__popc(peers)));
+    }
   }
   __syncthreads();
   for (int b = threadIdx.x; b < (1 << bits); b += blockDim.x)
@@ -308,37 +393,78 @@ struct BackwardTiling {
   size_t shared_bytes;
 };
 
-// Horizontal taps of one output column, as head columns relative to the block's tile: 16
-// bytes (one shared-memory load) and 32-bit compares in the reduction's inner loop, where
-// LinearTap's 64-bit indices cost ~13 instructions per term in the sm_90 build.
-struct TileTap {
-  int j0, j1;
-  float w0, w1;
-  __device__ float weight(int j) const { return (j0 == j ? w0 : 0.f) + (j1 == j ? w1 : 0.f); }
-};
-
-// Shared memory of one backward block, carved from one dynamic allocation.
+// Shared memory of one backward block, carved from one dynamic allocation of 4-byte values.
+// Phase 2 reads a head column's weights from two per-column arrays: the output columns
+// reading head column j are [first with i0 >= j - 1, first with i0 >= j), which read it as
+// their upper tap i1, then [first with i0 >= j, first with i0 >= j + 1), which read it as
+// their lower tap i0. A term then costs two shared loads and an FMA, where finding the
+// weight from each column's taps (compare, select, add) cost ~9 instructions per term.
 struct BackwardShared {
-  float* dz;       // [C][x_chunk + 1]: softmax - onehot of the row chunk (padded: no bank conflicts)
-  float* acc;      // [band_rows][C][tile_cols]: gradient of the block's head elements
-  TileTap* tap;    // [x_chunk]: horizontal taps of the row chunk's pixels
-  int64_t* col_x;  // [2 * tile_cols]: output columns [begin, end) reading each head column
+  float* dz;            // [C][x_chunk + 1]: softmax - onehot of the row chunk (padded: no bank conflicts)
+  float* acc;           // [band_rows][C][tile_cols]: gradient of the block's head elements
+  float* weight_lower;  // [x_chunk]: each chunk column's weight for its lower tap (w0, + w1 where i1 == i0)
+  float* weight_upper;  // [x_chunk]: its weight for its upper tap (w1; 0 where i1 == i0)
+  int* col_range;       // [tile_cols][3]: output columns reading each head column, relative to the block's
+                        // first: begin, first reading it as the lower tap, end
 
   __device__ BackwardShared(char* base, const BackwardTiling& t, int64_t C) {
-    tap = reinterpret_cast<TileTap*>(base);
-    col_x = reinterpret_cast<int64_t*>(tap + t.x_chunk);
-    dz = reinterpret_cast<float*>(col_x + 2 * t.tile_cols);
+    dz = reinterpret_cast<float*>(base);
     acc = dz + C * (t.x_chunk + 1);
+    weight_lower = acc + static_cast<int64_t>(t.band_rows) * C * t.tile_cols;
+    weight_upper = weight_lower + t.x_chunk;
+    col_range = reinterpret_cast<int*>(weight_upper + t.x_chunk);
   }
   static size_t bytes(const BackwardTiling& t, int64_t C) {
-    return t.x_chunk * sizeof(TileTap) + 2 * t.tile_cols * sizeof(int64_t) +
-           (C * (t.x_chunk + 1) + static_cast<int64_t>(t.band_rows) * C * t.tile_cols) * sizeof(float);
+    return (C * (t.x_chunk + 1) + static_cast<int64_t>(t.band_rows) * C * t.tile_cols + 2 * t.x_chunk +
+            3 * t.tile_cols) * sizeof(float);
   }
 };
+
+// Phase 1 of the backward for one pixel: its column of dz (stride dz_stride) becomes
+// softmax - onehot if the pixel is valid and kept, else 0; returns whether it was kept.
+template <int kMaxClasses, typename scalar_t>
+__device__ __forceinline__ bool pixel_grad_column(const scalar_t* __restrict__ logits, const Geometry& g, int64_t n,
+                                                  int64_t y, int64_t x, int64_t label, bool valid, float thresh,
+                                                  float* dz, int dz_stride) {
+  bool kept = false;
+  if constexpr (kMaxClasses > 0) {
+    const int classes = static_cast<int>(g.C);
+    float z[kMaxClasses];
+    PixelSoftmax s{};
+    if (valid) {
+      s = pixel_softmax_in_registers(logits, g, n, y, x, label, z);
+      kept = ohem_kept(fast_exp(s.z_gt - s.zmax) / s.sumexp, thresh);
+    }
+    if (kept) {
+      // exp again rather than kept from the sum: C more registers would spill at the
+      // 85-register bound below.
+      const float inv_sumexp = 1.f / s.sumexp;
+#pragma unroll
+      for (int c = 0; c < kMaxClasses; ++c)
+        if (c < classes) dz[c * dz_stride] = ce_grad(fast_exp(z[c] - s.zmax) * inv_sumexp, c == label, 1.f);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kMaxClasses; ++c)
+        if (c < classes) dz[c * dz_stride] = 0.f;
+    }
+  } else {
+    if (valid) {
+      const PixelSoftmax s = pixel_softmax_online(logits, g, n, y, x, label, dz, dz_stride);
+      const float inv_sumexp = 1.f / s.sumexp;
+      kept = ohem_kept(fast_exp(s.z_gt - s.zmax) / s.sumexp, thresh);
+      if (kept)
+        for (int64_t c = 0; c < g.C; ++c)
+          dz[c * dz_stride] = ce_grad(fast_exp(dz[c * dz_stride] - s.zmax) * inv_sumexp, c == label, 1.f);
+    }
+    if (!kept)
+      for (int64_t c = 0; c < g.C; ++c) dz[c * dz_stride] = 0.f;
+  }
+  return kept;
+}
 
 // At least 3 resident blocks per SM (<= 85 registers a thread; sm_90 needs 80, no spills):
 // phase 1 is latency-bound on the logit loads, so occupancy matters.
-template <typename scalar_t, typename label_t>
+template <int kMaxClasses, typename scalar_t, typename label_t>
 __global__ void __launch_bounds__(kThreads, 3)
     backward_band_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
                          BackwardTiling tiling, const float* __restrict__ threshold, int64_t ignore_index,
@@ -354,64 +480,78 @@ __global__ void __launch_bounds__(kThreads, 3)
   const int64_t accumulators = static_cast<int64_t>(tiling.band_rows) * g.C * tiling.tile_cols;
   const int dz_stride = tiling.x_chunk + 1;
 
-  for (int64_t a = threadIdx.x; a < accumulators; a += blockDim.x) sh.acc[a] = 0.f;
-  for (int64_t jl = threadIdx.x; jl < tile_cols; jl += blockDim.x) {
-    const DstRange xs = dst_range_reading(j_begin + jl, g.w, g.W, g.scale_w);
-    sh.col_x[2 * jl] = xs.begin;
-    sh.col_x[2 * jl + 1] = xs.end;
-  }
   const int64_t y_begin = dst_range_reading(i_begin, g.h, g.H, g.scale_h).begin;
   const int64_t y_end = dst_range_reading(i_end - 1, g.h, g.H, g.scale_h).end;
   const int64_t x_begin = dst_range_reading(j_begin, g.w, g.W, g.scale_w).begin;
   const int64_t x_end = dst_range_reading(j_end - 1, g.w, g.W, g.scale_w).end;
+  for (int64_t a = threadIdx.x; a < accumulators; a += blockDim.x) sh.acc[a] = 0.f;
+  for (int64_t jl = threadIdx.x; jl < tile_cols; jl += blockDim.x) {
+    const int64_t j = j_begin + jl;
+    int* range = sh.col_range + 3 * jl;  // output columns < 2^31 (checked on the host)
+    range[0] = static_cast<int>(first_dst_with_i0_at_least(j - 1, g.w, g.W, g.scale_w) - x_begin);
+    range[1] = static_cast<int>(first_dst_with_i0_at_least(j, g.w, g.W, g.scale_w) - x_begin);
+    range[2] = static_cast<int>(first_dst_with_i0_at_least(j + 1, g.w, g.W, g.scale_w) - x_begin);
+  }
   const float thresh = *threshold;
+  // Phase 2's (class, head column) pairs: this thread's first, and the step between its pairs
+  // (32-bit: C * tile_cols is small, and one division here spares one per pair and row).
+  const int classes = static_cast<int>(g.C), pairs = classes * static_cast<int>(tile_cols);
+  const int first_class = threadIdx.x % classes, first_col = threadIdx.x / classes;
+  const int step_class = blockDim.x % classes, step_col = blockDim.x / classes;
   __syncthreads();
 
   for (int64_t x0 = x_begin; x0 < x_end; x0 += tiling.x_chunk) {
     const int64_t chunk = min(static_cast<int64_t>(tiling.x_chunk), x_end - x0);
     const int64_t x = x0 + threadIdx.x;
+    const int chunk_begin = static_cast<int>(x0 - x_begin);  // the chunk, relative to the block's first column
+    const int chunk_end = chunk_begin + static_cast<int>(chunk);
     if (threadIdx.x < chunk) {
-      const LinearTap tx = linear_tap(x, g.w, g.scale_w);  // head columns < 2^31 (checked on the host)
-      sh.tap[threadIdx.x] = {static_cast<int>(tx.i0 - j_begin), static_cast<int>(tx.i1 - j_begin), tx.w0, tx.w1};
+      const LinearTap tx = linear_tap(x, g.w, g.scale_w);
+      const bool one_tap = tx.i1 == tx.i0;  // the last head column, clamped
+      sh.weight_lower[threadIdx.x] = tx.w0 + (one_tap ? tx.w1 : 0.f);
+      sh.weight_upper[threadIdx.x] = one_tap ? 0.f : tx.w1;
     }
     for (int64_t y = y_begin; y < y_end; ++y) {
       // Phase 1: one pixel per thread; its column of dz = softmax - onehot if kept, else 0.
       bool kept = false;
       if (threadIdx.x < chunk) {
-        float* dz = sh.dz + threadIdx.x;
         const int64_t label = static_cast<int64_t>(target[(n * g.H + y) * g.W + x]);
-        if (label != ignore_index && label >= 0 && label < g.C) {
-          const PixelSoftmax s = pixel_softmax(logits, g, n, y, x, label, dz, dz_stride);
-          const float inv_sumexp = 1.f / s.sumexp;
-          kept = ohem_kept(fast_exp(s.z_gt - s.zmax) / s.sumexp, thresh);
-          if (kept)
-            for (int64_t c = 0; c < g.C; ++c)
-              dz[c * dz_stride] = ce_grad(fast_exp(dz[c * dz_stride] - s.zmax) * inv_sumexp, c == label, 1.f);
-        }
-        if (!kept)
-          for (int64_t c = 0; c < g.C; ++c) dz[c * dz_stride] = 0.f;
+        const bool valid = label != ignore_index && label >= 0 && label < g.C;
+        kept = pixel_grad_column<kMaxClasses>(logits, g, n, y, x, label, valid, thresh, sh.dz + threadIdx.x,
+                                              dz_stride);
       }
       if (!__syncthreads_or(kept)) continue;  // nothing kept in this row chunk
       // Phase 2: reduce the row chunk along x into head columns, then into the band's rows.
       const LinearTap ty = linear_tap(y, g.h, g.scale_h);
       const int64_t band_row[2] = {ty.i0 - i_begin, ty.i1 - i_begin};
       const float row_weight[2] = {ty.w0, ty.w1};
-      // 32-bit (class, column) arithmetic: C * tile_cols is small, and 64-bit division is slow.
-      const int classes = static_cast<int>(g.C), pairs = classes * static_cast<int>(tile_cols);
+      // Pair (c, jl) = (pair % classes, pair / classes): consecutive threads, consecutive classes.
+      int c = first_class, jl = first_col;
       for (int pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
-        const int c = pair % classes, jl = pair / classes;  // consecutive threads: consecutive classes
-        // Output columns of this chunk (relative to x0) that read head column jl.
-        const int lo = static_cast<int>(max(sh.col_x[2 * jl], x0) - x0);
-        const int hi = static_cast<int>(min(sh.col_x[2 * jl + 1], x0 + chunk) - x0);
+        // Output columns of this chunk (relative to its first) that read head column jl: as
+        // their upper tap in [lo, mid), as their lower tap in [mid, hi). In increasing x,
+        // so the sum's order is that of a single pass over the columns.
+        const int* range = sh.col_range + 3 * jl;
+        const int lo = max(range[0], chunk_begin) - chunk_begin;
+        const int hi = min(range[2], chunk_end) - chunk_begin;
+        const int mid = min(max(range[1] - chunk_begin, lo), hi);
+        const float* dz = sh.dz + c * dz_stride;
         float partial = 0.f;
-        for (int xl = lo; xl < hi; ++xl) partial += sh.tap[xl].weight(jl) * sh.dz[c * dz_stride + xl];
+        for (int xl = lo; xl < mid; ++xl) partial += sh.weight_upper[xl] * dz[xl];
+        for (int xl = mid; xl < hi; ++xl) partial += sh.weight_lower[xl] * dz[xl];
         for (int r = 0; r < 2; ++r)
           if (band_row[r] >= 0 && band_row[r] < i_end - i_begin)
             sh.acc[(band_row[r] * classes + c) * tiling.tile_cols + jl] += row_weight[r] * partial;
+        c += step_class;
+        jl += step_col;
+        if (c >= classes) {
+          c -= classes;
+          ++jl;
+        }
       }
       __syncthreads();  // dz is rewritten by the next row
     }
-    __syncthreads();  // taps are rewritten by the next chunk
+    __syncthreads();  // the weights are rewritten by the next chunk
   }
 
   const float coef = *grad_loss / static_cast<float>(g.N * g.H * g.W);
@@ -450,6 +590,7 @@ BackwardTiling backward_tiling(const Geometry& g) {
               props->sharedMemPerBlockOptin);
   TORCH_CHECK(g.N <= 65535 && (g.h + t.band_rows - 1) / t.band_rows <= 65535,
               "ohem_cross_entropy (CUDA kernel): batch and head height must be <= 65535, got ", g.N, " and ", g.h);
+  TORCH_CHECK(g.W < (int64_t{1} << 31), "ohem_cross_entropy (CUDA kernel): target width must be < 2^31, got ", g.W);
   return t;
 }
 
@@ -479,8 +620,8 @@ Geometry geometry(const at::Tensor& head, const at::Tensor& target) {
   g.W = target.size(2);
   g.scale_h = linear_scale(g.h, g.H);
   g.scale_w = linear_scale(g.w, g.W);
-  TORCH_CHECK(g.h * g.w < (int64_t{1} << 31), "ohem_cross_entropy (CUDA kernel): logits must have fewer than 2^31 ",
-              "values per class and image (32-bit tap offsets), got ", head.sizes());
+  TORCH_CHECK(g.C * g.h * g.w < (int64_t{1} << 31), "ohem_cross_entropy (CUDA kernel): logits must have fewer than ",
+              "2^31 values per image (32-bit offsets within an image), got ", head.sizes());
   return g;
 }
 
@@ -510,6 +651,18 @@ void dispatch_logits(const at::Tensor& logits, F&& f) {
       break;
     default:
       f(logits.const_data_ptr<float>());
+  }
+}
+
+// f(std::integral_constant<int, kMaxClasses>) with the softmax's class bound for C classes:
+// kRegisterClasses where they fit in registers, else 0 (the online loop). Forward and
+// backward dispatch alike, so both run the same softmax on a pixel.
+template <typename F>
+void dispatch_classes(int64_t classes, F&& f) {
+  if (classes <= kRegisterClasses) {
+    f(std::integral_constant<int, kRegisterClasses>{});
+  } else {
+    f(std::integral_constant<int, 0>{});
   }
 }
 
@@ -552,11 +705,13 @@ std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cuda(const at::Ten
 
   dispatch_logits(head, [&](auto* logits_ptr) {
     dispatch_label(labels, [&](auto* target_ptr) {
-      forward_pixels_kernel<<<pixel_grid, kThreads, 0, stream>>>(
-          logits_ptr, target_ptr, g, thresh32, ignore_index, prob.data_ptr<float>(),
-          ce.data_ptr<float>(), reinterpret_cast<long long*>(block_counts.data_ptr<int64_t>()),
-          block_sums.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_classes(g.C, [&](auto max_classes) {
+        forward_pixels_kernel<decltype(max_classes)::value><<<pixel_grid, kThreads, 0, stream>>>(
+            logits_ptr, target_ptr, g, thresh32, ignore_index, prob.data_ptr<float>(),
+            ce.data_ptr<float>(), reinterpret_cast<long long*>(block_counts.data_ptr<int64_t>()),
+            block_sums.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   forward_totals_kernel<<<1, kFinalThreads, 0, stream>>>(
@@ -617,15 +772,17 @@ at::Tensor ohem_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const a
   dispatch_logits(head, [&](auto* logits_ptr) {
     using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(logits_ptr)>>;
     dispatch_label(labels, [&](auto* target_ptr) {
-      const auto kernel =
-          backward_band_kernel<scalar_t, std::remove_const_t<std::remove_pointer_t<decltype(target_ptr)>>>;
-      if (tiling.shared_bytes > kDefaultSharedBytes)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(tiling.shared_bytes)));
-      kernel<<<grid, kThreads, tiling.shared_bytes, stream>>>(
-          logits_ptr, target_ptr, g, tiling, threshold32.const_data_ptr<float>(), ignore_index,
-          grad_scalar.const_data_ptr<float>(), grad.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      using label_t = std::remove_const_t<std::remove_pointer_t<decltype(target_ptr)>>;
+      dispatch_classes(g.C, [&](auto max_classes) {
+        const auto kernel = backward_band_kernel<decltype(max_classes)::value, scalar_t, label_t>;
+        if (tiling.shared_bytes > kDefaultSharedBytes)
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(tiling.shared_bytes)));
+        kernel<<<grid, kThreads, tiling.shared_bytes, stream>>>(
+            logits_ptr, target_ptr, g, tiling, threshold32.const_data_ptr<float>(), ignore_index,
+            grad_scalar.const_data_ptr<float>(), grad.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return grad;
