@@ -152,15 +152,24 @@ def test_cpp_non_contiguous_and_channels_last():
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
-# ---- OHEM edge cases (spec §6), on every CPU-runnable backend
+# ---- OHEM edge cases (spec §6), on every fused backend
 
 
 def cpu_backends():
     return ["cpp"] + (["triton"] if "triton" in bf.backends.available() and triton_device() == "cpu" else [])
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_ties_at_threshold(backend):
+def fused_backends():
+    """(backend, device) of every fused implementation this session can run."""
+    params = [pytest.param("cpp", "cpu", id="cpp")]
+    if "triton" in bf.backends.available():
+        params.append(pytest.param("triton", triton_device(), id="triton"))
+    params.append(pytest.param("cuda", "cuda", id="cuda", marks=requires_cuda_build))
+    return params
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
+def test_ties_at_threshold(backend, device):
     # Same-size "upsampling" (exact) and two classes whose logit gap takes 3 values: the
     # ground-truth probabilities tie in three groups (24, 24 and 22 pixels). With k = 30 the
     # k-th lands inside the middle group, whose members are then all dropped (p < threshold
@@ -168,19 +177,20 @@ def test_ties_at_threshold(backend):
     gap = torch.tensor([0.0, -1.0, -2.0]).repeat(12)[:35].reshape(1, 1, 5, 7)
     logits = torch.cat([torch.zeros_like(gap), gap], dim=1).repeat(2, 1, 1, 1)
     target = torch.zeros(2, 5, 7, dtype=torch.int64)
+    logits, target = logits.to(device), target.to(device)
     kwargs = dict(thresh=0.5, min_kept=15, ignore_index=255)
-    op = torch.ops.bisenet_fast if backend == "cpp" else torch.ops.bisenet_fast_triton
+    op = torch.ops.bisenet_fast_triton if backend == "triton" else torch.ops.bisenet_fast
     _, threshold = op.ohem_cross_entropy_forward(logits, target, 0.5, 15, 255)
     assert threshold.item() == pytest.approx(reference_threshold(logits, target, 0.5, 15), rel=1e-6)
     assert threshold.item() == pytest.approx(float(torch.sigmoid(torch.tensor(1.0))), rel=1e-6)
     check_against_reference(backend, logits, target, **kwargs)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend, device", fused_backends())
 @pytest.mark.parametrize("budget_vs_valid", ["less", "equal", "more"])
-def test_budget_versus_valid_count(backend, budget_vs_valid):
+def test_budget_versus_valid_count(backend, device, budget_vs_valid):
     shape = (1, 3, 3, 4, 6, 7)
-    logits, target = make_inputs(shape, seed=5)
+    logits, target = make_inputs(shape, seed=5, device=device)
     # min_kept * N is the budget: use N=1 so every budget is reachable.
     logits, target = logits[:1], target[:1]
     n_valid = int((target != 255).sum())
@@ -192,32 +202,32 @@ def test_budget_versus_valid_count(backend, budget_vs_valid):
         assert loss < ref_all
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend, device", fused_backends())
 @pytest.mark.parametrize("thresh", [0.7, None])
-def test_nothing_valid(backend, thresh):
-    logits, target = make_inputs((2, 3, 3, 4, 6, 7))
+def test_nothing_valid(backend, device, thresh):
+    logits, target = make_inputs((2, 3, 3, 4, 6, 7), device=device)
     target.fill_(255)
     loss, grad = loss_and_grad(backend, logits, target, thresh=thresh, min_kept=5)
     assert loss.item() == 0.0 and not torch.isnan(loss)
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_everything_kept(backend):
+@pytest.mark.parametrize("backend, device", fused_backends())
+def test_everything_kept(backend, device):
     # thresh=1 with a small budget: every valid pixel (p < 1) is kept, i.e. plain CE.
     shape = (2, 3, 3, 4, 6, 7)
-    logits, target = make_inputs(shape)
+    logits, target = make_inputs(shape, device=device)
     loss, grad = loss_and_grad(backend, logits, target, thresh=1.0, min_kept=1)
     plain, plain_grad = loss_and_grad("eager", logits, target, thresh=None)
     torch.testing.assert_close(loss, plain)
     torch.testing.assert_close(grad, plain_grad)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend, device", fused_backends())
 @pytest.mark.parametrize("ignore_index", [-1, 2])
-def test_ignore_index_other_than_255(backend, ignore_index):
+def test_ignore_index_other_than_255(backend, device, ignore_index):
     shape = (2, 4, 3, 4, 6, 7)
-    logits, target = make_inputs(shape, ignore_index=ignore_index)
+    logits, target = make_inputs(shape, ignore_index=ignore_index, device=device)
     check_against_reference(backend, logits, target, thresh=0.2, min_kept=20, ignore_index=ignore_index)
 
 
@@ -255,15 +265,6 @@ def test_cpp_kernel_checks_labels_itself():
 # ---- non-finite logits (a float16 head that overflowed, a diverging run): the loss is
 # non-finite exactly when the reference's is, never a silently finite value that the
 # training loop's check would let through, and so is the gradient.
-
-
-def fused_backends():
-    """(backend, device) of every fused implementation this session can run."""
-    params = [pytest.param("cpp", "cpu", id="cpp")]
-    if "triton" in bf.backends.available():
-        params.append(pytest.param("triton", triton_device(), id="triton"))
-    params.append(pytest.param("cuda", "cuda", id="cuda", marks=requires_cuda_build))
-    return params
 
 
 @pytest.mark.parametrize("backend, device", fused_backends())
@@ -498,6 +499,9 @@ CUDA_SHAPES = SHAPES + [
     (2, 19, 20, 70, 160, 600),
     (1, 3, 2, 2, 300, 700),
     (1, 150, 8, 8, 64, 64),
+    # Both sides of the CUDA kernel's bound on classes held in registers (kRegisterClasses).
+    (2, 20, 5, 7, 33, 45),
+    (2, 21, 5, 7, 33, 45),
 ]
 
 
