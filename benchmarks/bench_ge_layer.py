@@ -4,7 +4,8 @@ fused op replaces (expand dwconv -> projection + residual/shortcut + ReLU).
 impls: eager (the folded-BN reference, NCHW and channels_last), compile (torch.compile of
 the reference, GPU only), and the fused kernel (cpp on CPU, triton on GPU; on GPU also
 triton-unsplit, the Triton kernels with split-K off, in the layers whose grid splits its K
-loop, to show what the split buys).
+loop, to show what the split buys; and triton-8warps, the 8-warp blocks the float16 layers
+up to 64 output channels had before they took 4, to show what that buys).
 
     python -m benchmarks.bench_ge_layer [--device cuda] [--quick] [--json out.json]
 """
@@ -38,6 +39,26 @@ def _split_k_off():
         yield
     finally:
         ge_triton._k_splits = chosen
+
+
+@contextlib.contextmanager
+def _eight_warps():
+    from bisenet_fast.triton_kernels import ge_layer as ge_triton
+
+    chosen = ge_triton.HALF_NARROW_WARPS
+    ge_triton.HALF_NARROW_WARPS = ge_triton.NUM_WARPS
+    try:
+        yield
+    finally:
+        ge_triton.HALF_NARROW_WARPS = chosen
+
+
+def _takes_half_narrow_warps(stride: int, cin: int, cout: int, mid: int, out_pixels: int, dtype: torch.dtype,
+                             device: torch.device) -> bool:
+    from bisenet_fast.triton_kernels import ge_layer as ge_triton
+
+    block_p = ge_triton.main_kernel_grid(stride, cin, mid, out_pixels, device)[0]
+    return ge_triton._warps(block_p, cout, dtype) == ge_triton.HALF_NARROW_WARPS != ge_triton.NUM_WARPS
 
 
 def _splits_k_loop(stride: int, cin: int, mid: int, out_pixels: int, device: torch.device) -> bool:
@@ -89,6 +110,11 @@ def run(device: str, quick: bool) -> list[dict]:
                     with _split_k_off():
                         return op(x_cl, y_cl, *weights, triton_weights=packed)
                 candidates.append(("triton-unsplit", "channels_last", unsplit))
+            if gpu and _takes_half_narrow_warps(stride, cin, cout, mid, out_h * out_w, dtype, device):
+                def eight_warps():
+                    with _eight_warps():
+                        return op(x_cl, y_cl, *weights, triton_weights=packed)
+                candidates.append(("triton-8warps", "channels_last", eight_warps))
             min_bytes = (2 * x.numel() + cout * out_h * out_w) * x.element_size()
             base = None
             for impl, layout, fn in candidates:

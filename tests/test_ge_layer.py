@@ -178,6 +178,18 @@ def test_k_splits_give_every_sm_two_programs(blocks, k_items, splits, monkeypatc
     assert ge_triton._k_splits(blocks, k_items, torch.device("cpu")) == splits
 
 
+@pytest.mark.parametrize("block_p,cout,dtype,warps", [(64, 32, torch.float16, 4), (64, 64, torch.bfloat16, 4),
+                                                     (64, 128, torch.float16, 8), (64, 32, torch.float32, 8),
+                                                     (16, 32, torch.float16, 4), (16, 128, torch.float32, 4)])
+def test_warps_per_block(block_p, cout, dtype, warps):
+    """64-pixel blocks take 4 warps (each expanded value computed once) where their build fits
+    in registers: 16-bit dtypes up to 64 output channels; else 8 (tests/triton_sm90.py checks
+    that every build is spill-free). 16-pixel blocks take 4."""
+    from bisenet_fast.triton_kernels import ge_layer as ge_triton
+
+    assert ge_triton._warps(block_p, cout, dtype) == warps
+
+
 @requires_triton
 @pytest.mark.parametrize("cin,cout,stride,k_items", [(16, 16, 1, 6), (32, 40, 2, 12)])
 @pytest.mark.parametrize("sms,splits", [(1, 1), (3, 2), (8, 6)])

@@ -61,10 +61,17 @@ BLOCK_CIN = 16
 # No software pipelining of the K loop: its loads are 3x3 neighbourhoods that feed FMAs,
 # not tl.dot, so the pipeliner could only stage them through shared memory.
 NUM_STAGES = 1
-# 8 warps for 64-pixel blocks (with 4, each thread held a quarter of the [64, C]
-# accumulator and sm_90 builds spilled); 4 for 16-pixel blocks, whose dots split the output
-# channels over the warps, each warp holding all 16 rows of the chunk.
+# Warps of a 64-pixel block. Its dots tile the [64, C] accumulator over the warps, and each
+# warp computes the expanded (A operand) rows of its tile: with 4 warps (sm_90: wgmma,
+# warpsPerCTA [4, 1]) each expanded value is computed once, with 8 ([4, 2]) twice (the
+# sm_90 SASS of the 32->32 layer: 72 FMAs per thread and chunk either way, over half the
+# threads). 4 warps hold twice the accumulator per thread: float16/bfloat16 builds up to 64
+# output channels fit in registers; float32 ones (TF32 and 3xTF32 dots) and 128 channels
+# spilled (16-704 B per thread), so those keep 8 warps. 16-pixel blocks take 4: their dots
+# split the output channels over the warps, each holding all 16 rows of the chunk.
 NUM_WARPS = 8
+HALF_NARROW_WARPS = 4  # 16-bit dtypes, at most HALF_NARROW_OUTPUT output channels
+HALF_NARROW_OUTPUT = 64
 SMALL_BLOCK_WARPS = 4
 # Without a register limit, ptxas capped some builds at 96 or 128 registers and spilled;
 # one program per SM may use them all (tests/triton_sm90.py fails on any spill).
@@ -286,8 +293,16 @@ def _fp32_dot_precision() -> str:
     return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
 
 
-def _launch_options(block_p: int) -> dict:
-    return {"num_warps": SMALL_BLOCK_WARPS if block_p == SMALL_BLOCK_P else NUM_WARPS, "maxnreg": MAX_REGISTERS}
+def _warps(block_p: int, cout: int, dtype: torch.dtype) -> int:
+    if block_p == SMALL_BLOCK_P:
+        return SMALL_BLOCK_WARPS
+    if dtype != torch.float32 and cout <= HALF_NARROW_OUTPUT:
+        return HALF_NARROW_WARPS
+    return NUM_WARPS
+
+
+def _launch_options(block_p: int, cout: int, dtype: torch.dtype) -> dict:
+    return {"num_warps": _warps(block_p, cout, dtype), "maxnreg": MAX_REGISTERS}
 
 
 def ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
@@ -304,7 +319,7 @@ def ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     _ge_stride1_kernel[(blocks, k_splits)](
         x, y, dw_weight, dw_bias, pw_weight, pw_bias, out, partial, pixels, h, w,
         C=c, RATIO=mid // c, K_SPLITS=k_splits, BLOCK_P=block_p, BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(c),
-        PRECISION=_fp32_dot_precision(), num_stages=NUM_STAGES, **_launch_options(block_p),
+        PRECISION=_fp32_dot_precision(), num_stages=NUM_STAGES, **_launch_options(block_p, c, x.dtype),
     )
     if k_splits > 1:
         _sum_partials(partial, pw_bias, x, out, addend_is_residual=True)
@@ -334,7 +349,7 @@ def ge_layer_stride2_triton(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw
         x, expanded, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
         out, partial, pixels, h, w, ho, wo, C=c, COUT=cout, MID=mid, K_SPLITS=k_splits, BLOCK_P=block_p,
         BLOCK_K=BLOCK_CIN, BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(cout), PRECISION=_fp32_dot_precision(),
-        num_stages=NUM_STAGES, **_launch_options(block_p),
+        num_stages=NUM_STAGES, **_launch_options(block_p, cout, x.dtype),
     )
     if k_splits > 1:
         _sum_partials(partial, pw_bias, sc_pw_bias, out, addend_is_residual=False)
