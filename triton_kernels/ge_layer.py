@@ -121,9 +121,20 @@ def _conv3x3(taps, w_ptr, b_ptr, cols, col_mask, K_TOTAL: tl.constexpr):
 
 
 @triton.jit
+def _pin_layout(x):
+    """x itself, as the result of a reduction (over a new axis of size 1). Triton converts a
+    dot operand to the dot's layout where it was made; when elementwise ops make it from
+    loads, it moves that conversion back through them to every load. For a 3x3 conv that is
+    9 tiles through shared memory (9 barrier pairs in the sm_90 build) instead of 1, and the
+    conv's FMAs run in the operand layout. A reduction's result stops that move."""
+    return tl.sum(tl.expand_dims(x, 2), axis=2)
+
+
+@triton.jit
 def _project(acc, e, w_ptr, rows, row_mask, offs_o, o_mask, COUT: tl.constexpr, PRECISION: tl.constexpr):
     """acc += e @ w[rows, :] with w packed [K, COUT] row-major in the input dtype (rows outside
     row_mask load 0, so whatever e holds there adds nothing); PRECISION: float32's dot precision."""
+    e = _pin_layout(e)
     w = tl.load(w_ptr + rows[:, None] * COUT + offs_o[None, :], mask=row_mask[:, None] & o_mask[None, :], other=0.0)
     if w.dtype == tl.float32:
         return tl.dot(e, w, acc, input_precision=PRECISION)
