@@ -82,14 +82,9 @@ struct PixelSoftmax {
 };
 
 // Logits are read in their own dtype and converted per tap (float math throughout), so
-// float16/bfloat16 logits need no float32 copy at head resolution.
-template <typename scalar_t>
-__device__ __forceinline__ float logit_at(const scalar_t* __restrict__ channel, int offset) {
-  return static_cast<float>(channel[offset]);
-}
-
-// A logit through the read-only (non-coherent) path, ld.global.nc, as the compiler emits
-// for the __restrict__ pointers above but cannot for an address it may not analyse.
+// float16/bfloat16 logits need no float32 copy at head resolution. Loads take the read-only
+// (non-coherent) path, ld.global.nc, which the compiler cannot choose itself for the opaque
+// image address below.
 __device__ __forceinline__ float read_only_logit(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float read_only_logit(const at::Half* p) {
   return static_cast<float>(at::Half(__ldg(reinterpret_cast<const unsigned short*>(p)), at::Half::from_bits()));
@@ -99,10 +94,20 @@ __device__ __forceinline__ float read_only_logit(const at::BFloat16* p) {
       at::BFloat16(__ldg(reinterpret_cast<const unsigned short*>(p)), at::BFloat16::from_bits()));
 }
 
-// The four head-resolution taps of one output pixel, as offsets within a class plane
-// (< 2^31, checked on the host) and weights: computed once per pixel, so each class costs
-// four loads and a pointer step instead of the 64-bit tap arithmetic per class and tap that
-// the first version's build redid (~25 integer instructions of its ~74 per class).
+// Image n of the logits, as an opaque register: else the compiler folds the 64-bit image
+// offset into every load's index arithmetic (four instructions per load instead of two).
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* logits_image(const scalar_t* logits, const Geometry& g, int64_t n) {
+  const scalar_t* image = logits + n * g.C * g.h * g.w;
+  asm("" : "+l"(image));
+  return image;
+}
+
+// The four head-resolution taps of one output pixel, as offsets within a class plane and
+// weights: computed once per pixel, so each class costs four loads instead of the 64-bit tap
+// arithmetic per class and tap that the first version's build redid (~25 integer
+// instructions of its ~74 per class). Offsets within an image are < 2^31 (checked on the
+// host), so a class's taps are these plus c * h * w in unsigned 32-bit arithmetic.
 struct PixelTaps {
   int top_left, top_right, bottom_left, bottom_right;
   float wx0, wx1, wy0, wy1;
@@ -116,12 +121,16 @@ __device__ __forceinline__ PixelTaps pixel_taps(const Geometry& g, int64_t y, in
   return {top + left, top + right, bottom + left, bottom + right, tx.w0, tx.w1, ty.w0, ty.w1};
 }
 
-// Each row interpolated along x, then the two blended along y: ATen's order, so the value
-// rounds as F.interpolate's does.
+// The upsampled logit of the class at `class_offset` (c * h * w) in `image`: each row
+// interpolated along x, then the two blended along y, ATen's order, so the value rounds as
+// F.interpolate's does.
 template <typename scalar_t>
-__device__ __forceinline__ float upsampled_logit(const scalar_t* __restrict__ channel, const PixelTaps& t) {
-  const float top = t.wx0 * logit_at(channel, t.top_left) + t.wx1 * logit_at(channel, t.top_right);
-  const float bottom = t.wx0 * logit_at(channel, t.bottom_left) + t.wx1 * logit_at(channel, t.bottom_right);
+__device__ __forceinline__ float upsampled_logit(const scalar_t* image, const PixelTaps& t, uint32_t class_offset) {
+  const auto tap_value = [&](int tap) {
+    return read_only_logit(image + (static_cast<uint32_t>(tap) + class_offset));
+  };
+  const float top = t.wx0 * tap_value(t.top_left) + t.wx1 * tap_value(t.top_right);
+  const float bottom = t.wx0 * tap_value(t.bottom_left) + t.wx1 * tap_value(t.bottom_right);
   return t.wy0 * top + t.wy1 * bottom;
 }
 
@@ -141,11 +150,12 @@ __device__ __forceinline__ PixelSoftmax pixel_softmax_online(const scalar_t* __r
                                                       int64_t y, int64_t x, int64_t label,
                                                       float* z_store = nullptr, int z_stride = 0) {
   const PixelTaps taps = pixel_taps(g, y, x);
-  const int64_t plane = g.h * g.w;
-  const scalar_t* channel = logits + n * g.C * plane;
+  const uint32_t plane = static_cast<uint32_t>(g.h * g.w);
+  const scalar_t* image = logits_image(logits, g, n);
   PixelSoftmax s{0.f, 0.f, 0.f};
-  for (int64_t c = 0; c < g.C; ++c, channel += plane) {
-    const float z = upsampled_logit(channel, taps);
+  uint32_t class_offset = 0;
+  for (int64_t c = 0; c < g.C; ++c, class_offset += plane) {
+    const float z = upsampled_logit(image, taps, class_offset);
     if (z_store != nullptr) z_store[c * z_stride] = z;
     if (c == label) s.z_gt = z;
     // Starting from the first class (not from -inf) keeps a -inf logit finite here: -inf
@@ -167,32 +177,20 @@ __device__ __forceinline__ PixelSoftmax pixel_softmax_online(const scalar_t* __r
 // stay in registers (z[c] on return, for c < C), the loops unroll with no branch, so the 4C
 // tap loads issue back to back, and the softmax takes two passes (max, then sum) instead of
 // the online loop's rescaling, whose compare and branch per class made it ~47 instructions
-// per class in the sm_90 build. Offsets within the image are 32-bit (checked on the host).
+// per class in the sm_90 build.
 template <int kMaxClasses, typename scalar_t>
 __device__ __forceinline__ PixelSoftmax pixel_softmax_in_registers(const scalar_t* __restrict__ logits,
                                                                    const Geometry& g, int64_t n, int64_t y,
                                                                    int64_t x, int64_t label, float (&z)[kMaxClasses]) {
   const PixelTaps taps = pixel_taps(g, y, x);
-  // Unsigned 32-bit indices: one IMAD and one IMAD.WIDE.U32 per load.
   const uint32_t plane = static_cast<uint32_t>(g.h * g.w);
-  const uint32_t top_left = taps.top_left, top_right = taps.top_right;
-  const uint32_t bottom_left = taps.bottom_left, bottom_right = taps.bottom_right;
   const int classes = static_cast<int>(g.C);
-  const scalar_t* image = logits + n * g.C * g.h * g.w;
-  // The image's address as an opaque register: else the compiler folds the 64-bit image
-  // offset into every load's index arithmetic (four instructions per load).
-  asm("" : "+l"(image));
+  const scalar_t* image = logits_image(logits, g, n);
+  // Classes from C on re-read class C - 1 (in bounds, so no load needs a branch); the passes
+  // below leave them out.
 #pragma unroll
-  for (int c = 0; c < kMaxClasses; ++c) {
-    // Classes from C on re-read class C - 1 (in bounds, so no load needs a branch); the
-    // passes below leave them out.
-    const uint32_t offset = static_cast<uint32_t>(min(c, classes - 1)) * plane;
-    const float top = taps.wx0 * read_only_logit(image + (top_left + offset)) +
-                      taps.wx1 * read_only_logit(image + (top_right + offset));
-    const float bottom = taps.wx0 * read_only_logit(image + (bottom_left + offset)) +
-                         taps.wx1 * read_only_logit(image + (bottom_right + offset));
-    z[c] = taps.wy0 * top + taps.wy1 * bottom;  // upsampled_logit's arithmetic, in its order
-  }
+  for (int c = 0; c < kMaxClasses; ++c)
+    z[c] = upsampled_logit(image, taps, static_cast<uint32_t>(min(c, classes - 1)) * plane);
   // fmaxf skips a NaN logit; its exp below still makes the sum, hence the loss, NaN.
   PixelSoftmax s{z[0], 0.f, z[0]};
 #pragma unroll
