@@ -141,15 +141,19 @@ __device__ __forceinline__ float upsampled_logit(const scalar_t* image, const Pi
 // which pixels are kept.
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 
+// The ground-truth probability of a pixel, which decides whether it is kept: the forward and
+// both backward paths compute it here, so they agree on every pixel.
+__device__ __forceinline__ float gt_probability(const PixelSoftmax& s) { return fast_exp(s.z_gt - s.zmax) / s.sumexp; }
+
 // Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`,
 // for any number of classes; with z_store set, each class's upsampled logit is also stored
 // at z_store[c * z_stride]. Forward and backward call the same softmax function for a given
 // class count (pixel_softmax_in_registers up to kRegisterClasses), so they agree on which
 // pixels are kept.
 template <typename scalar_t>
-__device__ __forceinline__ PixelSoftmax pixel_softmax_online(const scalar_t* __restrict__ logits, const Geometry& g, int64_t n,
-                                                      int64_t y, int64_t x, int64_t label,
-                                                      float* z_store = nullptr, int z_stride = 0) {
+__device__ __forceinline__ PixelSoftmax pixel_softmax_online(const scalar_t* __restrict__ logits, const Geometry& g,
+                                                             int64_t n, int64_t y, int64_t x, int64_t label,
+                                                             float* z_store = nullptr, int z_stride = 0) {
   const PixelTaps taps = pixel_taps(g, y, x);
   const uint32_t plane = static_cast<uint32_t>(g.h * g.w);
   const scalar_t* image = logits_image(logits, g, n);
@@ -231,7 +235,7 @@ __global__ void forward_pixels_kernel(const scalar_t* __restrict__ logits, const
           s = pixel_softmax_online(logits, g, n, y, x, label);
         }
         loss = s.zmax + logf(s.sumexp) - s.z_gt;
-        p = fast_exp(s.z_gt - s.zmax) / s.sumexp;
+        p = gt_probability(s);
         valid = 1;
         le = p <= thresh;
         sum_valid = loss;
@@ -432,7 +436,7 @@ __device__ __forceinline__ bool pixel_grad_column(const scalar_t* __restrict__ l
     PixelSoftmax s{};
     if (valid) {
       s = pixel_softmax_in_registers(logits, g, n, y, x, label, z);
-      kept = ohem_kept(fast_exp(s.z_gt - s.zmax) / s.sumexp, thresh);
+      kept = ohem_kept(gt_probability(s), thresh);
     }
     if (kept) {
       // exp again rather than kept from the sum: C more registers would spill at the
@@ -450,7 +454,7 @@ __device__ __forceinline__ bool pixel_grad_column(const scalar_t* __restrict__ l
     if (valid) {
       const PixelSoftmax s = pixel_softmax_online(logits, g, n, y, x, label, dz, dz_stride);
       const float inv_sumexp = 1.f / s.sumexp;
-      kept = ohem_kept(fast_exp(s.z_gt - s.zmax) / s.sumexp, thresh);
+      kept = ohem_kept(gt_probability(s), thresh);
       if (kept)
         for (int64_t c = 0; c < g.C; ++c)
           dz[c * dz_stride] = ce_grad(fast_exp(dz[c * dz_stride] - s.zmax) * inv_sumexp, c == label, 1.f);
