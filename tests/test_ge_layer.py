@@ -6,7 +6,7 @@ import torch
 
 import bisenet_fast as bf
 from bisenet_fast.ops import ge_layer as ge
-from tests.helpers import CUDA, requires_cuda, requires_triton, triton_device
+from tests.helpers import CUDA, requires_cuda, requires_cuda_build, requires_triton, triton_device
 
 # (cin, cout, stride) of every GE layer in BiSeNetV2's semantic branch.
 NETWORK_CONFIGS = [(16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
@@ -295,6 +295,153 @@ def test_triton_network_configs_on_gpu(cin, cout, stride, dtype, monkeypatch):
             assert_close_to_scale(run("triton", stride, args), reference_float64(stride, args), rel)
     else:
         assert_close_to_scale(run("triton", stride, args), reference_float64(stride, args), TOLERANCE[dtype])
+
+
+# ---- CUDA kernels: their block code emulated on the CPU, and native on a GPU ---------------
+# tests/cuda_emulation compiles csrc/cuda/ge_layer_block.cuh and ge_layer_host.h (all of
+# ge_layer.cu but the kernel launch) for the CPU and runs each block's 256 threads as OS
+# threads meeting at real barriers, shared memory starting as NaN.
+
+H200_SMS = 132
+
+
+def run_emulated(stride, args, sm_count=H200_SMS):
+    from tests import cuda_emulation
+
+    module = cuda_emulation.ge_layer()
+    return (module.ge_layer_stride1 if stride == 1 else module.ge_layer_stride2)(*args, sm_count)
+
+
+def emulated_plan(stride, n, out_h, out_w, cin, ratio, cout, sm_count=H200_SMS):
+    from tests import cuda_emulation
+
+    return cuda_emulation.ge_layer().plan(stride, n, out_h, out_w, cin, ratio, cout, sm_count)
+
+
+@pytest.mark.parametrize("cin,cout,stride", NETWORK_CONFIGS)
+def test_cuda_emulated_network_configs(cin, cout, stride):
+    """Every GE layer's channels (up to 24 chunks of 32 expanded channels, two shortcut
+    chunks at cin 64) on several 8x8 tiles with partial ones at the edges."""
+    args = make_inputs(2, cin, cout, stride, 9 * stride, 11 * stride)
+    assert_close_to_scale(run_emulated(stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("height,width", [(1, 1), (2, 3), (17, 8), (8, 17), (33, 20)])
+def test_cuda_emulated_tile_edges(stride, height, width):
+    """Images smaller than a tile, and tiles cut by the bottom and right edges: the halos'
+    zero padding (stride 2: also dw0's output outside the map, dw1's padding)."""
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, height, width, ratio=3)
+    assert_close_to_scale(run_emulated(stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("cin,cout,stride,ratio", [(40, 40, 1, 6), (40, 24, 2, 6), (5, 5, 1, 2), (3, 7, 2, 3),
+                                                   (33, 33, 1, 1), (33, 20, 2, 1)])
+def test_cuda_emulated_chunks_and_ratios(cin, cout, stride, ratio):
+    """Chunks of 32 expanded channels that start inside an input channel's expansion and a
+    partial last chunk; ratio 1 (a chunk reads 32 input channels, the halo's most); cin 40
+    and 33: a partial second shortcut chunk."""
+    args = make_inputs(1, cin, cout, stride, 10, 9, ratio=ratio)
+    assert_close_to_scale(run_emulated(stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("cout,sm_count,out_per_thread,cout_tiles",
+                         [(128, 1, 8, 1), (64, 1, 4, 1), (40, 1, 4, 1), (40, 1000, 2, 2), (136, 1, 8, 2)])
+def test_cuda_emulated_output_tiles(stride, cout, sm_count, out_per_thread, cout_tiles):
+    """Each output-channel tile width (2, 4, 8 outputs per thread), several tiles with a
+    partial last one, and the narrowing for grids with fewer blocks than SMs."""
+    cin = cout if stride == 1 else 8
+    args = make_inputs(1, cin, cout, stride, 6 * stride, 7 * stride, ratio=2)
+    plan = emulated_plan(stride, 1, 6, 7, cin, 2, cout, sm_count)
+    assert (plan["out_per_thread"], plan["cout_tiles"]) == (out_per_thread, cout_tiles)
+    assert_close_to_scale(run_emulated(stride, args, sm_count), reference_float64(stride, args),
+                          TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_emulated_low_precision(stride, dtype):
+    args = make_inputs(2, 16, 16 if stride == 1 else 32, stride, 7, 9, dtype)
+    out = run_emulated(stride, args)
+    assert out.dtype == dtype
+    assert_close_to_scale(out, reference_float64(stride, args), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cuda_emulated_layouts(stride):
+    """NCHW, channels_last and non-contiguous inputs and weights give one result."""
+    args = make_inputs(2, 8, 8 if stride == 1 else 16, stride, 6, 11)
+    expected = run_emulated(stride, args)
+    channels_last = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
+    sliced = [torch.stack([a, torch.full_like(a, float("nan"))], dim=-1)[..., 0] for a in args]
+    assert torch.equal(run_emulated(stride, channels_last), expected)
+    assert torch.equal(run_emulated(stride, sliced), expected)
+    assert_close_to_scale(expected, reference_float64(stride, args), TOLERANCE[torch.float32])
+
+
+def test_cuda_emulated_bad_inputs():
+    x, y, *weights = make_inputs(1, 4, 4, 1, 3, 3)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        run_emulated(1, [x.double(), y.double(), *(w.double() for w in weights)])
+    with pytest.raises(TypeError, match="pw_bias must have x's dtype"):
+        run_emulated(1, [x, y, *weights[:3], weights[3].half()])
+    with pytest.raises(ValueError, match=r"y \(conv1's output\) must have x's shape"):
+        run_emulated(1, [x, y[:, :, :2], *weights])
+    with pytest.raises(ValueError, match=r"pw_weight must be \(cin, mid\)"):
+        run_emulated(1, [x, y, *weights[:2], weights[2][:3], weights[3]])
+    x, y, *weights = make_inputs(1, 4, 8, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"sc_pw_weight must be \(cout, cin\)"):
+        run_emulated(2, [x, y, *weights[:8], weights[8][:7], weights[9]])
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 6])
+@pytest.mark.parametrize("cout", [16, 128, 512])
+def test_cuda_plan_fits_every_gpu_arch(ratio, cout):
+    """A block's shared memory stays within sm_86/sm_89's 99 KB opt-in limit (the smallest
+    of the built architectures) for any ratio and width: ratio 1 stages the most input
+    channels (33), 8 outputs per thread the widest weight tile."""
+    for stride in (1, 2):
+        plan = emulated_plan(stride, 1, 64, 64, 256, ratio, cout, sm_count=1)
+        assert plan["shared_bytes"] <= 99 * 1024
+
+
+def test_cuda_plan_at_the_network_shapes():
+    """1x1024x2048 on an H200: the 1/32 layers have 32 tiles, so their outputs split into 4
+    tiles of 32 channels (128 blocks for 132 SMs); the 1/8 layers keep one tile."""
+    assert emulated_plan(1, 1, 32, 64, 128, 6, 128)["cout_tiles"] == 4
+    assert emulated_plan(2, 1, 32, 64, 64, 6, 128)["cout_tiles"] == 4
+    plan = emulated_plan(2, 1, 128, 256, 16, 6, 32)
+    assert (plan["tiles"], plan["cout_tiles"], plan["out_per_thread"]) == (512, 1, 2)
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("cin,cout,stride", NETWORK_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_network_configs_on_gpu(cin, cout, stride, dtype):
+    # float32 FMA throughout (no TF32), so float32 is held to the fused model's 1e-4 bar.
+    args = make_inputs(2, cin, cout, stride, 33, 67, dtype, device="cuda")
+    rel = 1e-4 if dtype == torch.float32 else TOLERANCE[dtype]
+    out = run("cuda", stride, args)
+    assert_close_to_scale(out, reference_float64(stride, args), rel)
+    assert torch.equal(run("cuda", stride, args), out)
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cuda_matches_its_emulation(stride):
+    """The GPU runs the block code as the CPU emulation does: equal up to FMA contraction."""
+    args = make_inputs(1, 40, 40 if stride == 1 else 24, stride, 21, 30, ratio=6)
+    emulated = run_emulated(stride, args, torch.cuda.get_device_properties(0).multi_processor_count)
+    on_gpu = run("cuda", stride, [a.cuda() for a in args]).cpu()
+    assert_close_to_scale(on_gpu, emulated.double(), 1e-6)
+
+
+@requires_cuda_build
+def test_cuda_rejects_float64():
+    args = make_inputs(1, 4, 4, 1, 3, 3, torch.float64, device="cuda")
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        run("cuda", 1, args)
 
 
 # ---- Bad input: the same clear error whatever the backend -----------------------------------

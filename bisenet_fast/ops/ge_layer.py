@@ -1,8 +1,8 @@
 """Gather-and-Expansion layer (spec §2.2), inference form: every BN already folded into its
 conv (weight and bias), so the layer is a chain of biased convs. The dense 3x3 `conv1`
 (x -> y) stays with cuDNN/ATen; these ops fuse everything after it, keeping the 6x
-expanded tensor on chip (except the Triton stride-2 kernel, which writes dw0's
-half-resolution output once: see triton_kernels/ge_layer.py for why):
+expanded tensor on chip (in shared memory in the CUDA kernels; the Triton stride-2 kernel
+writes dw0's half-resolution output once: see triton_kernels/ge_layer.py for why):
 
 stride 1 (cin == cout):
     out = relu(x + pw(relu(dw(y))))                dw: 3x3 grouped (groups=cin), cin -> mid
@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from bisenet_fast import backends
 from bisenet_fast.ops._checks import FLOAT_DTYPES, check_inference_only, check_non_empty, check_tensor
 
-GPU_PREFERENCE = ("triton",)  # no CUDA C++ kernel for this op yet
+# Triton first: it has been run and timed on GPUs; the CUDA kernels (csrc/cuda/ge_layer.cu)
+# have been tested only as CPU-emulated block code (tests/cuda_emulation) so far.
+GPU_PREFERENCE = ("triton", "cuda")
 
 
 def ge_layer_stride1_reference(x, y, dw_weight, dw_bias, pw_weight, pw_bias):

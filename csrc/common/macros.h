@@ -3,8 +3,11 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BF_HOST_DEVICE __host__ __device__ __forceinline__
+#define BF_DEVICE __device__ __forceinline__
 #else
 #define BF_HOST_DEVICE inline
+// Device code compiled for the CPU: tests/cuda_emulation runs it there.
+#define BF_DEVICE inline
 #endif
 
 // A CPU hot loop compiled three times, for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and

@@ -1,0 +1,83 @@
+// Gather-and-Expansion layer, inference form, on CUDA (schema and formula in csrc/ops.cpp):
+// the kernels wrap the block code of ge_layer_block.cuh (how a block computes its tile)
+// and are launched by ge_layer_host.h's checks and plan.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/ge_layer_block.cuh"
+#include "cuda/ge_layer_host.h"
+
+namespace bisenet_fast {
+namespace {
+
+using ge_cuda::GeLaunch;
+using ge_cuda::GeParams;
+using ge_cuda::kThreads;
+
+template <typename scalar_t, int kOut>
+__global__ void __launch_bounds__(kThreads) ge_stride1_kernel(const GeParams<scalar_t> p) {
+  extern __shared__ float4 shared[];
+  ge_cuda::ge_stride1_block<scalar_t, kOut>(reinterpret_cast<float*>(shared), p);
+}
+
+template <typename scalar_t, int kOut>
+__global__ void __launch_bounds__(kThreads) ge_stride2_kernel(const GeParams<scalar_t> p) {
+  extern __shared__ float4 shared[];
+  ge_cuda::ge_stride2_block<scalar_t, kOut>(reinterpret_cast<float*>(shared), p);
+}
+
+template <typename Kernel, typename scalar_t>
+void launch(Kernel kernel, const GeLaunch& plan, const GeParams<scalar_t>& p) {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(plan.shared_bytes <= props->sharedMemPerBlockOptin, "ge_layer (cuda): a block needs ",
+              plan.shared_bytes, " bytes of shared memory, this GPU allows ", props->sharedMemPerBlockOptin);
+  if (plan.shared_bytes > 48 * 1024) {  // beyond the default limit a kernel must opt in
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(plan.shared_bytes)));
+  }
+  const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.cout_tiles));
+  kernel<<<grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+struct CudaLauncher {
+  template <typename scalar_t, int kOut>
+  static void stride1(const GeLaunch& plan, const GeParams<scalar_t>& p) {
+    launch(ge_stride1_kernel<scalar_t, kOut>, plan, p);
+  }
+  template <typename scalar_t, int kOut>
+  static void stride2(const GeLaunch& plan, const GeParams<scalar_t>& p) {
+    launch(ge_stride2_kernel<scalar_t, kOut>, plan, p);
+  }
+};
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+at::Tensor ge_layer_stride1_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
+                                 const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return ge_cuda::ge_layer_stride1<CudaLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias, sm_count());
+}
+
+at::Tensor ge_layer_stride2_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw0_weight,
+                                 const at::Tensor& dw0_bias, const at::Tensor& dw1_weight, const at::Tensor& dw1_bias,
+                                 const at::Tensor& pw_weight, const at::Tensor& pw_bias,
+                                 const at::Tensor& sc_dw_weight, const at::Tensor& sc_dw_bias,
+                                 const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return ge_cuda::ge_layer_stride2<CudaLauncher>(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight,
+                                                 pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
+                                                 sm_count());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bisenet_fast, CUDA, m) {
+  m.impl("ge_layer_stride1", &ge_layer_stride1_cuda);
+  m.impl("ge_layer_stride2", &ge_layer_stride2_cuda);
+}
+
+}  // namespace bisenet_fast

@@ -1,0 +1,178 @@
+// Host side of the CUDA GE-layer ops: argument checks, output allocation, launch plan and
+// dispatch over dtype and outputs per thread. The launch itself is the Launcher's
+// (ge_layer.cu: a CUDA kernel launch; tests/cuda_emulation: the blocks run on CPU
+// threads), which has static members
+//   template <typename scalar_t, int kOut> void stride1(const GeLaunch&, const GeParams<scalar_t>&)
+// and stride2 alike.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <climits>
+#include <initializer_list>
+#include <utility>
+
+#include "cuda/ge_layer_block.cuh"
+
+namespace bisenet_fast {
+namespace ge_cuda {
+
+using NamedTensors = std::initializer_list<std::pair<const char*, const at::Tensor*>>;
+
+inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, NamedTensors weights) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": x must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(y.sizes() == x.sizes(), op, ": y (conv1's output) must have x's shape ", x.sizes(), ", got ",
+                    y.sizes());
+  auto check_like_x = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
+                      t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must have x's dtype ", dtype, ", got ",
+                     t.scalar_type());
+  };
+  check_like_x("y", y);
+  for (const auto& [name, t] : weights) check_like_x(name, *t);
+  // Tile origins and halo rows are computed in int.
+  TORCH_CHECK_VALUE(x.size(2) < INT_MAX / 4 && x.size(3) < INT_MAX / 4, op, ": x's spatial size is too large");
+}
+
+inline void check_numel(const char* op, const char* name, const at::Tensor& t, int64_t numel, const char* expected) {
+  TORCH_CHECK_VALUE(t.numel() == numel, op, ": ", name, " must be ", expected, ", got ", t.sizes());
+}
+
+template <typename scalar_t>
+GeParams<scalar_t> make_params(const at::Tensor& x, const at::Tensor& y, at::Tensor& out, const GeLaunch& launch,
+                               int64_t mid, int64_t cout) {
+  GeParams<scalar_t> p{};
+  p.x = x.const_data_ptr<scalar_t>();
+  p.y = y.const_data_ptr<scalar_t>();
+  p.out = out.mutable_data_ptr<scalar_t>();
+  p.height = static_cast<int>(x.size(2));
+  p.width = static_cast<int>(x.size(3));
+  p.out_height = static_cast<int>(out.size(2));
+  p.out_width = static_cast<int>(out.size(3));
+  p.cin = static_cast<int>(x.size(1));
+  p.mid = static_cast<int>(mid);
+  p.ratio = static_cast<int>(mid / x.size(1));
+  p.cout = static_cast<int>(cout);
+  p.tiles_h = static_cast<int>(ceil_div(p.out_height, kTileH));
+  p.tiles_w = static_cast<int>(ceil_div(p.out_width, kTileW));
+  p.halo_channels = launch.halo_channels;
+  return p;
+}
+
+// Calls f(scalar_t{}) for the call's dtype (float, at::Half or at::BFloat16).
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    default: TORCH_CHECK(false, "ge_layer: unsupported dtype ", dtype);
+  }
+}
+
+template <typename Launcher, int kStride, typename scalar_t>
+void launch_block(const GeLaunch& launch, const GeParams<scalar_t>& p) {
+  switch (launch.out_per_thread) {
+    case 2: return kStride == 1 ? Launcher::template stride1<scalar_t, 2>(launch, p)
+                                : Launcher::template stride2<scalar_t, 2>(launch, p);
+    case 4: return kStride == 1 ? Launcher::template stride1<scalar_t, 4>(launch, p)
+                                : Launcher::template stride2<scalar_t, 4>(launch, p);
+    default: return kStride == 1 ? Launcher::template stride1<scalar_t, 8>(launch, p)
+                                 : Launcher::template stride2<scalar_t, 8>(launch, p);
+  }
+}
+
+template <typename Launcher>
+at::Tensor ge_layer_stride1(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
+                            const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
+                            int sm_count) {
+  constexpr const char* op = "ge_layer_stride1";
+  check_inputs(op, x, y, {{"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight},
+                          {"pw_bias", &pw_bias}});
+  const int64_t cin = x.size(1), mid = dw_weight.size(0);
+  TORCH_CHECK_VALUE(dw_weight.dim() == 4 && cin > 0 && mid > 0 && mid % cin == 0 && dw_weight.numel() == mid * 9,
+                    op, ": dw_weight must be (k*cin, 1, 3, 3), got ", dw_weight.sizes());
+  check_numel(op, "dw_bias", dw_bias, mid, "(mid)");
+  TORCH_CHECK_VALUE(pw_weight.dim() == 2 && pw_weight.size(0) == cin && pw_weight.size(1) == mid, op,
+                    ": pw_weight must be (cin, mid) (the residual needs cout == cin), got ", pw_weight.sizes());
+  check_numel(op, "pw_bias", pw_bias, cin, "(cin)");
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast), yc = y.contiguous(at::MemoryFormat::ChannelsLast);
+  auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const GeLaunch launch = plan_launch(1, x.size(0), x.size(2), x.size(3), cin, mid / cin, cin, sm_count);
+  TORCH_CHECK_VALUE(launch.tiles <= INT_MAX, op, ": too many pixels for one launch");
+  const auto dw_w = dw_weight.contiguous(), dw_b = dw_bias.contiguous();
+  const auto pw_w = pw_weight.contiguous(), pw_b = pw_bias.contiguous();
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    auto p = make_params<scalar_t>(xc, yc, out, launch, mid, cin);
+    p.dw_weight = dw_w.const_data_ptr<scalar_t>();
+    p.dw_bias = dw_b.const_data_ptr<scalar_t>();
+    p.pw_weight = pw_w.const_data_ptr<scalar_t>();
+    p.pw_bias = pw_b.const_data_ptr<scalar_t>();
+    launch_block<Launcher, 1>(launch, p);
+  });
+  return out;
+}
+
+template <typename Launcher>
+at::Tensor ge_layer_stride2(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw0_weight,
+                            const at::Tensor& dw0_bias, const at::Tensor& dw1_weight, const at::Tensor& dw1_bias,
+                            const at::Tensor& pw_weight, const at::Tensor& pw_bias, const at::Tensor& sc_dw_weight,
+                            const at::Tensor& sc_dw_bias, const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias,
+                            int sm_count) {
+  constexpr const char* op = "ge_layer_stride2";
+  check_inputs(op, x, y, {{"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias}, {"dw1_weight", &dw1_weight},
+                          {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},
+                          {"sc_dw_weight", &sc_dw_weight}, {"sc_dw_bias", &sc_dw_bias},
+                          {"sc_pw_weight", &sc_pw_weight}, {"sc_pw_bias", &sc_pw_bias}});
+  const int64_t cin = x.size(1), mid = dw0_weight.size(0);
+  TORCH_CHECK_VALUE(dw0_weight.dim() == 4 && cin > 0 && mid > 0 && mid % cin == 0 && dw0_weight.numel() == mid * 9,
+                    op, ": dw0_weight must be (k*cin, 1, 3, 3), got ", dw0_weight.sizes());
+  check_numel(op, "dw0_bias", dw0_bias, mid, "(mid)");
+  check_numel(op, "dw1_weight", dw1_weight, mid * 9, "(mid, 1, 3, 3)");
+  check_numel(op, "dw1_bias", dw1_bias, mid, "(mid)");
+  TORCH_CHECK_VALUE(pw_weight.dim() == 2 && pw_weight.size(1) == mid && pw_weight.size(0) > 0, op,
+                    ": pw_weight must be (cout, mid), got ", pw_weight.sizes());
+  const int64_t cout = pw_weight.size(0);
+  check_numel(op, "pw_bias", pw_bias, cout, "(cout)");
+  check_numel(op, "sc_dw_weight", sc_dw_weight, cin * 9, "(cin, 1, 3, 3)");
+  check_numel(op, "sc_dw_bias", sc_dw_bias, cin, "(cin)");
+  TORCH_CHECK_VALUE(sc_pw_weight.dim() == 2 && sc_pw_weight.size(0) == cout && sc_pw_weight.size(1) == cin, op,
+                    ": sc_pw_weight must be (cout, cin), got ", sc_pw_weight.sizes());
+  check_numel(op, "sc_pw_bias", sc_pw_bias, cout, "(cout)");
+  const int64_t out_h = (x.size(2) - 1) / 2 + 1, out_w = (x.size(3) - 1) / 2 + 1;
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast), yc = y.contiguous(at::MemoryFormat::ChannelsLast);
+  auto out = at::empty({x.size(0), cout, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const GeLaunch launch = plan_launch(2, x.size(0), out_h, out_w, cin, mid / cin, cout, sm_count);
+  TORCH_CHECK_VALUE(launch.tiles <= INT_MAX, op, ": too many pixels for one launch");
+  const auto dw0_w = dw0_weight.contiguous(), dw0_b = dw0_bias.contiguous();
+  const auto dw1_w = dw1_weight.contiguous(), dw1_b = dw1_bias.contiguous();
+  const auto pw_w = pw_weight.contiguous(), pw_b = pw_bias.contiguous();
+  const auto sc_dw_w = sc_dw_weight.contiguous(), sc_dw_b = sc_dw_bias.contiguous();
+  const auto sc_pw_w = sc_pw_weight.contiguous(), sc_pw_b = sc_pw_bias.contiguous();
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    auto p = make_params<scalar_t>(xc, yc, out, launch, mid, cout);
+    p.dw_weight = dw0_w.const_data_ptr<scalar_t>();
+    p.dw_bias = dw0_b.const_data_ptr<scalar_t>();
+    p.dw1_weight = dw1_w.const_data_ptr<scalar_t>();
+    p.dw1_bias = dw1_b.const_data_ptr<scalar_t>();
+    p.pw_weight = pw_w.const_data_ptr<scalar_t>();
+    p.pw_bias = pw_b.const_data_ptr<scalar_t>();
+    p.sc_dw_weight = sc_dw_w.const_data_ptr<scalar_t>();
+    p.sc_dw_bias = sc_dw_b.const_data_ptr<scalar_t>();
+    p.sc_pw_weight = sc_pw_w.const_data_ptr<scalar_t>();
+    p.sc_pw_bias = sc_pw_b.const_data_ptr<scalar_t>();
+    launch_block<Launcher, 2>(launch, p);
+  });
+  return out;
+}
+
+}  // namespace ge_cuda
+}  // namespace bisenet_fast

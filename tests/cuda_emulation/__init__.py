@@ -1,0 +1,23 @@
+"""CUDA kernels' block code compiled for the CPU and run there (shim.h), so the tests check
+its indexing and synchronisation on machines without a GPU. Built on first use with
+torch.utils.cpp_extension (about a minute on 2 cores); the build is cached by torch."""
+from __future__ import annotations
+
+import functools
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@functools.lru_cache(maxsize=None)
+def ge_layer():
+    """The module of tests/cuda_emulation/ge_layer.cpp: ge_layer_stride1/2(..., sm_count), plan(...)."""
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name="bisenet_fast_cuda_emulation_ge_layer",
+        sources=[str(ROOT / "tests" / "cuda_emulation" / "ge_layer.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests")],
+        extra_cflags=["-O2"],
+        extra_ldflags=["-pthread"],
+    )
