@@ -2,8 +2,8 @@
 fused op replaces (expand dwconv -> projection + residual/shortcut + ReLU).
 
 impls: eager (the folded-BN reference, NCHW and channels_last), compile (torch.compile of
-the reference, GPU only), and the fused kernel (cpp on CPU, triton on GPU; on GPU also
-triton-unsplit, the Triton kernels with split-K off, in the layers whose grid splits its K
+the reference, GPU only), and the fused kernels (cpp on CPU; on GPU triton and cuda, the
+CUDA kernels that keep the expanded values in shared memory; on GPU also triton-unsplit, the Triton kernels with split-K off, in the layers whose grid splits its K
 loop, to show what the split buys; and triton-8warps, the 8-warp blocks the float16 layers
 up to 64 output channels had before they took 4, to show what that buys).
 
@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+import bisenet_fast as bf
 from benchmarks.timing import achieved_gbps, measure, speedups
 from bisenet_fast.models.bisenetv2 import GELayer
 from bisenet_fast.models.fused import FusedGELayer
@@ -102,7 +103,15 @@ def run(device: str, quick: bool) -> list[dict]:
             if gpu:
                 compiled = torch.compile(reference)
                 candidates.append(("compile", "channels_last", lambda: compiled(x_cl, y_cl, *weights)))
-            candidates.append((fused_impl, "channels_last", lambda: op(x_cl, y_cl, *weights, triton_weights=packed)))
+            def fused_op():
+                with bf.backends.use(fused_impl):
+                    return op(x_cl, y_cl, *weights, triton_weights=packed)
+            candidates.append((fused_impl, "channels_last", fused_op))
+            if gpu and "cuda" in bf.backends.available():
+                def cuda_op():
+                    with bf.backends.use("cuda"):
+                        return op(x_cl, y_cl, *weights)
+                candidates.append(("cuda", "channels_last", cuda_op))
             out_h, out_w = (h, w) if stride == 1 else ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
             mid = weights[0].shape[0]  # the expansion's channels (dw or dw0 weight: mid, 1, 3, 3)
             if gpu and _splits_k_loop(stride, cin, mid, out_h * out_w, device):

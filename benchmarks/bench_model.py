@@ -3,15 +3,15 @@
 impls: eager (the unfused model with every op's eager reference, NCHW and channels_last),
 compile (torch.compile of that model; GPU only, --compile-mode picks the mode), and the
 fused model from model.fuse() (its GE kernels: cpp on CPU, triton on GPU), on GPU also
-replayed as one CUDA graph. Sizes 1x3x1024x2048 (the published fps setting) and
+replayed as one CUDA graph, and run with the GE layers on their CUDA kernels (cuda-ge). Sizes 1x3x1024x2048 (the published fps setting) and
 1x3x512x1024; float32, and float16 on GPU. Quick: 1x3x256x512 float32.
 
     python -m benchmarks.bench_model [--device cuda] [--quick] [--json out.json]
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-
 import sys
 
 import torch
@@ -44,6 +44,27 @@ def _eager(model):
     return forward
 
 
+@contextlib.contextmanager
+def _ge_layers_on_cuda():
+    """The fused model's GE layers on their CUDA kernels, its other ops on their usual backends."""
+    from bisenet_fast.ops import ge_layer
+
+    preference = ge_layer.GPU_PREFERENCE
+    ge_layer.GPU_PREFERENCE = ("cuda",)
+    try:
+        yield
+    finally:
+        ge_layer.GPU_PREFERENCE = preference
+
+
+def _fused_with_cuda_ge(fused):
+    def forward(x):
+        with _ge_layers_on_cuda():
+            return fused(x)
+
+    return forward
+
+
 def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
     device = torch.device(device)
     gpu = device.type == "cuda"
@@ -70,6 +91,8 @@ def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
                 with torch.inference_mode():
                     graphed = capture_cuda_graph(fused, x)
                 candidates.append((fused_impl, "fused + CUDA graph", lambda: graphed(x)))
+                if "cuda" in bf.backends.available():
+                    candidates.append(("cuda-ge", "fused channels_last", _fused_with_cuda_ge(fused)))
             base = None
             for impl, variant, fn in candidates:
                 with torch.inference_mode():
