@@ -300,77 +300,105 @@ def test_triton_network_configs_on_gpu(cin, cout, stride, dtype, monkeypatch):
 # ---- CUDA kernels: their block code emulated on the CPU, and native on a GPU ---------------
 # tests/cuda_emulation compiles csrc/cuda/ge_layer_block.cuh and ge_layer_host.h (all of
 # ge_layer.cu but the kernel launch) for the CPU and runs each block's 256 threads as OS
-# threads meeting at real barriers, shared memory starting as NaN.
+# threads meeting at real barriers, shared memory starting as NaN, wmma emulated.
 
 H200_SMS = 132
+# float32's two GEMMs: FMAs (exact float32; TF32 off, or a GPU without tensor cores) and
+# TF32 tensor cores (TF32 on, PyTorch's default for cuDNN convs), with their tolerances.
+FLOAT32_GEMMS = {"fma": 1e-5, "tf32": 5e-3}
 
 
-def run_emulated(stride, args, sm_count=H200_SMS):
+def run_emulated(stride, args, sm_count=H200_SMS, tensor_cores=True):
     from tests import cuda_emulation
 
     module = cuda_emulation.ge_layer()
-    return (module.ge_layer_stride1 if stride == 1 else module.ge_layer_stride2)(*args, sm_count)
+    return (module.ge_layer_stride1 if stride == 1 else module.ge_layer_stride2)(*args, sm_count, tensor_cores)
 
 
-def emulated_plan(stride, n, out_h, out_w, cin, ratio, cout, sm_count=H200_SMS):
+def emulated_plan(stride, n, out_h, out_w, cin, ratio, cout, sm_count=H200_SMS, tensor_cores=False, operand_bytes=4):
     from tests import cuda_emulation
 
-    return cuda_emulation.ge_layer().plan(stride, n, out_h, out_w, cin, ratio, cout, sm_count)
+    return cuda_emulation.ge_layer().plan(stride, n, out_h, out_w, cin, ratio, cout, sm_count, tensor_cores,
+                                          operand_bytes)
+
+
+@pytest.fixture(params=sorted(FLOAT32_GEMMS))
+def float32_gemm(request, monkeypatch):
+    """Runs a float32 test with each GEMM; yields its tolerance."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", request.param == "tf32")
+    return FLOAT32_GEMMS[request.param]
 
 
 @pytest.mark.parametrize("cin,cout,stride", NETWORK_CONFIGS)
-def test_cuda_emulated_network_configs(cin, cout, stride):
+def test_cuda_emulated_network_configs(cin, cout, stride, float32_gemm):
     """Every GE layer's channels (up to 24 chunks of 32 expanded channels, two shortcut
     chunks at cin 64) on several 8x8 tiles with partial ones at the edges."""
     args = make_inputs(2, cin, cout, stride, 9 * stride, 11 * stride)
-    assert_close_to_scale(run_emulated(stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
+    assert_close_to_scale(run_emulated(stride, args), reference_float64(stride, args), float32_gemm)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("height,width", [(1, 1), (2, 3), (17, 8), (8, 17), (33, 20)])
-def test_cuda_emulated_tile_edges(stride, height, width):
+def test_cuda_emulated_tile_edges(stride, height, width, monkeypatch):
     """Images smaller than a tile, and tiles cut by the bottom and right edges: the halos'
     zero padding (stride 2: also dw0's output outside the map, dw1's padding)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, height, width, ratio=3)
     assert_close_to_scale(run_emulated(stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("cin,cout,stride,ratio", [(40, 40, 1, 6), (40, 24, 2, 6), (5, 5, 1, 2), (3, 7, 2, 3),
                                                    (33, 33, 1, 1), (33, 20, 2, 1)])
-def test_cuda_emulated_chunks_and_ratios(cin, cout, stride, ratio):
+def test_cuda_emulated_chunks_and_ratios(cin, cout, stride, ratio, float32_gemm):
     """Chunks of 32 expanded channels that start inside an input channel's expansion and a
     partial last chunk; ratio 1 (a chunk reads 32 input channels, the halo's most); cin 40
     and 33: a partial second shortcut chunk."""
     args = make_inputs(1, cin, cout, stride, 10, 9, ratio=ratio)
-    assert_close_to_scale(run_emulated(stride, args), reference_float64(stride, args), TOLERANCE[torch.float32])
+    assert_close_to_scale(run_emulated(stride, args), reference_float64(stride, args), float32_gemm)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("cout,sm_count,out_per_thread,cout_tiles",
                          [(128, 1, 8, 1), (64, 1, 4, 1), (40, 1, 4, 1), (40, 1000, 2, 2), (136, 1, 8, 2)])
-def test_cuda_emulated_output_tiles(stride, cout, sm_count, out_per_thread, cout_tiles):
-    """Each output-channel tile width (2, 4, 8 outputs per thread), several tiles with a
-    partial last one, and the narrowing for grids with fewer blocks than SMs."""
+def test_cuda_emulated_output_tiles(stride, cout, sm_count, out_per_thread, cout_tiles, float32_gemm):
+    """Each output-channel tile width (2, 4, 8 outputs per thread: 1, 2, 4 wmma tiles per
+    warp), several tiles with a partial last one, and the narrowing for grids with fewer
+    blocks than SMs."""
     cin = cout if stride == 1 else 8
     args = make_inputs(1, cin, cout, stride, 6 * stride, 7 * stride, ratio=2)
     plan = emulated_plan(stride, 1, 6, 7, cin, 2, cout, sm_count)
     assert (plan["out_per_thread"], plan["cout_tiles"]) == (out_per_thread, cout_tiles)
-    assert_close_to_scale(run_emulated(stride, args, sm_count), reference_float64(stride, args),
-                          TOLERANCE[torch.float32])
+    assert_close_to_scale(run_emulated(stride, args, sm_count), reference_float64(stride, args), float32_gemm)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_emulated_low_precision(stride, dtype):
-    args = make_inputs(2, 16, 16 if stride == 1 else 32, stride, 7, 9, dtype)
-    out = run_emulated(stride, args)
+@pytest.mark.parametrize("cout_per_layer", [16, 128])
+def test_cuda_emulated_low_precision(stride, dtype, cout_per_layer):
+    """16-bit inputs multiply on tensor cores: 1 and 4 wmma tiles per warp."""
+    cin = cout_per_layer if stride == 1 else 16
+    args = make_inputs(2, cin, cout_per_layer if stride == 1 else 2 * cout_per_layer, stride, 7, 9, dtype)
+    out = run_emulated(stride, args, sm_count=1)
     assert out.dtype == dtype
     assert_close_to_scale(out, reference_float64(stride, args), TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_cuda_emulated_layouts(stride):
+def test_cuda_emulated_without_tensor_cores(stride, monkeypatch):
+    """A GPU before sm_80: float32 takes the FMA GEMM even with TF32 allowed; 16-bit inputs
+    are refused by name rather than run by a kernel that does not exist there."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    args = make_inputs(1, 8, 8 if stride == 1 else 16, stride, 6, 11)
+    assert_close_to_scale(run_emulated(stride, args, tensor_cores=False), reference_float64(stride, args),
+                          TOLERANCE[torch.float32])
+    with pytest.raises(RuntimeError, match="compute capability 8.0"):
+        run_emulated(stride, [a.half() for a in args], tensor_cores=False)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cuda_emulated_layouts(stride, monkeypatch):
     """NCHW, channels_last and non-contiguous inputs and weights give one result."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     args = make_inputs(2, 8, 8 if stride == 1 else 16, stride, 6, 11)
     expected = run_emulated(stride, args)
     channels_last = [a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args]
@@ -397,12 +425,13 @@ def test_cuda_emulated_bad_inputs():
 
 @pytest.mark.parametrize("ratio", [1, 2, 6])
 @pytest.mark.parametrize("cout", [16, 128, 512])
-def test_cuda_plan_fits_every_gpu_arch(ratio, cout):
+@pytest.mark.parametrize("tensor_cores,operand_bytes", [(False, 4), (True, 4), (True, 2)])
+def test_cuda_plan_fits_every_gpu_arch(ratio, cout, tensor_cores, operand_bytes):
     """A block's shared memory stays within sm_86/sm_89's 99 KB opt-in limit (the smallest
     of the built architectures) for any ratio and width: ratio 1 stages the most input
-    channels (33), 8 outputs per thread the widest weight tile."""
+    channels (33), 8 outputs per thread the widest weight and epilogue tiles."""
     for stride in (1, 2):
-        plan = emulated_plan(stride, 1, 64, 64, 256, ratio, cout, sm_count=1)
+        plan = emulated_plan(stride, 1, 64, 64, 256, ratio, cout, 1, tensor_cores, operand_bytes)
         assert plan["shared_bytes"] <= 99 * 1024
 
 
@@ -418,19 +447,23 @@ def test_cuda_plan_at_the_network_shapes():
 @requires_cuda_build
 @pytest.mark.parametrize("cin,cout,stride", NETWORK_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_network_configs_on_gpu(cin, cout, stride, dtype):
-    # float32 FMA throughout (no TF32), so float32 is held to the fused model's 1e-4 bar.
+def test_cuda_network_configs_on_gpu(cin, cout, stride, dtype, monkeypatch):
+    # float32: FMAs with TF32 off, held to the fused model's 1e-4 bar; TF32 tensor cores with
+    # it on, ~1e-3 like eager convs.
     args = make_inputs(2, cin, cout, stride, 33, 67, dtype, device="cuda")
-    rel = 1e-4 if dtype == torch.float32 else TOLERANCE[dtype]
-    out = run("cuda", stride, args)
-    assert_close_to_scale(out, reference_float64(stride, args), rel)
-    assert torch.equal(run("cuda", stride, args), out)
+    cases = ((False, 1e-4), (True, 5e-3)) if dtype == torch.float32 else ((True, TOLERANCE[dtype]),)
+    for allow_tf32, rel in cases:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+        out = run("cuda", stride, args)
+        assert_close_to_scale(out, reference_float64(stride, args), rel)
+        assert torch.equal(run("cuda", stride, args), out)
 
 
 @requires_cuda_build
 @pytest.mark.parametrize("stride", [1, 2])
-def test_cuda_matches_its_emulation(stride):
+def test_cuda_matches_its_emulation(stride, monkeypatch):
     """The GPU runs the block code as the CPU emulation does: equal up to FMA contraction."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     args = make_inputs(1, 40, 40 if stride == 1 else 24, stride, 21, 30, ratio=6)
     emulated = run_emulated(stride, args, torch.cuda.get_device_properties(0).multi_processor_count)
     on_gpu = run("cuda", stride, [a.cuda() for a in args]).cpu()

@@ -17,16 +17,34 @@ using ge_cuda::GeLaunch;
 using ge_cuda::GeParams;
 using ge_cuda::kThreads;
 
-template <typename scalar_t, int kOut>
+using ge_cuda::Gemm;
+
+// The tensor-core variants exist from sm_80 on (bfloat16 and TF32 wmma); the host launches
+// them only there (ge_cuda::DeviceCaps), so older architectures compile them as a trap.
+template <typename scalar_t, int kOut, Gemm kGemm>
 __global__ void __launch_bounds__(kThreads) ge_stride1_kernel(const GeParams<scalar_t> p) {
-  extern __shared__ float4 shared[];
-  ge_cuda::ge_stride1_block<scalar_t, kOut>(reinterpret_cast<float*>(shared), p);
+  extern __shared__ __align__(128) unsigned char shared[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  if constexpr (kGemm == Gemm::kTensorCores) {
+    __trap();
+  } else
+#endif
+  {
+    ge_cuda::ge_stride1_block<scalar_t, kOut, kGemm>(shared, p);
+  }
 }
 
-template <typename scalar_t, int kOut>
+template <typename scalar_t, int kOut, Gemm kGemm>
 __global__ void __launch_bounds__(kThreads) ge_stride2_kernel(const GeParams<scalar_t> p) {
-  extern __shared__ float4 shared[];
-  ge_cuda::ge_stride2_block<scalar_t, kOut>(reinterpret_cast<float*>(shared), p);
+  extern __shared__ __align__(128) unsigned char shared[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  if constexpr (kGemm == Gemm::kTensorCores) {
+    __trap();
+  } else
+#endif
+  {
+    ge_cuda::ge_stride2_block<scalar_t, kOut, kGemm>(shared, p);
+  }
 }
 
 template <typename Kernel, typename scalar_t>
@@ -44,22 +62,25 @@ void launch(Kernel kernel, const GeLaunch& plan, const GeParams<scalar_t>& p) {
 }
 
 struct CudaLauncher {
-  template <typename scalar_t, int kOut>
+  template <typename scalar_t, int kOut, Gemm kGemm>
   static void stride1(const GeLaunch& plan, const GeParams<scalar_t>& p) {
-    launch(ge_stride1_kernel<scalar_t, kOut>, plan, p);
+    launch(ge_stride1_kernel<scalar_t, kOut, kGemm>, plan, p);
   }
-  template <typename scalar_t, int kOut>
+  template <typename scalar_t, int kOut, Gemm kGemm>
   static void stride2(const GeLaunch& plan, const GeParams<scalar_t>& p) {
-    launch(ge_stride2_kernel<scalar_t, kOut>, plan, p);
+    launch(ge_stride2_kernel<scalar_t, kOut, kGemm>, plan, p);
   }
 };
 
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+ge_cuda::DeviceCaps device_caps() {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  return {props->multiProcessorCount, props->major >= 8};
+}
 
 at::Tensor ge_layer_stride1_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
                                  const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return ge_cuda::ge_layer_stride1<CudaLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias, sm_count());
+  return ge_cuda::ge_layer_stride1<CudaLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias, device_caps());
 }
 
 at::Tensor ge_layer_stride2_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw0_weight,
@@ -70,7 +91,7 @@ at::Tensor ge_layer_stride2_cuda(const at::Tensor& x, const at::Tensor& y, const
   const c10::cuda::CUDAGuard guard(x.device());
   return ge_cuda::ge_layer_stride2<CudaLauncher>(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight,
                                                  pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
-                                                 sm_count());
+                                                 device_caps());
 }
 
 }  // namespace

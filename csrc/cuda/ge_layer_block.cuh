@@ -2,48 +2,71 @@
 // kept apart from the launches in ge_layer.cu so that tests/cuda_emulation can compile this
 // same code for the CPU and run it block by block with real threads and barriers: the
 // shared-memory indexing and synchronisation are tested without a GPU. So this file uses
-// only threadIdx, blockIdx, __syncthreads, the BF_DEVICE functions and plain C++.
+// only threadIdx, blockIdx, __syncthreads, nvcuda::wmma's load/mma/store, __half and
+// __nv_bfloat16 with their float conversions, and plain C++; compiled for the CPU it needs
+// tests/cuda_emulation/shim.h included first, which supplies them.
 //
 // A block owns a tile of kTileH x kTileW output pixels (NHWC) and a tile of output
 // channels. It walks the expanded (mid) channels in chunks of kChunk, in PyTorch's order
 // (channel m reads input channel m / ratio), and per chunk:
 //   1. stages the input pixels the chunk's 3x3 convs read (its halo, its few input
 //      channels) and the chunk's weights in shared memory;
-//   2. computes the chunk's expanded values for the tile's pixels into shared memory:
-//      stride 1: relu(dw(y)); stride 2: dw0(y) on the tile's halo at the output
-//      resolution (zero outside the map: dw1's padding), then relu(dw1(.)) at its pixels;
-//   3. adds their 1x1 projection into per-thread float32 accumulators (each thread: 4
-//      pixels x kOut output channels, a register-tiled GEMM reading shared memory).
+//   2. computes the chunk's expanded values for the tile's pixels into shared memory
+//      (float32 arithmetic): stride 1: relu(dw(y)); stride 2: dw0(y) on the tile's halo at
+//      the output resolution (zero outside the map: dw1's padding), then relu(dw1(.));
+//   3. multiplies them by the chunk's rows of the 1x1 projection into float32
+//      accumulators: on tensor cores (wmma; float16/bfloat16 operands, or TF32 for
+//      float32 where cuDNN's convs may use TF32), or with float32 FMAs (float32 otherwise:
+//      each thread 4 pixels x kOut output channels, a register-tiled GEMM).
 // Stride 2 then runs the shortcut's depthwise conv of x through the same GEMM, chunk by
 // chunk of input channels. The epilogue adds the biases and the residual (stride 1) and
-// writes relu(.). No expanded value ever reaches global memory; all arithmetic is float32
-// FMA (exact float32 projections, no TF32), for float32, float16 and bfloat16 tensors.
+// writes relu(.). No expanded value ever reaches global memory.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
-#include <cstddef>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/macros.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
 
 namespace bisenet_fast {
 namespace ge_cuda {
 
+namespace wmma = nvcuda::wmma;
+
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 constexpr int kTileH = 8;
 constexpr int kTileW = 8;
 constexpr int kTilePixels = kTileH * kTileW;
-constexpr int kPixelsPerThread = 4;  // GEMM rows per thread: consecutive pixels of a tile row
+constexpr int kPixelsPerThread = 4;  // FMA GEMM rows per thread: consecutive pixels of a tile row
 constexpr int kPixelGroups = kTilePixels / kPixelsPerThread;
 constexpr int kOutGroups = kThreads / kPixelGroups;  // threads sharing a pixel group
 constexpr int kChunk = 32;                            // expanded channels per step of the K loop
-// Step 2 gives each thread consecutive channels of one pixel: with ratio 6, 8 channels read
-// 2 or 3 input channels, so their 9 taps are loaded 2 or 3 times instead of 8.
+// Step 2 gives each thread consecutive channels of one position: with ratio 6, 8 channels
+// read 2 or 3 input channels, so their 9 taps are loaded 2 or 3 times instead of 8.
 constexpr int kChannelGroups = kThreads / kTilePixels;
 constexpr int kChannelsPerThread = kChunk / kChannelGroups;
-static_assert(kTileW % kPixelsPerThread == 0, "a GEMM row group stays in one tile row");
+// A 3x3 conv's 9 weights and its bias, padded to three 16-byte loads.
+constexpr int kConvStride = 12;
+// GEMM operand rows are padded by 8 elements (16 bytes for 16-bit operands), so the 16 rows
+// a wmma load reads do not all start in the same shared-memory bank.
+constexpr int kOperandPad = 8;
+constexpr int kEStride = kTilePixels + kOperandPad;  // e_s[k][pixel]
+static_assert(kTileW % kPixelsPerThread == 0, "an FMA GEMM row group stays in one tile row");
 static_assert(kChannelGroups * kChannelsPerThread == kChunk, "step 2 covers the chunk");
+static_assert(kTilePixels == 4 * 16 && kWarps == 8, "wmma: 4 row tiles of 16 pixels, 2 warps per row tile");
 
 // Halos: stride 1 reads y around the tile; stride 2 computes dw0 on the tile's halo at
 // the output resolution, which reads y on (2 * (kTileH + 2) + 1)^2 input pixels.
@@ -51,6 +74,8 @@ constexpr int kHaloW = kTileW + 2;
 constexpr int kHaloPositions = (kTileH + 2) * kHaloW;
 constexpr int kInputHaloW = 2 * kHaloW + 1;
 constexpr int kInputHaloPositions = (2 * (kTileH + 2) + 1) * kInputHaloW;
+
+enum class Gemm { kFma, kTensorCores };
 
 template <typename scalar_t>
 struct GeParams {
@@ -72,31 +97,69 @@ struct GeParams {
   int halo_channels;  // input channels one chunk can read: rows of the staged halo
 };
 
-// How a call is launched: grid (tiles, cout_tiles) of kThreads threads, each thread
-// accumulating kPixelsPerThread x out_per_thread outputs.
+// The GEMM's operand type: float for FMAs and TF32, else the 16-bit input type.
+template <typename scalar_t, Gemm kGemm>
+struct OperandOf {
+  using type = float;
+};
+template <>
+struct OperandOf<c10::Half, Gemm::kTensorCores> {
+  using type = __half;
+};
+template <>
+struct OperandOf<c10::BFloat16, Gemm::kTensorCores> {
+  using type = __nv_bfloat16;
+};
+
+// Byte offsets of a block's shared-memory buffers (each 128-byte aligned):
+//   w  [kChunk][cols + kOperandPad] operands: the chunk's projection rows
+//   e  [kChunk][kEStride] operands: the chunk's expanded values (GEMM A, column-major)
+//   conv, conv1 [kChunk][kConvStride] float: 3x3 weights and bias (conv1: stride 2's dw1)
+//   first [kChunk][kHaloPositions] float: stride 2's dw0 output on the tile's halo
+//   halo [halo_channels][positions] float: the staged input
+//   out [kTilePixels][cols + 4] float: tensor-core accumulators for the epilogue, over all
+//       of the above (free by then)
+struct SharedLayout {
+  size_t w, e, conv, conv1, first, halo, out, bytes;
+};
+
+BF_HOST_DEVICE size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+BF_HOST_DEVICE SharedLayout shared_layout(int stride, int cols, int operand_bytes, bool tensor_cores,
+                                          int halo_channels) {
+  SharedLayout s{};
+  s.w = 0;
+  s.e = align128(size_t(kChunk) * (cols + kOperandPad) * operand_bytes);
+  s.conv = s.e + align128(size_t(kChunk) * kEStride * operand_bytes);
+  const size_t conv_bytes = align128(size_t(kChunk) * kConvStride * sizeof(float));
+  s.conv1 = s.conv + conv_bytes;
+  s.first = s.conv1 + (stride == 2 ? conv_bytes : 0);
+  s.halo = s.first + (stride == 2 ? align128(size_t(kChunk) * kHaloPositions * sizeof(float)) : 0);
+  const size_t end = s.halo + size_t(halo_channels) * (stride == 1 ? kHaloPositions : kInputHaloPositions) * sizeof(float);
+  s.out = 0;
+  const size_t out_end = tensor_cores ? size_t(kTilePixels) * (cols + 4) * sizeof(float) : 0;
+  s.bytes = end > out_end ? end : out_end;
+  return s;
+}
+
+// How a call is launched: grid (tiles, cout_tiles) of kThreads threads; out_per_thread
+// (kOut: 2, 4 or 8) sets the output tile, kOutGroups * kOut channels.
 struct GeLaunch {
   int64_t tiles;
   int cout_tiles;
-  int out_per_thread;  // 2, 4 or 8: the kernel's kOut
+  int out_per_thread;
   int halo_channels;
+  Gemm gemm;
   size_t shared_bytes;
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Floats of shared memory a block uses (the layout is in ge_stride1_block/ge_stride2_block).
-inline int64_t shared_floats(int stride, int out_per_thread, int halo_channels) {
-  const int64_t common = int64_t(kChunk) * kOutGroups * out_per_thread + kChunk * kTilePixels + kChunk * 10;
-  if (stride == 1) return common + int64_t(halo_channels) * kHaloPositions;
-  return common + kChunk * 10 + kChunk * kHaloPositions + int64_t(halo_channels) * kInputHaloPositions;
-}
-
 // The widest output-channel tile (up to 128 = kOutGroups x 8) that covers cout, halved
 // while the grid has fewer blocks than the GPU has SMs, down to 32 channels: narrower
-// tiles recompute the chunk's expanded values once more per tile, and at 2 outputs per
-// thread the GEMM already issues one shared load per 4 FMAs.
+// tiles recompute the chunk's expanded values once more per tile.
 inline GeLaunch plan_launch(int stride, int64_t batch, int64_t out_height, int64_t out_width, int64_t cin,
-                            int64_t ratio, int64_t cout, int sm_count) {
+                            int64_t ratio, int64_t cout, int sm_count, Gemm gemm, int operand_bytes) {
   GeLaunch launch{};
   launch.tiles = batch * ceil_div(out_height, kTileH) * ceil_div(out_width, kTileW);
   int out_per_thread = 2;
@@ -108,7 +171,10 @@ inline GeLaunch plan_launch(int stride, int64_t batch, int64_t out_height, int64
   // A chunk of kChunk consecutive expanded channels reads at most (kChunk - 1) / ratio + 2
   // input channels (floor((m0 + kChunk - 1) / r) - floor(m0 / r) + 1).
   launch.halo_channels = static_cast<int>(std::min<int64_t>(cin, (kChunk - 1) / ratio + 2));
-  launch.shared_bytes = sizeof(float) * shared_floats(stride, out_per_thread, launch.halo_channels);
+  launch.gemm = gemm;
+  launch.shared_bytes = shared_layout(stride, kOutGroups * out_per_thread, operand_bytes,
+                                      gemm == Gemm::kTensorCores, launch.halo_channels)
+                            .bytes;
   return launch;
 }
 
@@ -132,6 +198,21 @@ BF_DEVICE float load_float(const scalar_t* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
+template <typename operand_t>
+BF_DEVICE operand_t to_operand(float v);
+template <>
+BF_DEVICE float to_operand<float>(float v) {
+  return v;
+}
+template <>
+BF_DEVICE __half to_operand<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+BF_DEVICE __nv_bfloat16 to_operand<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
 // halo_s[c][r * cols + col] = src[n, row0 + r, col0 + col, c_lo + c] (NHWC, `channels` of
 // its `src_channels`), 0 outside the map. Consecutive threads read consecutive channels.
 template <typename scalar_t>
@@ -148,24 +229,28 @@ BF_DEVICE void stage_halo(float* halo_s, const scalar_t* src, int src_channels, 
   }
 }
 
-// w_s[k][t] and b_s[k] for the chunk's channels k0 .. k0 + kc - 1 of a (channels, 9)
-// 3x3 weight; 0 beyond kc.
+// conv_s[k] = (9 weights, bias, 0, 0) of channels k0 + k of a (channels, 9) 3x3 weight;
+// zeros beyond kc.
 template <typename scalar_t>
-BF_DEVICE void stage_conv3x3(float* w_s, float* b_s, const scalar_t* weight, const scalar_t* bias, int k0, int kc) {
-  for (int i = threadIdx.x; i < kChunk * 9; i += kThreads)
-    w_s[i] = i < kc * 9 ? load_float(weight, int64_t(k0) * 9 + i) : 0.f;
-  for (int k = threadIdx.x; k < kChunk; k += kThreads) b_s[k] = k < kc ? load_float(bias, k0 + k) : 0.f;
+BF_DEVICE void stage_conv3x3(float* conv_s, const scalar_t* weight, const scalar_t* bias, int k0, int kc) {
+  for (int i = threadIdx.x; i < kChunk * kConvStride; i += kThreads) {
+    const int k = i / kConvStride, t = i % kConvStride;
+    float v = 0.f;
+    if (k < kc && t < 9) v = load_float(weight, int64_t(k0 + k) * 9 + t);
+    if (k < kc && t == 9) v = load_float(bias, k0 + k);
+    conv_s[i] = v;
+  }
 }
 
 // w_s[k][o] = weight[o0 + o][k0 + k] of a (cout, depth) projection, 0 beyond kc or cout.
 // Consecutive threads write consecutive o (no bank conflicts); the transposed reads hit
 // L2, where the layer's few hundred KB of weights stay.
-template <typename scalar_t, int kOut>
-BF_DEVICE void stage_projection(float* w_s, const scalar_t* weight, int depth, int k0, int kc, int cout, int o0) {
-  constexpr int kCols = kOutGroups * kOut;
+template <int kCols, typename operand_t, typename scalar_t>
+BF_DEVICE void stage_projection(operand_t* w_s, const scalar_t* weight, int depth, int k0, int kc, int cout, int o0) {
   for (int i = threadIdx.x; i < kChunk * kCols; i += kThreads) {
     const int k = i / kCols, o = i % kCols;
-    w_s[i] = k < kc && o0 + o < cout ? load_float(weight, int64_t(o0 + o) * depth + k0 + k) : 0.f;
+    const float v = k < kc && o0 + o < cout ? load_float(weight, int64_t(o0 + o) * depth + k0 + k) : 0.f;
+    w_s[k * (kCols + kOperandPad) + o] = to_operand<operand_t>(v);
   }
 }
 
@@ -188,74 +273,158 @@ BF_DEVICE void load_shared(float (&v)[kCount], const float* p) {
 #endif
 }
 
-// acc[i][j] += sum_k e_s[k][pixel i] * w_s[k][output j] over the chunk: the thread's 4
-// pixels (one 16-byte load per k) and kOut outputs (kOut / 4 16-byte loads).
-template <int kOut>
-BF_DEVICE void accumulate_chunk(float (&acc)[kPixelsPerThread][kOut], const float* e_s, const float* w_s) {
-  constexpr int kCols = kOutGroups * kOut;
-  const int pixel_group = threadIdx.x % kPixelGroups, out_group = threadIdx.x / kPixelGroups;
-#pragma unroll 4
-  for (int k = 0; k < kChunk; ++k) {
-    float e[kPixelsPerThread], w[kOut];
-    load_shared(e, e_s + k * kTilePixels + pixel_group * kPixelsPerThread);
-    load_shared(w, w_s + k * kCols + out_group * kOut);
-#pragma unroll
-    for (int i = 0; i < kPixelsPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < kOut; ++j) acc[i][j] = fmaf(e[i], w[j], acc[i][j]);
-  }
-}
-
 // The 3x3 taps whose top-left one is at position `base` of a halo row `halo_w` wide.
 BF_DEVICE void load_taps(float (&taps)[9], const float* row, int base, int halo_w) {
 #pragma unroll
   for (int t = 0; t < 9; ++t) taps[t] = row[base + (t / 3) * halo_w + (t % 3)];
 }
 
-BF_DEVICE float conv3x3(const float (&taps)[9], const float* w, float bias) {
-  float v = bias;
+// bias + the 3x3 conv of `taps` with conv_s's row (kConvStride floats: 9 weights, bias).
+BF_DEVICE float conv3x3(const float (&taps)[9], const float* conv_row) {
+  float w[kConvStride];
+  load_shared(w, conv_row);
+  float v = w[9];
 #pragma unroll
   for (int t = 0; t < 9; ++t) v = fmaf(w[t], taps[t], v);
   return v;
 }
 
 // Step 2 of a grouped 3x3 conv (expanded channel m reads input channel m / ratio) over a
-// staged halo: out_s[k][q] for the chunk's kChunk channels at `positions` output
-// positions, position q's taps starting at halo position base_of(q). Each thread takes kChannelsPerThread consecutive channels of one position and
-// reloads the taps only when their input channel changes (a warp's channels agree, so the
-// branch is uniform). inside(q) false: 0 (padding of the next conv); relu as asked.
-template <typename BaseOf, typename Inside>
-BF_DEVICE void grouped_conv_chunk(float* out_s, int positions, const float* halo_s, int halo_positions, int halo_w,
-                                  const float* w_s, const float* b_s, int m0, int kc, int ratio, int c_lo,
-                                  bool relu, BaseOf base_of, Inside inside) {
+// staged halo: out_s[k * out_stride + q] for the chunk's kChunk channels at `positions`
+// output positions, position q's taps starting at halo position base_of(q). Each thread
+// takes kChannelsPerThread consecutive channels of one position and loads the taps once
+// per input channel (a warp's threads share their channels, so the branch is uniform).
+// inside(q) false: 0 (padding of the next conv); relu as asked.
+template <typename out_t, typename BaseOf, typename Inside>
+BF_DEVICE void grouped_conv_chunk(out_t* out_s, int out_stride, int positions, const float* halo_s,
+                                  int halo_positions, int halo_w, const float* conv_s, int m0, int kc, int ratio,
+                                  int c_lo, bool relu, BaseOf base_of, Inside inside) {
   for (int i = threadIdx.x; i < kChannelGroups * positions; i += kThreads) {
     const int group = i / positions, q = i % positions;
     const bool valid = inside(q);
     const int base = base_of(q);
-    int loaded = -1;
+    const int m_first = m0 + group * kChannelsPerThread;
+    int c = m_first / ratio;
+    int rem = m_first - c * ratio;  // m = c * ratio + rem, stepped without dividing
+    c -= c_lo;
+    bool loaded = false;
     float taps[9];
 #pragma unroll
     for (int j = 0; j < kChannelsPerThread; ++j) {
       const int k = group * kChannelsPerThread + j;
       float v = 0.f;
       if (valid && k < kc) {
-        const int c = (m0 + k) / ratio - c_lo;
-        if (c != loaded) {
+        if (!loaded) {
           load_taps(taps, halo_s + c * halo_positions, base, halo_w);
-          loaded = c;
+          loaded = true;
         }
-        v = conv3x3(taps, w_s + k * 9, b_s[k]);
+        v = conv3x3(taps, conv_s + k * kConvStride);
         if (relu) v = fmaxf(v, 0.f);
       }
-      out_s[k * positions + q] = v;
+      out_s[k * out_stride + q] = to_operand<out_t>(v);
+      if (++rem == ratio) {
+        rem = 0;
+        ++c;
+        loaded = false;
+      }
     }
   }
 }
 
+// The chunk GEMM with float32 FMAs: each thread accumulates 4 pixels x kOut outputs in
+// registers (one 16-byte load of e per k, kOut / 4 of w).
+template <int kOut>
+struct FmaGemm {
+  static constexpr int kCols = kOutGroups * kOut;
+  float acc[kPixelsPerThread][kOut] = {};
+
+  BF_DEVICE void accumulate(const float* e_s, const float* w_s) {
+    const int pixel_group = threadIdx.x % kPixelGroups, out_group = threadIdx.x / kPixelGroups;
+#pragma unroll 4
+    for (int k = 0; k < kChunk; ++k) {
+      float e[kPixelsPerThread], w[kOut];
+      load_shared(e, e_s + k * kEStride + pixel_group * kPixelsPerThread);
+      load_shared(w, w_s + k * (kCols + kOperandPad) + out_group * kOut);
+#pragma unroll
+      for (int i = 0; i < kPixelsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < kOut; ++j) acc[i][j] = fmaf(e[i], w[j], acc[i][j]);
+    }
+  }
+  BF_DEVICE void finish(float*) {}
+  // Accumulator of the thread's pixel i and output j (store_tile's numbering).
+  BF_DEVICE float at(int i, int j) const { return acc[i][j]; }
+};
+
+// The chunk GEMM on tensor cores: the tile's [64 pixels x kCols] accumulator is 4 x kOut
+// wmma tiles of 16 x 16, kOut / 2 per warp (warp w: pixel rows 16 * (w % 4), column tiles
+// w / 4 + 2 f). finish() moves them to shared memory, where at() reads them in FmaGemm's
+// numbering for the epilogue.
+template <typename operand_t, int kOut>
+struct TensorCoreGemm {
+  static constexpr int kCols = kOutGroups * kOut;
+  static constexpr int kK = sizeof(operand_t) == 4 ? 8 : 16;  // TF32: m16n16k8
+  static constexpr int kTiles = kOut / 2;
+  static constexpr int kOutStride = kCols + 4;
+  using input_t = std::conditional_t<sizeof(operand_t) == 4, wmma::precision::tf32, operand_t>;
+  wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc[kTiles];
+  const float* out_s = nullptr;
+
+  BF_DEVICE TensorCoreGemm() {
+#pragma unroll
+    for (int f = 0; f < kTiles; ++f) wmma::fill_fragment(acc[f], 0.f);
+  }
+
+  template <typename Fragment>
+  BF_DEVICE static void round_tf32(Fragment& fragment) {
+    if constexpr (sizeof(operand_t) == 4) {
+#pragma unroll
+      for (int i = 0; i < fragment.num_elements; ++i) fragment.x[i] = wmma::__float_to_tf32(fragment.x[i]);
+    }
+  }
+
+  BF_DEVICE void accumulate(const operand_t* e_s, const operand_t* w_s) {
+    const int warp = threadIdx.x / 32;
+    const int row0 = (warp % 4) * 16;
+#pragma unroll
+    for (int k0 = 0; k0 < kChunk; k0 += kK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kK, input_t, wmma::col_major> a;
+      wmma::load_matrix_sync(a, e_s + k0 * kEStride + row0, kEStride);
+      round_tf32(a);
+#pragma unroll
+      for (int f = 0; f < kTiles; ++f) {
+        wmma::fragment<wmma::matrix_b, 16, 16, kK, input_t, wmma::row_major> b;
+        wmma::load_matrix_sync(b, w_s + k0 * (kCols + kOperandPad) + (warp / 4 + 2 * f) * 16, kCols + kOperandPad);
+        round_tf32(b);
+        wmma::mma_sync(acc[f], a, b, acc[f]);
+      }
+    }
+  }
+
+  BF_DEVICE void finish(float* out_shared) {
+    __syncthreads();  // out_shared overlays every buffer, which other warps may still read
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int f = 0; f < kTiles; ++f)
+      wmma::store_matrix_sync(out_shared + (warp % 4) * 16 * kOutStride + (warp / 4 + 2 * f) * 16, acc[f],
+                              kOutStride, wmma::mem_row_major);
+    __syncthreads();
+    out_s = out_shared;
+  }
+
+  BF_DEVICE float at(int i, int j) const {
+    const int pixel = (threadIdx.x % kPixelGroups) * kPixelsPerThread + i;
+    return out_s[pixel * kOutStride + (threadIdx.x / kPixelGroups) * kOut + j];
+  }
+};
+
+template <typename scalar_t, int kOut, Gemm kGemm>
+using ChunkGemm = std::conditional_t<kGemm == Gemm::kFma, FmaGemm<kOut>,
+                                     TensorCoreGemm<typename OperandOf<scalar_t, kGemm>::type, kOut>>;
+
 // out = relu(acc + biases (+ residual x)) for the thread's pixels and outputs.
-template <typename scalar_t, int kOut>
-BF_DEVICE void store_tile(const float (&acc)[kPixelsPerThread][kOut], const GeParams<scalar_t>& p, const Tile& tile,
-                          bool stride1) {
+template <typename scalar_t, int kOut, typename Accumulators>
+BF_DEVICE void store_tile(const Accumulators& acc, const GeParams<scalar_t>& p, const Tile& tile, bool stride1) {
   const int pixel_group = threadIdx.x % kPixelGroups, out_group = threadIdx.x / kPixelGroups;
 #pragma unroll
   for (int i = 0; i < kPixelsPerThread; ++i) {
@@ -267,61 +436,64 @@ BF_DEVICE void store_tile(const float (&acc)[kPixelsPerThread][kOut], const GePa
     for (int j = 0; j < kOut; ++j) {
       const int o = tile.o0 + out_group * kOut + j;
       if (o >= p.cout) continue;
-      float v = acc[i][j] + load_float(p.pw_bias, o);
+      float v = acc.at(i, j) + load_float(p.pw_bias, o);
       v += stride1 ? load_float(p.x, pixel * p.cout + o) : load_float(p.sc_pw_bias, o);
       p.out[pixel * p.cout + o] = static_cast<scalar_t>(fmaxf(v, 0.f));
     }
   }
 }
 
-// Stride 1: out = relu(x + pw(relu(dw(y)))). Shared memory (floats):
-//   w_s [kChunk][kOutGroups * kOut] | e_s [kChunk][kTilePixels] | dw_s [kChunk][9] |
-//   dwb_s [kChunk] | halo_s [halo_channels][kHaloPositions]
-template <typename scalar_t, int kOut>
-BF_DEVICE void ge_stride1_block(float* smem, const GeParams<scalar_t>& p) {
+template <typename T>
+BF_DEVICE T* shared_at(unsigned char* smem, size_t offset) {
+  return reinterpret_cast<T*>(smem + offset);
+}
+
+// Stride 1: out = relu(x + pw(relu(dw(y)))); shared memory as shared_layout(1, ...).
+template <typename scalar_t, int kOut, Gemm kGemm>
+BF_DEVICE void ge_stride1_block(unsigned char* smem, const GeParams<scalar_t>& p) {
+  using operand_t = typename OperandOf<scalar_t, kGemm>::type;
   constexpr int kCols = kOutGroups * kOut;
-  float* w_s = smem;
-  float* e_s = w_s + kChunk * kCols;
-  float* dw_s = e_s + kChunk * kTilePixels;
-  float* dwb_s = dw_s + kChunk * 9;
-  float* halo_s = dwb_s + kChunk;
+  const SharedLayout layout = shared_layout(1, kCols, sizeof(operand_t), kGemm == Gemm::kTensorCores, p.halo_channels);
+  operand_t* w_s = shared_at<operand_t>(smem, layout.w);
+  operand_t* e_s = shared_at<operand_t>(smem, layout.e);
+  float* conv_s = shared_at<float>(smem, layout.conv);
+  float* halo_s = shared_at<float>(smem, layout.halo);
   const Tile tile = block_tile(p, kCols);
-  float acc[kPixelsPerThread][kOut] = {};
+  ChunkGemm<scalar_t, kOut, kGemm> gemm;
   for (int m0 = 0; m0 < p.mid; m0 += kChunk) {
     const int kc = p.mid - m0 < kChunk ? p.mid - m0 : kChunk;
     const int c_lo = m0 / p.ratio, channels = (m0 + kc - 1) / p.ratio - c_lo + 1;
     __syncthreads();  // the previous chunk's GEMM has read e_s and w_s
     stage_halo(halo_s, p.y, p.cin, p.height, p.width, tile.n, tile.oy0 - 1, tile.ox0 - 1, kTileH + 2, kHaloW, c_lo,
                channels);
-    stage_conv3x3(dw_s, dwb_s, p.dw_weight, p.dw_bias, m0, kc);
-    stage_projection<scalar_t, kOut>(w_s, p.pw_weight, p.mid, m0, kc, p.cout, tile.o0);
+    stage_conv3x3(conv_s, p.dw_weight, p.dw_bias, m0, kc);
+    stage_projection<kCols>(w_s, p.pw_weight, p.mid, m0, kc, p.cout, tile.o0);
     __syncthreads();
     grouped_conv_chunk(
-        e_s, kTilePixels, halo_s, kHaloPositions, kHaloW, dw_s, dwb_s, m0, kc, p.ratio, c_lo, true,
+        e_s, kEStride, kTilePixels, halo_s, kHaloPositions, kHaloW, conv_s, m0, kc, p.ratio, c_lo, true,
         [](int q) { return (q / kTileW) * kHaloW + q % kTileW; }, [](int) { return true; });
     __syncthreads();
-    accumulate_chunk(acc, e_s, w_s);
+    gemm.accumulate(e_s, w_s);
   }
-  store_tile(acc, p, tile, true);
+  gemm.finish(shared_at<float>(smem, layout.out));
+  store_tile<scalar_t, kOut>(gemm, p, tile, true);
 }
 
-// Stride 2: out = relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x))). Shared memory (floats):
-//   w_s | e_s | dw_s | dwb_s (as stride 1, for dw0) | dw1_s [kChunk][9] | dw1b_s [kChunk] |
-//   first_s [kChunk][kHaloPositions] (dw0 on the tile's halo) |
-//   halo_s [halo_channels][kInputHaloPositions]
-template <typename scalar_t, int kOut>
-BF_DEVICE void ge_stride2_block(float* smem, const GeParams<scalar_t>& p) {
+// Stride 2: out = relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x))); shared memory as
+// shared_layout(2, ...).
+template <typename scalar_t, int kOut, Gemm kGemm>
+BF_DEVICE void ge_stride2_block(unsigned char* smem, const GeParams<scalar_t>& p) {
+  using operand_t = typename OperandOf<scalar_t, kGemm>::type;
   constexpr int kCols = kOutGroups * kOut;
-  float* w_s = smem;
-  float* e_s = w_s + kChunk * kCols;
-  float* dw_s = e_s + kChunk * kTilePixels;
-  float* dwb_s = dw_s + kChunk * 9;
-  float* dw1_s = dwb_s + kChunk;
-  float* dw1b_s = dw1_s + kChunk * 9;
-  float* first_s = dw1b_s + kChunk;
-  float* halo_s = first_s + kChunk * kHaloPositions;
+  const SharedLayout layout = shared_layout(2, kCols, sizeof(operand_t), kGemm == Gemm::kTensorCores, p.halo_channels);
+  operand_t* w_s = shared_at<operand_t>(smem, layout.w);
+  operand_t* e_s = shared_at<operand_t>(smem, layout.e);
+  float* conv_s = shared_at<float>(smem, layout.conv);
+  float* conv1_s = shared_at<float>(smem, layout.conv1);
+  float* first_s = shared_at<float>(smem, layout.first);
+  float* halo_s = shared_at<float>(smem, layout.halo);
   const Tile tile = block_tile(p, kCols);
-  float acc[kPixelsPerThread][kOut] = {};
+  ChunkGemm<scalar_t, kOut, kGemm> gemm;
   // dw0's output at halo position (hy, hx) is at (oy0 - 1 + hy, ox0 - 1 + hx); its taps
   // are input pixels 2 * that - 1 + (0..2), so the input halo starts at 2 * oy0 - 3.
   const int first_row0 = tile.oy0 - 1, first_col0 = tile.ox0 - 1;
@@ -335,20 +507,20 @@ BF_DEVICE void ge_stride2_block(float* smem, const GeParams<scalar_t>& p) {
     __syncthreads();  // the previous chunk's steps have read every buffer
     stage_halo(halo_s, p.y, p.cin, p.height, p.width, tile.n, 2 * first_row0 - 1, 2 * first_col0 - 1,
                2 * (kTileH + 2) + 1, kInputHaloW, c_lo, channels);
-    stage_conv3x3(dw_s, dwb_s, p.dw_weight, p.dw_bias, m0, kc);
-    stage_conv3x3(dw1_s, dw1b_s, p.dw1_weight, p.dw1_bias, m0, kc);
-    stage_projection<scalar_t, kOut>(w_s, p.pw_weight, p.mid, m0, kc, p.cout, tile.o0);
+    stage_conv3x3(conv_s, p.dw_weight, p.dw_bias, m0, kc);
+    stage_conv3x3(conv1_s, p.dw1_weight, p.dw1_bias, m0, kc);
+    stage_projection<kCols>(w_s, p.pw_weight, p.mid, m0, kc, p.cout, tile.o0);
     __syncthreads();
     grouped_conv_chunk(
-        first_s, kHaloPositions, halo_s, kInputHaloPositions, kInputHaloW, dw_s, dwb_s, m0, kc, p.ratio, c_lo, false,
-        [](int q) { return 2 * (q / kHaloW) * kInputHaloW + 2 * (q % kHaloW); }, first_inside);
+        first_s, kHaloPositions, kHaloPositions, halo_s, kInputHaloPositions, kInputHaloW, conv_s, m0, kc, p.ratio,
+        c_lo, false, [](int q) { return 2 * (q / kHaloW) * kInputHaloW + 2 * (q % kHaloW); }, first_inside);
     __syncthreads();
-    // dw1 is depthwise: channel k of first_s is its own "input channel" (ratio 1, c_lo m0).
+    // dw1 is depthwise: channel k of first_s is its own input channel (ratio 1).
     grouped_conv_chunk(
-        e_s, kTilePixels, first_s, kHaloPositions, kHaloW, dw1_s, dw1b_s, 0, kc, 1, 0, true,
+        e_s, kEStride, kTilePixels, first_s, kHaloPositions, kHaloW, conv1_s, 0, kc, 1, 0, true,
         [](int q) { return (q / kTileW) * kHaloW + q % kTileW; }, [](int) { return true; });
     __syncthreads();
-    accumulate_chunk(acc, e_s, w_s);
+    gemm.accumulate(e_s, w_s);
   }
   // Shortcut: sc_dw (depthwise, stride 2, no ReLU) of x at the tile's pixels, chunk by
   // chunk of input channels, projected by sc_pw into the same accumulators. Its taps come
@@ -356,28 +528,30 @@ BF_DEVICE void ge_stride2_block(float* smem, const GeParams<scalar_t>& p) {
   for (int c0 = 0; c0 < p.cin; c0 += kChunk) {
     const int kc = p.cin - c0 < kChunk ? p.cin - c0 : kChunk;
     __syncthreads();
-    stage_conv3x3(dw_s, dwb_s, p.sc_dw_weight, p.sc_dw_bias, c0, kc);
-    stage_projection<scalar_t, kOut>(w_s, p.sc_pw_weight, p.cin, c0, kc, p.cout, tile.o0);
+    stage_conv3x3(conv_s, p.sc_dw_weight, p.sc_dw_bias, c0, kc);
+    stage_projection<kCols>(w_s, p.sc_pw_weight, p.cin, c0, kc, p.cout, tile.o0);
     __syncthreads();
     for (int i = threadIdx.x; i < kChunk * kTilePixels; i += kThreads) {
       const int k = i / kTilePixels, q = i % kTilePixels;
       float v = 0.f;
       if (k < kc) {
         const int iy0 = 2 * (tile.oy0 + q / kTileW) - 1, ix0 = 2 * (tile.ox0 + q % kTileW) - 1;
-        v = dwb_s[k];
+        float taps[9];
 #pragma unroll
         for (int t = 0; t < 9; ++t) {
           const int iy = iy0 + t / 3, ix = ix0 + t % 3;
-          if (iy >= 0 && iy < p.height && ix >= 0 && ix < p.width)
-            v = fmaf(dw_s[k * 9 + t], load_float(p.x, ((int64_t(tile.n) * p.height + iy) * p.width + ix) * p.cin + c0 + k), v);
+          const bool inside = iy >= 0 && iy < p.height && ix >= 0 && ix < p.width;
+          taps[t] = inside ? load_float(p.x, ((int64_t(tile.n) * p.height + iy) * p.width + ix) * p.cin + c0 + k) : 0.f;
         }
+        v = conv3x3(taps, conv_s + k * kConvStride);
       }
-      e_s[i] = v;
+      e_s[k * kEStride + q] = to_operand<operand_t>(v);
     }
     __syncthreads();
-    accumulate_chunk(acc, e_s, w_s);
+    gemm.accumulate(e_s, w_s);
   }
-  store_tile(acc, p, tile, false);
+  gemm.finish(shared_at<float>(smem, layout.out));
+  store_tile<scalar_t, kOut>(gemm, p, tile, false);
 }
 
 }  // namespace ge_cuda

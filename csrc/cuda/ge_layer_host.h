@@ -1,15 +1,17 @@
 // Host side of the CUDA GE-layer ops: argument checks, output allocation, launch plan and
-// dispatch over dtype and outputs per thread. The launch itself is the Launcher's
-// (ge_layer.cu: a CUDA kernel launch; tests/cuda_emulation: the blocks run on CPU
-// threads), which has static members
-//   template <typename scalar_t, int kOut> void stride1(const GeLaunch&, const GeParams<scalar_t>&)
+// dispatch over dtype, GEMM kind and outputs per thread. The launch itself is the
+// Launcher's (ge_layer.cu: a CUDA kernel launch; tests/cuda_emulation: the blocks run on
+// CPU threads), which has static members
+//   template <typename scalar_t, int kOut, Gemm kGemm> void stride1(const GeLaunch&, const GeParams<scalar_t>&)
 // and stride2 alike.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 
 #include <climits>
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 
 #include "cuda/ge_layer_block.cuh"
@@ -74,22 +76,60 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
   }
 }
 
+// What the GPU offers the kernels.
+struct DeviceCaps {
+  int sm_count;
+  bool tensor_cores;  // wmma with bfloat16 and TF32 operands: compute capability 8.0+
+};
+
+// float16/bfloat16 multiply on tensor cores (their products are exact in float32, and the
+// expanded values are rounded to the input dtype, as eager's intermediate tensors are);
+// float32 too, in TF32, where cuDNN's convs may use TF32 (torch.backends.cudnn.allow_tf32,
+// PyTorch's default, so the fused layer rounds like the eager one); else float32 FMAs.
+inline Gemm choose_gemm(const char* op, at::ScalarType dtype, const DeviceCaps& caps) {
+  if (dtype != at::kFloat) {
+    TORCH_CHECK(caps.tensor_cores, op, " (cuda): float16 and bfloat16 need a GPU of compute capability 8.0 or newer");
+    return Gemm::kTensorCores;
+  }
+  return caps.tensor_cores && at::globalContext().allowTF32CuDNN() ? Gemm::kTensorCores : Gemm::kFma;
+}
+
+inline int operand_bytes(at::ScalarType dtype, Gemm gemm) {
+  return gemm == Gemm::kTensorCores && dtype != at::kFloat ? 2 : 4;
+}
+
+template <typename Launcher, int kStride, int kOut, Gemm kGemm, typename scalar_t>
+void launch_with(const GeLaunch& launch, const GeParams<scalar_t>& p) {
+  if constexpr (kStride == 1) {
+    Launcher::template stride1<scalar_t, kOut, kGemm>(launch, p);
+  } else {
+    Launcher::template stride2<scalar_t, kOut, kGemm>(launch, p);
+  }
+}
+
+template <typename Launcher, int kStride, Gemm kGemm, typename scalar_t>
+void launch_gemm(const GeLaunch& launch, const GeParams<scalar_t>& p) {
+  switch (launch.out_per_thread) {
+    case 2: return launch_with<Launcher, kStride, 2, kGemm>(launch, p);
+    case 4: return launch_with<Launcher, kStride, 4, kGemm>(launch, p);
+    default: return launch_with<Launcher, kStride, 8, kGemm>(launch, p);
+  }
+}
+
 template <typename Launcher, int kStride, typename scalar_t>
 void launch_block(const GeLaunch& launch, const GeParams<scalar_t>& p) {
-  switch (launch.out_per_thread) {
-    case 2: return kStride == 1 ? Launcher::template stride1<scalar_t, 2>(launch, p)
-                                : Launcher::template stride2<scalar_t, 2>(launch, p);
-    case 4: return kStride == 1 ? Launcher::template stride1<scalar_t, 4>(launch, p)
-                                : Launcher::template stride2<scalar_t, 4>(launch, p);
-    default: return kStride == 1 ? Launcher::template stride1<scalar_t, 8>(launch, p)
-                                 : Launcher::template stride2<scalar_t, 8>(launch, p);
+  if (launch.gemm == Gemm::kTensorCores) return launch_gemm<Launcher, kStride, Gemm::kTensorCores>(launch, p);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    launch_gemm<Launcher, kStride, Gemm::kFma>(launch, p);
+  } else {
+    TORCH_CHECK(false, "ge_layer: 16-bit inputs take the tensor-core kernels");
   }
 }
 
 template <typename Launcher>
 at::Tensor ge_layer_stride1(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
                             const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
-                            int sm_count) {
+                            const DeviceCaps& caps) {
   constexpr const char* op = "ge_layer_stride1";
   check_inputs(op, x, y, {{"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight},
                           {"pw_bias", &pw_bias}});
@@ -103,7 +143,9 @@ at::Tensor ge_layer_stride1(const at::Tensor& x, const at::Tensor& y, const at::
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast), yc = y.contiguous(at::MemoryFormat::ChannelsLast);
   auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
-  const GeLaunch launch = plan_launch(1, x.size(0), x.size(2), x.size(3), cin, mid / cin, cin, sm_count);
+  const Gemm gemm = choose_gemm(op, x.scalar_type(), caps);
+  const GeLaunch launch = plan_launch(1, x.size(0), x.size(2), x.size(3), cin, mid / cin, cin, caps.sm_count, gemm,
+                                      operand_bytes(x.scalar_type(), gemm));
   TORCH_CHECK_VALUE(launch.tiles <= INT_MAX, op, ": too many pixels for one launch");
   const auto dw_w = dw_weight.contiguous(), dw_b = dw_bias.contiguous();
   const auto pw_w = pw_weight.contiguous(), pw_b = pw_bias.contiguous();
@@ -124,7 +166,7 @@ at::Tensor ge_layer_stride2(const at::Tensor& x, const at::Tensor& y, const at::
                             const at::Tensor& dw0_bias, const at::Tensor& dw1_weight, const at::Tensor& dw1_bias,
                             const at::Tensor& pw_weight, const at::Tensor& pw_bias, const at::Tensor& sc_dw_weight,
                             const at::Tensor& sc_dw_bias, const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias,
-                            int sm_count) {
+                            const DeviceCaps& caps) {
   constexpr const char* op = "ge_layer_stride2";
   check_inputs(op, x, y, {{"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias}, {"dw1_weight", &dw1_weight},
                           {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},
@@ -149,7 +191,9 @@ at::Tensor ge_layer_stride2(const at::Tensor& x, const at::Tensor& y, const at::
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast), yc = y.contiguous(at::MemoryFormat::ChannelsLast);
   auto out = at::empty({x.size(0), cout, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
-  const GeLaunch launch = plan_launch(2, x.size(0), out_h, out_w, cin, mid / cin, cout, sm_count);
+  const Gemm gemm = choose_gemm(op, x.scalar_type(), caps);
+  const GeLaunch launch = plan_launch(2, x.size(0), out_h, out_w, cin, mid / cin, cout, caps.sm_count, gemm,
+                                      operand_bytes(x.scalar_type(), gemm));
   TORCH_CHECK_VALUE(launch.tiles <= INT_MAX, op, ": too many pixels for one launch");
   const auto dw0_w = dw0_weight.contiguous(), dw0_b = dw0_bias.contiguous();
   const auto dw1_w = dw1_weight.contiguous(), dw1_b = dw1_bias.contiguous();

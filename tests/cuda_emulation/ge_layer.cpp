@@ -11,41 +11,46 @@ namespace {
 using namespace bisenet_fast::ge_cuda;
 
 struct EmulatedLauncher {
-  template <typename scalar_t, int kOut>
+  template <typename scalar_t, int kOut, Gemm kGemm>
   static void stride1(const GeLaunch& plan, const GeParams<scalar_t>& p) {
     cuda_emulation::run_grid(plan.tiles, plan.cout_tiles, kThreads, plan.shared_bytes,
-                             [&](float* shared) { ge_stride1_block<scalar_t, kOut>(shared, p); });
+                             [&](unsigned char* shared) { ge_stride1_block<scalar_t, kOut, kGemm>(shared, p); });
   }
-  template <typename scalar_t, int kOut>
+  template <typename scalar_t, int kOut, Gemm kGemm>
   static void stride2(const GeLaunch& plan, const GeParams<scalar_t>& p) {
     cuda_emulation::run_grid(plan.tiles, plan.cout_tiles, kThreads, plan.shared_bytes,
-                             [&](float* shared) { ge_stride2_block<scalar_t, kOut>(shared, p); });
+                             [&](unsigned char* shared) { ge_stride2_block<scalar_t, kOut, kGemm>(shared, p); });
   }
 };
 
+// A GPU with sm_count SMs, with or without tensor cores (compute capability 8.0+).
+DeviceCaps caps(int64_t sm_count, bool tensor_cores) { return {static_cast<int>(sm_count), tensor_cores}; }
+
 at::Tensor stride1(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
-                   const at::Tensor& pw_weight, const at::Tensor& pw_bias, int64_t sm_count) {
-  return ge_layer_stride1<EmulatedLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias, static_cast<int>(sm_count));
+                   const at::Tensor& pw_weight, const at::Tensor& pw_bias, int64_t sm_count, bool tensor_cores) {
+  return ge_layer_stride1<EmulatedLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias, caps(sm_count, tensor_cores));
 }
 
 at::Tensor stride2(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw0_weight, const at::Tensor& dw0_bias,
                    const at::Tensor& dw1_weight, const at::Tensor& dw1_bias, const at::Tensor& pw_weight,
                    const at::Tensor& pw_bias, const at::Tensor& sc_dw_weight, const at::Tensor& sc_dw_bias,
-                   const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias, int64_t sm_count) {
+                   const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias, int64_t sm_count, bool tensor_cores) {
   return ge_layer_stride2<EmulatedLauncher>(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
                                             sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
-                                            static_cast<int>(sm_count));
+                                            caps(sm_count, tensor_cores));
 }
 
 pybind11::dict plan(int64_t stride, int64_t batch, int64_t out_height, int64_t out_width, int64_t cin, int64_t ratio,
-                    int64_t cout, int64_t sm_count) {
-  const GeLaunch launch =
-      plan_launch(static_cast<int>(stride), batch, out_height, out_width, cin, ratio, cout, static_cast<int>(sm_count));
+                    int64_t cout, int64_t sm_count, bool tensor_cores, int64_t operand_bytes) {
+  const GeLaunch launch = plan_launch(static_cast<int>(stride), batch, out_height, out_width, cin, ratio, cout,
+                                      static_cast<int>(sm_count), tensor_cores ? Gemm::kTensorCores : Gemm::kFma,
+                                      static_cast<int>(operand_bytes));
   pybind11::dict d;
   d["tiles"] = launch.tiles;
   d["cout_tiles"] = launch.cout_tiles;
   d["out_per_thread"] = launch.out_per_thread;
   d["halo_channels"] = launch.halo_channels;
+  d["tensor_cores"] = launch.gemm == Gemm::kTensorCores;
   d["shared_bytes"] = launch.shared_bytes;
   return d;
 }
