@@ -358,17 +358,31 @@ def test_cuda_emulated_chunks_and_ratios(cin, cout, stride, ratio, float32_gemm)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("cout,sm_count,out_per_thread,cout_tiles",
-                         [(128, 1, 8, 1), (64, 1, 4, 1), (40, 1, 4, 1), (40, 1000, 2, 2), (136, 1, 8, 2)])
-def test_cuda_emulated_output_tiles(stride, cout, sm_count, out_per_thread, cout_tiles, float32_gemm):
+@pytest.mark.parametrize("cout,out_per_thread,cout_tiles", [(128, 8, 1), (64, 4, 1), (40, 4, 1), (136, 8, 2)])
+def test_cuda_emulated_output_tiles(stride, cout, out_per_thread, cout_tiles, float32_gemm):
     """Each output-channel tile width (2, 4, 8 outputs per thread: 1, 2, 4 wmma tiles per
-    warp), several tiles with a partial last one, and the narrowing for grids with fewer
-    blocks than SMs."""
+    warp), and several tiles with a partial last one."""
     cin = cout if stride == 1 else 8
     args = make_inputs(1, cin, cout, stride, 6 * stride, 7 * stride, ratio=2)
-    plan = emulated_plan(stride, 1, 6, 7, cin, 2, cout, sm_count)
-    assert (plan["out_per_thread"], plan["cout_tiles"]) == (out_per_thread, cout_tiles)
-    assert_close_to_scale(run_emulated(stride, args, sm_count), reference_float64(stride, args), float32_gemm)
+    plan = emulated_plan(stride, 1, 6, 7, cin, 2, cout, sm_count=1)
+    assert (plan["out_per_thread"], plan["cout_tiles"], plan["k_splits"]) == (out_per_thread, cout_tiles, 1)
+    assert_close_to_scale(run_emulated(stride, args, sm_count=1), reference_float64(stride, args), float32_gemm)
+
+
+@pytest.mark.parametrize("cin,cout,stride,sm_count,k_splits", [(64, 64, 1, 6, 6), (64, 64, 1, 2, 2),
+                                                               (64, 64, 1, 100, 12), (40, 24, 2, 5, 5),
+                                                               (40, 24, 2, 100, 10)])
+def test_cuda_emulated_split_k(cin, cout, stride, sm_count, k_splits, float32_gemm):
+    """One tile (8x8 outputs) on a GPU of sm_count SMs: the K loop split over k_splits
+    blocks (at most one per chunk: 12 of mid = 384 at stride 1; 8 of mid = 240 and 2 of the
+    shortcut at stride 2, where some splits get a shortcut chunk and some none), the last
+    to arrive summing the partials in split order. Deterministic."""
+    args = make_inputs(1, cin, cout, stride, 8 * stride, 7 * stride)
+    plan = emulated_plan(stride, 1, 8, 7, cin, 6, cout, sm_count)
+    assert (plan["tiles"], plan["k_splits"]) == (1, k_splits)
+    out = run_emulated(stride, args, sm_count)
+    assert_close_to_scale(out, reference_float64(stride, args), float32_gemm)
+    assert torch.equal(run_emulated(stride, args, sm_count), out)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -436,12 +450,16 @@ def test_cuda_plan_fits_every_gpu_arch(ratio, cout, tensor_cores, operand_bytes)
 
 
 def test_cuda_plan_at_the_network_shapes():
-    """1x1024x2048 on an H200: the 1/32 layers have 32 tiles, so their outputs split into 4
-    tiles of 32 channels (128 blocks for 132 SMs); the 1/8 layers keep one tile."""
-    assert emulated_plan(1, 1, 32, 64, 128, 6, 128)["cout_tiles"] == 4
-    assert emulated_plan(2, 1, 32, 64, 64, 6, 128)["cout_tiles"] == 4
+    """1x1024x2048 on an H200: the 1/32 layers have 32 tiles of 8x8 outputs, so their K loop
+    splits over 5 blocks (160 blocks for 132 SMs); the 1/8 layers' 512 tiles need no split.
+    Output tiles cover cout (up to 128 channels) rather than narrowing, which would
+    recompute the grouped conv per tile."""
+    plan = emulated_plan(1, 1, 32, 64, 128, 6, 128)
+    assert (plan["tiles"], plan["cout_tiles"], plan["k_splits"]) == (32, 1, 5)
+    plan = emulated_plan(2, 1, 32, 64, 64, 6, 128)
+    assert (plan["tiles"], plan["cout_tiles"], plan["k_splits"]) == (32, 1, 5)
     plan = emulated_plan(2, 1, 128, 256, 16, 6, 32)
-    assert (plan["tiles"], plan["cout_tiles"], plan["out_per_thread"]) == (512, 1, 2)
+    assert (plan["tiles"], plan["cout_tiles"], plan["out_per_thread"], plan["k_splits"]) == (512, 1, 2, 1)
 
 
 @requires_cuda_build

@@ -56,7 +56,8 @@ void launch(Kernel kernel, const GeLaunch& plan, const GeParams<scalar_t>& p) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(plan.shared_bytes)));
   }
-  const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.cout_tiles));
+  const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.cout_tiles),
+                  static_cast<unsigned>(plan.k_splits));
   kernel<<<grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

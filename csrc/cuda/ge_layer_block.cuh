@@ -2,9 +2,10 @@
 // kept apart from the launches in ge_layer.cu so that tests/cuda_emulation can compile this
 // same code for the CPU and run it block by block with real threads and barriers: the
 // shared-memory indexing and synchronisation are tested without a GPU. So this file uses
-// only threadIdx, blockIdx, __syncthreads, nvcuda::wmma's load/mma/store, __half and
-// __nv_bfloat16 with their float conversions, and plain C++; compiled for the CPU it needs
-// tests/cuda_emulation/shim.h included first, which supplies them.
+// only threadIdx, blockIdx, __syncthreads, __threadfence, atomicAdd (int), __ldcg,
+// nvcuda::wmma's load/mma/store, __half and __nv_bfloat16 with their float conversions,
+// and plain C++; compiled for the CPU it needs tests/cuda_emulation/shim.h included first,
+// which supplies them.
 //
 // A block owns a tile of kTileH x kTileW output pixels (NHWC) and a tile of output
 // channels. It walks the expanded (mid) channels in chunks of kChunk, in PyTorch's order
@@ -21,6 +22,13 @@
 // Stride 2 then runs the shortcut's depthwise conv of x through the same GEMM, chunk by
 // chunk of input channels. The epilogue adds the biases and the residual (stride 1) and
 // writes relu(.). No expanded value ever reaches global memory.
+//
+// Where the tiles are fewer than the SMs (the 1/32-resolution layers: 32 tiles at
+// 1x1024x2048), the chunks are split over k_splits blocks per tile (split-K, grid z):
+// each writes its float32 partial sums, and the tile's last block to arrive (an atomic
+// count) adds them in split order and runs the epilogue, so the result does not depend
+// on which block finishes last. Narrower output tiles would instead recompute the
+// grouped conv, the kernels' main cost, once per tile.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -95,6 +103,10 @@ struct GeParams {
   int height, width, out_height, out_width, cin, ratio, mid, cout;
   int tiles_h, tiles_w;
   int halo_channels;  // input channels one chunk can read: rows of the staged halo
+  int cout_tiles, k_splits;
+  int64_t tiles;
+  float* partial;  // k_splits > 1: [k_splits][tiles * cout_tiles][kTilePixels][cols]
+  int* arrivals;   // k_splits > 1: [tiles * cout_tiles], zeroed: splits done per tile
 };
 
 // The GEMM's operand type: float for FMAs and TF32, else the 16-bit input type.
@@ -117,10 +129,11 @@ struct OperandOf<c10::BFloat16, Gemm::kTensorCores> {
 //   conv, conv1 [kChunk][kConvStride] float: 3x3 weights and bias (conv1: stride 2's dw1)
 //   first [kChunk][kHaloPositions] float: stride 2's dw0 output on the tile's halo
 //   halo [halo_channels][positions] float: the staged input
+//   flag: int, whether this block is its tile's last split to arrive
 //   out [kTilePixels][cols + 4] float: tensor-core accumulators for the epilogue, over all
-//       of the above (free by then)
+//       of the above but flag (free by then)
 struct SharedLayout {
-  size_t w, e, conv, conv1, first, halo, out, bytes;
+  size_t w, e, conv, conv1, first, halo, flag, out, bytes;
 };
 
 BF_HOST_DEVICE size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
@@ -135,18 +148,20 @@ BF_HOST_DEVICE SharedLayout shared_layout(int stride, int cols, int operand_byte
   s.conv1 = s.conv + conv_bytes;
   s.first = s.conv1 + (stride == 2 ? conv_bytes : 0);
   s.halo = s.first + (stride == 2 ? align128(size_t(kChunk) * kHaloPositions * sizeof(float)) : 0);
-  const size_t end = s.halo + size_t(halo_channels) * (stride == 1 ? kHaloPositions : kInputHaloPositions) * sizeof(float);
+  s.flag = align128(s.halo + size_t(halo_channels) * (stride == 1 ? kHaloPositions : kInputHaloPositions) * sizeof(float));
+  const size_t end = s.flag + sizeof(int);
   s.out = 0;
   const size_t out_end = tensor_cores ? size_t(kTilePixels) * (cols + 4) * sizeof(float) : 0;
   s.bytes = end > out_end ? end : out_end;
   return s;
 }
 
-// How a call is launched: grid (tiles, cout_tiles) of kThreads threads; out_per_thread
-// (kOut: 2, 4 or 8) sets the output tile, kOutGroups * kOut channels.
+// How a call is launched: grid (tiles, cout_tiles, k_splits) of kThreads threads;
+// out_per_thread (kOut: 2, 4 or 8) sets the output tile, kOutGroups * kOut channels.
 struct GeLaunch {
   int64_t tiles;
   int cout_tiles;
+  int k_splits;
   int out_per_thread;
   int halo_channels;
   Gemm gemm;
@@ -155,19 +170,24 @@ struct GeLaunch {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The widest output-channel tile (up to 128 = kOutGroups x 8) that covers cout, halved
-// while the grid has fewer blocks than the GPU has SMs, down to 32 channels: narrower
-// tiles recompute the chunk's expanded values once more per tile.
+// Chunks of a block's K loop: the expanded channels', and stride 2's shortcut's.
+inline int64_t k_items(int stride, int64_t cin, int64_t mid) {
+  return ceil_div(mid, kChunk) + (stride == 2 ? ceil_div(cin, kChunk) : 0);
+}
+
+// The narrowest output tile that covers cout (up to 128 = kOutGroups x 8 channels); the K
+// loop split over the fewest blocks that give every SM one (at most one chunk each).
 inline GeLaunch plan_launch(int stride, int64_t batch, int64_t out_height, int64_t out_width, int64_t cin,
                             int64_t ratio, int64_t cout, int sm_count, Gemm gemm, int operand_bytes) {
   GeLaunch launch{};
   launch.tiles = batch * ceil_div(out_height, kTileH) * ceil_div(out_width, kTileW);
   int out_per_thread = 2;
   while (out_per_thread < 8 && int64_t(kOutGroups) * out_per_thread < cout) out_per_thread *= 2;
-  while (out_per_thread > 2 && launch.tiles * ceil_div(cout, int64_t(kOutGroups) * out_per_thread) < sm_count)
-    out_per_thread /= 2;
   launch.out_per_thread = out_per_thread;
   launch.cout_tiles = static_cast<int>(ceil_div(cout, int64_t(kOutGroups) * out_per_thread));
+  const int64_t blocks = launch.tiles * launch.cout_tiles;
+  launch.k_splits = static_cast<int>(blocks >= sm_count ? 1 : std::min(k_items(stride, cin, ratio * cin),
+                                                                        ceil_div(sm_count, blocks)));
   // A chunk of kChunk consecutive expanded channels reads at most (kChunk - 1) / ratio + 2
   // input channels (floor((m0 + kChunk - 1) / r) - floor(m0 / r) + 1).
   launch.halo_channels = static_cast<int>(std::min<int64_t>(cin, (kChunk - 1) / ratio + 2));
@@ -354,6 +374,14 @@ struct FmaGemm {
   BF_DEVICE void finish(float*) {}
   // Accumulator of the thread's pixel i and output j (store_tile's numbering).
   BF_DEVICE float at(int i, int j) const { return acc[i][j]; }
+  // dst[pixel][output] (kCols wide) = the tile's accumulators.
+  BF_DEVICE void store_partial(float* dst) const {
+    const int pixel_group = threadIdx.x % kPixelGroups, out_group = threadIdx.x / kPixelGroups;
+#pragma unroll
+    for (int i = 0; i < kPixelsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kOut; ++j) dst[(pixel_group * kPixelsPerThread + i) * kCols + out_group * kOut + j] = acc[i][j];
+  }
 };
 
 // The chunk GEMM on tensor cores: the tile's [64 pixels x kCols] accumulator is 4 x kOut
@@ -416,6 +444,32 @@ struct TensorCoreGemm {
     const int pixel = (threadIdx.x % kPixelGroups) * kPixelsPerThread + i;
     return out_s[pixel * kOutStride + (threadIdx.x / kPixelGroups) * kOut + j];
   }
+
+  BF_DEVICE void store_partial(float* dst) const {
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int f = 0; f < kTiles; ++f)
+      wmma::store_matrix_sync(dst + (warp % 4) * 16 * kCols + (warp / 4 + 2 * f) * 16, acc[f], kCols,
+                              wmma::mem_row_major);
+  }
+};
+
+// The epilogue's accumulators of a split K loop: the splits' partial sums, added in split
+// order. Read through L2 (__ldcg): other SMs wrote them.
+template <int kOut>
+struct SplitSums {
+  static constexpr int kCols = kOutGroups * kOut;
+  const float* first;     // split 0's [kTilePixels][kCols] for this tile
+  int64_t split_stride;   // floats between splits
+  int k_splits;
+
+  BF_DEVICE float at(int i, int j) const {
+    const int pixel = (threadIdx.x % kPixelGroups) * kPixelsPerThread + i;
+    const float* p = first + pixel * kCols + (threadIdx.x / kPixelGroups) * kOut + j;
+    float sum = 0.f;
+    for (int split = 0; split < k_splits; ++split) sum += __ldcg(p + split * split_stride);
+    return sum;
+  }
 };
 
 template <typename scalar_t, int kOut, Gemm kGemm>
@@ -448,6 +502,31 @@ BF_DEVICE T* shared_at(unsigned char* smem, size_t offset) {
   return reinterpret_cast<T*>(smem + offset);
 }
 
+// After the K loop: the epilogue; or, with a split K loop, this block's partial sums, and
+// the epilogue if it is the tile's last split to arrive.
+template <typename scalar_t, int kOut, typename Accumulators>
+BF_DEVICE void finish_tile(Accumulators& gemm, unsigned char* smem, const SharedLayout& layout,
+                           const GeParams<scalar_t>& p, const Tile& tile, bool stride1) {
+  if (p.k_splits == 1) {
+    gemm.finish(shared_at<float>(smem, layout.out));
+    store_tile<scalar_t, kOut>(gemm, p, tile, stride1);
+    return;
+  }
+  constexpr int kTileFloats = kTilePixels * kOutGroups * kOut;
+  const int64_t tile_id = int64_t(blockIdx.x) * p.cout_tiles + blockIdx.y;
+  const int64_t split_stride = p.tiles * p.cout_tiles * kTileFloats;
+  gemm.store_partial(p.partial + blockIdx.z * split_stride + tile_id * kTileFloats);
+  __threadfence();  // this thread's partials are visible device-wide before the block counts as arrived
+  __syncthreads();
+  int* last = shared_at<int>(smem, layout.flag);
+  if (threadIdx.x == 0) *last = atomicAdd(p.arrivals + tile_id, 1) == p.k_splits - 1;
+  __syncthreads();
+  if (!*last) return;
+  __threadfence();  // and the other splits' partials are seen here
+  store_tile<scalar_t, kOut>(SplitSums<kOut>{p.partial + tile_id * kTileFloats, split_stride, p.k_splits}, p, tile,
+                             stride1);
+}
+
 // Stride 1: out = relu(x + pw(relu(dw(y)))); shared memory as shared_layout(1, ...).
 template <typename scalar_t, int kOut, Gemm kGemm>
 BF_DEVICE void ge_stride1_block(unsigned char* smem, const GeParams<scalar_t>& p) {
@@ -460,7 +539,7 @@ BF_DEVICE void ge_stride1_block(unsigned char* smem, const GeParams<scalar_t>& p
   float* halo_s = shared_at<float>(smem, layout.halo);
   const Tile tile = block_tile(p, kCols);
   ChunkGemm<scalar_t, kOut, kGemm> gemm;
-  for (int m0 = 0; m0 < p.mid; m0 += kChunk) {
+  for (int m0 = blockIdx.z * kChunk; m0 < p.mid; m0 += p.k_splits * kChunk) {
     const int kc = p.mid - m0 < kChunk ? p.mid - m0 : kChunk;
     const int c_lo = m0 / p.ratio, channels = (m0 + kc - 1) / p.ratio - c_lo + 1;
     __syncthreads();  // the previous chunk's GEMM has read e_s and w_s
@@ -475,8 +554,7 @@ BF_DEVICE void ge_stride1_block(unsigned char* smem, const GeParams<scalar_t>& p
     __syncthreads();
     gemm.accumulate(e_s, w_s);
   }
-  gemm.finish(shared_at<float>(smem, layout.out));
-  store_tile<scalar_t, kOut>(gemm, p, tile, true);
+  finish_tile<scalar_t, kOut>(gemm, smem, layout, p, tile, true);
 }
 
 // Stride 2: out = relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x))); shared memory as
@@ -501,7 +579,12 @@ BF_DEVICE void ge_stride2_block(unsigned char* smem, const GeParams<scalar_t>& p
     const int oy = first_row0 + q / kHaloW, ox = first_col0 + q % kHaloW;
     return oy >= 0 && oy < p.out_height && ox >= 0 && ox < p.out_width;
   };
-  for (int m0 = 0; m0 < p.mid; m0 += kChunk) {
+  // K items: the chunks of mid, then (the shortcut) those of cin; split z takes items
+  // z, z + k_splits, ...
+  const int main_chunks = (p.mid + kChunk - 1) / kChunk;
+  int item = blockIdx.z;
+  for (; item < main_chunks; item += p.k_splits) {
+    const int m0 = item * kChunk;
     const int kc = p.mid - m0 < kChunk ? p.mid - m0 : kChunk;
     const int c_lo = m0 / p.ratio, channels = (m0 + kc - 1) / p.ratio - c_lo + 1;
     __syncthreads();  // the previous chunk's steps have read every buffer
@@ -525,7 +608,8 @@ BF_DEVICE void ge_stride2_block(unsigned char* smem, const GeParams<scalar_t>& p
   // Shortcut: sc_dw (depthwise, stride 2, no ReLU) of x at the tile's pixels, chunk by
   // chunk of input channels, projected by sc_pw into the same accumulators. Its taps come
   // straight from global memory (cached): the shortcut is cin channels, not mid.
-  for (int c0 = 0; c0 < p.cin; c0 += kChunk) {
+  for (; (item - main_chunks) * kChunk < p.cin; item += p.k_splits) {
+    const int c0 = (item - main_chunks) * kChunk;
     const int kc = p.cin - c0 < kChunk ? p.cin - c0 : kChunk;
     __syncthreads();
     stage_conv3x3(conv_s, p.sc_dw_weight, p.sc_dw_bias, c0, kc);
@@ -550,8 +634,7 @@ BF_DEVICE void ge_stride2_block(unsigned char* smem, const GeParams<scalar_t>& p
     __syncthreads();
     gemm.accumulate(e_s, w_s);
   }
-  gemm.finish(shared_at<float>(smem, layout.out));
-  store_tile<scalar_t, kOut>(gemm, p, tile, false);
+  finish_tile<scalar_t, kOut>(gemm, smem, layout, p, tile, false);
 }
 
 }  // namespace ge_cuda

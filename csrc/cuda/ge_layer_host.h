@@ -62,8 +62,31 @@ GeParams<scalar_t> make_params(const at::Tensor& x, const at::Tensor& y, at::Ten
   p.tiles_h = static_cast<int>(ceil_div(p.out_height, kTileH));
   p.tiles_w = static_cast<int>(ceil_div(p.out_width, kTileW));
   p.halo_channels = launch.halo_channels;
+  p.cout_tiles = launch.cout_tiles;
+  p.k_splits = launch.k_splits;
+  p.tiles = launch.tiles;
   return p;
 }
+
+// A split K loop's partial sums and per-tile arrival counts (kept alive by the caller
+// until the launch has been queued; the caching allocator orders their reuse after it).
+struct SplitWorkspace {
+  at::Tensor partial, arrivals;
+
+  SplitWorkspace(const GeLaunch& launch, const at::Tensor& like) {
+    if (launch.k_splits == 1) return;
+    const int64_t tiles = launch.tiles * launch.cout_tiles;
+    const int64_t tile_floats = int64_t(kTilePixels) * kOutGroups * launch.out_per_thread;
+    partial = at::empty({launch.k_splits * tiles * tile_floats}, like.options().dtype(at::kFloat));
+    arrivals = at::zeros({tiles}, like.options().dtype(at::kInt));
+  }
+
+  template <typename scalar_t>
+  void attach(GeParams<scalar_t>& p) {
+    p.partial = partial.defined() ? partial.mutable_data_ptr<float>() : nullptr;
+    p.arrivals = arrivals.defined() ? arrivals.mutable_data_ptr<int>() : nullptr;
+  }
+};
 
 // Calls f(scalar_t{}) for the call's dtype (float, at::Half or at::BFloat16).
 template <typename F>
@@ -149,9 +172,11 @@ at::Tensor ge_layer_stride1(const at::Tensor& x, const at::Tensor& y, const at::
   TORCH_CHECK_VALUE(launch.tiles <= INT_MAX, op, ": too many pixels for one launch");
   const auto dw_w = dw_weight.contiguous(), dw_b = dw_bias.contiguous();
   const auto pw_w = pw_weight.contiguous(), pw_b = pw_bias.contiguous();
+  SplitWorkspace workspace(launch, x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     auto p = make_params<scalar_t>(xc, yc, out, launch, mid, cin);
+    workspace.attach(p);
     p.dw_weight = dw_w.const_data_ptr<scalar_t>();
     p.dw_bias = dw_b.const_data_ptr<scalar_t>();
     p.pw_weight = pw_w.const_data_ptr<scalar_t>();
@@ -200,9 +225,11 @@ at::Tensor ge_layer_stride2(const at::Tensor& x, const at::Tensor& y, const at::
   const auto pw_w = pw_weight.contiguous(), pw_b = pw_bias.contiguous();
   const auto sc_dw_w = sc_dw_weight.contiguous(), sc_dw_b = sc_dw_bias.contiguous();
   const auto sc_pw_w = sc_pw_weight.contiguous(), sc_pw_b = sc_pw_bias.contiguous();
+  SplitWorkspace workspace(launch, x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     auto p = make_params<scalar_t>(xc, yc, out, launch, mid, cout);
+    workspace.attach(p);
     p.dw_weight = dw0_w.const_data_ptr<scalar_t>();
     p.dw_bias = dw0_b.const_data_ptr<scalar_t>();
     p.dw1_weight = dw1_w.const_data_ptr<scalar_t>();

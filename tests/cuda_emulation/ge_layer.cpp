@@ -13,12 +13,12 @@ using namespace bisenet_fast::ge_cuda;
 struct EmulatedLauncher {
   template <typename scalar_t, int kOut, Gemm kGemm>
   static void stride1(const GeLaunch& plan, const GeParams<scalar_t>& p) {
-    cuda_emulation::run_grid(plan.tiles, plan.cout_tiles, kThreads, plan.shared_bytes,
+    cuda_emulation::run_grid(plan.tiles, plan.cout_tiles, plan.k_splits, kThreads, plan.shared_bytes,
                              [&](unsigned char* shared) { ge_stride1_block<scalar_t, kOut, kGemm>(shared, p); });
   }
   template <typename scalar_t, int kOut, Gemm kGemm>
   static void stride2(const GeLaunch& plan, const GeParams<scalar_t>& p) {
-    cuda_emulation::run_grid(plan.tiles, plan.cout_tiles, kThreads, plan.shared_bytes,
+    cuda_emulation::run_grid(plan.tiles, plan.cout_tiles, plan.k_splits, kThreads, plan.shared_bytes,
                              [&](unsigned char* shared) { ge_stride2_block<scalar_t, kOut, kGemm>(shared, p); });
   }
 };
@@ -48,6 +48,7 @@ pybind11::dict plan(int64_t stride, int64_t batch, int64_t out_height, int64_t o
   pybind11::dict d;
   d["tiles"] = launch.tiles;
   d["cout_tiles"] = launch.cout_tiles;
+  d["k_splits"] = launch.k_splits;
   d["out_per_thread"] = launch.out_per_thread;
   d["halo_channels"] = launch.halo_channels;
   d["tensor_cores"] = launch.gemm == Gemm::kTensorCores;

@@ -2,7 +2,8 @@
 // blocks without a GPU: threadIdx, blockIdx and __syncthreads (every block of the grid
 // runs in turn, its threads as OS threads that really run concurrently and meet at a
 // barrier; shared memory starts as NaN, so a read of a slot the block never wrote shows
-// in the output); __half and __nv_bfloat16 (c10's, same rounding); and the part of
+// in the output); __threadfence, atomicAdd on int and __ldcg (blocks run one after
+// another here, so a block's atomics always see every earlier block's); __half and __nv_bfloat16 (c10's, same rounding); and the part of
 // nvcuda::wmma the kernels use, where each lane holds its warp's whole tile and computes
 // the whole product (so the lanes agree, as wmma's collective operations require), and
 // lane 0 stores it. Tensor-core arithmetic is emulated as float32 FMAs over float32
@@ -13,6 +14,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -59,9 +61,11 @@ inline thread_local BlockBarrier* block_barrier = nullptr;
 // block(shared) for every block of a grid_x x grid_y grid, `threads` threads each, with
 // `shared_bytes` of 128-byte aligned shared memory.
 template <typename Block>
-void run_grid(unsigned grid_x, unsigned grid_y, int threads, std::size_t shared_bytes, const Block& block) {
+void run_grid(unsigned grid_x, unsigned grid_y, unsigned grid_z, int threads, std::size_t shared_bytes,
+              const Block& block) {
   std::vector<std::max_align_t> storage((shared_bytes + 128) / sizeof(std::max_align_t) + 1);
   auto* shared = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(storage.data()) + 127) / 128 * 128);
+  for (unsigned bz = 0; bz < grid_z; ++bz) {
   for (unsigned by = 0; by < grid_y; ++by) {
     for (unsigned bx = 0; bx < grid_x; ++bx) {
       std::memset(shared, 0xff, shared_bytes);  // NaN as float, float16 and bfloat16
@@ -71,13 +75,14 @@ void run_grid(unsigned grid_x, unsigned grid_y, int threads, std::size_t shared_
       for (int t = 0; t < threads; ++t) {
         block_threads.emplace_back([&, t] {
           thread_index = {static_cast<unsigned>(t), 0, 0};
-          block_index = {bx, by, 0};
+          block_index = {bx, by, bz};
           block_barrier = &barrier;
           block(shared);
         });
       }
       for (auto& thread : block_threads) thread.join();
     }
+  }
   }
 }
 
@@ -86,6 +91,9 @@ void run_grid(unsigned grid_x, unsigned grid_y, int threads, std::size_t shared_
 #define threadIdx (::cuda_emulation::thread_index)
 #define blockIdx (::cuda_emulation::block_index)
 inline void __syncthreads() { ::cuda_emulation::block_barrier->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
+inline float __ldcg(const float* address) { return *address; }
 
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
