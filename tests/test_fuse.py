@@ -8,7 +8,7 @@ from torch import nn
 import bisenet_fast as bf
 from bisenet_fast.models.bisenetv2 import GELayer
 from bisenet_fast.models.fused import FusedBiSeNetV2, FusedBiSeNetV2Segmentor, FusedGELayer, capture_cuda_graph
-from tests.helpers import requires_cuda, requires_triton, triton_device
+from tests.helpers import requires_cuda, requires_cuda_build, requires_triton, triton_device
 
 
 def randomise_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -166,6 +166,28 @@ def test_gpu_fused_and_cuda_graph(segmentor, dtype, rel, monkeypatch):
     with torch.no_grad():
         out = fused(x)
     assert_matches(out, expected, rel)
+    run = capture_cuda_graph(fused, x)
+    x2 = torch.randn_like(x)
+    assert_matches(run(x2), unfused_logits(model, x2), rel)
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.float16, 3e-2)])
+def test_gpu_fused_with_cuda_ge_layers(segmentor, dtype, rel, monkeypatch):
+    """The fused model with its GE layers on the CUDA kernels (not the default GPU backend
+    yet), eagerly and replayed as a CUDA graph (the split-K layers allocate their
+    workspace inside the capture)."""
+    from bisenet_fast.ops import ge_layer
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(ge_layer, "GPU_PREFERENCE", ("cuda",))
+    model = bf.BiSeNetV2Segmentor(num_classes=19)
+    model.load_state_dict(segmentor.state_dict())
+    model = model.cuda().eval()
+    x = torch.randn(1, 3, 256, 320, device="cuda")
+    fused = model.fuse(dtype=dtype)
+    with torch.no_grad():
+        assert_matches(fused(x), unfused_logits(model, x), rel)
     run = capture_cuda_graph(fused, x)
     x2 = torch.randn_like(x)
     assert_matches(run(x2), unfused_logits(model, x2), rel)
