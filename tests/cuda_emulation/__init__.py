@@ -1,6 +1,8 @@
 """CUDA kernels' block code compiled for the CPU and run there (shim.h), so the tests check
 its indexing and synchronisation on machines without a GPU. Built on first use with
-torch.utils.cpp_extension (about a minute on 2 cores); the build is cached by torch."""
+torch.utils.cpp_extension (about 30 s on 2 cores) into build/ of this checkout, one folder
+per torch version: torch's shared ~/.cache folder would mix versions, and torch 2.14
+leaves its lock file behind, which older torch waits on for ever."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @functools.lru_cache(maxsize=None)
 def ge_layer():
-    """The module of tests/cuda_emulation/ge_layer.cpp: ge_layer_stride1/2(..., sm_count), plan(...)."""
+    """The module of tests/cuda_emulation/ge_layer.cpp: ge_layer_stride1/2(..., sm_count, tensor_cores), plan(...)."""
     from torch.utils.cpp_extension import load
 
     return load(
@@ -20,4 +22,13 @@ def ge_layer():
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests")],
         extra_cflags=["-O2"],
         extra_ldflags=["-pthread"],
+        build_directory=str(_build_directory()),
     )
+
+
+def _build_directory():
+    import torch
+
+    folder = ROOT / "build" / "cuda_emulation" / f"torch-{torch.__version__}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
