@@ -435,6 +435,9 @@ def test_cuda_emulated_bad_inputs():
     x, y, *weights = make_inputs(1, 4, 8, 2, 3, 3)
     with pytest.raises(ValueError, match=r"sc_pw_weight must be \(cout, cin\)"):
         run_emulated(2, [x, y, *weights[:8], weights[8][:7], weights[9]])
+    with pytest.raises(ValueError, match="x must have a non-empty spatial size"):
+        run_emulated(2, [x[:, :, :0], y[:, :, :0], *weights])
+    assert run_emulated(2, [x[:0], y[:0], *weights]).shape == (0, 8, 2, 2)  # an empty batch is fine
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 6])

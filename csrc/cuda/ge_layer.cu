@@ -15,14 +15,13 @@ namespace {
 
 using ge_cuda::GeLaunch;
 using ge_cuda::GeParams;
-using ge_cuda::kThreads;
-
 using ge_cuda::Gemm;
+using ge_cuda::kThreads;
 
 // The tensor-core variants exist from sm_80 on (bfloat16 and TF32 wmma); the host launches
 // them only there (ge_cuda::DeviceCaps), so older architectures compile them as a trap.
-template <typename scalar_t, int kOut, Gemm kGemm>
-__global__ void __launch_bounds__(kThreads) ge_stride1_kernel(const GeParams<scalar_t> p) {
+template <int kStride, typename scalar_t, int kOut, Gemm kGemm>
+__global__ void __launch_bounds__(kThreads) ge_layer_kernel(const GeParams<scalar_t> p) {
   extern __shared__ __align__(128) unsigned char shared[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   if constexpr (kGemm == Gemm::kTensorCores) {
@@ -30,46 +29,25 @@ __global__ void __launch_bounds__(kThreads) ge_stride1_kernel(const GeParams<sca
   } else
 #endif
   {
-    ge_cuda::ge_stride1_block<scalar_t, kOut, kGemm>(shared, p);
+    ge_cuda::ge_layer_block<kStride, scalar_t, kOut, kGemm>(shared, p);
   }
-}
-
-template <typename scalar_t, int kOut, Gemm kGemm>
-__global__ void __launch_bounds__(kThreads) ge_stride2_kernel(const GeParams<scalar_t> p) {
-  extern __shared__ __align__(128) unsigned char shared[];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  if constexpr (kGemm == Gemm::kTensorCores) {
-    __trap();
-  } else
-#endif
-  {
-    ge_cuda::ge_stride2_block<scalar_t, kOut, kGemm>(shared, p);
-  }
-}
-
-template <typename Kernel, typename scalar_t>
-void launch(Kernel kernel, const GeLaunch& plan, const GeParams<scalar_t>& p) {
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(plan.shared_bytes <= props->sharedMemPerBlockOptin, "ge_layer (cuda): a block needs ",
-              plan.shared_bytes, " bytes of shared memory, this GPU allows ", props->sharedMemPerBlockOptin);
-  if (plan.shared_bytes > 48 * 1024) {  // beyond the default limit a kernel must opt in
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(plan.shared_bytes)));
-  }
-  const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.cout_tiles),
-                  static_cast<unsigned>(plan.k_splits));
-  kernel<<<grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 struct CudaLauncher {
-  template <typename scalar_t, int kOut, Gemm kGemm>
-  static void stride1(const GeLaunch& plan, const GeParams<scalar_t>& p) {
-    launch(ge_stride1_kernel<scalar_t, kOut, kGemm>, plan, p);
-  }
-  template <typename scalar_t, int kOut, Gemm kGemm>
-  static void stride2(const GeLaunch& plan, const GeParams<scalar_t>& p) {
-    launch(ge_stride2_kernel<scalar_t, kOut, kGemm>, plan, p);
+  template <int kStride, typename scalar_t, int kOut, Gemm kGemm>
+  static void run(const GeLaunch& plan, const GeParams<scalar_t>& p) {
+    auto* kernel = ge_layer_kernel<kStride, scalar_t, kOut, kGemm>;
+    const auto* props = at::cuda::getCurrentDeviceProperties();
+    TORCH_CHECK(plan.shared_bytes <= props->sharedMemPerBlockOptin, "ge_layer (cuda): a block needs ",
+                plan.shared_bytes, " bytes of shared memory, this GPU allows ", props->sharedMemPerBlockOptin);
+    if (plan.shared_bytes > 48 * 1024) {  // beyond the default limit a kernel must opt in
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(plan.shared_bytes)));
+    }
+    const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.cout_tiles),
+                    static_cast<unsigned>(plan.k_splits));
+    kernel<<<grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 

@@ -502,6 +502,23 @@ BF_DEVICE T* shared_at(unsigned char* smem, size_t offset) {
   return reinterpret_cast<T*>(smem + offset);
 }
 
+// A block's shared-memory buffers, as shared_layout places them.
+template <typename operand_t>
+struct BlockBuffers {
+  SharedLayout layout;
+  operand_t *w, *e;
+  float *conv, *conv1, *first, *halo;
+
+  BF_DEVICE BlockBuffers(unsigned char* smem, int stride, int cols, bool tensor_cores, int halo_channels)
+      : layout(shared_layout(stride, cols, sizeof(operand_t), tensor_cores, halo_channels)),
+        w(shared_at<operand_t>(smem, layout.w)),
+        e(shared_at<operand_t>(smem, layout.e)),
+        conv(shared_at<float>(smem, layout.conv)),
+        conv1(shared_at<float>(smem, layout.conv1)),
+        first(shared_at<float>(smem, layout.first)),
+        halo(shared_at<float>(smem, layout.halo)) {}
+};
+
 // After the K loop: the epilogue; or, with a split K loop, this block's partial sums, and
 // the epilogue if it is the tile's last split to arrive.
 template <typename scalar_t, int kOut, typename Accumulators>
@@ -530,31 +547,27 @@ BF_DEVICE void finish_tile(Accumulators& gemm, unsigned char* smem, const Shared
 // Stride 1: out = relu(x + pw(relu(dw(y)))); shared memory as shared_layout(1, ...).
 template <typename scalar_t, int kOut, Gemm kGemm>
 BF_DEVICE void ge_stride1_block(unsigned char* smem, const GeParams<scalar_t>& p) {
-  using operand_t = typename OperandOf<scalar_t, kGemm>::type;
   constexpr int kCols = kOutGroups * kOut;
-  const SharedLayout layout = shared_layout(1, kCols, sizeof(operand_t), kGemm == Gemm::kTensorCores, p.halo_channels);
-  operand_t* w_s = shared_at<operand_t>(smem, layout.w);
-  operand_t* e_s = shared_at<operand_t>(smem, layout.e);
-  float* conv_s = shared_at<float>(smem, layout.conv);
-  float* halo_s = shared_at<float>(smem, layout.halo);
+  const BlockBuffers<typename OperandOf<scalar_t, kGemm>::type> s(smem, 1, kCols, kGemm == Gemm::kTensorCores,
+                                                                  p.halo_channels);
   const Tile tile = block_tile(p, kCols);
   ChunkGemm<scalar_t, kOut, kGemm> gemm;
   for (int m0 = blockIdx.z * kChunk; m0 < p.mid; m0 += p.k_splits * kChunk) {
     const int kc = p.mid - m0 < kChunk ? p.mid - m0 : kChunk;
     const int c_lo = m0 / p.ratio, channels = (m0 + kc - 1) / p.ratio - c_lo + 1;
     __syncthreads();  // the previous chunk's GEMM has read e_s and w_s
-    stage_halo(halo_s, p.y, p.cin, p.height, p.width, tile.n, tile.oy0 - 1, tile.ox0 - 1, kTileH + 2, kHaloW, c_lo,
+    stage_halo(s.halo, p.y, p.cin, p.height, p.width, tile.n, tile.oy0 - 1, tile.ox0 - 1, kTileH + 2, kHaloW, c_lo,
                channels);
-    stage_conv3x3(conv_s, p.dw_weight, p.dw_bias, m0, kc);
-    stage_projection<kCols>(w_s, p.pw_weight, p.mid, m0, kc, p.cout, tile.o0);
+    stage_conv3x3(s.conv, p.dw_weight, p.dw_bias, m0, kc);
+    stage_projection<kCols>(s.w, p.pw_weight, p.mid, m0, kc, p.cout, tile.o0);
     __syncthreads();
     grouped_conv_chunk(
-        e_s, kEStride, kTilePixels, halo_s, kHaloPositions, kHaloW, conv_s, m0, kc, p.ratio, c_lo, true,
+        s.e, kEStride, kTilePixels, s.halo, kHaloPositions, kHaloW, s.conv, m0, kc, p.ratio, c_lo, true,
         [](int q) { return (q / kTileW) * kHaloW + q % kTileW; }, [](int) { return true; });
     __syncthreads();
-    gemm.accumulate(e_s, w_s);
+    gemm.accumulate(s.e, s.w);
   }
-  finish_tile<scalar_t, kOut>(gemm, smem, layout, p, tile, true);
+  finish_tile<scalar_t, kOut>(gemm, smem, s.layout, p, tile, true);
 }
 
 // Stride 2: out = relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x))); shared memory as
@@ -563,13 +576,7 @@ template <typename scalar_t, int kOut, Gemm kGemm>
 BF_DEVICE void ge_stride2_block(unsigned char* smem, const GeParams<scalar_t>& p) {
   using operand_t = typename OperandOf<scalar_t, kGemm>::type;
   constexpr int kCols = kOutGroups * kOut;
-  const SharedLayout layout = shared_layout(2, kCols, sizeof(operand_t), kGemm == Gemm::kTensorCores, p.halo_channels);
-  operand_t* w_s = shared_at<operand_t>(smem, layout.w);
-  operand_t* e_s = shared_at<operand_t>(smem, layout.e);
-  float* conv_s = shared_at<float>(smem, layout.conv);
-  float* conv1_s = shared_at<float>(smem, layout.conv1);
-  float* first_s = shared_at<float>(smem, layout.first);
-  float* halo_s = shared_at<float>(smem, layout.halo);
+  const BlockBuffers<operand_t> s(smem, 2, kCols, kGemm == Gemm::kTensorCores, p.halo_channels);
   const Tile tile = block_tile(p, kCols);
   ChunkGemm<scalar_t, kOut, kGemm> gemm;
   // dw0's output at halo position (hy, hx) is at (oy0 - 1 + hy, ox0 - 1 + hx); its taps
@@ -588,22 +595,22 @@ BF_DEVICE void ge_stride2_block(unsigned char* smem, const GeParams<scalar_t>& p
     const int kc = p.mid - m0 < kChunk ? p.mid - m0 : kChunk;
     const int c_lo = m0 / p.ratio, channels = (m0 + kc - 1) / p.ratio - c_lo + 1;
     __syncthreads();  // the previous chunk's steps have read every buffer
-    stage_halo(halo_s, p.y, p.cin, p.height, p.width, tile.n, 2 * first_row0 - 1, 2 * first_col0 - 1,
+    stage_halo(s.halo, p.y, p.cin, p.height, p.width, tile.n, 2 * first_row0 - 1, 2 * first_col0 - 1,
                2 * (kTileH + 2) + 1, kInputHaloW, c_lo, channels);
-    stage_conv3x3(conv_s, p.dw_weight, p.dw_bias, m0, kc);
-    stage_conv3x3(conv1_s, p.dw1_weight, p.dw1_bias, m0, kc);
-    stage_projection<kCols>(w_s, p.pw_weight, p.mid, m0, kc, p.cout, tile.o0);
+    stage_conv3x3(s.conv, p.dw_weight, p.dw_bias, m0, kc);
+    stage_conv3x3(s.conv1, p.dw1_weight, p.dw1_bias, m0, kc);
+    stage_projection<kCols>(s.w, p.pw_weight, p.mid, m0, kc, p.cout, tile.o0);
     __syncthreads();
     grouped_conv_chunk(
-        first_s, kHaloPositions, kHaloPositions, halo_s, kInputHaloPositions, kInputHaloW, conv_s, m0, kc, p.ratio,
+        s.first, kHaloPositions, kHaloPositions, s.halo, kInputHaloPositions, kInputHaloW, s.conv, m0, kc, p.ratio,
         c_lo, false, [](int q) { return 2 * (q / kHaloW) * kInputHaloW + 2 * (q % kHaloW); }, first_inside);
     __syncthreads();
-    // dw1 is depthwise: channel k of first_s is its own input channel (ratio 1).
+    // dw1 is depthwise: channel k of s.first is its own input channel (ratio 1).
     grouped_conv_chunk(
-        e_s, kEStride, kTilePixels, first_s, kHaloPositions, kHaloW, conv1_s, 0, kc, 1, 0, true,
+        s.e, kEStride, kTilePixels, s.first, kHaloPositions, kHaloW, s.conv1, 0, kc, 1, 0, true,
         [](int q) { return (q / kTileW) * kHaloW + q % kTileW; }, [](int) { return true; });
     __syncthreads();
-    gemm.accumulate(e_s, w_s);
+    gemm.accumulate(s.e, s.w);
   }
   // Shortcut: sc_dw (depthwise, stride 2, no ReLU) of x at the tile's pixels, chunk by
   // chunk of input channels, projected by sc_pw into the same accumulators. Its taps come
@@ -612,8 +619,8 @@ BF_DEVICE void ge_stride2_block(unsigned char* smem, const GeParams<scalar_t>& p
     const int c0 = (item - main_chunks) * kChunk;
     const int kc = p.cin - c0 < kChunk ? p.cin - c0 : kChunk;
     __syncthreads();
-    stage_conv3x3(conv_s, p.sc_dw_weight, p.sc_dw_bias, c0, kc);
-    stage_projection<kCols>(w_s, p.sc_pw_weight, p.cin, c0, kc, p.cout, tile.o0);
+    stage_conv3x3(s.conv, p.sc_dw_weight, p.sc_dw_bias, c0, kc);
+    stage_projection<kCols>(s.w, p.sc_pw_weight, p.cin, c0, kc, p.cout, tile.o0);
     __syncthreads();
     for (int i = threadIdx.x; i < kChunk * kTilePixels; i += kThreads) {
       const int k = i / kTilePixels, q = i % kTilePixels;
@@ -627,14 +634,24 @@ BF_DEVICE void ge_stride2_block(unsigned char* smem, const GeParams<scalar_t>& p
           const bool inside = iy >= 0 && iy < p.height && ix >= 0 && ix < p.width;
           taps[t] = inside ? load_float(p.x, ((int64_t(tile.n) * p.height + iy) * p.width + ix) * p.cin + c0 + k) : 0.f;
         }
-        v = conv3x3(taps, conv_s + k * kConvStride);
+        v = conv3x3(taps, s.conv + k * kConvStride);
       }
-      e_s[k * kEStride + q] = to_operand<operand_t>(v);
+      s.e[k * kEStride + q] = to_operand<operand_t>(v);
     }
     __syncthreads();
-    gemm.accumulate(e_s, w_s);
+    gemm.accumulate(s.e, s.w);
   }
-  finish_tile<scalar_t, kOut>(gemm, smem, layout, p, tile, false);
+  finish_tile<scalar_t, kOut>(gemm, smem, s.layout, p, tile, false);
+}
+
+// The block code of a stride-kStride layer.
+template <int kStride, typename scalar_t, int kOut, Gemm kGemm>
+BF_DEVICE void ge_layer_block(unsigned char* smem, const GeParams<scalar_t>& p) {
+  if constexpr (kStride == 1) {
+    ge_stride1_block<scalar_t, kOut, kGemm>(smem, p);
+  } else {
+    ge_stride2_block<scalar_t, kOut, kGemm>(smem, p);
+  }
 }
 
 }  // namespace ge_cuda

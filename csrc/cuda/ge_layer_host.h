@@ -1,9 +1,10 @@
 // Host side of the CUDA GE-layer ops: argument checks, output allocation, launch plan and
 // dispatch over dtype, GEMM kind and outputs per thread. The launch itself is the
 // Launcher's (ge_layer.cu: a CUDA kernel launch; tests/cuda_emulation: the blocks run on
-// CPU threads), which has static members
-//   template <typename scalar_t, int kOut, Gemm kGemm> void stride1(const GeLaunch&, const GeParams<scalar_t>&)
-// and stride2 alike.
+// CPU threads), which has a static member
+//   template <int kStride, typename scalar_t, int kOut, Gemm kGemm>
+//   void run(const GeLaunch&, const GeParams<scalar_t>&)
+// running ge_layer_block<kStride, scalar_t, kOut, kGemm> over the launch's grid.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,6 +37,7 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   };
   check_like_x("y", y);
   for (const auto& [name, t] : weights) check_like_x(name, *t);
+  TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0, op, ": x must have a non-empty spatial size, got ", x.sizes());
   // Tile origins and halo rows are computed in int.
   TORCH_CHECK_VALUE(x.size(2) < INT_MAX / 4 && x.size(3) < INT_MAX / 4, op, ": x's spatial size is too large");
 }
@@ -121,21 +123,12 @@ inline int operand_bytes(at::ScalarType dtype, Gemm gemm) {
   return gemm == Gemm::kTensorCores && dtype != at::kFloat ? 2 : 4;
 }
 
-template <typename Launcher, int kStride, int kOut, Gemm kGemm, typename scalar_t>
-void launch_with(const GeLaunch& launch, const GeParams<scalar_t>& p) {
-  if constexpr (kStride == 1) {
-    Launcher::template stride1<scalar_t, kOut, kGemm>(launch, p);
-  } else {
-    Launcher::template stride2<scalar_t, kOut, kGemm>(launch, p);
-  }
-}
-
 template <typename Launcher, int kStride, Gemm kGemm, typename scalar_t>
 void launch_gemm(const GeLaunch& launch, const GeParams<scalar_t>& p) {
   switch (launch.out_per_thread) {
-    case 2: return launch_with<Launcher, kStride, 2, kGemm>(launch, p);
-    case 4: return launch_with<Launcher, kStride, 4, kGemm>(launch, p);
-    default: return launch_with<Launcher, kStride, 8, kGemm>(launch, p);
+    case 2: return Launcher::template run<kStride, scalar_t, 2, kGemm>(launch, p);
+    case 4: return Launcher::template run<kStride, scalar_t, 4, kGemm>(launch, p);
+    default: return Launcher::template run<kStride, scalar_t, 8, kGemm>(launch, p);
   }
 }
 
@@ -147,6 +140,47 @@ void launch_block(const GeLaunch& launch, const GeParams<scalar_t>& p) {
   } else {
     TORCH_CHECK(false, "ge_layer: 16-bit inputs take the tensor-core kernels");
   }
+}
+
+// A layer's weights, contiguous, in GeParams' order (stride 1 leaves dw1 and the shortcut
+// undefined).
+struct LayerWeights {
+  at::Tensor dw_weight, dw_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight,
+      sc_pw_bias;
+
+  template <typename scalar_t>
+  void attach(GeParams<scalar_t>& p) const {
+    auto data = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    p.dw_weight = data(dw_weight), p.dw_bias = data(dw_bias);
+    p.dw1_weight = data(dw1_weight), p.dw1_bias = data(dw1_bias);
+    p.pw_weight = data(pw_weight), p.pw_bias = data(pw_bias);
+    p.sc_dw_weight = data(sc_dw_weight), p.sc_dw_bias = data(sc_dw_bias);
+    p.sc_pw_weight = data(sc_pw_weight), p.sc_pw_bias = data(sc_pw_bias);
+  }
+};
+
+// The layer's output (channels_last), computed by the launcher: after the checks.
+template <typename Launcher, int kStride>
+at::Tensor run_layer(const char* op, const at::Tensor& x, const at::Tensor& y, const LayerWeights& weights,
+                     int64_t mid, int64_t cout, const DeviceCaps& caps) {
+  const int64_t cin = x.size(1);
+  const int64_t out_h = (x.size(2) - 1) / kStride + 1, out_w = (x.size(3) - 1) / kStride + 1;
+  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast), yc = y.contiguous(at::MemoryFormat::ChannelsLast);
+  auto out = at::empty({x.size(0), cout, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const Gemm gemm = choose_gemm(op, x.scalar_type(), caps);
+  const GeLaunch launch = plan_launch(kStride, x.size(0), out_h, out_w, cin, mid / cin, cout, caps.sm_count, gemm,
+                                      operand_bytes(x.scalar_type(), gemm));
+  TORCH_CHECK_VALUE(launch.tiles <= INT_MAX, op, ": too many pixels for one launch");
+  SplitWorkspace workspace(launch, x);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    auto p = make_params<scalar_t>(xc, yc, out, launch, mid, cout);
+    workspace.attach(p);
+    weights.attach(p);
+    launch_block<Launcher, kStride>(launch, p);
+  });
+  return out;
 }
 
 template <typename Launcher>
@@ -163,27 +197,10 @@ at::Tensor ge_layer_stride1(const at::Tensor& x, const at::Tensor& y, const at::
   TORCH_CHECK_VALUE(pw_weight.dim() == 2 && pw_weight.size(0) == cin && pw_weight.size(1) == mid, op,
                     ": pw_weight must be (cin, mid) (the residual needs cout == cin), got ", pw_weight.sizes());
   check_numel(op, "pw_bias", pw_bias, cin, "(cin)");
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast), yc = y.contiguous(at::MemoryFormat::ChannelsLast);
-  auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() == 0) return out;
-  const Gemm gemm = choose_gemm(op, x.scalar_type(), caps);
-  const GeLaunch launch = plan_launch(1, x.size(0), x.size(2), x.size(3), cin, mid / cin, cin, caps.sm_count, gemm,
-                                      operand_bytes(x.scalar_type(), gemm));
-  TORCH_CHECK_VALUE(launch.tiles <= INT_MAX, op, ": too many pixels for one launch");
-  const auto dw_w = dw_weight.contiguous(), dw_b = dw_bias.contiguous();
-  const auto pw_w = pw_weight.contiguous(), pw_b = pw_bias.contiguous();
-  SplitWorkspace workspace(launch, x);
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    auto p = make_params<scalar_t>(xc, yc, out, launch, mid, cin);
-    workspace.attach(p);
-    p.dw_weight = dw_w.const_data_ptr<scalar_t>();
-    p.dw_bias = dw_b.const_data_ptr<scalar_t>();
-    p.pw_weight = pw_w.const_data_ptr<scalar_t>();
-    p.pw_bias = pw_b.const_data_ptr<scalar_t>();
-    launch_block<Launcher, 1>(launch, p);
-  });
-  return out;
+  LayerWeights weights;
+  weights.dw_weight = dw_weight.contiguous(), weights.dw_bias = dw_bias.contiguous();
+  weights.pw_weight = pw_weight.contiguous(), weights.pw_bias = pw_bias.contiguous();
+  return run_layer<Launcher, 1>(op, x, y, weights, mid, cin, caps);
 }
 
 template <typename Launcher>
@@ -212,37 +229,11 @@ at::Tensor ge_layer_stride2(const at::Tensor& x, const at::Tensor& y, const at::
   TORCH_CHECK_VALUE(sc_pw_weight.dim() == 2 && sc_pw_weight.size(0) == cout && sc_pw_weight.size(1) == cin, op,
                     ": sc_pw_weight must be (cout, cin), got ", sc_pw_weight.sizes());
   check_numel(op, "sc_pw_bias", sc_pw_bias, cout, "(cout)");
-  const int64_t out_h = (x.size(2) - 1) / 2 + 1, out_w = (x.size(3) - 1) / 2 + 1;
-  const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast), yc = y.contiguous(at::MemoryFormat::ChannelsLast);
-  auto out = at::empty({x.size(0), cout, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() == 0) return out;
-  const Gemm gemm = choose_gemm(op, x.scalar_type(), caps);
-  const GeLaunch launch = plan_launch(2, x.size(0), out_h, out_w, cin, mid / cin, cout, caps.sm_count, gemm,
-                                      operand_bytes(x.scalar_type(), gemm));
-  TORCH_CHECK_VALUE(launch.tiles <= INT_MAX, op, ": too many pixels for one launch");
-  const auto dw0_w = dw0_weight.contiguous(), dw0_b = dw0_bias.contiguous();
-  const auto dw1_w = dw1_weight.contiguous(), dw1_b = dw1_bias.contiguous();
-  const auto pw_w = pw_weight.contiguous(), pw_b = pw_bias.contiguous();
-  const auto sc_dw_w = sc_dw_weight.contiguous(), sc_dw_b = sc_dw_bias.contiguous();
-  const auto sc_pw_w = sc_pw_weight.contiguous(), sc_pw_b = sc_pw_bias.contiguous();
-  SplitWorkspace workspace(launch, x);
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    auto p = make_params<scalar_t>(xc, yc, out, launch, mid, cout);
-    workspace.attach(p);
-    p.dw_weight = dw0_w.const_data_ptr<scalar_t>();
-    p.dw_bias = dw0_b.const_data_ptr<scalar_t>();
-    p.dw1_weight = dw1_w.const_data_ptr<scalar_t>();
-    p.dw1_bias = dw1_b.const_data_ptr<scalar_t>();
-    p.pw_weight = pw_w.const_data_ptr<scalar_t>();
-    p.pw_bias = pw_b.const_data_ptr<scalar_t>();
-    p.sc_dw_weight = sc_dw_w.const_data_ptr<scalar_t>();
-    p.sc_dw_bias = sc_dw_b.const_data_ptr<scalar_t>();
-    p.sc_pw_weight = sc_pw_w.const_data_ptr<scalar_t>();
-    p.sc_pw_bias = sc_pw_b.const_data_ptr<scalar_t>();
-    launch_block<Launcher, 2>(launch, p);
-  });
-  return out;
+  const LayerWeights weights{dw0_weight.contiguous(),   dw0_bias.contiguous(),     dw1_weight.contiguous(),
+                             dw1_bias.contiguous(),     pw_weight.contiguous(),    pw_bias.contiguous(),
+                             sc_dw_weight.contiguous(), sc_dw_bias.contiguous(),   sc_pw_weight.contiguous(),
+                             sc_pw_bias.contiguous()};
+  return run_layer<Launcher, 2>(op, x, y, weights, mid, cout, caps);
 }
 
 }  // namespace ge_cuda

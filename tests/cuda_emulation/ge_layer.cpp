@@ -11,15 +11,10 @@ namespace {
 using namespace bisenet_fast::ge_cuda;
 
 struct EmulatedLauncher {
-  template <typename scalar_t, int kOut, Gemm kGemm>
-  static void stride1(const GeLaunch& plan, const GeParams<scalar_t>& p) {
+  template <int kStride, typename scalar_t, int kOut, Gemm kGemm>
+  static void run(const GeLaunch& plan, const GeParams<scalar_t>& p) {
     cuda_emulation::run_grid(plan.tiles, plan.cout_tiles, plan.k_splits, kThreads, plan.shared_bytes,
-                             [&](unsigned char* shared) { ge_stride1_block<scalar_t, kOut, kGemm>(shared, p); });
-  }
-  template <typename scalar_t, int kOut, Gemm kGemm>
-  static void stride2(const GeLaunch& plan, const GeParams<scalar_t>& p) {
-    cuda_emulation::run_grid(plan.tiles, plan.cout_tiles, plan.k_splits, kThreads, plan.shared_bytes,
-                             [&](unsigned char* shared) { ge_stride2_block<scalar_t, kOut, kGemm>(shared, p); });
+                             [&](unsigned char* shared) { ge_layer_block<kStride, scalar_t, kOut, kGemm>(shared, p); });
   }
 };
 
