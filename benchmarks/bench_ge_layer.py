@@ -3,9 +3,10 @@ fused op replaces (expand dwconv -> projection + residual/shortcut + ReLU).
 
 impls: eager (the folded-BN reference, NCHW and channels_last), compile (torch.compile of
 the reference, GPU only), and the fused kernels (cpp on CPU; on GPU triton and cuda, the
-CUDA kernels that keep the expanded values in shared memory; on GPU also triton-unsplit, the Triton kernels with split-K off, in the layers whose grid splits its K
-loop, to show what the split buys; and triton-8warps, the 8-warp blocks the float16 layers
-up to 64 output channels had before they took 4, to show what that buys).
+CUDA kernels that keep the expanded values in shared memory). On GPU also triton-unsplit,
+the Triton kernels with split-K off, in the layers whose grid splits its K loop, to show
+what the split buys; and triton-8warps, the 8-warp blocks the float16 layers up to 64
+output channels had before they took 4, to show what that buys.
 
     python -m benchmarks.bench_ge_layer [--device cuda] [--quick] [--json out.json]
 """

@@ -3,8 +3,9 @@
 impls: eager (the unfused model with every op's eager reference, NCHW and channels_last),
 compile (torch.compile of that model; GPU only, --compile-mode picks the mode), and the
 fused model from model.fuse() (its GE kernels: cpp on CPU, triton on GPU), on GPU also
-replayed as one CUDA graph, and run with the GE layers on their CUDA kernels (cuda-ge). Sizes 1x3x1024x2048 (the published fps setting) and
-1x3x512x1024; float32, and float16 on GPU. Quick: 1x3x256x512 float32.
+replayed as one CUDA graph, and run with the GE layers on their CUDA kernels (cuda-ge).
+Sizes 1x3x1024x2048 (the published fps setting) and 1x3x512x1024; float32, and float16 on
+GPU. Quick: 1x3x256x512 float32.
 
     python -m benchmarks.bench_model [--device cuda] [--quick] [--json out.json]
 """
