@@ -129,9 +129,9 @@ struct OperandOf<c10::BFloat16, Gemm::kTensorCores> {
 //   conv, conv1 [kChunk][kConvStride] float: 3x3 weights and bias (conv1: stride 2's dw1)
 //   first [kChunk][kHaloPositions] float: stride 2's dw0 output on the tile's halo
 //   halo [halo_channels][positions] float: the staged input
-//   flag: int, whether this block is its tile's last split to arrive
-//   out [kTilePixels][cols + 4] float: tensor-core accumulators for the epilogue, over all
-//       of the above but flag (free by then)
+//   flag: int, whether this block is its tile's last split to arrive (split K loops only)
+//   out [kTilePixels][cols + 4] float: tensor-core accumulators for the epilogue of an
+//       unsplit K loop, over all of the above (free by then; flag is unused there)
 struct SharedLayout {
   size_t w, e, conv, conv1, first, halo, flag, out, bytes;
 };
