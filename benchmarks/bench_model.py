@@ -11,7 +11,6 @@ GPU. Quick: 1x3x256x512 float32.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 
@@ -45,22 +44,10 @@ def _eager(model):
     return forward
 
 
-@contextlib.contextmanager
-def _ge_layers_on_cuda():
-    """The fused model's GE layers on their CUDA kernels, its other ops on their usual backends."""
-    from bisenet_fast.ops import ge_layer
-
-    preference = ge_layer.GPU_PREFERENCE
-    ge_layer.GPU_PREFERENCE = ("cuda",)
-    try:
-        yield
-    finally:
-        ge_layer.GPU_PREFERENCE = preference
-
-
 def _fused_with_cuda_ge(fused):
+    """The fused model with its GE layers on their CUDA kernels, its other ops on their usual backends."""
     def forward(x):
-        with _ge_layers_on_cuda():
+        with bf.backends.use("cuda", ops=["ge_layer_stride1", "ge_layer_stride2"]):
             return fused(x)
 
     return forward

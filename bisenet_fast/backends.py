@@ -8,9 +8,9 @@ Backends:
 
 By default ("auto") each op picks its fused kernel for the tensors' device: cpp on CPU,
 and on CUDA the op's preferred GPU backend among those available. `use(name)` (a
-context manager, thread-local) or the BISENET_FAST_BACKEND environment variable force
-one; a forced backend that cannot run the call raises instead of silently running
-something else.
+context manager, thread-local; `use(name, ops=[...])` for the named ops only) or the
+BISENET_FAST_BACKEND environment variable force one; a forced backend that cannot run the
+call raises instead of silently running something else.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import importlib.util
 import os
 import re
 import threading
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -103,11 +103,12 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {NAMES}")
 
 
-def current() -> str:
-    """The forced backend ('auto' when none): use() wins over BISENET_FAST_BACKEND."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+def current(op: str | None = None) -> str:
+    """The backend forced for `op` ('auto' when none): the innermost use() that covers it
+    wins over BISENET_FAST_BACKEND. Without an op, only use() blocks that name no ops count."""
+    for name, ops in reversed(getattr(_local, "stack", ())):
+        if ops is None or op in ops:
+            return name
     name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if name not in NAMES and name != "auto":
         raise ValueError(f"{ENV_VAR}={name!r} is not a backend; expected 'auto' or one of {NAMES}")
@@ -115,15 +116,19 @@ def current() -> str:
 
 
 @contextlib.contextmanager
-def use(name: str) -> Iterator[str]:
-    """Force backend `name` ('auto' restores the default choice) inside the block."""
+def use(name: str, ops: Iterable[str] | None = None) -> Iterator[str]:
+    """Force backend `name` ('auto' restores the default choice) inside the block, for every
+    op or, with `ops`, for those ops only (e.g. ops=["ge_layer_stride1", "ge_layer_stride2"]
+    runs the GE layers on CUDA while the fused model's other ops keep their backends)."""
     _check_name(name)
+    if isinstance(ops, str):
+        raise TypeError(f"use(): ops must be a collection of op names, got the string {ops!r}")
     if name != "auto":
         reason = _why_unavailable(name)
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
     stack = _local.__dict__.setdefault("stack", [])
-    stack.append(name)
+    stack.append((name, None if ops is None else frozenset(ops)))
     try:
         yield name
     finally:
@@ -141,7 +146,7 @@ def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cud
 
     gpu_preference: the op's GPU backends, best first; a forced GPU backend that is not
     among them raises (the op has no such kernel)."""
-    name = current()
+    name = current(op)
     if name == "auto":
         if device.type == "cpu":
             return "cpp"

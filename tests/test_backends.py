@@ -29,6 +29,22 @@ def test_use_forces_and_restores():
     assert bf.backends.current() == "auto"
 
 
+def test_use_for_named_ops_only(monkeypatch):
+    """use(name, ops=...) forces the named ops only; an inner use() for all ops, or the
+    environment for the others, still apply; CPU-only kernels ignore op-scoped blocks."""
+    monkeypatch.setenv(bf.backends.ENV_VAR, "cpp")
+    with bf.backends.use("eager", ops=["ge_layer_stride1"]):
+        assert resolve("ge_layer_stride1", torch.device("cpu")) == "eager"
+        assert resolve("bga_aggregate", torch.device("cpu")) == "cpp"
+        assert bf.backends.current() == "cpp" and bf.backends.cpu_kernel_selected(torch.device("cpu"))
+        with bf.backends.use("auto"):
+            assert resolve("ge_layer_stride1", torch.device("cpu")) == "cpp"
+    assert resolve("ge_layer_stride1", torch.device("cpu")) == "cpp"
+    with pytest.raises(TypeError, match="ops must be a collection of op names"):
+        with bf.backends.use("eager", ops="ge_layer_stride1"):
+            pass
+
+
 def test_environment_variable_and_use_precedence(monkeypatch):
     monkeypatch.setenv(bf.backends.ENV_VAR, "eager")
     assert resolve("op", torch.device("cpu")) == "eager"

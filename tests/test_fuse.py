@@ -177,17 +177,15 @@ def test_gpu_fused_with_cuda_ge_layers(segmentor, dtype, rel, monkeypatch):
     """The fused model with its GE layers on the CUDA kernels (not the default GPU backend
     yet), eagerly and replayed as a CUDA graph (the split-K layers allocate their
     workspace inside the capture)."""
-    from bisenet_fast.ops import ge_layer
-
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(ge_layer, "GPU_PREFERENCE", ("cuda",))
     model = bf.BiSeNetV2Segmentor(num_classes=19)
     model.load_state_dict(segmentor.state_dict())
     model = model.cuda().eval()
     x = torch.randn(1, 3, 256, 320, device="cuda")
     fused = model.fuse(dtype=dtype)
-    with torch.no_grad():
-        assert_matches(fused(x), unfused_logits(model, x), rel)
-    run = capture_cuda_graph(fused, x)
+    with bf.backends.use("cuda", ops=["ge_layer_stride1", "ge_layer_stride2"]):
+        with torch.no_grad():
+            assert_matches(fused(x), unfused_logits(model, x), rel)
+        run = capture_cuda_graph(fused, x)
     x2 = torch.randn_like(x)
     assert_matches(run(x2), unfused_logits(model, x2), rel)
