@@ -1,0 +1,593 @@
+// OHEM cross-entropy on logits upsampled on the fly: the CUDA kernels.
+//
+// Forward: one thread per output pixel (grid: column chunk, row, image, so no 64-bit
+// division recovers the position) computes its C upsampled logits from the four
+// head-resolution taps (never stored at (N, C, H, W)), their logsumexp (in registers, two
+// passes, for up to kRegisterClasses classes; an online loop beyond), the
+// cross-entropy and the ground-truth probability; per-block counts and sums are reduced by
+// one block in a fixed order (deterministic). Whether the k-th probability is needed is
+// decided on the device; if it is, an exact radix select over the probabilities' bits
+// (3 passes of integer histograms: 11 + 11 + 10 bits, one shared-memory atomic per warp and
+// digit) finds it, and the kept CE is summed
+// again. The host synchronises once, to read the count of out-of-range labels, unless the
+// caller has checked the labels already (check_labels=False; an out-of-range label then
+// makes the loss NaN on the device instead of raising). Logits are
+// read in their dtype (float math throughout) and the gradient is written in it, so
+// float16/bfloat16 calls make no float32 copy of the logits or the gradient.
+//
+// Backward, as a gather (no float atomics, deterministic): one block per (image, band of
+// head rows, tile of head columns), the CUDA form of the CPU kernel's row pipeline. For each
+// output row that reads the band, and each chunk of the output columns that read the tile,
+// every thread recomputes one output pixel's softmax (the same function as the forward, so
+// both agree on which pixels are kept) into shared memory as its gradient
+// softmax - onehot; the block then reduces that row chunk along x into the tile's head
+// columns and adds it, with the two row weights, to the band's accumulators in shared
+// memory. Each accumulator has one owner thread and receives its terms in a fixed order.
+// Compared with the first version (one thread per head element (n, c, i, j), gathering
+// over its ~4 s^2 output pixels after a separate logsumexp pass), each pixel's upsampled
+// logits are computed ~1.3 times (band and tile overlaps) instead of 5, its label is read
+// ~1.3 times instead of 4 C times, and no per-pixel logsumexp buffer is written.
+//
+// This file holds the kernels, launched by ohem_cross_entropy_host.h (the calls' order and
+// buffers) through a launcher: ohem_cross_entropy.cu's launches them on the GPU, and
+// tests/cuda_emulation compiles this same code for the CPU, where each block's threads run
+// as OS threads (shim.h supplies the CUDA built-ins, cub's BlockReduce and the warp votes),
+// so the indexing, the synchronisation and the selection are tested without a GPU.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "common/bilinear.h"
+#include "common/ohem_math.h"
+
+#if defined(__CUDACC__)
+#include <cub/block/block_reduce.cuh>
+#endif
+
+namespace bisenet_fast {
+namespace ohem_cuda {
+
+constexpr int kThreads = 256;
+constexpr int kFinalThreads = 1024;
+// Shared memory a block may use without opting in, and the widest head-column tile.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+constexpr int kMaxTileCols = 128;
+// Up to this many classes (Cityscapes has 19) a pixel's logits are held in registers
+// (pixel_softmax_in_registers); more take the online loop (pixel_softmax_online). Registers
+// are allocated for the bound, not for C: at 24 the sm_90 backward spilled 40 bytes under
+// its 80-register launch bound, at 20 it keeps one 8-byte slot read once per output row.
+constexpr int kRegisterClasses = 20;
+// Radix select over 32-bit keys: digits of 11, 11 and 10 bits, most significant first.
+constexpr int kSelectPasses = 3;
+constexpr int kSelectBins = 1 << 11;
+__host__ __device__ constexpr int select_bits(int pass) { return pass == 2 ? 10 : 11; }
+__host__ __device__ constexpr int select_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+
+// A launch's grid (dim3 without CUDA's headers).
+struct Grid {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+#if defined(__CUDACC__)
+// The block's dynamic shared memory (16-byte aligned); shim.h defines it for the CPU.
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+  extern __shared__ __align__(16) unsigned char shared[];
+  return shared;
+}
+#endif
+
+struct Geometry {
+  int64_t N, C, h, w, H, W;
+  float scale_h, scale_w;
+};
+
+// Device-side state of one forward call.
+struct ForwardState {
+  long long n_valid;
+  long long n_le_thresh;
+  long long n_bad;
+  long long rank;  // rank of the k-th key among the keys with the current prefix
+  int needs_select;
+  unsigned int prefix;
+  double sum_valid;
+  double sum_below;
+};
+// The host reads n_bad from a tensor of int64 that holds the state.
+static_assert(sizeof(ForwardState) % sizeof(int64_t) == 0 && offsetof(ForwardState, n_bad) % sizeof(int64_t) == 0,
+              "ForwardState is stored in an int64 tensor");
+
+struct PixelSoftmax {
+  float zmax, sumexp, z_gt;
+};
+
+// Logits are read in their own dtype and converted per tap (float math throughout), so
+// float16/bfloat16 logits need no float32 copy at head resolution. Loads take the read-only
+// (non-coherent) path, ld.global.nc, which the compiler cannot choose itself for the opaque
+// image address below.
+__device__ __forceinline__ float read_only_logit(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float read_only_logit(const at::Half* p) {
+  return static_cast<float>(at::Half(__ldg(reinterpret_cast<const unsigned short*>(p)), at::Half::from_bits()));
+}
+__device__ __forceinline__ float read_only_logit(const at::BFloat16* p) {
+  return static_cast<float>(
+      at::BFloat16(__ldg(reinterpret_cast<const unsigned short*>(p)), at::BFloat16::from_bits()));
+}
+
+// Image n of the logits, as an opaque register: else the compiler folds the 64-bit image
+// offset into every load's index arithmetic (four instructions per load instead of two).
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* logits_image(const scalar_t* logits, const Geometry& g, int64_t n) {
+  const scalar_t* image = logits + n * g.C * g.h * g.w;
+#if defined(__CUDA_ARCH__)
+  asm("" : "+l"(image));
+#endif
+  return image;
+}
+
+// The four head-resolution taps of one output pixel, as offsets within a class plane and
+// weights: computed once per pixel, so each class costs four loads instead of the 64-bit tap
+// arithmetic per class and tap that the first version's build redid (~25 integer
+// instructions of its ~74 per class). Offsets within an image are < 2^31 (checked on the
+// host), so a class's taps are these plus c * h * w in unsigned 32-bit arithmetic.
+struct PixelTaps {
+  int top_left, top_right, bottom_left, bottom_right;
+  float wx0, wx1, wy0, wy1;
+};
+
+__device__ __forceinline__ PixelTaps pixel_taps(const Geometry& g, int64_t y, int64_t x) {
+  const LinearTap ty = linear_tap(y, g.h, g.scale_h);
+  const LinearTap tx = linear_tap(x, g.w, g.scale_w);
+  const int top = static_cast<int>(ty.i0 * g.w), bottom = static_cast<int>(ty.i1 * g.w);
+  const int left = static_cast<int>(tx.i0), right = static_cast<int>(tx.i1);
+  return {top + left, top + right, bottom + left, bottom + right, tx.w0, tx.w1, ty.w0, ty.w1};
+}
+
+// The upsampled logit of the class at `class_offset` (c * h * w) in `image`: each row
+// interpolated along x, then the two blended along y, ATen's order, so the value rounds as
+// F.interpolate's does.
+template <typename scalar_t>
+__device__ __forceinline__ float upsampled_logit(const scalar_t* image, const PixelTaps& t, uint32_t class_offset) {
+  const auto tap_value = [&](int tap) {
+    return read_only_logit(image + (static_cast<uint32_t>(tap) + class_offset));
+  };
+  const float top = t.wx0 * tap_value(t.top_left) + t.wx1 * tap_value(t.top_right);
+  const float bottom = t.wx0 * tap_value(t.bottom_left) + t.wx1 * tap_value(t.bottom_right);
+  return t.wy0 * top + t.wy1 * bottom;
+}
+
+// exp on the SFU (ex2.approx after a multiply: relative error ~1e-6 for the arguments of a
+// softmax, z - max <= 0) instead of the ~9-instruction accurate expf: the kernels evaluate
+// it ~3 times per pixel and class. Forward and backward both use it, so they agree on
+// which pixels are kept.
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+
+// The ground-truth probability of a pixel, which decides whether it is kept: the forward and
+// both backward paths compute it here, so they agree on every pixel.
+__device__ __forceinline__ float gt_probability(const PixelSoftmax& s) { return fast_exp(s.z_gt - s.zmax) / s.sumexp; }
+
+// Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`,
+// for any number of classes; with z_store set, each class's upsampled logit is also stored
+// at z_store[c * z_stride]. Forward and backward call the same softmax function for a given
+// class count (pixel_softmax_in_registers up to kRegisterClasses), so they agree on which
+// pixels are kept.
+template <typename scalar_t>
+__device__ __forceinline__ PixelSoftmax pixel_softmax_online(const scalar_t* __restrict__ logits, const Geometry& g,
+                                                             int64_t n, int64_t y, int64_t x, int64_t label,
+                                                             float* z_store = nullptr, int z_stride = 0) {
+  const PixelTaps taps = pixel_taps(g, y, x);
+  const uint32_t plane = static_cast<uint32_t>(g.h * g.w);
+  const scalar_t* image = logits_image(logits, g, n);
+  PixelSoftmax s{0.f, 0.f, 0.f};
+  uint32_t class_offset = 0;
+  for (int64_t c = 0; c < g.C; ++c, class_offset += plane) {
+    const float z = upsampled_logit(image, taps, class_offset);
+    if (z_store != nullptr) z_store[c * z_stride] = z;
+    if (c == label) s.z_gt = z;
+    // Starting from the first class (not from -inf) keeps a -inf logit finite here: -inf
+    // minus a -inf running max would make the sum NaN where the reference's is not.
+    if (c == 0) {
+      s.zmax = z;
+      s.sumexp = 1.f;
+    } else if (z > s.zmax) {
+      s.sumexp = s.sumexp * fast_exp(s.zmax - z) + 1.f;
+      s.zmax = z;
+    } else {
+      s.sumexp += fast_exp(z - s.zmax);
+    }
+  }
+  return s;
+}
+
+// pixel_softmax_online for C <= kMaxClasses (a compile-time bound): the upsampled logits
+// stay in registers (z[c] on return, for c < C), the loops unroll with no branch, so the 4C
+// tap loads issue back to back, and the softmax takes two passes (max, then sum) instead of
+// the online loop's rescaling, whose compare and branch per class made it ~47 instructions
+// per class in the sm_90 build.
+template <int kMaxClasses, typename scalar_t>
+__device__ __forceinline__ PixelSoftmax pixel_softmax_in_registers(const scalar_t* __restrict__ logits,
+                                                                   const Geometry& g, int64_t n, int64_t y,
+                                                                   int64_t x, int64_t label, float (&z)[kMaxClasses]) {
+  const PixelTaps taps = pixel_taps(g, y, x);
+  const uint32_t plane = static_cast<uint32_t>(g.h * g.w);
+  const int classes = static_cast<int>(g.C);
+  const scalar_t* image = logits_image(logits, g, n);
+  // Classes from C on re-read class C - 1 (in bounds, so no load needs a branch); the passes
+  // below leave them out.
+#pragma unroll
+  for (int c = 0; c < kMaxClasses; ++c)
+    z[c] = upsampled_logit(image, taps, static_cast<uint32_t>(min(c, classes - 1)) * plane);
+  // fmaxf skips a NaN logit; its exp below still makes the sum, hence the loss, NaN.
+  PixelSoftmax s{z[0], 0.f, z[0]};
+#pragma unroll
+  for (int c = 1; c < kMaxClasses; ++c) s.zmax = c < classes ? fmaxf(s.zmax, z[c]) : s.zmax;
+#pragma unroll
+  for (int c = 0; c < kMaxClasses; ++c) {
+    s.sumexp += c < classes ? fast_exp(z[c] - s.zmax) : 0.f;
+    s.z_gt = c == label ? z[c] : s.z_gt;
+  }
+  return s;
+}
+
+// kMaxClasses: pixel_softmax_in_registers's bound on C, 0 for pixel_softmax_online.
+template <int kMaxClasses, typename scalar_t, typename label_t>
+__global__ void forward_pixels_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
+                                      float thresh, int64_t ignore_index, float* __restrict__ prob,
+                                      float* __restrict__ ce, long long* __restrict__ block_counts,
+                                      double* __restrict__ block_sums) {
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t y = blockIdx.y, n = blockIdx.z;
+  const int64_t block = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  long long valid = 0, le = 0, bad = 0;
+  double sum_valid = 0, sum_below = 0;
+  if (x < g.W) {
+    const int64_t pix = (n * g.H + y) * g.W + x;
+    const int64_t label = static_cast<int64_t>(target[pix]);
+    float p = INFINITY, loss = 0.f;
+    if (label != ignore_index) {
+      if (label < 0 || label >= g.C) {
+        bad = 1;
+      } else {
+        PixelSoftmax s;
+        if constexpr (kMaxClasses > 0) {
+          float z[kMaxClasses];
+          s = pixel_softmax_in_registers(logits, g, n, y, x, label, z);
+        } else {
+          s = pixel_softmax_online(logits, g, n, y, x, label);
+        }
+        loss = s.zmax + logf(s.sumexp) - s.z_gt;
+        p = gt_probability(s);
+        valid = 1;
+        le = p <= thresh;
+        sum_valid = loss;
+        sum_below = ohem_kept(p, thresh) ? loss : 0.0;
+      }
+    }
+    prob[pix] = p;
+    ce[pix] = loss;
+  }
+  using CountReduce = cub::BlockReduce<long long, kThreads>;
+  using SumReduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename CountReduce::TempStorage count_storage;
+  __shared__ typename SumReduce::TempStorage sum_storage;
+  long long totals[3] = {valid, le, bad};
+  for (int i = 0; i < 3; ++i) {
+    const long long t = CountReduce(count_storage).Sum(totals[i]);
+    if (threadIdx.x == 0) block_counts[block * 3 + i] = t;
+    __syncthreads();
+  }
+  double sums[2] = {sum_valid, sum_below};
+  for (int i = 0; i < 2; ++i) {
+    const double t = SumReduce(sum_storage).Sum(sums[i]);
+    if (threadIdx.x == 0) block_sums[block * 2 + i] = t;
+    __syncthreads();
+  }
+}
+
+// One block: totals of the per-block counts and sums in a fixed order; decides whether the
+// k-th probability must be selected.
+__global__ void forward_totals_kernel(const long long* __restrict__ block_counts, const double* __restrict__ block_sums,
+                                      int64_t blocks, int64_t min_kept, int64_t batch, bool has_thresh,
+                                      ForwardState* state) {
+  using CountReduce = cub::BlockReduce<long long, kFinalThreads>;
+  using SumReduce = cub::BlockReduce<double, kFinalThreads>;
+  __shared__ typename CountReduce::TempStorage count_storage;
+  __shared__ typename SumReduce::TempStorage sum_storage;
+  long long counts[3] = {0, 0, 0};
+  double sums[2] = {0, 0};
+  for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x) {
+    for (int i = 0; i < 3; ++i) counts[i] += block_counts[b * 3 + i];
+    for (int i = 0; i < 2; ++i) sums[i] += block_sums[b * 2 + i];
+  }
+  long long totals[3];
+  for (int i = 0; i < 3; ++i) {
+    totals[i] = CountReduce(count_storage).Sum(counts[i]);
+    __syncthreads();
+  }
+  double total_sums[2];
+  for (int i = 0; i < 2; ++i) {
+    total_sums[i] = SumReduce(sum_storage).Sum(sums[i]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    state->n_valid = totals[0];
+    state->n_le_thresh = totals[1];
+    state->n_bad = totals[2];
+    state->sum_valid = total_sums[0];
+    state->sum_below = total_sums[1];
+    const int64_t k = ohem_rank(min_kept, batch, totals[0]);
+    state->rank = k;
+    state->needs_select = has_thresh && ohem_needs_select(totals[0], totals[1], k) ? 1 : 0;
+    state->prefix = 0;
+  }
+}
+
+static_assert(kThreads % 32 == 0, "select_histogram_kernel steps whole warps");
+
+__global__ void select_histogram_kernel(const float* __restrict__ prob, int64_t count, int pass,
+                                        const ForwardState* __restrict__ state,
+                                        unsigned long long* __restrict__ histogram) {
+  if (!state->needs_select) return;
+  __shared__ unsigned int local[kSelectBins];
+  for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  const int shift = select_shift(pass), bits = select_bits(pass);
+  const int prefix_shift = pass == 0 ? 32 : select_shift(pass - 1);
+  const uint32_t prefix = state->prefix;
+  const int lane = threadIdx.x % 32;
+  // Lanes whose keys share a digit add their count with one atomic (their leader's). The
+  // probabilities of a confident head crowd near 1, into a few digits of the first passes:
+  // one atomic per key serialised up to 32-way there. Whole warps step together (the loop
+  // runs while the warp's first element is in range) so that every lane joins the ballot.
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e - lane < count;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t digit = 0;
+    bool counted = false;
+    if (e < count) {
+      const uint32_t key = prob_key(prob[e]);
+      counted = key_has_prefix(key, prefix, prefix_shift);
+      digit = key_digit(key, shift, bits);
+    }
+    const unsigned counting = __ballot_sync(0xffffffffu, counted);
+    if (counted) {
+      const unsigned peers = __match_any_sync(counting, digit);
+      if (lane == __ffs(peers) - 1) atomicAdd(&local[digit], static_cast<unsigned>(__popc(peers)));
+    }
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < (1 << bits); b += blockDim.x)
+    if (local[b]) atomicAdd(&histogram[b], static_cast<unsigned long long>(local[b]));
+}
+
+// Integer counts only: the selected bin is exact whatever the order of the atomics.
+__global__ void select_bin_kernel(const unsigned long long* __restrict__ histogram, int pass, ForwardState* state) {
+  if (!state->needs_select || threadIdx.x != 0) return;
+  int64_t rank = state->rank;
+  const uint32_t bin = select_bin(histogram, 1u << select_bits(pass), &rank);
+  state->rank = rank;
+  state->prefix |= bin << select_shift(pass);
+}
+
+__global__ void kept_sum_kernel(const float* __restrict__ prob, const float* __restrict__ ce, int64_t count,
+                                const ForwardState* __restrict__ state, double* __restrict__ block_sums) {
+  if (!state->needs_select) return;
+  const float threshold = prob_from_key(static_cast<uint32_t>(state->prefix));
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const double v = (e < count && ohem_kept(prob[e], threshold)) ? static_cast<double>(ce[e]) : 0.0;
+  using SumReduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename SumReduce::TempStorage storage;
+  const double t = SumReduce(storage).Sum(v);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = t;
+}
+
+__global__ void forward_result_kernel(const double* __restrict__ kept_block_sums, int64_t blocks,
+                                      const ForwardState* __restrict__ state, bool has_thresh, float thresh,
+                                      double pixels, float* __restrict__ loss, float* __restrict__ threshold) {
+  using SumReduce = cub::BlockReduce<double, kFinalThreads>;
+  __shared__ typename SumReduce::TempStorage storage;
+  const bool selected = state->needs_select;
+  double partial = 0;
+  if (selected)
+    for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x) partial += kept_block_sums[b];
+  const double kept_sum = SumReduce(storage).Sum(partial);
+  if (threadIdx.x == 0) {
+    double total;
+    if (!has_thresh) {
+      total = state->sum_valid;
+      *threshold = INFINITY;
+    } else if (selected) {
+      total = kept_sum;
+      *threshold = prob_from_key(static_cast<uint32_t>(state->prefix));
+    } else {
+      total = state->sum_below;
+      *threshold = thresh;
+    }
+    // Out-of-range labels count as ignored in the sums; a NaN loss makes them visible
+    // where the host did not check (check_labels=False).
+    *loss = state->n_bad > 0 ? NAN : static_cast<float>(total / pixels);
+  }
+}
+
+// Shape of the backward's blocks, chosen on the host from the sizes (fixed for given sizes,
+// so the summation order, hence the result, is too).
+struct BackwardTiling {
+  int band_rows;  // head rows per block
+  int tile_cols;  // head columns per block
+  int x_chunk;    // output columns per pass over a row (<= kThreads; one per thread)
+  size_t shared_bytes;
+};
+
+// Shared memory of one backward block, carved from one dynamic allocation of 4-byte values.
+// Phase 2 reads a head column's weights from two per-column arrays: the output columns
+// reading head column j are [first with i0 >= j - 1, first with i0 >= j), which read it as
+// their upper tap i1, then [first with i0 >= j, first with i0 >= j + 1), which read it as
+// their lower tap i0. A term then costs two shared loads and an FMA, where finding the
+// weight from each column's taps (compare, select, add) cost ~9 instructions per term.
+struct BackwardShared {
+  float* dz;            // [C][x_chunk + 1]: softmax - onehot of the row chunk (padded: no bank conflicts)
+  float* acc;           // [band_rows][C][tile_cols]: gradient of the block's head elements
+  float* weight_lower;  // [x_chunk]: each chunk column's weight for its lower tap (w0, + w1 where i1 == i0)
+  float* weight_upper;  // [x_chunk]: its weight for its upper tap (w1; 0 where i1 == i0)
+  int* col_range;       // [tile_cols][3]: output columns reading each head column, relative to the block's
+                        // first: begin, first reading it as the lower tap, end
+
+  __device__ BackwardShared(unsigned char* base, const BackwardTiling& t, int64_t C) {
+    dz = reinterpret_cast<float*>(base);
+    acc = dz + C * (t.x_chunk + 1);
+    weight_lower = acc + static_cast<int64_t>(t.band_rows) * C * t.tile_cols;
+    weight_upper = weight_lower + t.x_chunk;
+    col_range = reinterpret_cast<int*>(weight_upper + t.x_chunk);
+  }
+  static size_t bytes(const BackwardTiling& t, int64_t C) {
+    return (C * (t.x_chunk + 1) + static_cast<int64_t>(t.band_rows) * C * t.tile_cols + 2 * t.x_chunk +
+            3 * t.tile_cols) * sizeof(float);
+  }
+};
+
+// Phase 1 of the backward for one pixel: its column of dz (stride dz_stride) becomes
+// softmax - onehot if the pixel is valid and kept, else 0; returns whether it was kept.
+template <int kMaxClasses, typename scalar_t>
+__device__ __forceinline__ bool pixel_grad_column(const scalar_t* __restrict__ logits, const Geometry& g, int64_t n,
+                                                  int64_t y, int64_t x, int64_t label, bool valid, float thresh,
+                                                  float* dz, int dz_stride) {
+  bool kept = false;
+  if constexpr (kMaxClasses > 0) {
+    const int classes = static_cast<int>(g.C);
+    float z[kMaxClasses];
+    PixelSoftmax s{};
+    if (valid) {
+      s = pixel_softmax_in_registers(logits, g, n, y, x, label, z);
+      kept = ohem_kept(gt_probability(s), thresh);
+    }
+    if (kept) {
+      // exp again rather than kept from the sum: C more registers would spill at the
+      // 85-register bound below.
+      const float inv_sumexp = 1.f / s.sumexp;
+#pragma unroll
+      for (int c = 0; c < kMaxClasses; ++c)
+        if (c < classes) dz[c * dz_stride] = ce_grad(fast_exp(z[c] - s.zmax) * inv_sumexp, c == label, 1.f);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kMaxClasses; ++c)
+        if (c < classes) dz[c * dz_stride] = 0.f;
+    }
+  } else {
+    if (valid) {
+      const PixelSoftmax s = pixel_softmax_online(logits, g, n, y, x, label, dz, dz_stride);
+      const float inv_sumexp = 1.f / s.sumexp;
+      kept = ohem_kept(gt_probability(s), thresh);
+      if (kept)
+        for (int64_t c = 0; c < g.C; ++c)
+          dz[c * dz_stride] = ce_grad(fast_exp(dz[c * dz_stride] - s.zmax) * inv_sumexp, c == label, 1.f);
+    }
+    if (!kept)
+      for (int64_t c = 0; c < g.C; ++c) dz[c * dz_stride] = 0.f;
+  }
+  return kept;
+}
+
+// At least 3 resident blocks per SM (<= 85 registers a thread; sm_90 needs 80, no spills):
+// phase 1 is latency-bound on the logit loads, so occupancy matters.
+template <int kMaxClasses, typename scalar_t, typename label_t>
+__global__ void __launch_bounds__(kThreads, 3)
+    backward_band_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
+                         BackwardTiling tiling, const float* __restrict__ threshold, int64_t ignore_index,
+                         const float* __restrict__ grad_loss, scalar_t* __restrict__ grad) {
+  BackwardShared sh(dynamic_shared_memory(), tiling, g.C);
+  const int64_t n = blockIdx.z;
+  const int64_t i_begin = static_cast<int64_t>(blockIdx.y) * tiling.band_rows;
+  const int64_t i_end = min(i_begin + tiling.band_rows, g.h);
+  const int64_t j_begin = static_cast<int64_t>(blockIdx.x) * tiling.tile_cols;
+  const int64_t j_end = min(j_begin + tiling.tile_cols, g.w);
+  const int64_t tile_cols = j_end - j_begin;
+  const int64_t accumulators = static_cast<int64_t>(tiling.band_rows) * g.C * tiling.tile_cols;
+  const int dz_stride = tiling.x_chunk + 1;
+
+  const int64_t y_begin = dst_range_reading(i_begin, g.h, g.H, g.scale_h).begin;
+  const int64_t y_end = dst_range_reading(i_end - 1, g.h, g.H, g.scale_h).end;
+  const int64_t x_begin = dst_range_reading(j_begin, g.w, g.W, g.scale_w).begin;
+  const int64_t x_end = dst_range_reading(j_end - 1, g.w, g.W, g.scale_w).end;
+  for (int64_t a = threadIdx.x; a < accumulators; a += blockDim.x) sh.acc[a] = 0.f;
+  for (int64_t jl = threadIdx.x; jl < tile_cols; jl += blockDim.x) {
+    const int64_t j = j_begin + jl;
+    int* range = sh.col_range + 3 * jl;  // output columns < 2^31 (checked on the host)
+    range[0] = static_cast<int>(first_dst_with_i0_at_least(j - 1, g.w, g.W, g.scale_w) - x_begin);
+    range[1] = static_cast<int>(first_dst_with_i0_at_least(j, g.w, g.W, g.scale_w) - x_begin);
+    range[2] = static_cast<int>(first_dst_with_i0_at_least(j + 1, g.w, g.W, g.scale_w) - x_begin);
+  }
+  const float thresh = *threshold;
+  // Phase 2's (class, head column) pairs: this thread's first, and the step between its pairs
+  // (32-bit: C * tile_cols is small, and one division here spares one per pair and row).
+  const int classes = static_cast<int>(g.C), pairs = classes * static_cast<int>(tile_cols);
+  const int first_class = threadIdx.x % classes, first_col = threadIdx.x / classes;
+  const int step_class = blockDim.x % classes, step_col = blockDim.x / classes;
+  __syncthreads();
+
+  for (int64_t x0 = x_begin; x0 < x_end; x0 += tiling.x_chunk) {
+    const int64_t chunk = min(static_cast<int64_t>(tiling.x_chunk), x_end - x0);
+    const int64_t x = x0 + threadIdx.x;
+    const int chunk_begin = static_cast<int>(x0 - x_begin);  // the chunk, relative to the block's first column
+    const int chunk_end = chunk_begin + static_cast<int>(chunk);
+    if (threadIdx.x < chunk) {
+      const LinearTap tx = linear_tap(x, g.w, g.scale_w);
+      const bool one_tap = tx.i1 == tx.i0;  // the last head column, clamped
+      sh.weight_lower[threadIdx.x] = tx.w0 + (one_tap ? tx.w1 : 0.f);
+      sh.weight_upper[threadIdx.x] = one_tap ? 0.f : tx.w1;
+    }
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      // Phase 1: one pixel per thread; its column of dz = softmax - onehot if kept, else 0.
+      bool kept = false;
+      if (threadIdx.x < chunk) {
+        const int64_t label = static_cast<int64_t>(target[(n * g.H + y) * g.W + x]);
+        const bool valid = label != ignore_index && label >= 0 && label < g.C;
+        kept = pixel_grad_column<kMaxClasses>(logits, g, n, y, x, label, valid, thresh, sh.dz + threadIdx.x,
+                                              dz_stride);
+      }
+      if (!__syncthreads_or(kept)) continue;  // nothing kept in this row chunk
+      // Phase 2: reduce the row chunk along x into head columns, then into the band's rows.
+      const LinearTap ty = linear_tap(y, g.h, g.scale_h);
+      const int64_t band_row[2] = {ty.i0 - i_begin, ty.i1 - i_begin};
+      const float row_weight[2] = {ty.w0, ty.w1};
+      // Pair (c, jl) = (pair % classes, pair / classes): consecutive threads, consecutive classes.
+      int c = first_class, jl = first_col;
+      for (int pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
+        // Output columns of this chunk (relative to its first) that read head column jl: as
+        // their upper tap in [lo, mid), as their lower tap in [mid, hi). In increasing x,
+        // so the sum's order is that of a single pass over the columns.
+        const int* range = sh.col_range + 3 * jl;
+        const int lo = max(range[0], chunk_begin) - chunk_begin;
+        const int hi = min(range[2], chunk_end) - chunk_begin;
+        const int mid = min(max(range[1] - chunk_begin, lo), hi);
+        const float* dz = sh.dz + c * dz_stride;
+        float partial = 0.f;
+        for (int xl = lo; xl < mid; ++xl) partial += sh.weight_upper[xl] * dz[xl];
+        for (int xl = mid; xl < hi; ++xl) partial += sh.weight_lower[xl] * dz[xl];
+        for (int r = 0; r < 2; ++r)
+          if (band_row[r] >= 0 && band_row[r] < i_end - i_begin)
+            sh.acc[(band_row[r] * classes + c) * tiling.tile_cols + jl] += row_weight[r] * partial;
+        c += step_class;
+        jl += step_col;
+        if (c >= classes) {
+          c -= classes;
+          ++jl;
+        }
+      }
+      __syncthreads();  // dz is rewritten by the next row
+    }
+    __syncthreads();  // the weights are rewritten by the next chunk
+  }
+
+  const float coef = *grad_loss / static_cast<float>(g.N * g.H * g.W);
+  for (int64_t a = threadIdx.x; a < accumulators; a += blockDim.x) {
+    const int64_t jl = a % tiling.tile_cols, c = (a / tiling.tile_cols) % g.C, b = a / (tiling.tile_cols * g.C);
+    if (jl < tile_cols && i_begin + b < i_end)
+      grad[((n * g.C + c) * g.h + i_begin + b) * g.w + j_begin + jl] = static_cast<scalar_t>(sh.acc[a] * coef);
+  }
+}
+
+}  // namespace ohem_cuda
+}  // namespace bisenet_fast
