@@ -299,8 +299,9 @@ def test_triton_network_configs_on_gpu(cin, cout, stride, dtype, monkeypatch):
 
 # ---- CUDA kernels: their block code emulated on the CPU, and native on a GPU ---------------
 # tests/cuda_emulation compiles csrc/cuda/ge_layer_block.cuh and ge_layer_host.h (all of
-# ge_layer.cu but the kernel launch) for the CPU and runs each block's 256 threads as OS
-# threads meeting at real barriers, shared memory starting as NaN, wmma emulated.
+# ge_layer.cu but the kernel launch) for the CPU and runs each block's 256 threads as fibers
+# switched at every barrier, in an order shuffled anew at each, shared memory starting as
+# NaN, wmma emulated.
 
 H200_SMS = 132
 # float32's two GEMMs: FMAs (exact float32; TF32 off, or a GPU without tensor cores) and

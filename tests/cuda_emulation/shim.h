@@ -1,27 +1,52 @@
-// What CUDA block code needs to compile and run on the CPU, so tests can run a kernel's
-// blocks without a GPU: threadIdx, blockIdx and __syncthreads (every block of the grid
-// runs in turn, its threads as OS threads that really run concurrently and meet at a
-// barrier; shared memory starts as NaN, so a read of a slot the block never wrote shows
-// in the output); __threadfence, atomicAdd on int and __ldcg (blocks run one after
-// another here, so a block's atomics always see every earlier block's); __half and __nv_bfloat16 (c10's, same rounding); and the part of
-// nvcuda::wmma the kernels use, where each lane holds its warp's whole tile and computes
-// the whole product (so the lanes agree, as wmma's collective operations require), and
-// lane 0 stores it. Tensor-core arithmetic is emulated as float32 FMAs over float32
-// products, exact for 16-bit and TF32 operands. Other warp-level operations (shuffles,
-// votes) are not emulated: block code that uses them does not compile here.
+// What CUDA kernel code needs to compile and run on the CPU, so tests can run a kernel's
+// blocks without a GPU. Every block of a grid runs in turn; its threads are fibers (ucontext)
+// on the calling OS thread, each with its own stack, switched at every barrier and warp vote.
+// Between two barriers the block's threads run one after another in an order shuffled anew
+// at every barrier (deterministically): a missing barrier then shows as a read of a value
+// not yet written, or of one already overwritten, whichever thread writes it. A race of two
+// threads writing one location without an atomic is not detected.
+//   - threadIdx, blockIdx, blockDim, gridDim; __global__, __device__, __host__,
+//     __forceinline__ and __launch_bounds__ mean nothing here; a static __shared__ variable is
+//     a function-local static (one block runs at a time), dynamic_shared_memory() the block's
+//     dynamic shared memory, which starts as NaN, so a read of a slot the block never wrote
+//     shows in the output;
+//   - __syncthreads and __syncthreads_or (a thread that has returned counts as arrived);
+//   - the warp votes __ballot_sync and __match_any_sync, which exchange the values of the
+//     lanes in their mask, __ffs and __popc;
+//   - cub::BlockReduce's Sum (its result only in thread 0, as cub defines it);
+//   - __threadfence, atomicAdd on int, unsigned and unsigned long long, __ldcg and __ldg
+//     (blocks run one after another here, so a block's atomics always see every earlier
+//     block's), __expf (as expf), and CUDA's min and max of mixed integer types;
+//   - __half and __nv_bfloat16 (c10's, same rounding);
+//   - the part of nvcuda::wmma the kernels use, where each lane holds its warp's whole tile
+//     and computes the whole product (so the lanes agree, as wmma's collective operations
+//     require), and lane 0 stores it. Tensor-core arithmetic is emulated as float32 FMAs over
+//     float32 products, exact for 16-bit and TF32 operands.
+// A block whose threads all wait and cannot go on (a barrier some thread never reaches while
+// others vote, a vote's mask naming a lane that never votes) raises std::runtime_error (a
+// RuntimeError in Python) naming the threads' states, instead of hanging; so does a misuse
+// of a built-in. Shuffles are not emulated: code that uses them does not compile here.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <ucontext.h>
 
-#include <atomic>
-#include <condition_variable>
+#include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <limits>
+#include <memory>
 #include <mutex>
-#include <thread>
+#include <random>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace cuda_emulation {
@@ -30,70 +55,281 @@ struct Index {
   unsigned x = 0, y = 0, z = 0;
 };
 
-class BlockBarrier {
- public:
-  explicit BlockBarrier(int threads) : threads_(threads) {}
+[[noreturn]] inline void fail(const std::string& what) { throw std::runtime_error("cuda_emulation: " + what); }
 
-  void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const unsigned long generation = generation_;
-    if (++arrived_ == threads_) {
-      arrived_ = 0;
-      ++generation_;
-      released_.notify_all();
-      return;
+// One CUDA thread.
+struct Fiber {
+  enum class State { kRunnable, kAtBarrier, kVoting, kFinished };
+  Index index;
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  State state = State::kRunnable;
+  int barrier_predicate = 0;  // its __syncthreads_or argument; then the block's OR
+  std::array<std::uint32_t, 32> vote_values{};
+};
+
+// A warp vote in progress: the lanes of `mask` that have joined, and their values.
+struct VoteRound {
+  unsigned warp, mask, joined;
+  std::array<std::uint32_t, 32> values;
+};
+
+// The block that runs: its fibers and the scheduler's context.
+class Block {
+ public:
+  static constexpr std::size_t kStackBytes = 256 * 1024;
+
+  explicit Block(int threads) : fibers_(threads) {
+    for (auto& fiber : fibers_) fiber.stack.reset(new char[kStackBytes]);  // untouched pages cost nothing
+  }
+
+  // Runs code() on every thread of the block `index` until all have returned.
+  template <typename Code>
+  void run(const Index& index, const Code& code, std::mt19937& shuffle) {
+    code_ = [](const void* c) { (*static_cast<const Code*>(c))(); };
+    code_argument_ = &code;
+    for (std::size_t t = 0; t < fibers_.size(); ++t) {
+      Fiber& fiber = fibers_[t];
+      fiber.index = {static_cast<unsigned>(t), 0, 0};
+      fiber.state = Fiber::State::kRunnable;
+      getcontext(&fiber.context);
+      fiber.context.uc_stack.ss_sp = fiber.stack.get();
+      fiber.context.uc_stack.ss_size = kStackBytes;
+      fiber.context.uc_link = &scheduler_;
+      makecontext(&fiber.context, &Block::fiber_main, 0);
     }
-    released_.wait(lock, [&] { return generation_ != generation; });
+    block_index_ = index;
+    std::vector<Fiber*> order;
+    for (;;) {
+      order.clear();
+      for (auto& fiber : fibers_)
+        if (fiber.state == Fiber::State::kRunnable) order.push_back(&fiber);
+      if (order.empty() && !release_barrier()) break;
+      std::shuffle(order.begin(), order.end(), shuffle);
+      for (Fiber* fiber : order) {
+        if (fiber->state != Fiber::State::kRunnable) continue;
+        current_ = fiber;
+        swapcontext(&scheduler_, &fiber->context);
+        current_ = nullptr;
+        // The other threads' stacks are dropped as they are: what they hold is not freed.
+        if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+      }
+    }
+    for (const auto& fiber : fibers_)
+      if (fiber.state != Fiber::State::kFinished) report_deadlock();
+  }
+
+  Fiber& current() { return *current_; }
+  const Index& block_index() const { return block_index_; }
+  unsigned threads() const { return static_cast<unsigned>(fibers_.size()); }
+
+  // __syncthreads_or(predicate) of the running thread; __syncthreads is the same, its result unused.
+  int barrier(int predicate) {
+    Fiber& fiber = *current_;
+    fiber.barrier_predicate = predicate != 0;
+    fiber.state = Fiber::State::kAtBarrier;
+    yield(fiber);
+    return fiber.barrier_predicate;
+  }
+
+  // The values the lanes of `mask` in the running thread's warp vote with, once all have.
+  std::array<std::uint32_t, 32> vote(unsigned mask, std::uint32_t value) {
+    Fiber& fiber = *current_;
+    const unsigned warp = fiber.index.x / 32, lane = fiber.index.x % 32;
+    if (!((mask >> lane) & 1u)) fail("a lane votes with a mask that leaves it out");
+    // The oldest round of this warp and mask the lane has not joined: lanes that vote in the
+    // same order meet in the same rounds; lanes outside the mask may vote in their own.
+    auto round = std::find_if(rounds_.begin(), rounds_.end(), [&](const VoteRound& r) {
+      return r.warp == warp && r.mask == mask && !((r.joined >> lane) & 1u);
+    });
+    if (round == rounds_.end()) round = rounds_.insert(rounds_.end(), VoteRound{warp, mask, 0u, {}});
+    round->values[lane] = value;
+    round->joined |= 1u << lane;
+    if (round->joined != mask) {
+      fiber.state = Fiber::State::kVoting;
+      yield(fiber);
+      return fiber.vote_values;
+    }
+    const auto values = round->values;
+    for (unsigned l = 0; l < 32; ++l) {
+      if (!((mask >> l) & 1u) || l == lane) continue;
+      Fiber& peer = fibers_[warp * 32 + l];
+      peer.vote_values = values;
+      peer.state = Fiber::State::kRunnable;
+    }
+    rounds_.erase(round);
+    return values;
   }
 
  private:
-  std::mutex mutex_;
-  std::condition_variable released_;
-  const int threads_;
-  int arrived_ = 0;
-  unsigned long generation_ = 0;
+  static void fiber_main();
+
+  void yield(Fiber& fiber) { swapcontext(&fiber.context, &scheduler_); }
+
+  // When every thread waits at the barrier or has returned: releases the waiting ones with
+  // the OR of their predicates; false if none waits there.
+  bool release_barrier() {
+    int any = 0, waiting = 0;
+    for (const auto& fiber : fibers_) {
+      if (fiber.state == Fiber::State::kVoting) return false;
+      if (fiber.state == Fiber::State::kAtBarrier) ++waiting, any |= fiber.barrier_predicate;
+    }
+    for (auto& fiber : fibers_)
+      if (fiber.state == Fiber::State::kAtBarrier) fiber.state = Fiber::State::kRunnable, fiber.barrier_predicate = any;
+    return waiting > 0;
+  }
+
+  [[noreturn]] void report_deadlock() const {
+    std::string states;
+    for (const auto& fiber : fibers_)
+      if (fiber.state != Fiber::State::kFinished)
+        states += "; thread " + std::to_string(fiber.index.x) +
+                  (fiber.state == Fiber::State::kVoting ? " waits in a warp vote" : " waits at a barrier");
+    fail("deadlock in block (" + std::to_string(block_index_.x) + ", " + std::to_string(block_index_.y) + ", " +
+         std::to_string(block_index_.z) + "): its threads wait for each other" + states);
+  }
+
+  std::vector<Fiber> fibers_;
+  std::vector<VoteRound> rounds_;
+  ucontext_t scheduler_;
+  Fiber* current_ = nullptr;
+  Index block_index_;
+  void (*code_)(const void*) = nullptr;
+  const void* code_argument_ = nullptr;
+  std::exception_ptr error_;  // thrown by a thread: the block stops, run() rethrows it
 };
 
-inline thread_local Index thread_index;
-inline thread_local Index block_index;
-inline thread_local BlockBarrier* block_barrier = nullptr;
+inline Block* running_block = nullptr;
+inline Index grid_dim;
+inline Index block_dim;
+inline unsigned char* dynamic_shared = nullptr;
 
-// block(shared) for every block of a grid_x x grid_y grid, `threads` threads each, with
-// `shared_bytes` of 128-byte aligned shared memory.
-template <typename Block>
+inline void Block::fiber_main() {
+  try {
+    running_block->code_(running_block->code_argument_);
+  } catch (...) {  // an exception cannot leave the fiber's stack: the scheduler rethrows it
+    running_block->error_ = std::current_exception();
+  }
+  running_block->current().state = Fiber::State::kFinished;
+}  // returns to the scheduler (uc_link)
+
+// block_code(shared) for every block of a grid_x x grid_y x grid_z grid, `threads` threads
+// each, with `shared_bytes` of 128-byte aligned dynamic shared memory, NaN-filled before
+// each block. One grid at a time per process.
+template <typename BlockCode>
 void run_grid(unsigned grid_x, unsigned grid_y, unsigned grid_z, int threads, std::size_t shared_bytes,
-              const Block& block) {
+              const BlockCode& block_code) {
+  static std::mutex one_grid_at_a_time;
+  const std::lock_guard<std::mutex> lock(one_grid_at_a_time);
   std::vector<std::max_align_t> storage((shared_bytes + 128) / sizeof(std::max_align_t) + 1);
   auto* shared = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(storage.data()) + 127) / 128 * 128);
-  for (unsigned bz = 0; bz < grid_z; ++bz) {
-  for (unsigned by = 0; by < grid_y; ++by) {
-    for (unsigned bx = 0; bx < grid_x; ++bx) {
-      std::memset(shared, 0xff, shared_bytes);  // NaN as float, float16 and bfloat16
-      BlockBarrier barrier(threads);
-      std::vector<std::thread> block_threads;
-      block_threads.reserve(threads);
-      for (int t = 0; t < threads; ++t) {
-        block_threads.emplace_back([&, t] {
-          thread_index = {static_cast<unsigned>(t), 0, 0};
-          block_index = {bx, by, bz};
-          block_barrier = &barrier;
-          block(shared);
-        });
+  Block block(threads);
+  running_block = &block;
+  grid_dim = {grid_x, grid_y, grid_z};
+  block_dim = {static_cast<unsigned>(threads), 1, 1};
+  dynamic_shared = shared;
+  std::mt19937 shuffle(12345);
+  const auto code = [&] { block_code(shared); };
+  for (unsigned bz = 0; bz < grid_z; ++bz)
+    for (unsigned by = 0; by < grid_y; ++by)
+      for (unsigned bx = 0; bx < grid_x; ++bx) {
+        std::memset(shared, 0xff, shared_bytes);  // NaN as float, float16 and bfloat16
+        block.run({bx, by, bz}, code, shuffle);
       }
-      for (auto& thread : block_threads) thread.join();
-    }
-  }
-  }
+  running_block = nullptr;
 }
 
 }  // namespace cuda_emulation
 
-#define threadIdx (::cuda_emulation::thread_index)
-#define blockIdx (::cuda_emulation::block_index)
-inline void __syncthreads() { ::cuda_emulation::block_barrier->arrive_and_wait(); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
+#define __global__ inline
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define threadIdx (::cuda_emulation::running_block->current().index)
+#define blockIdx (::cuda_emulation::running_block->block_index())
+#define blockDim (::cuda_emulation::block_dim)
+#define gridDim (::cuda_emulation::grid_dim)
+
+inline unsigned char* dynamic_shared_memory() { return ::cuda_emulation::dynamic_shared; }
+
+inline void __syncthreads() { ::cuda_emulation::running_block->barrier(0); }
+inline int __syncthreads_or(int predicate) { return ::cuda_emulation::running_block->barrier(predicate); }
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  const auto votes = ::cuda_emulation::running_block->vote(mask, predicate != 0);
+  unsigned ballot = 0;
+  for (int l = 0; l < 32; ++l)
+    if (((mask >> l) & 1u) && votes[l]) ballot |= 1u << l;
+  return ballot;
+}
+
+inline unsigned __match_any_sync(unsigned mask, unsigned value) {
+  const auto values = ::cuda_emulation::running_block->vote(mask, value);
+  unsigned peers = 0;
+  for (int l = 0; l < 32; ++l)
+    if (((mask >> l) & 1u) && values[l] == value) peers |= 1u << l;
+  return peers;
+}
+
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+inline void __threadfence() {}  // one thread runs at a time
+template <typename T>
+T atomicAdd(T* address, T value) {
+  static_assert(std::is_same_v<T, int> || std::is_same_v<T, unsigned> || std::is_same_v<T, unsigned long long>,
+                "CUDA's integer atomicAdd overloads");
+  const T old = *address;  // one thread runs at a time
+  *address = old + value;
+  return old;
+}
 inline float __ldcg(const float* address) { return *address; }
+template <typename T>
+T __ldg(const T* address) {
+  return *address;
+}
+inline float __expf(float x) { return std::exp(x); }
+
+template <typename A, typename B>
+std::common_type_t<A, B> min(A a, B b) {
+  return b < a ? b : a;
+}
+template <typename A, typename B>
+std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? b : a;
+}
+
+namespace cub {
+
+template <typename T, int kBlockThreads>
+class BlockReduce {
+ public:
+  struct TempStorage {
+    T values[kBlockThreads];
+  };
+  explicit BlockReduce(TempStorage& storage) : storage_(storage) {
+    if (blockDim.x != kBlockThreads)
+      ::cuda_emulation::fail("BlockReduce<" + std::to_string(kBlockThreads) + "> in a block of " +
+                             std::to_string(blockDim.x) + " threads");
+  }
+  // The block's sum in thread 0; elsewhere a value no caller may use (cub leaves it undefined).
+  T Sum(T value) {
+    storage_.values[threadIdx.x] = value;
+    __syncthreads();
+    if (threadIdx.x != 0) return std::numeric_limits<T>::has_quiet_NaN ? std::numeric_limits<T>::quiet_NaN()
+                                                                       : std::numeric_limits<T>::min();
+    T total = 0;
+    for (int t = 0; t < kBlockThreads; ++t) total += storage_.values[t];
+    return total;
+  }
+
+ private:
+  TempStorage& storage_;
+};
+
+}  // namespace cub
 
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
