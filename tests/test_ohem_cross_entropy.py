@@ -40,6 +40,9 @@ def make_inputs(shape, dtype=torch.float32, target_dtype=torch.int64, ignore_ind
 
 
 def loss_and_grad(backend, logits, target, **kwargs):
+    if backend == EMULATED_CUDA:
+        loss, _, grad = emulated_cuda(logits, target, **kwargs)
+        return loss, grad
     logits = logits.detach().clone().requires_grad_()
     with bf.backends.use(backend):
         loss = bf.ops.ohem_cross_entropy(logits, target, **kwargs)
@@ -69,6 +72,154 @@ def reference_threshold(logits, target, thresh, min_kept, ignore_index=255):
     prob = up.softmax(1).gather(1, target.long().masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)[valid]
     kth = prob.sort().values[min(min_kept * logits.shape[0], prob.numel() - 1)]
     return max(float(kth), float(torch.tensor(thresh, dtype=torch.float32)))
+
+
+# ---- The CUDA kernels, emulated on the CPU
+# tests/cuda_emulation compiles csrc/cuda/ohem_cross_entropy_kernels.cuh and _host.h (all of
+# ohem_cross_entropy.cu but the launches) for the CPU and runs each block's threads as fibers
+# switched at every barrier and warp vote, shared memory starting as NaN. As a backend of the
+# edge-case tests below it is "cuda-emulated" (not selected by the GPU runs' "not emulated").
+
+EMULATED_CUDA = "cuda-emulated"
+H200 = dict(sm_count=132, shared_bytes_optin=227 * 1024)
+
+
+def emulated_cuda(logits, target, *, thresh=0.7, min_kept=10000, ignore_index=255, check_labels=True, grad_loss=1.0,
+                  device=H200):
+    """(loss, threshold, d grad_loss * loss / d logits) from the emulated CUDA forward and backward."""
+    from tests import cuda_emulation
+
+    module = cuda_emulation.ohem_cross_entropy()
+    loss, threshold = module.forward(logits, target, thresh, min_kept, ignore_index, check_labels)
+    grad = module.backward(torch.tensor(grad_loss), logits, target, threshold, ignore_index, device["sm_count"],
+                           device["shared_bytes_optin"])
+    return loss, threshold, grad
+
+
+def emulated_tiling(shape, device=H200):
+    from tests import cuda_emulation
+
+    n, c, h, w, H, W = shape
+    return cuda_emulation.ohem_cross_entropy().tiling(torch.empty(n, c, h, w), torch.empty(n, H, W, dtype=torch.uint8),
+                                                      device["sm_count"], device["shared_bytes_optin"])
+
+
+# SHAPES and the CUDA backward's tilings: several bands and column tiles, a head column read
+# by more output columns than a block's chunk of 256, both sides of the bound on classes
+# held in registers (kRegisterClasses = 20), and 150 classes, which shrink the chunk and the
+# tile to fit 48 KB of shared memory. Not 2x2 -> 30x700: there 42 pixels tie at the k-th
+# probability in ATen's arithmetic, and the kernel's on the CPU (no FMA) splits them by one
+# ulp, which keeps 39 more pixels; on a GPU the kernel's arithmetic rounds as ATen's there.
+EMULATED_SHAPES = SHAPES + [
+    (1, 3, 6, 70, 20, 600),
+    (1, 3, 2, 2, 31, 701),
+    (2, 20, 5, 7, 33, 45),
+    (2, 21, 5, 7, 33, 45),
+    (1, 150, 4, 4, 16, 16),
+]
+
+
+@pytest.mark.parametrize("shape", EMULATED_SHAPES)
+@pytest.mark.parametrize("thresh, kept_fraction", OHEM_CASES)
+def test_cuda_emulated_matches_reference(shape, thresh, kept_fraction):
+    logits, target = make_inputs(shape)
+    kwargs = ohem_kwargs(shape, thresh, kept_fraction)
+    check_against_reference(EMULATED_CUDA, logits, target, **kwargs)
+    if thresh is not None:  # the radix select finds the reference's threshold (to float rounding)
+        _, threshold, _ = emulated_cuda(logits, target, **kwargs)
+        assert threshold.item() == pytest.approx(reference_threshold(logits, target, thresh, kwargs["min_kept"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype, target_dtype", [(torch.float16, torch.uint8), (torch.bfloat16, torch.int32),
+                                                 (torch.float32, torch.uint8)])
+@pytest.mark.parametrize("classes", [5, 21])
+def test_cuda_emulated_dtypes(dtype, target_dtype, classes):
+    shape = (2, classes, 5, 7, 33, 45)
+    logits, target = make_inputs(shape, dtype=dtype, target_dtype=target_dtype)
+    check_against_reference(EMULATED_CUDA, logits, target, **ohem_kwargs(shape, 0.2, 0.5))
+
+
+@pytest.mark.parametrize("sm_count, band_rows", [(1, 4), (4, 2), (132, 1)])
+def test_cuda_emulated_band_heights(sm_count, band_rows):
+    """Bands of 4, 2 and 1 head rows (fewer where the blocks would not fill twice the SMs:
+    9 head rows of 2 images in bands of 4 are 6 blocks) give the reference's gradient."""
+    shape = (2, 5, 9, 13, 67, 101)
+    device = dict(H200, sm_count=sm_count)
+    assert emulated_tiling(shape, device)["band_rows"] == band_rows
+    logits, target = make_inputs(shape)
+    ref_loss, ref_grad = loss_and_grad("eager", logits, target, thresh=0.2, min_kept=3000)
+    _, _, grad = emulated_cuda(logits, target, thresh=0.2, min_kept=3000, device=device)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_emulated_tiling_at_the_training_shape():
+    """N=4, 19 classes, 128x128 -> 1024x1024 on an H200: bands of 4 head rows (512 blocks fill
+    132 SMs), the widest tile one 256-column chunk covers (30 head columns + the 2 it
+    overlaps), in the default 48 KB of shared memory."""
+    tiling = emulated_tiling((4, 19, 128, 128, 1024, 1024))
+    assert tiling["band_rows"] == 4 and tiling["x_chunk"] == 256 and tiling["tile_cols"] == 30
+    assert tiling["shared_bytes"] <= 48 * 1024
+
+
+def test_cuda_emulated_grad_loss_scales_the_gradient():
+    logits, target = make_inputs((1, 4, 8, 8, 32, 32))
+    _, _, grad = emulated_cuda(logits, target, thresh=0.7, min_kept=100)
+    _, _, scaled = emulated_cuda(logits, target, thresh=0.7, min_kept=100, grad_loss=-2.5)
+    torch.testing.assert_close(scaled, -2.5 * grad)
+
+
+def test_cuda_emulated_ties_in_the_radix_select():
+    """Many equal probabilities in one warp (the histogram's per-warp aggregation of equal
+    digits) and a k-th value inside a run of ties: 2 x 40 x 60 pixels, same-size logits
+    whose gap takes 4 values."""
+    gap = torch.tensor([0.0, -0.5, -1.0, -2.0]).repeat_interleave(600).reshape(1, 1, 40, 60)
+    logits = torch.cat([torch.zeros_like(gap), gap], dim=1).repeat(2, 1, 1, 1)
+    target = torch.zeros(2, 40, 60, dtype=torch.int64)
+    target[:, ::7] = 255
+    for min_kept in (1, 700, 1500, 2100):
+        kwargs = dict(thresh=0.3, min_kept=min_kept)
+        _, threshold, _ = emulated_cuda(logits, target, **kwargs)
+        assert threshold.item() == pytest.approx(reference_threshold(logits, target, **kwargs), rel=1e-6)
+        check_against_reference(EMULATED_CUDA, logits, target, **kwargs)
+
+
+def test_cuda_emulated_layouts_and_determinism():
+    shape = (2, 5, 9, 13, 67, 101)
+    logits, target = make_inputs(shape)
+    first = emulated_cuda(logits, target, thresh=0.2, min_kept=3000)
+    assert all(torch.equal(a, b) for a, b in zip(first, emulated_cuda(logits, target, thresh=0.2, min_kept=3000)))
+    channels_last = logits.contiguous(memory_format=torch.channels_last)
+    sliced = torch.stack([logits, logits], dim=-1)[..., 0]
+    for other in (channels_last, sliced):
+        assert all(torch.equal(a, b) for a, b in zip(first, emulated_cuda(other, target, thresh=0.2, min_kept=3000)))
+
+
+def test_cuda_emulated_label_checks():
+    """A label outside [0, C) raises, naming it; without the check (no host synchronisation)
+    the loss is NaN instead, and valid labels give the checked result."""
+    logits, target = make_inputs((2, 5, 9, 13, 67, 101))
+    for kwargs in (dict(thresh=0.2, min_kept=3000), dict(thresh=None)):
+        checked = emulated_cuda(logits, target, **kwargs)
+        unchecked = emulated_cuda(logits, target, check_labels=False, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(checked, unchecked))
+    target[1, 3, 4] = 9
+    with pytest.raises(RuntimeError, match=r"label 9, which is neither a class id in \[0, 5\)"):
+        emulated_cuda(logits, target)
+    loss, _, _ = emulated_cuda(logits, target, check_labels=False)
+    assert loss.isnan()
+
+
+def test_cuda_emulated_bad_inputs():
+    logits, target = make_inputs((1, 3, 4, 4, 8, 8))
+    with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16, got Double"):
+        emulated_cuda(logits.double(), target)
+    with pytest.raises(RuntimeError, match="target must be uint8, int32 or int64, got Short"):
+        emulated_cuda(logits, target.short())
+    with pytest.raises(RuntimeError, match="target must have the batch size of logits"):
+        emulated_cuda(logits, target.repeat(2, 1, 1))
+    many = make_inputs((1, 400, 4, 4, 8, 8))[0]
+    with pytest.raises(RuntimeError, match="400 classes need .* bytes of shared memory per block in the backward"):
+        emulated_cuda(many, target, device=dict(H200, shared_bytes_optin=48 * 1024))
 
 
 # ---- C++ CPU kernel
@@ -161,7 +312,7 @@ def cpu_backends():
 
 def fused_backends():
     """(backend, device) of every fused implementation this session can run."""
-    params = [pytest.param("cpp", "cpu", id="cpp")]
+    params = [pytest.param("cpp", "cpu", id="cpp"), pytest.param(EMULATED_CUDA, "cpu", id=EMULATED_CUDA)]
     if "triton" in bf.backends.available():
         params.append(pytest.param("triton", triton_device(), id="triton"))
     params.append(pytest.param("cuda", "cuda", id="cuda", marks=requires_cuda_build))
@@ -179,8 +330,11 @@ def test_ties_at_threshold(backend, device):
     target = torch.zeros(2, 5, 7, dtype=torch.int64)
     logits, target = logits.to(device), target.to(device)
     kwargs = dict(thresh=0.5, min_kept=15, ignore_index=255)
-    op = torch.ops.bisenet_fast_triton if backend == "triton" else torch.ops.bisenet_fast
-    _, threshold = op.ohem_cross_entropy_forward(logits, target, 0.5, 15, 255)
+    if backend == EMULATED_CUDA:
+        _, threshold, _ = emulated_cuda(logits, target, **kwargs)
+    else:
+        op = torch.ops.bisenet_fast_triton if backend == "triton" else torch.ops.bisenet_fast
+        _, threshold = op.ohem_cross_entropy_forward(logits, target, 0.5, 15, 255)
     assert threshold.item() == pytest.approx(reference_threshold(logits, target, 0.5, 15), rel=1e-6)
     assert threshold.item() == pytest.approx(float(torch.sigmoid(torch.tensor(1.0))), rel=1e-6)
     check_against_reference(backend, logits, target, **kwargs)

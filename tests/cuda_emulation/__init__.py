@@ -11,14 +11,24 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@functools.lru_cache(maxsize=None)
 def ge_layer():
     """The module of tests/cuda_emulation/ge_layer.cpp: ge_layer_stride1/2(..., sm_count, tensor_cores), plan(...)."""
+    return _load("ge_layer")
+
+
+def ohem_cross_entropy():
+    """The module of tests/cuda_emulation/ohem_cross_entropy.cpp: forward(...), backward(..., sm_count,
+    shared_bytes_optin), tiling(...)."""
+    return _load("ohem_cross_entropy")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(source):
     from torch.utils.cpp_extension import load
 
     return load(
-        name="bisenet_fast_cuda_emulation_ge_layer",
-        sources=[str(ROOT / "tests" / "cuda_emulation" / "ge_layer.cpp")],
+        name=f"bisenet_fast_cuda_emulation_{source}",
+        sources=[str(ROOT / "tests" / "cuda_emulation" / f"{source}.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests")],
         extra_cflags=["-O2"],
         extra_ldflags=["-pthread"],
