@@ -3,30 +3,14 @@
 // stream in the order ohem_cross_entropy_host.h gives.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <utility>
-
+#include "cuda/cuda_launcher.h"
 #include "cuda/ohem_cross_entropy_host.h"
 
 namespace bisenet_fast {
 namespace {
-
-using ohem_cuda::Grid;
-
-struct CudaLauncher {
-  template <typename... KernelArgs, typename... Args>
-  static void launch(void (*kernel)(KernelArgs...), Grid grid, int threads, size_t shared_bytes, Args&&... args) {
-    if (shared_bytes > ohem_cuda::kDefaultSharedBytes)  // beyond the default limit a kernel must opt in
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_bytes)));
-    kernel<<<dim3(grid.x, grid.y, grid.z), threads, shared_bytes, at::cuda::getCurrentCUDAStream()>>>(
-        std::forward<Args>(args)...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 void check_on_gpu(const at::Tensor& logits, const at::Tensor& target) {
   TORCH_CHECK(logits.is_cuda() && target.is_cuda(), "ohem_cross_entropy (CUDA kernel): logits and target must be ",

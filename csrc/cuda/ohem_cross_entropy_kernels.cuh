@@ -44,6 +44,7 @@
 
 #include "common/bilinear.h"
 #include "common/ohem_math.h"
+#include "cuda/launch_grid.h"
 
 #if defined(__CUDACC__)
 #include <cub/block/block_reduce.cuh>
@@ -54,8 +55,7 @@ namespace ohem_cuda {
 
 constexpr int kThreads = 256;
 constexpr int kFinalThreads = 1024;
-// Shared memory a block may use without opting in, and the widest head-column tile.
-constexpr size_t kDefaultSharedBytes = 48 * 1024;
+// The widest head-column tile of the backward.
 constexpr int kMaxTileCols = 128;
 // Up to this many classes (Cityscapes has 19) a pixel's logits are held in registers
 // (pixel_softmax_in_registers); more take the online loop (pixel_softmax_online). Registers
@@ -67,19 +67,6 @@ constexpr int kSelectPasses = 3;
 constexpr int kSelectBins = 1 << 11;
 __host__ __device__ constexpr int select_bits(int pass) { return pass == 2 ? 10 : 11; }
 __host__ __device__ constexpr int select_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
-
-// A launch's grid (dim3 without CUDA's headers).
-struct Grid {
-  unsigned x = 1, y = 1, z = 1;
-};
-
-#if defined(__CUDACC__)
-// The block's dynamic shared memory (16-byte aligned); shim.h defines it for the CPU.
-__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
-  extern __shared__ __align__(16) unsigned char shared[];
-  return shared;
-}
-#endif
 
 struct Geometry {
   int64_t N, C, h, w, H, W;

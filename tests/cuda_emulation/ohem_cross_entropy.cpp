@@ -3,20 +3,14 @@
 // the backward's tiling, for tests of its choices.
 #include <torch/extension.h>
 
-#include "cuda_emulation/shim.h"
+#include "cuda_emulation/launcher.h"
 #include "cuda/ohem_cross_entropy_host.h"
 
 namespace {
 
 using namespace bisenet_fast::ohem_cuda;
 
-struct EmulatedLauncher {
-  template <typename... KernelArgs, typename... Args>
-  static void launch(void (*kernel)(KernelArgs...), Grid grid, int threads, size_t shared_bytes, Args&&... args) {
-    cuda_emulation::run_grid(grid.x, grid.y, grid.z, threads, shared_bytes,
-                             [&](unsigned char*) { kernel(args...); });
-  }
-};
+using cuda_emulation::EmulatedLauncher;
 
 // A GPU with sm_count SMs whose blocks may opt in to shared_bytes_optin of shared memory.
 DeviceCaps caps(int64_t sm_count, int64_t shared_bytes_optin) {
