@@ -6,8 +6,13 @@ import bisenet_fast as bf
 from bisenet_fast.ops.bga import bga_aggregate_reference
 from tests.helpers import requires_cuda_build, requires_triton, triton_device
 
+# "cuda-emulated": the CUDA kernels' own source run on the CPU by tests/cuda_emulation
+# (blocks of fibers, shared memory NaN-filled), on a GPU of 132 SMs (an H200) unless a test
+# says otherwise; not selected by the GPU runs' "not emulated".
+EMULATED_CUDA = "cuda-emulated"
 IMPLS = [
     pytest.param("cpp", id="cpp"),
+    pytest.param(EMULATED_CUDA, id=EMULATED_CUDA),
     pytest.param("triton", id="triton", marks=requires_triton),
     pytest.param("cuda", id="cuda", marks=requires_cuda_build),
 ]
@@ -38,7 +43,7 @@ TOLERANCES = {
 
 
 def device_of(impl):
-    return {"cpp": "cpu", "triton": triton_device(), "cuda": "cuda"}[impl]
+    return {"cpp": "cpu", EMULATED_CUDA: "cpu", "triton": triton_device(), "cuda": "cuda"}[impl]
 
 
 def in_layout(t, layout):
@@ -59,8 +64,13 @@ def make_inputs(shape, dtype=torch.float32, device="cpu", layout="contiguous", s
     return [in_layout(t.to(dtype=dtype, device=device), layout) for t in (detail, *low)]
 
 
-def run(impl, inputs, grad_out):
-    """Output and the four input gradients of backend `impl`."""
+def run(impl, inputs, grad_out, sm_count=132):
+    """Output and the four input gradients of backend `impl` (sm_count: the emulated GPU's)."""
+    if impl == EMULATED_CUDA:
+        from tests import cuda_emulation
+
+        module = cuda_emulation.bga()
+        return module.forward(*inputs, sm_count), module.backward(grad_out, *inputs, sm_count)
     leaves = [t.detach().requires_grad_() for t in inputs]
     with bf.backends.use(impl):
         out = bf.ops.bga_aggregate(*leaves)
@@ -76,8 +86,8 @@ def reference_in_math_type(inputs, grad_out):
     return out, torch.autograd.grad(out, leaves, grad_out.cpu().to(math_type))
 
 
-def assert_close_to_reference(impl, inputs, grad_out, tol):
-    out, grads = run(impl, inputs, grad_out)
+def assert_close_to_reference(impl, inputs, grad_out, tol, **run_kwargs):
+    out, grads = run(impl, inputs, grad_out, **run_kwargs)
     ref_out, ref_grads = reference_in_math_type(inputs, grad_out)
     assert out.dtype == inputs[0].dtype and out.shape == inputs[0].shape
     torch.testing.assert_close(out.cpu().to(ref_out.dtype), ref_out, **tol)
@@ -102,8 +112,7 @@ def test_layouts(impl, layout):
     inputs = make_inputs((2, 5, 11, 13, 3, 4), device=device_of(impl), layout=layout)
     grad_out = in_layout(torch.randn(inputs[0].shape, device=device_of(impl)), layout)
     assert_close_to_reference(impl, inputs, grad_out, TOLERANCES[torch.float32])
-    with bf.backends.use(impl):
-        out = bf.ops.bga_aggregate(*inputs)
+    out, _ = run(impl, inputs, grad_out)
     # The output keeps detail's memory format (channels_last stays channels_last).
     want_channels_last = layout == "channels_last"
     assert out.is_contiguous(memory_format=torch.channels_last if want_channels_last else torch.contiguous_format)
@@ -134,20 +143,30 @@ def off_alignment(t):
     return shifted
 
 
-@requires_cuda_build
+@pytest.mark.parametrize("impl", [pytest.param(EMULATED_CUDA, id=EMULATED_CUDA),
+                                  pytest.param("cuda", id="cuda", marks=requires_cuda_build)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
-def test_cuda_forward_wide_and_unaligned(dtype, layout, aligned):
+def test_cuda_forward_wide_and_unaligned(impl, dtype, layout, aligned):
     """16 channels and 40 columns: each thread of the CUDA forward computes 16 bytes of output
     (a pixel's channels in channels_last, a row's pixels in NCHW); the same tensors off
     16-byte alignment take the one-value-per-thread kernel. Both match the reference."""
-    inputs = make_inputs((2, 16, 24, 40, 7, 11), dtype=dtype, device="cuda", layout=layout)
+    inputs = make_inputs((2, 16, 24, 40, 7, 11), dtype=dtype, device=device_of(impl), layout=layout)
     if not aligned:
         inputs = [off_alignment(t) for t in inputs]
         assert inputs[0].data_ptr() % 16 != 0
-    grad_out = in_layout(torch.randn(inputs[0].shape, device="cuda").to(dtype), layout)
-    assert_close_to_reference("cuda", inputs, grad_out, TOLERANCES[dtype])
+    grad_out = in_layout(torch.randn(inputs[0].shape, device=device_of(impl)).to(dtype), layout)
+    assert_close_to_reference(impl, inputs, grad_out, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_emulated_grid_stride_loops(layout):
+    """On a GPU of one SM the gating and backward grids are capped at 32 blocks, so each
+    thread walks several values."""
+    inputs = make_inputs((2, 16, 24, 40, 7, 11), layout=layout)
+    grad_out = in_layout(torch.randn(inputs[0].shape), layout)
+    assert_close_to_reference(EMULATED_CUDA, inputs, grad_out, TOLERANCES[torch.float32], sm_count=1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -16,6 +16,12 @@ def ge_layer():
     return _load("ge_layer")
 
 
+def bga():
+    """The module of tests/cuda_emulation/bga.cpp: forward(detail, semantic, detail_down, semantic_down,
+    sm_count), backward(grad_out, ..., sm_count)."""
+    return _load("bga")
+
+
 def ohem_cross_entropy():
     """The module of tests/cuda_emulation/ohem_cross_entropy.cpp: forward(...), backward(..., sm_count,
     shared_bytes_optin), tiling(...)."""
