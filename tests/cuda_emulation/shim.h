@@ -10,7 +10,8 @@
 //     a function-local static (one block runs at a time), dynamic_shared_memory() the block's
 //     dynamic shared memory, which starts as NaN, so a read of a slot the block never wrote
 //     shows in the output;
-//   - __syncthreads and __syncthreads_or (a thread that has returned counts as arrived);
+//   - __syncthreads, __syncthreads_or and __syncthreads_count (a thread that has returned
+//     counts as arrived);
 //   - the warp votes __ballot_sync and __match_any_sync, which exchange the values of the
 //     lanes in their mask, __ffs and __popc;
 //   - cub::BlockReduce's Sum (its result only in thread 0, as cub defines it);
@@ -64,7 +65,7 @@ struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
   State state = State::kRunnable;
-  int barrier_predicate = 0;  // its __syncthreads_or argument; then the block's OR
+  int barrier_predicate = 0;  // its __syncthreads_or/count argument; then the block's count
   std::array<std::uint32_t, 32> vote_values{};
 };
 
@@ -123,7 +124,8 @@ class Block {
   const Index& block_index() const { return block_index_; }
   unsigned threads() const { return static_cast<unsigned>(fibers_.size()); }
 
-  // __syncthreads_or(predicate) of the running thread; __syncthreads is the same, its result unused.
+  // __syncthreads_count(predicate) of the running thread: the number of the block's threads
+  // whose predicate is non-zero; __syncthreads and __syncthreads_or are the same barrier.
   int barrier(int predicate) {
     Fiber& fiber = *current_;
     fiber.barrier_predicate = predicate != 0;
@@ -167,15 +169,15 @@ class Block {
   void yield(Fiber& fiber) { swapcontext(&fiber.context, &scheduler_); }
 
   // When every thread waits at the barrier or has returned: releases the waiting ones with
-  // the OR of their predicates; false if none waits there.
+  // the count of their non-zero predicates; false if none waits there.
   bool release_barrier() {
-    int any = 0, waiting = 0;
+    int count = 0, waiting = 0;
     for (const auto& fiber : fibers_) {
       if (fiber.state == Fiber::State::kVoting) return false;
-      if (fiber.state == Fiber::State::kAtBarrier) ++waiting, any |= fiber.barrier_predicate;
+      if (fiber.state == Fiber::State::kAtBarrier) ++waiting, count += fiber.barrier_predicate;
     }
     for (auto& fiber : fibers_)
-      if (fiber.state == Fiber::State::kAtBarrier) fiber.state = Fiber::State::kRunnable, fiber.barrier_predicate = any;
+      if (fiber.state == Fiber::State::kAtBarrier) fiber.state = Fiber::State::kRunnable, fiber.barrier_predicate = count;
     return waiting > 0;
   }
 
@@ -255,7 +257,8 @@ void run_grid(unsigned grid_x, unsigned grid_y, unsigned grid_z, int threads, st
 inline unsigned char* dynamic_shared_memory() { return ::cuda_emulation::dynamic_shared; }
 
 inline void __syncthreads() { ::cuda_emulation::running_block->barrier(0); }
-inline int __syncthreads_or(int predicate) { return ::cuda_emulation::running_block->barrier(predicate); }
+inline int __syncthreads_or(int predicate) { return ::cuda_emulation::running_block->barrier(predicate) > 0; }
+inline int __syncthreads_count(int predicate) { return ::cuda_emulation::running_block->barrier(predicate); }
 
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   const auto votes = ::cuda_emulation::running_block->vote(mask, predicate != 0);
@@ -318,14 +321,21 @@ class BlockReduce {
   T Sum(T value) {
     storage_.values[threadIdx.x] = value;
     __syncthreads();
-    if (threadIdx.x != 0) return std::numeric_limits<T>::has_quiet_NaN ? std::numeric_limits<T>::quiet_NaN()
-                                                                       : std::numeric_limits<T>::min();
-    T total = 0;
-    for (int t = 0; t < kBlockThreads; ++t) total += storage_.values[t];
+    if (threadIdx.x != 0) return unusable();
+    T total = storage_.values[0];
+    for (int t = 1; t < kBlockThreads; ++t) total = total + storage_.values[t];
     return total;
   }
 
  private:
+  // All bits set: NaN in floating point, -1 in integers.
+  static T unusable() {
+    static_assert(std::is_trivially_copyable_v<T>, "cub reduces plain values");
+    T value;
+    std::memset(&value, 0xff, sizeof(value));
+    return value;
+  }
+
   TempStorage& storage_;
 };
 
