@@ -155,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::T
   TORCH_CHECK(blocks < (int64_t{1} << 31) && g.H <= 65535 && g.N <= 65535,
               "ohem_cross_entropy (CUDA kernel): target must have <= 65535 images and rows and < 2^39 pixels, got ",
               target.sizes());
-  const Grid pixel_grid{static_cast<unsigned>(blocks_for(g.W, kThreads)), static_cast<unsigned>(g.H),
-                        static_cast<unsigned>(g.N)};
+  const Grid pixel_grid{static_cast<unsigned>(blocks_for(g.W, kThreads)),
+                        static_cast<unsigned>(blocks_for(g.H, kForwardRows)), static_cast<unsigned>(g.N)};
   const int64_t pixel_blocks = static_cast<int64_t>(pixel_grid.x) * pixel_grid.y * pixel_grid.z;
   const auto f32 = head.options().dtype(at::kFloat);
   at::Tensor prob = at::empty({pixels}, f32);

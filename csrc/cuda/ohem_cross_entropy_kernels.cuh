@@ -1,11 +1,14 @@
 // OHEM cross-entropy on logits upsampled on the fly: the CUDA kernels.
 //
-// Forward: one thread per output pixel (grid: column chunk, row, image, so no 64-bit
-// division recovers the position) computes its C upsampled logits from the four
-// head-resolution taps (never stored at (N, C, H, W)), their logsumexp (in registers, two
-// passes, for up to kRegisterClasses classes; an online loop beyond), the
-// cross-entropy and the ground-truth probability; per-block counts and sums are reduced by
-// one block in a fixed order (deterministic). Whether the k-th probability is needed is
+// Forward: each thread walks kForwardRows output rows of one column (grid: column chunk,
+// run of rows, image, so no 64-bit division recovers a position). Per pixel it computes the
+// C upsampled logits (never stored at (N, C, H, W)), their logsumexp (two passes in
+// registers for up to kRegisterClasses classes; an online loop beyond), the cross-entropy
+// and the ground-truth probability. Up to kRegisterClasses, the column's values on the
+// pixel's two head rows (interpolated along x) are held in registers and reloaded only when
+// the column reaches the next pair of head rows: the output rows between two head rows
+// share them (8 per pair at 8x upsampling). Per-block counts and sums are reduced by one
+// block in a fixed order (deterministic). Whether the k-th probability is needed is
 // decided on the device; if it is, an exact radix select over the probabilities' bits
 // (3 passes of integer histograms: 11 + 11 + 10 bits, one shared-memory atomic per warp and
 // digit) finds it, and the kept CE is summed
@@ -18,11 +21,11 @@
 // Backward, as a gather (no float atomics, deterministic): one block per (image, band of
 // head rows, tile of head columns), the CUDA form of the CPU kernel's row pipeline. For each
 // output row that reads the band, and each chunk of the output columns that read the tile,
-// every thread recomputes one output pixel's softmax (the same function as the forward, so
-// both agree on which pixels are kept) into shared memory as its gradient
-// softmax - onehot; the block then reduces that row chunk along x into the tile's head
-// columns and adds it, with the two row weights, to the band's accumulators in shared
-// memory. Each accumulator has one owner thread and receives its terms in a fixed order.
+// every thread recomputes one output pixel's softmax (the same functions as the forward,
+// from its column's held head rows, so both agree on which pixels are kept) into shared
+// memory as its gradient softmax - onehot; the block then reduces that row chunk along x
+// into the tile's head columns and adds it, with the two row weights, to the band's
+// accumulators in shared memory. Each accumulator has one owner thread and receives its terms in a fixed order.
 // Compared with the first version (one thread per head element (n, c, i, j), gathering
 // over its ~4 s^2 output pixels after a separate logsumexp pass), each pixel's upsampled
 // logits are computed ~1.3 times (band and tile overlaps) instead of 5, its label is read
@@ -57,11 +60,13 @@ constexpr int kThreads = 256;
 constexpr int kFinalThreads = 1024;
 // The widest head-column tile of the backward.
 constexpr int kMaxTileCols = 128;
-// Up to this many classes (Cityscapes has 19) a pixel's logits are held in registers
-// (pixel_softmax_in_registers); more take the online loop (pixel_softmax_online). Registers
-// are allocated for the bound, not for C: at 24 the sm_90 backward spilled 40 bytes under
-// its 80-register launch bound, at 20 it keeps one 8-byte slot read once per output row.
+// Up to this many classes (Cityscapes has 19) a column's values on two head rows are held in
+// registers (ColumnRows, column_softmax); more take the online loop (pixel_softmax_online).
+// Registers are allocated for the bound, not for C: 2 x 20 of them; sm_90 then needs 90-96
+// registers in the forward and 128 (one 8-byte stack slot) in the backward.
 constexpr int kRegisterClasses = 20;
+// Output rows per forward thread (it holds each pair of head rows for the rows between them).
+constexpr int kForwardRows = 8;
 // Radix select over 32-bit keys: digits of 11, 11 and 10 bits, most significant first.
 constexpr int kSelectPasses = 3;
 constexpr int kSelectBins = 1 << 11;
@@ -87,14 +92,6 @@ struct ForwardState {
 // The host reads n_bad from a tensor of int64 that holds the state.
 static_assert(sizeof(ForwardState) % sizeof(int64_t) == 0 && offsetof(ForwardState, n_bad) % sizeof(int64_t) == 0,
               "ForwardState is stored in an int64 tensor");
-
-// A block's sums of the valid pixels' CE and of those kept at thresh, reduced together.
-struct SumPair {
-  double valid, below;
-};
-__host__ __device__ __forceinline__ SumPair operator+(const SumPair& a, const SumPair& b) {
-  return {a.valid + b.valid, a.below + b.below};
-}
 
 struct PixelSoftmax {
   float zmax, sumexp, z_gt;
@@ -124,36 +121,92 @@ __device__ __forceinline__ const scalar_t* logits_image(const scalar_t* logits, 
   return image;
 }
 
-// The four head-resolution taps of one output pixel, as offsets within a class plane and
-// weights: computed once per pixel, so each class costs four loads instead of the 64-bit tap
-// arithmetic per class and tap that the first version's build redid (~25 integer
-// instructions of its ~74 per class). Offsets within an image are < 2^31 (checked on the
+// An output row's two head rows, as offsets within a class plane, and their weights; and an
+// output column's two head columns and weights. Computed once per row and column, so a
+// class costs its loads only (the first version's build redid ~25 integer instructions of
+// 64-bit tap arithmetic per class). Offsets within an image are < 2^31 (checked on the
 // host), so a class's taps are these plus c * h * w in unsigned 32-bit arithmetic.
-struct PixelTaps {
-  int top_left, top_right, bottom_left, bottom_right;
-  float wx0, wx1, wy0, wy1;
+struct RowTaps {
+  int64_t head_row;  // i0: it decides i1
+  int top, bottom;
+  float w_top, w_bottom;
+};
+struct ColumnTaps {
+  int left, right;
+  float w_left, w_right;
 };
 
-__device__ __forceinline__ PixelTaps pixel_taps(const Geometry& g, int64_t y, int64_t x) {
+__device__ __forceinline__ RowTaps row_taps(const Geometry& g, int64_t y) {
   const LinearTap ty = linear_tap(y, g.h, g.scale_h);
-  const LinearTap tx = linear_tap(x, g.w, g.scale_w);
-  const int top = static_cast<int>(ty.i0 * g.w), bottom = static_cast<int>(ty.i1 * g.w);
-  const int left = static_cast<int>(tx.i0), right = static_cast<int>(tx.i1);
-  return {top + left, top + right, bottom + left, bottom + right, tx.w0, tx.w1, ty.w0, ty.w1};
+  return {ty.i0, static_cast<int>(ty.i0 * g.w), static_cast<int>(ty.i1 * g.w), ty.w0, ty.w1};
 }
 
-// The upsampled logit of the class at `class_offset` (c * h * w) in `image`: each row
-// interpolated along x, then the two blended along y, ATen's order, so the value rounds as
-// F.interpolate's does.
-template <typename scalar_t>
-__device__ __forceinline__ float upsampled_logit(const scalar_t* image, const PixelTaps& t, uint32_t class_offset) {
-  const auto tap_value = [&](int tap) {
-    return read_only_logit(image + (static_cast<uint32_t>(tap) + class_offset));
-  };
-  const float top = t.wx0 * tap_value(t.top_left) + t.wx1 * tap_value(t.top_right);
-  const float bottom = t.wx0 * tap_value(t.bottom_left) + t.wx1 * tap_value(t.bottom_right);
-  return t.wy0 * top + t.wy1 * bottom;
+__device__ __forceinline__ ColumnTaps column_taps(const Geometry& g, int64_t x) {
+  const LinearTap tx = linear_tap(x, g.w, g.scale_w);
+  return {static_cast<int>(tx.i0), static_cast<int>(tx.i1), tx.w0, tx.w1};
 }
+
+// wa * a + wb * b with its roundings spelled out (the product wb * b, then one fma), leaving
+// the compiler no choice of FMA contraction: every kernel computes a logit bit for bit
+// alike, which the forward's and the backward's keep decisions rely on.
+__device__ __forceinline__ float blend(float a, float b, float wa, float wb) { return __fmaf_rn(wa, a, __fmul_rn(wb, b)); }
+
+// Head row `row` (an offset) of the class at `class_offset` (c * h * w) in `image`,
+// interpolated along x at an output column.
+template <typename scalar_t>
+__device__ __forceinline__ float head_row_value(const scalar_t* image, int row, const ColumnTaps& ct,
+                                                uint32_t class_offset) {
+  const auto tap_value = [&](int tap) {
+    return read_only_logit(image + (static_cast<uint32_t>(row + tap) + class_offset));
+  };
+  return blend(tap_value(ct.left), tap_value(ct.right), ct.w_left, ct.w_right);
+}
+
+// The upsampled logit of one class at one output pixel: each head row interpolated along x,
+// then the two blended along y, ATen's order, so the value rounds as F.interpolate's does.
+template <typename scalar_t>
+__device__ __forceinline__ float upsampled_logit(const scalar_t* image, const RowTaps& rt, const ColumnTaps& ct,
+                                                 uint32_t class_offset) {
+  return blend(head_row_value(image, rt.top, ct, class_offset), head_row_value(image, rt.bottom, ct, class_offset),
+               rt.w_top, rt.w_bottom);
+}
+
+// One output column's values on one pair of head rows (interpolated along x), for every
+// class up to kMaxClasses: the output rows between two head rows (8 per pair at 8x
+// upsampling) share them, so a thread walking down a column loads each pair's 4C taps once
+// instead of once per row. A logit is then blend(top[c], bottom[c]) of the row's weights,
+// the same arithmetic as upsampled_logit's.
+template <int kMaxClasses>
+struct ColumnRows {
+  float top[kMaxClasses], bottom[kMaxClasses];
+  int64_t head_row = -1;  // i0 of the pair held; -1: none yet
+
+  // Holds the pair of `rt` (loading it unless held already). Classes from C on re-read class
+  // C - 1 (in bounds, so no load needs a branch); the softmax leaves them out.
+  template <typename scalar_t>
+  __device__ __forceinline__ void hold(const scalar_t* image, const Geometry& g, const RowTaps& rt,
+                                       const ColumnTaps& ct) {
+    if (head_row == rt.head_row) return;
+    const uint32_t plane = static_cast<uint32_t>(g.h * g.w);
+    const int classes = static_cast<int>(g.C);
+#pragma unroll
+    for (int c = 0; c < kMaxClasses; ++c) {
+      const uint32_t class_offset = static_cast<uint32_t>(min(c, classes - 1)) * plane;
+      top[c] = head_row_value(image, rt.top, ct, class_offset);
+      bottom[c] = head_row_value(image, rt.bottom, ct, class_offset);
+    }
+    head_row = rt.head_row;
+  }
+
+  __device__ __forceinline__ float logit(int c, const RowTaps& rt) const {
+    return blend(top[c], bottom[c], rt.w_top, rt.w_bottom);
+  }
+};
+
+// What a thread holds down its column for a softmax of class bound kMaxClasses: the rows of
+// column_softmax's path; nothing used by the online path (kMaxClasses = 0).
+template <int kMaxClasses>
+using HeldRows = ColumnRows<(kMaxClasses > 0 ? kMaxClasses : 1)>;
 
 // exp on the SFU (ex2.approx after a multiply: relative error ~1e-6 for the arguments of a
 // softmax, z - max <= 0) instead of the ~9-instruction accurate expf: the kernels evaluate
@@ -168,19 +221,20 @@ __device__ __forceinline__ float gt_probability(const PixelSoftmax& s) { return 
 // Online max / sum-exp over the classes of output pixel (n, y, x), and the logit of `label`,
 // for any number of classes; with z_store set, each class's upsampled logit is also stored
 // at z_store[c * z_stride]. Forward and backward call the same softmax function for a given
-// class count (pixel_softmax_in_registers up to kRegisterClasses), so they agree on which
-// pixels are kept.
+// class count (column_softmax up to kRegisterClasses), so they agree on which pixels are
+// kept.
 template <typename scalar_t>
 __device__ __forceinline__ PixelSoftmax pixel_softmax_online(const scalar_t* __restrict__ logits, const Geometry& g,
                                                              int64_t n, int64_t y, int64_t x, int64_t label,
                                                              float* z_store = nullptr, int z_stride = 0) {
-  const PixelTaps taps = pixel_taps(g, y, x);
+  const RowTaps rt = row_taps(g, y);
+  const ColumnTaps ct = column_taps(g, x);
   const uint32_t plane = static_cast<uint32_t>(g.h * g.w);
   const scalar_t* image = logits_image(logits, g, n);
   PixelSoftmax s{0.f, 0.f, 0.f};
   uint32_t class_offset = 0;
   for (int64_t c = 0; c < g.C; ++c, class_offset += plane) {
-    const float z = upsampled_logit(image, taps, class_offset);
+    const float z = upsampled_logit(image, rt, ct, class_offset);
     if (z_store != nullptr) z_store[c * z_stride] = z;
     if (c == label) s.z_gt = z;
     // Starting from the first class (not from -inf) keeps a -inf logit finite here: -inf
@@ -198,84 +252,93 @@ __device__ __forceinline__ PixelSoftmax pixel_softmax_online(const scalar_t* __r
   return s;
 }
 
-// pixel_softmax_online for C <= kMaxClasses (a compile-time bound): the upsampled logits
-// stay in registers (z[c] on return, for c < C), the loops unroll with no branch, so the 4C
-// tap loads issue back to back, and the softmax takes two passes (max, then sum) instead of
-// the online loop's rescaling, whose compare and branch per class made it ~47 instructions
-// per class in the sm_90 build.
-template <int kMaxClasses, typename scalar_t>
-__device__ __forceinline__ PixelSoftmax pixel_softmax_in_registers(const scalar_t* __restrict__ logits,
-                                                                   const Geometry& g, int64_t n, int64_t y,
-                                                                   int64_t x, int64_t label, float (&z)[kMaxClasses]) {
-  const PixelTaps taps = pixel_taps(g, y, x);
-  const uint32_t plane = static_cast<uint32_t>(g.h * g.w);
-  const int classes = static_cast<int>(g.C);
-  const scalar_t* image = logits_image(logits, g, n);
-  // Classes from C on re-read class C - 1 (in bounds, so no load needs a branch); the passes
-  // below leave them out.
-#pragma unroll
-  for (int c = 0; c < kMaxClasses; ++c)
-    z[c] = upsampled_logit(image, taps, static_cast<uint32_t>(min(c, classes - 1)) * plane);
+// pixel_softmax_online for C <= kMaxClasses (a compile-time bound), from a column's held
+// head rows: the loops unroll with no branch, and the softmax takes two passes (max, then
+// sum; each logit is two instructions from the held rows) instead of the online loop's
+// rescaling, whose compare and branch per class made it ~47 instructions per class in the
+// sm_90 build.
+template <int kMaxClasses>
+__device__ __forceinline__ PixelSoftmax column_softmax(const ColumnRows<kMaxClasses>& rows, const RowTaps& rt,
+                                                       int classes, int64_t label) {
   // fmaxf skips a NaN logit; its exp below still makes the sum, hence the loss, NaN.
-  PixelSoftmax s{z[0], 0.f, z[0]};
+  PixelSoftmax s{rows.logit(0, rt), 0.f, 0.f};
 #pragma unroll
-  for (int c = 1; c < kMaxClasses; ++c) s.zmax = c < classes ? fmaxf(s.zmax, z[c]) : s.zmax;
+  for (int c = 1; c < kMaxClasses; ++c) s.zmax = c < classes ? fmaxf(s.zmax, rows.logit(c, rt)) : s.zmax;
 #pragma unroll
   for (int c = 0; c < kMaxClasses; ++c) {
-    s.sumexp += c < classes ? fast_exp(z[c] - s.zmax) : 0.f;
-    s.z_gt = c == label ? z[c] : s.z_gt;
+    const float z = rows.logit(c, rt);
+    s.sumexp += c < classes ? fast_exp(z - s.zmax) : 0.f;
+    s.z_gt = c == label ? z : s.z_gt;
   }
   return s;
 }
 
-// kMaxClasses: pixel_softmax_in_registers's bound on C, 0 for pixel_softmax_online.
+// A forward block's totals: the sums of its valid pixels' CE and of those kept at thresh,
+// and its counts of valid pixels, of those with p <= thresh and of labels out of range.
+struct BlockTotals {
+  double sum_valid, sum_below;
+  int valid, le, bad;
+};
+__host__ __device__ __forceinline__ BlockTotals operator+(const BlockTotals& a, const BlockTotals& b) {
+  return {a.sum_valid + b.sum_valid, a.sum_below + b.sum_below, a.valid + b.valid, a.le + b.le, a.bad + b.bad};
+}
+
+// kMaxClasses: column_softmax's bound on C, 0 for pixel_softmax_online. A thread walks
+// kForwardRows output rows of one column (grid: column chunk, run of rows, image, so no
+// 64-bit division recovers a position), holding each pair of head rows it meets; the
+// block's totals are one reduction.
 template <int kMaxClasses, typename scalar_t, typename label_t>
 __global__ void forward_pixels_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
                                       float thresh, int64_t ignore_index, float* __restrict__ prob,
                                       float* __restrict__ ce, long long* __restrict__ block_counts,
                                       double* __restrict__ block_sums) {
   const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t y = blockIdx.y, n = blockIdx.z;
+  const int64_t n = blockIdx.z;
+  const int64_t y_begin = static_cast<int64_t>(blockIdx.y) * kForwardRows;
+  const int64_t y_end = min(y_begin + kForwardRows, g.H);
   const int64_t block = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-  bool valid = false, le = false, bad = false;
-  double sum_valid = 0, sum_below = 0;
+  BlockTotals totals{0, 0, 0, 0, 0};
   if (x < g.W) {
-    const int64_t pix = (n * g.H + y) * g.W + x;
-    const int64_t label = static_cast<int64_t>(target[pix]);
-    float p = INFINITY, loss = 0.f;
-    if (label != ignore_index) {
-      if (label < 0 || label >= g.C) {
-        bad = true;
-      } else {
-        PixelSoftmax s;
-        if constexpr (kMaxClasses > 0) {
-          float z[kMaxClasses];
-          s = pixel_softmax_in_registers(logits, g, n, y, x, label, z);
+    const scalar_t* image = logits_image(logits, g, n);
+    const ColumnTaps ct = column_taps(g, x);
+    HeldRows<kMaxClasses> rows;
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      const int64_t pix = (n * g.H + y) * g.W + x;
+      const int64_t label = static_cast<int64_t>(target[pix]);
+      float p = INFINITY, loss = 0.f;
+      if (label != ignore_index) {
+        if (label < 0 || label >= g.C) {
+          ++totals.bad;
         } else {
-          s = pixel_softmax_online(logits, g, n, y, x, label);
+          PixelSoftmax s;
+          if constexpr (kMaxClasses > 0) {
+            const RowTaps rt = row_taps(g, y);
+            rows.hold(image, g, rt, ct);
+            s = column_softmax(rows, rt, static_cast<int>(g.C), label);
+          } else {
+            s = pixel_softmax_online(logits, g, n, y, x, label);
+          }
+          loss = s.zmax + logf(s.sumexp) - s.z_gt;
+          p = gt_probability(s);
+          ++totals.valid;
+          totals.le += p <= thresh;
+          totals.sum_valid += loss;
+          totals.sum_below += ohem_kept(p, thresh) ? loss : 0.0;
         }
-        loss = s.zmax + logf(s.sumexp) - s.z_gt;
-        p = gt_probability(s);
-        valid = true;
-        le = p <= thresh;
-        sum_valid = loss;
-        sum_below = ohem_kept(p, thresh) ? loss : 0.0;
       }
+      prob[pix] = p;
+      ce[pix] = loss;
     }
-    prob[pix] = p;
-    ce[pix] = loss;
   }
-  // The block's counts by the barrier's own population count (bar.red.popc: no shared
-  // memory, no shuffles), its two sums in one reduction of a pair: one cub reduction per
-  // block where five (three counts, two sums) cost 5 barriers and ~5 x 20 shuffle steps.
-  const int counts[3] = {__syncthreads_count(valid), __syncthreads_count(le), __syncthreads_count(bad)};
-  using SumReduce = cub::BlockReduce<SumPair, kThreads>;
-  __shared__ typename SumReduce::TempStorage sum_storage;
-  const SumPair sums = SumReduce(sum_storage).Sum(SumPair{sum_valid, sum_below});
+  using TotalsReduce = cub::BlockReduce<BlockTotals, kThreads>;
+  __shared__ typename TotalsReduce::TempStorage storage;
+  const BlockTotals block_totals = TotalsReduce(storage).Sum(totals);
   if (threadIdx.x == 0) {
-    for (int i = 0; i < 3; ++i) block_counts[block * 3 + i] = counts[i];
-    block_sums[block * 2] = sums.valid;
-    block_sums[block * 2 + 1] = sums.below;
+    block_counts[block * 3] = block_totals.valid;
+    block_counts[block * 3 + 1] = block_totals.le;
+    block_counts[block * 3 + 2] = block_totals.bad;
+    block_sums[block * 2] = block_totals.sum_valid;
+    block_sums[block * 2 + 1] = block_totals.sum_below;
   }
 }
 
@@ -439,28 +502,30 @@ struct BackwardShared {
   }
 };
 
-// Phase 1 of the backward for one pixel: its column of dz (stride dz_stride) becomes
-// softmax - onehot if the pixel is valid and kept, else 0; returns whether it was kept.
+// Phase 1 of the backward for one pixel (n, y, x): its column of dz (stride dz_stride)
+// becomes softmax - onehot if the pixel is valid and kept, else 0; returns whether it was
+// kept. `rows` holds the thread's column's head rows (column_softmax's path) and is updated
+// to the pixel's row.
 template <int kMaxClasses, typename scalar_t>
 __device__ __forceinline__ bool pixel_grad_column(const scalar_t* __restrict__ logits, const Geometry& g, int64_t n,
-                                                  int64_t y, int64_t x, int64_t label, bool valid, float thresh,
+                                                  int64_t y, int64_t x, const ColumnTaps& ct,
+                                                  HeldRows<kMaxClasses>& rows, int64_t label, bool valid, float thresh,
                                                   float* dz, int dz_stride) {
   bool kept = false;
   if constexpr (kMaxClasses > 0) {
     const int classes = static_cast<int>(g.C);
-    float z[kMaxClasses];
+    const RowTaps rt = row_taps(g, y);
     PixelSoftmax s{};
     if (valid) {
-      s = pixel_softmax_in_registers(logits, g, n, y, x, label, z);
+      rows.hold(logits_image(logits, g, n), g, rt, ct);
+      s = column_softmax(rows, rt, classes, label);
       kept = ohem_kept(gt_probability(s), thresh);
     }
     if (kept) {
-      // exp again rather than kept from the sum: C more registers would spill at the
-      // 85-register bound below.
       const float inv_sumexp = 1.f / s.sumexp;
 #pragma unroll
       for (int c = 0; c < kMaxClasses; ++c)
-        if (c < classes) dz[c * dz_stride] = ce_grad(fast_exp(z[c] - s.zmax) * inv_sumexp, c == label, 1.f);
+        if (c < classes) dz[c * dz_stride] = ce_grad(fast_exp(rows.logit(c, rt) - s.zmax) * inv_sumexp, c == label, 1.f);
     } else {
 #pragma unroll
       for (int c = 0; c < kMaxClasses; ++c)
@@ -481,10 +546,13 @@ __device__ __forceinline__ bool pixel_grad_column(const scalar_t* __restrict__ l
   return kept;
 }
 
-// At least 3 resident blocks per SM (<= 85 registers a thread; sm_90 needs 80, no spills):
-// phase 1 is latency-bound on the logit loads, so occupancy matters.
+// At least 2 resident blocks per SM (<= 128 registers a thread): a column's held head rows
+// take 2 * 20 registers, and under 3 blocks' bound of 85 sm_90 spilled 72-80 bytes, which
+// phase 1 would reload in each of its three passes over the classes. Phase 1 now loads
+// logits only when its column reaches a new pair of head rows, so it needs less occupancy
+// to hide their latency than when it loaded 4C taps per pixel.
 template <int kMaxClasses, typename scalar_t, typename label_t>
-__global__ void __launch_bounds__(kThreads, 3)
+__global__ void __launch_bounds__(kThreads, 2)
     backward_band_kernel(const scalar_t* __restrict__ logits, const label_t* __restrict__ target, Geometry g,
                          BackwardTiling tiling, const float* __restrict__ threshold, int64_t ignore_index,
                          const float* __restrict__ grad_loss, scalar_t* __restrict__ grad) {
@@ -529,14 +597,16 @@ __global__ void __launch_bounds__(kThreads, 3)
       sh.weight_lower[threadIdx.x] = tx.w0 + (one_tap ? tx.w1 : 0.f);
       sh.weight_upper[threadIdx.x] = one_tap ? 0.f : tx.w1;
     }
+    const ColumnTaps ct = column_taps(g, x);
+    HeldRows<kMaxClasses> rows;  // this chunk's column's, down its rows
     for (int64_t y = y_begin; y < y_end; ++y) {
       // Phase 1: one pixel per thread; its column of dz = softmax - onehot if kept, else 0.
       bool kept = false;
       if (threadIdx.x < chunk) {
         const int64_t label = static_cast<int64_t>(target[(n * g.H + y) * g.W + x]);
         const bool valid = label != ignore_index && label >= 0 && label < g.C;
-        kept = pixel_grad_column<kMaxClasses>(logits, g, n, y, x, label, valid, thresh, sh.dz + threadIdx.x,
-                                              dz_stride);
+        kept = pixel_grad_column<kMaxClasses>(logits, g, n, y, x, ct, rows, label, valid, thresh,
+                                              sh.dz + threadIdx.x, dz_stride);
       }
       if (!__syncthreads_or(kept)) continue;  // nothing kept in this row chunk
       // Phase 2: reduce the row chunk along x into head columns, then into the band's rows.

@@ -17,7 +17,8 @@
 //   - cub::BlockReduce's Sum (its result only in thread 0, as cub defines it);
 //   - __threadfence, atomicAdd on int, unsigned and unsigned long long, __ldcg and __ldg
 //     (blocks run one after another here, so a block's atomics always see every earlier
-//     block's), __expf (as expf), and CUDA's min and max of mixed integer types;
+//     block's), __expf (as expf), __fmaf_rn and __fmul_rn, and CUDA's min and max of mixed
+//     integer types;
 //   - __half and __nv_bfloat16 (c10's, same rounding);
 //   - the part of nvcuda::wmma the kernels use, where each lane holds its warp's whole tile
 //     and computes the whole product (so the lanes agree, as wmma's collective operations
@@ -294,6 +295,8 @@ T __ldg(const T* address) {
   return *address;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 
 template <typename A, typename B>
 std::common_type_t<A, B> min(A a, B b) {
