@@ -10,8 +10,7 @@
 //     a function-local static (one block runs at a time), dynamic_shared_memory() the block's
 //     dynamic shared memory, which starts as NaN, so a read of a slot the block never wrote
 //     shows in the output;
-//   - __syncthreads, __syncthreads_or and __syncthreads_count (a thread that has returned
-//     counts as arrived);
+//   - __syncthreads and __syncthreads_or (a thread that has returned counts as arrived);
 //   - the warp votes __ballot_sync and __match_any_sync, which exchange the values of the
 //     lanes in their mask, __ffs and __popc;
 //   - cub::BlockReduce's Sum (its result only in thread 0, as cub defines it);
@@ -66,7 +65,7 @@ struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
   State state = State::kRunnable;
-  int barrier_predicate = 0;  // its __syncthreads_or/count argument; then the block's count
+  int barrier_predicate = 0;  // its __syncthreads_or argument; then the block's count of non-zero ones
   std::array<std::uint32_t, 32> vote_values{};
 };
 
@@ -125,8 +124,8 @@ class Block {
   const Index& block_index() const { return block_index_; }
   unsigned threads() const { return static_cast<unsigned>(fibers_.size()); }
 
-  // __syncthreads_count(predicate) of the running thread: the number of the block's threads
-  // whose predicate is non-zero; __syncthreads and __syncthreads_or are the same barrier.
+  // A barrier of the running thread: returns the number of the block's threads whose
+  // predicate is non-zero (__syncthreads_or: whether any is).
   int barrier(int predicate) {
     Fiber& fiber = *current_;
     fiber.barrier_predicate = predicate != 0;
@@ -259,7 +258,6 @@ inline unsigned char* dynamic_shared_memory() { return ::cuda_emulation::dynamic
 
 inline void __syncthreads() { ::cuda_emulation::running_block->barrier(0); }
 inline int __syncthreads_or(int predicate) { return ::cuda_emulation::running_block->barrier(predicate) > 0; }
-inline int __syncthreads_count(int predicate) { return ::cuda_emulation::running_block->barrier(predicate); }
 
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   const auto votes = ::cuda_emulation::running_block->vote(mask, predicate != 0);
