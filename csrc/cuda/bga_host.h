@@ -67,9 +67,9 @@ at::Tensor forward(const at::Tensor& detail, const at::Tensor& semantic, const a
     const int threads = static_cast<int>(std::min<int64_t>(kThreads, (row_threads + 31) / 32 * 32));
     const Grid grid{static_cast<unsigned>((row_threads + threads - 1) / threads), static_cast<unsigned>(g.high_rows),
                     static_cast<unsigned>(std::min<int64_t>(layout.planes, 65535))};
-    const auto kernel = channels_last
-                            ? (wide ? bga_forward_kernel<scalar_t, true, kWide> : bga_forward_kernel<scalar_t, true, 1>)
-                            : (wide ? bga_forward_kernel<scalar_t, false, kWide> : bga_forward_kernel<scalar_t, false, 1>);
+    const auto kernel =
+        channels_last ? (wide ? bga_forward_kernel<scalar_t, true, kWide> : bga_forward_kernel<scalar_t, true, 1>)
+                      : (wide ? bga_forward_kernel<scalar_t, false, kWide> : bga_forward_kernel<scalar_t, false, 1>);
     Launcher::launch(kernel, grid, threads, 0, d.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
                      gated.const_data_ptr<opmath_t>(), out.mutable_data_ptr<scalar_t>(), g, layout.planes);
   });

@@ -163,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::T
   at::Tensor ce = at::empty({pixels}, f32);
   at::Tensor block_counts = at::empty({pixel_blocks, 3}, f32.dtype(at::kLong));
   at::Tensor block_sums = at::empty({pixel_blocks, 2}, f32.dtype(at::kDouble));
-  at::Tensor state_words = at::empty({static_cast<int64_t>(sizeof(ForwardState) / sizeof(int64_t))}, f32.dtype(at::kLong));
+  at::Tensor state_words =
+      at::empty({static_cast<int64_t>(sizeof(ForwardState) / sizeof(int64_t))}, f32.dtype(at::kLong));
   auto* state = reinterpret_cast<ForwardState*>(state_words.data_ptr());
   const float thresh32 = thresh.has_value() ? static_cast<float>(*thresh) : INFINITY;
 

@@ -149,7 +149,9 @@ __device__ __forceinline__ ColumnTaps column_taps(const Geometry& g, int64_t x) 
 // wa * a + wb * b with its roundings spelled out (the product wb * b, then one fma), leaving
 // the compiler no choice of FMA contraction: every kernel computes a logit bit for bit
 // alike, which the forward's and the backward's keep decisions rely on.
-__device__ __forceinline__ float blend(float a, float b, float wa, float wb) { return __fmaf_rn(wa, a, __fmul_rn(wb, b)); }
+__device__ __forceinline__ float blend(float a, float b, float wa, float wb) {
+  return __fmaf_rn(wa, a, __fmul_rn(wb, b));
+}
 
 // Head row `row` (an offset) of the class at `class_offset` (c * h * w) in `image`,
 // interpolated along x at an output column.
@@ -525,7 +527,8 @@ __device__ __forceinline__ bool pixel_grad_column(const scalar_t* __restrict__ l
       const float inv_sumexp = 1.f / s.sumexp;
 #pragma unroll
       for (int c = 0; c < kMaxClasses; ++c)
-        if (c < classes) dz[c * dz_stride] = ce_grad(fast_exp(rows.logit(c, rt) - s.zmax) * inv_sumexp, c == label, 1.f);
+        if (c < classes)
+          dz[c * dz_stride] = ce_grad(fast_exp(rows.logit(c, rt) - s.zmax) * inv_sumexp, c == label, 1.f);
     } else {
 #pragma unroll
       for (int c = 0; c < kMaxClasses; ++c)

@@ -176,8 +176,11 @@ class Block {
       if (fiber.state == Fiber::State::kVoting) return false;
       if (fiber.state == Fiber::State::kAtBarrier) ++waiting, count += fiber.barrier_predicate;
     }
-    for (auto& fiber : fibers_)
-      if (fiber.state == Fiber::State::kAtBarrier) fiber.state = Fiber::State::kRunnable, fiber.barrier_predicate = count;
+    for (auto& fiber : fibers_) {
+      if (fiber.state != Fiber::State::kAtBarrier) continue;
+      fiber.state = Fiber::State::kRunnable;
+      fiber.barrier_predicate = count;
+    }
     return waiting > 0;
   }
 
