@@ -28,6 +28,7 @@
 
 #include "common/bilinear.h"
 #include "common/macros.h"
+#include "common/ohem_checks.h"
 #include "common/ohem_math.h"
 #include "cpu/huge_pages.h"
 
@@ -416,17 +417,7 @@ at::Tensor backward_impl(double grad, const at::Tensor& logits, const at::Tensor
 void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
   TORCH_CHECK(logits.device().is_cpu() && target.device().is_cpu(),
               "ohem_cross_entropy (CPU kernel): logits and target must be CPU tensors");
-  TORCH_CHECK(logits.dim() == 4, "ohem_cross_entropy: logits must be 4-D (N, C, h, w), got ", logits.sizes());
-  TORCH_CHECK(target.dim() == 3, "ohem_cross_entropy: target must be 3-D (N, H, W), got ", target.sizes());
-  TORCH_CHECK(target.size(0) == logits.size(0), "ohem_cross_entropy: target must have the batch size of logits (",
-              logits.size(0), "), got ", target.sizes());
-  TORCH_CHECK(logits.numel() > 0 && target.numel() > 0, "ohem_cross_entropy: logits and target must be non-empty");
-  const auto d = logits.scalar_type();
-  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || d == at::kDouble,
-              "ohem_cross_entropy: logits must be float32, float16, bfloat16 or float64, got ", d);
-  const auto t = target.scalar_type();
-  TORCH_CHECK(t == at::kByte || t == at::kInt || t == at::kLong,
-              "ohem_cross_entropy: target must be uint8, int32 or int64, got ", t);
+  check_ohem_tensors("CPU kernel", logits, target, /*float64=*/true);
 }
 
 // float16/bfloat16 logits are upcast at head resolution (mmseg computes losses in fp32).

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/ohem_checks.h"
 #include "cuda/ohem_cross_entropy_kernels.cuh"
 
 namespace bisenet_fast {
@@ -57,23 +58,6 @@ inline BackwardTiling backward_tiling(const Geometry& g, const DeviceCaps& caps)
   return t;
 }
 
-// The checks common to both ops (ohem_cross_entropy.cu checks that the tensors are on a GPU).
-inline void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
-  TORCH_CHECK(logits.device() == target.device(), "ohem_cross_entropy (CUDA kernel): logits and target must be on ",
-              "one device, got ", logits.device(), " and ", target.device());
-  TORCH_CHECK(logits.dim() == 4, "ohem_cross_entropy: logits must be 4-D (N, C, h, w), got ", logits.sizes());
-  TORCH_CHECK(target.dim() == 3, "ohem_cross_entropy: target must be 3-D (N, H, W), got ", target.sizes());
-  TORCH_CHECK(target.size(0) == logits.size(0), "ohem_cross_entropy: target must have the batch size of logits (",
-              logits.size(0), "), got ", target.sizes());
-  TORCH_CHECK(logits.numel() > 0 && target.numel() > 0, "ohem_cross_entropy: logits and target must be non-empty");
-  const auto d = logits.scalar_type();
-  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16,
-              "ohem_cross_entropy (CUDA kernel): logits must be float32, float16 or bfloat16, got ", d);
-  const auto t = target.scalar_type();
-  TORCH_CHECK(t == at::kByte || t == at::kInt || t == at::kLong,
-              "ohem_cross_entropy: target must be uint8, int32 or int64, got ", t);
-}
-
 inline Geometry geometry(const at::Tensor& head, const at::Tensor& target) {
   Geometry g;
   g.N = head.size(0);
@@ -103,7 +87,7 @@ void dispatch_label(const at::Tensor& target, F&& f) {
   }
 }
 
-// f(pointer to the logits' data) in their dtype (check_inputs admits these three).
+// f(pointer to the logits' data) in their dtype (check_ohem_tensors admits these three).
 template <typename F>
 void dispatch_logits(const at::Tensor& logits, F&& f) {
   switch (logits.scalar_type()) {
@@ -145,7 +129,7 @@ template <typename Launcher>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
                                            c10::optional<double> thresh, int64_t min_kept, int64_t ignore_index,
                                            bool check_labels) {
-  check_inputs(logits, target);
+  check_ohem_tensors("CUDA kernel", logits, target, /*float64=*/false);
   TORCH_CHECK(min_kept >= 0, "ohem_cross_entropy: min_kept must be >= 0, got ", min_kept);
   const at::Tensor head = logits.contiguous();  // NCHW at head resolution, in its own dtype
   const at::Tensor labels = target.contiguous();
@@ -214,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::T
 template <typename Launcher>
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                     const at::Tensor& threshold, int64_t ignore_index, const DeviceCaps& caps) {
-  check_inputs(logits, target);
+  check_ohem_tensors("CUDA kernel", logits, target, /*float64=*/false);
   TORCH_CHECK(grad_loss.numel() == 1 && threshold.numel() == 1,
               "ohem_cross_entropy_backward: grad_loss and threshold must be scalars");
   const at::Tensor head = logits.contiguous();
