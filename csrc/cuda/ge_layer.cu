@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) ge_layer_kernel(const GeParams<scala
   }
 }
 
-struct CudaLauncher {
+struct GeCudaLauncher {
   template <int kStride, typename scalar_t, int kOut, Gemm kGemm>
   static void run(const GeLaunch& plan, const GeParams<scalar_t>& p) {
     auto* kernel = ge_layer_kernel<kStride, scalar_t, kOut, kGemm>;
@@ -59,7 +59,7 @@ ge_cuda::DeviceCaps device_caps() {
 at::Tensor ge_layer_stride1_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
                                  const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return ge_cuda::ge_layer_stride1<CudaLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias, device_caps());
+  return ge_cuda::ge_layer_stride1<GeCudaLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias, device_caps());
 }
 
 at::Tensor ge_layer_stride2_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw0_weight,
@@ -68,9 +68,9 @@ at::Tensor ge_layer_stride2_cuda(const at::Tensor& x, const at::Tensor& y, const
                                  const at::Tensor& sc_dw_weight, const at::Tensor& sc_dw_bias,
                                  const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return ge_cuda::ge_layer_stride2<CudaLauncher>(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight,
-                                                 pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
-                                                 device_caps());
+  return ge_cuda::ge_layer_stride2<GeCudaLauncher>(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight,
+                                                   pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
+                                                   device_caps());
 }
 
 }  // namespace

@@ -10,7 +10,7 @@ namespace {
 
 using namespace bisenet_fast::ge_cuda;
 
-struct EmulatedLauncher {
+struct GeEmulatedLauncher {
   template <int kStride, typename scalar_t, int kOut, Gemm kGemm>
   static void run(const GeLaunch& plan, const GeParams<scalar_t>& p) {
     cuda_emulation::run_grid(plan.tiles, plan.cout_tiles, plan.k_splits, kThreads, plan.shared_bytes,
@@ -23,16 +23,17 @@ DeviceCaps caps(int64_t sm_count, bool tensor_cores) { return {static_cast<int>(
 
 at::Tensor stride1(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight, const at::Tensor& dw_bias,
                    const at::Tensor& pw_weight, const at::Tensor& pw_bias, int64_t sm_count, bool tensor_cores) {
-  return ge_layer_stride1<EmulatedLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias, caps(sm_count, tensor_cores));
+  return ge_layer_stride1<GeEmulatedLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias,
+                                              caps(sm_count, tensor_cores));
 }
 
 at::Tensor stride2(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw0_weight, const at::Tensor& dw0_bias,
                    const at::Tensor& dw1_weight, const at::Tensor& dw1_bias, const at::Tensor& pw_weight,
                    const at::Tensor& pw_bias, const at::Tensor& sc_dw_weight, const at::Tensor& sc_dw_bias,
                    const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias, int64_t sm_count, bool tensor_cores) {
-  return ge_layer_stride2<EmulatedLauncher>(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
-                                            sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
-                                            caps(sm_count, tensor_cores));
+  return ge_layer_stride2<GeEmulatedLauncher>(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
+                                              sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
+                                              caps(sm_count, tensor_cores));
 }
 
 pybind11::dict plan(int64_t stride, int64_t batch, int64_t out_height, int64_t out_width, int64_t cin, int64_t ratio,
