@@ -1,7 +1,7 @@
 // The CUDA GE-layer kernels' block code and launch plan (formula and schema in csrc/ops.cpp),
 // kept apart from the launches in ge_layer.cu so that tests/cuda_emulation can compile this
-// same code for the CPU and run it block by block with real threads and barriers: the
-// shared-memory indexing and synchronisation are tested without a GPU. So this file uses
+// same code for the CPU and run it block by block, each thread a fiber meeting the others at
+// the barriers: the shared-memory indexing and synchronisation are tested without a GPU. So this file uses
 // only threadIdx, blockIdx, __syncthreads, __threadfence, atomicAdd (int), __ldcg,
 // nvcuda::wmma's load/mma/store, __half and __nv_bfloat16 with their float conversions,
 // and plain C++; compiled for the CPU it needs tests/cuda_emulation/shim.h included first,

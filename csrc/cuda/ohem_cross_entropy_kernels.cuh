@@ -34,8 +34,8 @@
 // This file holds the kernels, launched by ohem_cross_entropy_host.h (the calls' order and
 // buffers) through a launcher: ohem_cross_entropy.cu's launches them on the GPU, and
 // tests/cuda_emulation compiles this same code for the CPU, where each block's threads run
-// as OS threads (shim.h supplies the CUDA built-ins, cub's BlockReduce and the warp votes),
-// so the indexing, the synchronisation and the selection are tested without a GPU.
+// as fibers (shim.h supplies the CUDA built-ins, cub's BlockReduce and the warp votes), so
+// the indexing, the synchronisation and the selection are tested without a GPU.
 #pragma once
 
 #include <c10/util/BFloat16.h>
