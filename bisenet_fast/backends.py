@@ -141,12 +141,27 @@ def cpu_kernel_selected(device: torch.device) -> bool:
     return device.type == "cpu" and current() in ("auto", "cpp")
 
 
-def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cuda", "triton")) -> str:
-    """The backend that runs `op` on tensors of `device` under the current choice.
+def fused_backends(device: torch.device, gpu_preference: Sequence[str] = ("cuda", "triton")) -> list[str]:
+    """The fused backends that can run an op on tensors of `device`, best first: ['cpp'] on
+    the CPU, the available ones of the op's gpu_preference on CUDA, [] elsewhere."""
+    if device.type == "cpu":
+        return ["cpp"]
+    if device.type == "cuda":
+        return [name for name in gpu_preference if _why_unavailable(name) is None]
+    return []
+
+
+def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cuda", "triton"),
+            name: str | None = None) -> str:
+    """The backend that runs `op` on tensors of `device`: `name` if given (as if forced with
+    use(name, ops=[op])), else the current choice.
 
     gpu_preference: the op's GPU backends, best first; a forced GPU backend that is not
     among them raises (the op has no such kernel)."""
-    name = current(op)
+    if name is None:
+        name = current(op)
+    else:
+        _check_name(name)
     if name == "auto":
         if device.type == "cpu":
             return "cpp"
@@ -156,9 +171,9 @@ def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cud
                     f"{op} has no GPU kernel (it is a CPU kernel); use bisenet_fast.backends.use('eager') to run "
                     "the reference on this device"
                 )
-            for candidate in gpu_preference:
-                if _why_unavailable(candidate) is None:
-                    return candidate
+            usable = fused_backends(device, gpu_preference)
+            if usable:
+                return usable[0]
             reasons = "; ".join(f"{candidate}: {_why_unavailable(candidate)}" for candidate in gpu_preference)
             raise BackendUnavailableError(
                 f"{op}: no fused GPU backend is available ({reasons}); "

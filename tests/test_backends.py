@@ -45,6 +45,28 @@ def test_use_for_named_ops_only(monkeypatch):
             pass
 
 
+def test_resolve_with_a_name_overrides_the_current_choice(monkeypatch):
+    """resolve(..., name=...) (an op's backend= argument) is checked as a forced backend."""
+    monkeypatch.setenv(bf.backends.ENV_VAR, "eager")
+    cpu = torch.device("cpu")
+    assert resolve("op", cpu, name="cpp") == "cpp"
+    assert resolve("op", cpu, name="auto") == "cpp"
+    with bf.backends.use("cpp"):
+        assert resolve("op", cpu, name="eager") == "eager"
+    with pytest.raises(BackendUnavailableError, match="backend 'cpp' runs CPU tensors"):
+        resolve("op", torch.device("meta"), name="cpp")
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        resolve("op", cpu, name="fastest")
+
+
+def test_fused_backends_per_device(monkeypatch):
+    assert bf.backends.fused_backends(torch.device("cpu")) == ["cpp"]
+    assert bf.backends.fused_backends(torch.device("meta")) == []
+    monkeypatch.setattr(bf.backends, "_why_unavailable", lambda name: None if name == "triton" else "absent")
+    assert bf.backends.fused_backends(torch.device("cuda"), ("cuda", "triton")) == ["triton"]
+    assert resolve("op", torch.device("cuda"), ("cuda", "triton")) == "triton"
+
+
 def test_environment_variable_and_use_precedence(monkeypatch):
     monkeypatch.setenv(bf.backends.ENV_VAR, "eager")
     assert resolve("op", torch.device("cpu")) == "eager"

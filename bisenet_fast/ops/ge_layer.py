@@ -222,12 +222,13 @@ def _(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, *rest):  # pa
     return _empty_like_output(x, pw_weight.shape[1], _stride2_size(x.shape[2]), _stride2_size(x.shape[3]))
 
 
-def ge_layer_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias, *, triton_weights=None):
+def ge_layer_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias, *, triton_weights=None, backend=None):
     """relu(x + pw(relu(dw(y)))) with folded-BN weights; see the module docstring.
-    triton_weights: pack_triton_stride1 of these weights, used by the Triton backend."""
+    triton_weights: pack_triton_stride1 of these weights, used by the Triton backend.
+    backend: run on this backend, as if forced for this op (default: bisenet_fast.backends' choice)."""
     check_stride1_inputs(x, y, dw_weight, dw_bias, pw_weight, pw_bias)
     args = (x, y, dw_weight, dw_bias, pw_weight, pw_bias)
-    backend = backends.resolve("ge_layer_stride1", x.device, GPU_PREFERENCE)
+    backend = backends.resolve("ge_layer_stride1", x.device, GPU_PREFERENCE, backend)
     if backend == "eager":
         return ge_layer_stride1_reference(*args)
     if backend == "triton":
@@ -241,12 +242,13 @@ def ge_layer_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias, *, triton_wei
 
 
 def ge_layer_stride2(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias,
-                     sc_pw_weight, sc_pw_bias, *, triton_weights=None):
+                     sc_pw_weight, sc_pw_bias, *, triton_weights=None, backend=None):
     """relu(pw(relu(dw1(dw0(y)))) + sc_pw(sc_dw(x))) with folded-BN weights; see the module docstring.
-    triton_weights: pack_triton_stride2 of these weights, used by the Triton backend."""
+    triton_weights: pack_triton_stride2 of these weights, used by the Triton backend.
+    backend: run on this backend, as if forced for this op (default: bisenet_fast.backends' choice)."""
     args = (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias)
     check_stride2_inputs(*args)
-    backend = backends.resolve("ge_layer_stride2", x.device, GPU_PREFERENCE)
+    backend = backends.resolve("ge_layer_stride2", x.device, GPU_PREFERENCE, backend)
     if backend == "eager":
         return ge_layer_stride2_reference(*args)
     if backend == "triton":
