@@ -11,7 +11,7 @@ impls: eager, compile (torch.compile of the reference; on CPU only without --qui
 C++ build is slow), cpp on CPU, cuda and triton on GPU. dtypes float32 and float16 on GPU;
 float32 on CPU (the CPU target).
 
-    python -m benchmarks.bench_bga [--device cuda] [--quick] [--json out.json]
+    python -m benchmarks.bench_bga [--device cuda] [--quick] [--out out.json]
 """
 from __future__ import annotations
 

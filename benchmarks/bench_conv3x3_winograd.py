@@ -6,7 +6,7 @@ impls: eager (F.conv2d + ReLU, i.e. oneDNN's direct conv, NCHW and channels_last
 (bisenet_fast.ops.conv3x3_winograd on channels_last, tiles 4 and 2). CPU only: the op has no GPU kernel
 (cuDNN runs these convs on a GPU); on a GPU this module reports no rows.
 
-    python -m benchmarks.bench_conv3x3_winograd [--quick] [--json out.json]
+    python -m benchmarks.bench_conv3x3_winograd [--quick] [--out out.json]
 """
 from __future__ import annotations
 

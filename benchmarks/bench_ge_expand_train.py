@@ -12,7 +12,7 @@ that tensor anyway, so the model rows show the real saving.
 Shapes: the training setting, N=4 at 1024x1024 (GE inputs at 1/4..1/32), on GPU; on the CPU
 N=2 at 512x512 (quick: 256x256); whole model on the CPU at N=2, 256x256 (quick: 128x128).
 
-    python -m benchmarks.bench_ge_expand_train [--device cuda] [--quick] [--json out.json]
+    python -m benchmarks.bench_ge_expand_train [--device cuda] [--quick] [--out out.json]
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ the Triton kernels with split-K off, in the layers whose grid splits its K loop,
 what the split buys; and triton-8warps, the 8-warp blocks the float16 layers up to 64
 output channels had before they took 4, to show what that buys.
 
-    python -m benchmarks.bench_ge_layer [--device cuda] [--quick] [--json out.json]
+    python -m benchmarks.bench_ge_layer [--device cuda] [--quick] [--out out.json]
 """
 from __future__ import annotations
 

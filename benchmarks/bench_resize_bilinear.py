@@ -6,7 +6,7 @@ model's head produces) and cpp (bisenet_fast.ops.resize_bilinear). CPU only: the
 GPU kernel (ATen's upsample runs it on a GPU); on a GPU this module reports no rows. Every
 impl returns a fresh output, so each pays the same first-touch page faults.
 
-    python -m benchmarks.bench_resize_bilinear [--quick] [--json out.json]
+    python -m benchmarks.bench_resize_bilinear [--quick] [--out out.json]
 """
 from __future__ import annotations
 
