@@ -3,11 +3,14 @@
 impls: eager (the unfused model with every op's eager reference, NCHW and channels_last),
 compile (torch.compile of that model; GPU only, --compile-mode picks the mode), and the
 fused model from model.fuse() (its GE kernels: cpp on CPU, triton on GPU), on GPU also
-replayed as one CUDA graph, and run with the GE layers on their CUDA kernels (cuda-ge).
+replayed as one CUDA graph, and run with the GE layers on their CUDA kernels (cuda-ge); and
+model.fuse(autotune=True) (autotuned: each GE layer runs the fastest of its fused kernels
+and the folded convs through ATen/cuDNN in either layout, chosen on the first call; the
+row's "autotune_choices" names each layer's), on GPU also as a CUDA graph.
 Sizes 1x3x1024x2048 (the published fps setting) and 1x3x512x1024; float32, and float16 on
 GPU. Quick: 1x3x256x512 float32.
 
-    python -m benchmarks.bench_model [--device cuda] [--quick] [--json out.json]
+    python -m benchmarks.bench_model [--device cuda] [--quick] [--out out.json]
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 
 import bisenet_fast as bf
 from benchmarks.timing import measure, speedups
+from bisenet_fast.models.autotune import autotune_choices
 from bisenet_fast.models.fused import capture_cuda_graph
 from benchmarks.run import main as cli
 
@@ -66,6 +70,7 @@ def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
         eager_model = copy.deepcopy(model).to(dtype)
         eager_cl = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last)
         fused = model.fuse(dtype=dtype)
+        tuned = model.fuse(dtype=dtype, autotune=True)
         compiled = torch.compile(eager_model, mode=compile_mode) if gpu else None
         for h, w in sizes:
             x = torch.randn(1, 3, h, w, device=device, dtype=dtype)
@@ -81,6 +86,11 @@ def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
                 candidates.append((fused_impl, "fused + CUDA graph", lambda: graphed(x)))
                 if "cuda" in bf.backends.available():
                     candidates.append(("cuda-ge", "fused channels_last", _fused_with_cuda_ge(fused)))
+            candidates.append(("autotuned", "fused channels_last", lambda: tuned(x)))
+            if gpu:
+                with torch.inference_mode():
+                    graphed_tuned = capture_cuda_graph(tuned, x)  # its warm-up tunes
+                candidates.append(("autotuned", "fused + CUDA graph", lambda: graphed_tuned(x)))
             base = None
             for impl, variant, fn in candidates:
                 with torch.inference_mode():
@@ -93,6 +103,10 @@ def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
                     "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
                     **speedups(base, timing), "fps": 1e3 / timing["ms"],
                 })
+                if impl == "autotuned":  # each GE layer's choice at this size (its latest tuning)
+                    rows[-1]["autotune_choices"] = {
+                        layer: entries[-1]["choice"] for layer, entries in autotune_choices(tuned).items()
+                    }
     return rows
 
 

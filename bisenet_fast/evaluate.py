@@ -97,6 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--fused", action="store_true",
                    help="evaluate the inference form (model.fuse(): BN folded, fused kernels), in the --amp dtype "
                         "instead of under autocast")
+    p.add_argument("--autotune", action="store_true",
+                   help="with --fused: each GE layer runs the fastest of its implementations per input size, "
+                        "timed on that size's first image (model.fuse(autotune=True))")
     return p.parse_args(argv)
 
 
@@ -109,12 +112,14 @@ def main(argv=None) -> int:
     amp = args.amp
     if amp is None:
         amp = "float16" if (recipe.get("amp") or {}).get("eval_autocast") and ctx.device.type == "cuda" else "none"
+    if args.autotune and not args.fused:
+        raise SystemExit("evaluate: --autotune tunes the inference form; use it with --fused")
     model = bf.BiSeNetV2Segmentor(num_classes=recipe["model"]["num_classes"])
     bf.load_mmseg_checkpoint(model, args.checkpoint, strict=True)
     model.to(ctx.device)
     autocast_dtype = AMP_DTYPES[amp]
     if args.fused:
-        model, autocast_dtype = model.fuse(dtype=autocast_dtype), None
+        model, autocast_dtype = model.fuse(dtype=autocast_dtype, autotune=args.autotune), None
     dataset = CityscapesDataset(args.data_root or recipe["data"]["root"], args.split)
     with bf.backends.use(args.backend):
         result = evaluate_model(model, dataset, ctx, recipe["test"], args.aug_test, autocast_dtype,
@@ -122,6 +127,7 @@ def main(argv=None) -> int:
     if ctx.is_main:
         mode = "ms+flip" if args.aug_test else "single-scale"
         precision = f"fused, {amp if amp != 'none' else 'float32'}" if args.fused else f"autocast {amp}"
+        precision += ", autotuned" if args.autotune else ""
         print(f"{args.checkpoint} on {args.split} ({mode}, {precision}, {ctx.world_size} process(es)):")
         print(format_table(result, class_names(recipe["model"]["num_classes"])))
     leave_distributed()

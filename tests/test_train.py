@@ -382,14 +382,17 @@ def test_evaluate_cli_fused_matches_unfused(tiny_data, tmp_path, capsys):
     args = ["--recipe", "synthetic", "--checkpoint", str(result["checkpoint"]), "--data-root", str(tiny_data),
             "--limit", "2", "--device", "cpu"]
     summaries = []
-    for extra in ([], ["--fused"]):
+    for extra in ([], ["--fused"], ["--fused", "--autotune"]):
         assert evaluate_main(args + extra) == 0
         out = capsys.readouterr().out
         summaries.append([float(v) for v in re.findall(r"(?:mIoU|mAcc|aAcc) ([0-9.]+)", out)])
-    assert "(single-scale, fused, float32, 1 process(es))" in out
+    assert "(single-scale, fused, float32, autotuned, 1 process(es))" in out
     # The float32 inference form agrees with the model to ~1e-6: at most a near-tied pixel
     # or two may flip class.
-    assert len(summaries[1]) == 3 and summaries[1] == pytest.approx(summaries[0], abs=0.05)
+    for fused in summaries[1:]:
+        assert len(fused) == 3 and fused == pytest.approx(summaries[0], abs=0.05)
+    with pytest.raises(SystemExit, match="use it with --fused"):
+        evaluate_main(args + ["--autotune"])
 
 
 def test_torchrun_two_gloo_processes_train_evaluate_and_resume(tiny_data, tmp_path):

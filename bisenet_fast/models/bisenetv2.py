@@ -180,12 +180,14 @@ class BiSeNetV2(nn.Module):
         outs = [self.bga(x_detail, semantic_outs[-1])] + semantic_outs[:-1]
         return tuple(outs[i] for i in self.out_indices)
 
-    def fuse(self, dtype: torch.dtype | None = None):
+    def fuse(self, dtype: torch.dtype | None = None, autotune: bool = False):
         """The inference form (bisenet_fast/models/fused.py): BN folded, fused GE kernels,
-        channels_last, `dtype` float32 (default), float16 or bfloat16. This model is unchanged."""
+        channels_last, `dtype` float32 (default), float16 or bfloat16. This model is unchanged.
+        autotune: each GE layer runs the fastest of its implementations for each input size,
+        timed on that size's first call (bisenet_fast/models/autotune.py)."""
         from bisenet_fast.models.fused import FusedBiSeNetV2
 
-        return FusedBiSeNetV2(self, dtype)
+        return FusedBiSeNetV2(self, dtype, autotune)
 
 
 def resize_bilinear(x, size):

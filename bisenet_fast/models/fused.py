@@ -38,6 +38,8 @@ from bisenet_fast.models.bisenetv2 import (
     StemBlock,
     resize_bilinear,
 )
+from bisenet_fast.models.autotune import LayerAutotuner
+from bisenet_fast.ops.ge_layer import GPU_PREFERENCE as GE_GPU_PREFERENCE
 from bisenet_fast.models.conv_module import ConvModule
 from bisenet_fast.models.fcn_head import FCNHead
 
@@ -117,7 +119,12 @@ class FusedConv(InferenceModule):
     def forward(self, x):
         if self.winograd and x.dtype == torch.float32 and bf_backends.cpu_kernel_selected(x.device):
             return ops.conv3x3_winograd(x, self.winograd_weight, self.bias, relu=self.relu)
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return self.aten(x)
+
+    def aten(self, x, weight=None):
+        """The conv through ATen (cuDNN on a GPU); weight: this conv's weight in another
+        memory format (ATen runs a conv channels_last if either operand is)."""
+        x = F.conv2d(x, self.weight if weight is None else weight, self.bias, self.stride, self.padding, 1, self.groups)
         return F.relu_(x) if self.relu else x
 
 
@@ -153,12 +160,26 @@ STRIDE2_WEIGHTS = ("dw0_weight", "dw0_bias", "dw1_weight", "dw1_bias", "pw_weigh
                    "sc_dw_weight", "sc_dw_bias", "sc_pw_weight", "sc_pw_bias")
 
 
-class FusedGELayer(InferenceModule):
-    """conv1 (dense 3x3, ATen/cuDNN) then the fused GE op on (x, conv1(x))."""
+def _repack_after_load(layer: "FusedGELayer", _incompatible_keys) -> None:
+    layer._repack()
 
-    def __init__(self, layer: GELayer):
+
+class FusedGELayer(InferenceModule):
+    """conv1 (dense 3x3, ATen/cuDNN) then the fused GE op on (x, conv1(x)).
+
+    With autotune=True, each input signature runs the fastest of (timed on its first call;
+    bisenet_fast/models/autotune.py):
+      fused-<backend>  the fused op on each fused backend the device has (cpp; cuda, triton)
+      aten             the folded-BN convs after conv1 through ATen/cuDNN, channels_last
+      aten-nchw        the same in NCHW, the output converted back to channels_last (cuDNN's
+                       grouped convs are up to 8x faster in one layout than the other,
+                       depending on the layer and dtype)
+    A backend forced for the GE op (bisenet_fast.backends.use) bypasses the autotuner."""
+
+    def __init__(self, layer: GELayer, autotune: bool = False):
         super().__init__()
         self.stride = layer.stride
+        self.op_name = "ge_layer_stride1" if layer.stride == 1 else "ge_layer_stride2"
         self.conv1 = FusedConv.from_conv_module(layer.conv1)
         pw_weight, pw_bias = fold_conv_module(layer.conv2[0])
         tensors = {"pw_weight": pw_weight.flatten(1), "pw_bias": pw_bias}
@@ -181,7 +202,8 @@ class FusedGELayer(InferenceModule):
         for i, value in enumerate(self._pack()):
             self.packed_names.append(f"triton_packed_{i}")
             self.register_buffer(self.packed_names[-1], value, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._repack())
+        self.register_load_state_dict_post_hook(_repack_after_load)  # a module-level function: picklable
+        self.autotuner = LayerAutotuner(self.candidates, self.run) if autotune else None
 
     def _pack(self) -> tuple[torch.Tensor, ...]:
         pack = ops.pack_triton_stride1 if self.stride == 1 else ops.pack_triton_stride2
@@ -201,9 +223,34 @@ class FusedGELayer(InferenceModule):
         return tuple(getattr(self, name) for name in self.packed_names)
 
     def forward(self, x):
-        y = self.conv1(x)
+        if self.autotuner is None or bf_backends.current(self.op_name) != "auto":
+            return self._fused(x)
+        return self.autotuner(x)
+
+    def _fused(self, x, backend=None):
         op = ops.ge_layer_stride1 if self.stride == 1 else ops.ge_layer_stride2
-        return op(x, y, *self.weights(), triton_weights=self.triton_weights())
+        return op(x, self.conv1(x), *self.weights(), triton_weights=self.triton_weights(), backend=backend)
+
+    def _aten(self, x, y):
+        reference = ops.ge_layer_stride1_reference if self.stride == 1 else ops.ge_layer_stride2_reference
+        return reference(x, y, *self.weights())
+
+    def candidates(self, device: torch.device) -> list[str]:
+        """The autotuner's candidates on `device`, the default (the fused op's own choice) first."""
+        fused = [f"fused-{backend}" for backend in bf_backends.fused_backends(device, GE_GPU_PREFERENCE)]
+        return [*fused, "aten", "aten-nchw"]
+
+    def run(self, candidate: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output through one of candidates(x.device)."""
+        if candidate == "aten":
+            return self._aten(x, self.conv1(x))
+        if candidate == "aten-nchw":
+            x = x.contiguous()
+            y = self.conv1.aten(x, weight=self.conv1.weight.contiguous())
+            return self._aten(x, y).contiguous(memory_format=torch.channels_last)
+        if not candidate.startswith("fused-"):
+            raise ValueError(f"FusedGELayer: unknown candidate {candidate!r}; expected one of {self.candidates(x.device)}")
+        return self._fused(x, backend=candidate.removeprefix("fused-"))
 
 
 class FusedCEBlock(InferenceModule):
@@ -224,7 +271,7 @@ class FusedCEBlock(InferenceModule):
 
 
 class FusedSemanticBranch(InferenceModule):
-    def __init__(self, branch: SemanticBranch):
+    def __init__(self, branch: SemanticBranch, autotune: bool = False):
         super().__init__()
         self.stage_names = list(branch.stage_names)
         for name in self.stage_names:
@@ -234,7 +281,7 @@ class FusedSemanticBranch(InferenceModule):
             elif isinstance(module, CEBlock):
                 fused = FusedCEBlock(module)
             else:
-                fused = nn.Sequential(*(FusedGELayer(layer) for layer in module))
+                fused = nn.Sequential(*(FusedGELayer(layer, autotune) for layer in module))
             self.add_module(name, fused)
 
     def forward(self, x):
@@ -289,17 +336,24 @@ def _check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def _check_autotune(autotune) -> None:
+    if not isinstance(autotune, bool):
+        raise TypeError(f"fuse(autotune=...) must be True or False, got {autotune!r}")
+
+
 class FusedBiSeNetV2(InferenceModule):
     """Inference form of BiSeNetV2: same outputs (out_indices) in `dtype`, channels_last.
 
-    The input is converted to the model's dtype and to channels_last."""
+    The input is converted to the model's dtype and to channels_last. autotune: see
+    FusedGELayer."""
 
-    def __init__(self, backbone: BiSeNetV2, dtype: torch.dtype | None = None):
+    def __init__(self, backbone: BiSeNetV2, dtype: torch.dtype | None = None, autotune: bool = False):
         super().__init__()
         self.dtype = _check_dtype(dtype)
+        _check_autotune(autotune)
         self.out_indices = tuple(backbone.out_indices)
         self.detail = FusedDetailBranch(backbone.detail)
-        self.semantic = FusedSemanticBranch(backbone.semantic)
+        self.semantic = FusedSemanticBranch(backbone.semantic, autotune)
         self.bga = FusedBGALayer(backbone.bga)
         device = next(backbone.parameters()).device
         self.to(device=device, dtype=self.dtype)
@@ -329,11 +383,11 @@ class FusedBiSeNetV2Segmentor(InferenceModule):
     """Inference form of BiSeNetV2Segmentor: forward(x) -> logits (N, classes, H, W) in `dtype`,
     from the decode head only (the auxiliary heads only matter for training)."""
 
-    def __init__(self, segmentor, dtype: torch.dtype | None = None):
+    def __init__(self, segmentor, dtype: torch.dtype | None = None, autotune: bool = False):
         super().__init__()
         self.dtype = _check_dtype(dtype)
         self.num_classes = segmentor.num_classes
-        self.backbone = FusedBiSeNetV2(segmentor.backbone, self.dtype)
+        self.backbone = FusedBiSeNetV2(segmentor.backbone, self.dtype, autotune)
         self.decode_head = FusedFCNHead(segmentor.decode_head)
         self.to(device=next(segmentor.parameters()).device, dtype=self.dtype)
         super().train(False)

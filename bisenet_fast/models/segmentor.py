@@ -50,13 +50,15 @@ class BiSeNetV2Segmentor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return resize_bilinear(self.encode_decode(x), x.shape[-2:])
 
-    def fuse(self, dtype: torch.dtype | None = None):
+    def fuse(self, dtype: torch.dtype | None = None, autotune: bool = False):
         """The inference form (bisenet_fast/models/fused.py): BN folded, fused GE kernels,
         channels_last, `dtype` float32 (default), float16 or bfloat16; decode head only.
-        This model is unchanged."""
+        This model is unchanged.
+        autotune: each GE layer runs the fastest of its implementations for each input size,
+        timed on that size's first call (bisenet_fast/models/autotune.py)."""
         from bisenet_fast.models.fused import FusedBiSeNetV2Segmentor
 
-        return FusedBiSeNetV2Segmentor(self, dtype)
+        return FusedBiSeNetV2Segmentor(self, dtype, autotune)
 
     def head_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Head-resolution logits of all five heads, keyed by mmseg's loss prefixes."""
