@@ -15,9 +15,10 @@ struct Grid {
 };
 
 #if defined(__CUDACC__)
-// The block's dynamic shared memory (16-byte aligned).
+// The block's dynamic shared memory, 128-byte aligned as tests/cuda_emulation gives it (wmma
+// tiles in it need 32 bytes; a kernel's static __shared__ variables come before it).
 __device__ __forceinline__ unsigned char* dynamic_shared_memory() {
-  extern __shared__ __align__(16) unsigned char shared[];
+  extern __shared__ __align__(128) unsigned char shared[];
   return shared;
 }
 #endif

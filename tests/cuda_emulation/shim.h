@@ -372,9 +372,22 @@ struct fragment {
   element_type x[num_elements];  // the whole tile, row-major
 };
 
+// What the CUDA programming guide requires of every wmma load and store, which the GPU does
+// not check (a violation is undefined behaviour there): a 256-bit aligned pointer, and a
+// leading dimension of a whole number of 16 bytes.
+template <typename Element>
+void check_matrix_access(const char* what, const Element* p, unsigned ldm) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0)
+    throw std::runtime_error(std::string(what) + ": the pointer must be 256-bit (32-byte) aligned");
+  if (ldm * sizeof(Element) % 16 != 0)
+    throw std::runtime_error(std::string(what) + ": ldm must be a multiple of 16 bytes, got " + std::to_string(ldm) +
+                             " elements of " + std::to_string(sizeof(Element)) + " bytes");
+}
+
 template <typename Use, int M, int N, int K, typename T, typename Layout, typename Source>
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const Source* p, unsigned ldm) {
   using F = fragment<Use, M, N, K, T, Layout>;
+  check_matrix_access("wmma::load_matrix_sync", p, ldm);
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
       f.x[r * F::cols + c] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
@@ -400,6 +413,7 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+  check_matrix_access("wmma::store_matrix_sync", p, ldm);
   if (threadIdx.x % 32 != 0) return;  // the lanes hold the same tile: one writes it
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r * N + c];
