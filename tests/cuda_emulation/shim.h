@@ -218,12 +218,31 @@ inline void Block::fiber_main() {
   running_block->current().state = Fiber::State::kFinished;
 }  // returns to the scheduler (uc_link)
 
+// The launch limits of the GPUs these kernels target (compute capability 8.0-9.0): a launch
+// beyond them fails there ("invalid configuration argument"), so it fails here too.
+constexpr unsigned kMaxGridX = 2147483647u, kMaxGridYZ = 65535u;
+constexpr int kMaxThreads = 1024;
+constexpr std::size_t kMaxSharedBytes = 227 * 1024;  // sm_90's opt-in maximum per block
+
+inline void check_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, int threads, std::size_t shared_bytes) {
+  const auto fail = [&](const std::string& why) {
+    throw std::runtime_error("invalid launch (grid " + std::to_string(grid_x) + "x" + std::to_string(grid_y) + "x" +
+                             std::to_string(grid_z) + ", " + std::to_string(threads) + " threads, " +
+                             std::to_string(shared_bytes) + " shared bytes): " + why);
+  };
+  if (grid_x == 0 || grid_y == 0 || grid_z == 0) fail("an empty grid");
+  if (grid_x > kMaxGridX || grid_y > kMaxGridYZ || grid_z > kMaxGridYZ) fail("a grid dimension over its limit");
+  if (threads < 1 || threads > kMaxThreads) fail("threads per block outside [1, 1024]");
+  if (shared_bytes > kMaxSharedBytes) fail("more dynamic shared memory than a block may have");
+}
+
 // block_code(shared) for every block of a grid_x x grid_y x grid_z grid, `threads` threads
 // each, with `shared_bytes` of 128-byte aligned dynamic shared memory, NaN-filled before
 // each block. One grid at a time per process.
 template <typename BlockCode>
 void run_grid(unsigned grid_x, unsigned grid_y, unsigned grid_z, int threads, std::size_t shared_bytes,
               const BlockCode& block_code) {
+  check_launch(grid_x, grid_y, grid_z, threads, shared_bytes);
   static std::mutex one_grid_at_a_time;
   const std::lock_guard<std::mutex> lock(one_grid_at_a_time);
   std::vector<std::max_align_t> storage((shared_bytes + 128) / sizeof(std::max_align_t) + 1);
