@@ -4,8 +4,8 @@
 // the barriers: the shared-memory indexing and synchronisation are tested without a GPU. So this file uses
 // only threadIdx, blockIdx, __syncthreads, __threadfence, atomicAdd (int), __ldcg,
 // nvcuda::wmma's load/mma/store, __half and __nv_bfloat16 with their float conversions,
-// and plain C++; compiled for the CPU it needs tests/cuda_emulation/shim.h included first,
-// which supplies them.
+// float2/float4, and plain C++; compiled for the CPU it needs tests/cuda_emulation/shim.h
+// included first, which supplies them.
 //
 // A block owns a tile of kTileH x kTileW output pixels (NHWC) and a tile of output
 // channels. It walks the expanded (mid) channels in chunks of kChunk, in PyTorch's order
@@ -276,7 +276,6 @@ BF_DEVICE void stage_projection(operand_t* w_s, const scalar_t* weight, int dept
 
 template <int kCount>
 BF_DEVICE void load_shared(float (&v)[kCount], const float* p) {
-#if defined(__CUDACC__)
   if constexpr (kCount % 4 == 0) {  // 16-byte loads: p is 16-byte aligned here
 #pragma unroll
     for (int i = 0; i < kCount; i += 4) {
@@ -288,9 +287,6 @@ BF_DEVICE void load_shared(float (&v)[kCount], const float* p) {
     const float2 q = *reinterpret_cast<const float2*>(p);
     v[0] = q.x, v[1] = q.y;
   }
-#else
-  for (int i = 0; i < kCount; ++i) v[i] = p[i];
-#endif
 }
 
 // The 3x3 taps whose top-left one is at position `base` of a halo row `halo_w` wide.

@@ -2,13 +2,22 @@
 its indexing and synchronisation on machines without a GPU. Built on first use with
 torch.utils.cpp_extension (about 30 s on 2 cores) into build/ of this checkout, one folder
 per torch version: torch's shared ~/.cache folder would mix versions, and torch 2.14
-leaves its lock file behind, which older torch waits on for ever."""
+leaves its lock file behind, which older torch waits on for ever.
+
+With BISENET_FAST_EMULATION_SANITIZE=1 the modules are built with AddressSanitizer and
+UndefinedBehaviorSanitizer (aborting on the first report), into a folder of their own: an
+out-of-bounds access of global or shared memory, or a misaligned vector access, which a
+GPU may not report or which faults there, stops the process. The interpreter must then
+run with libasan preloaded (tests/test_cuda_emulation_sanitized.py does all that)."""
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+SANITIZE_ENV = "BISENET_FAST_EMULATION_SANITIZE"
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 
 
 def ge_layer():
@@ -32,19 +41,20 @@ def ohem_cross_entropy():
 def _load(source):
     from torch.utils.cpp_extension import load
 
+    sanitized = os.environ.get(SANITIZE_ENV) == "1"
     return load(
         name=f"bisenet_fast_cuda_emulation_{source}",
         sources=[str(ROOT / "tests" / "cuda_emulation" / f"{source}.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests")],
-        extra_cflags=["-O2"],
-        extra_ldflags=["-pthread"],
-        build_directory=str(_build_directory()),
+        extra_cflags=["-O1", "-g", *SANITIZER_FLAGS] if sanitized else ["-O2"],
+        extra_ldflags=["-pthread", *SANITIZER_FLAGS] if sanitized else ["-pthread"],
+        build_directory=str(_build_directory(sanitized)),
     )
 
 
-def _build_directory():
+def _build_directory(sanitized: bool):
     import torch
 
-    folder = ROOT / "build" / "cuda_emulation" / f"torch-{torch.__version__}"
+    folder = ROOT / "build" / "cuda_emulation" / f"torch-{torch.__version__}{'-sanitized' if sanitized else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder

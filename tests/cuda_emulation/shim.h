@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
@@ -245,8 +246,12 @@ void run_grid(unsigned grid_x, unsigned grid_y, unsigned grid_z, int threads, st
   check_launch(grid_x, grid_y, grid_z, threads, shared_bytes);
   static std::mutex one_grid_at_a_time;
   const std::lock_guard<std::mutex> lock(one_grid_at_a_time);
-  std::vector<std::max_align_t> storage((shared_bytes + 128) / sizeof(std::max_align_t) + 1);
-  auto* shared = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(storage.data()) + 127) / 128 * 128);
+  // Exactly shared_bytes (at least 1), so that a sanitized build (cuda_emulation._load)
+  // reports an access past the end.
+  void* allocation = nullptr;
+  if (posix_memalign(&allocation, 128, std::max<std::size_t>(shared_bytes, 1)) != 0) throw std::bad_alloc();
+  const std::unique_ptr<void, decltype(&std::free)> storage(allocation, &std::free);
+  auto* shared = static_cast<unsigned char*>(allocation);
   Block block(threads);
   running_block = &block;
   grid_dim = {grid_x, grid_y, grid_z};
@@ -363,6 +368,15 @@ class BlockReduce {
 };
 
 }  // namespace cub
+
+// CUDA's vector types, aligned as on the GPU: a sanitized build (-fsanitize=alignment)
+// reports a vector access that would fault there ("misaligned address").
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
