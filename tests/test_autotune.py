@@ -11,7 +11,7 @@ import torch
 import bisenet_fast as bf
 from bisenet_fast.models.autotune import LayerAutotuner, autotune_choices, signature
 from bisenet_fast.models.bisenetv2 import GELayer
-from bisenet_fast.models.fused import FusedGELayer, capture_cuda_graph
+from bisenet_fast.models.fused import FusedGELayer
 from bisenet_fast.ops.ge_layer import GPU_PREFERENCE
 from tests.helpers import requires_cuda
 from tests.test_fuse import assert_matches, randomise_batchnorms, unfused_logits
@@ -178,25 +178,6 @@ def test_bad_arguments(segmentor):
         fused.run("cudnn", torch.randn(1, 16, 4, 4))
     with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
         bf.ops.ge_layer_stride1(*[torch.randn(1, 16, 4, 4)] * 2, *fused.weights(), backend="cudnn")
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.float16, 3e-2)])
-def test_gpu_autotuned_model_and_cuda_graph(segmentor, dtype, rel, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    model = bf.BiSeNetV2Segmentor(num_classes=19)
-    model.load_state_dict(segmentor.state_dict())
-    model = model.cuda().eval()
-    x = torch.randn(1, 3, 128, 192, device="cuda")
-    fused = model.fuse(dtype=dtype, autotune=True)
-    with torch.no_grad():
-        assert_matches(fused(x), unfused_logits(model, x), rel)
-    expected = {f"fused-{b}" for b in bf.backends.fused_backends(x.device, GPU_PREFERENCE)} | {"aten", "aten-nchw"}
-    for entries in autotune_choices(fused).values():
-        assert set(entries[0]["ms"]) == expected and entries[0]["device"].startswith("cuda")
-    run = capture_cuda_graph(fused, x)
-    x2 = torch.randn_like(x)
-    assert_matches(run(x2), unfused_logits(model, x2), rel)
 
 
 @requires_cuda

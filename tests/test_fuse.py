@@ -7,7 +7,9 @@ from torch import nn
 
 import bisenet_fast as bf
 from bisenet_fast.models.bisenetv2 import GELayer
+from bisenet_fast.models.autotune import autotune_choices
 from bisenet_fast.models.fused import FusedBiSeNetV2, FusedBiSeNetV2Segmentor, FusedGELayer, capture_cuda_graph
+from bisenet_fast.ops.ge_layer import GPU_PREFERENCE as GE_GPU_PREFERENCE
 from tests.helpers import requires_cuda, requires_cuda_build, requires_triton, triton_device
 
 
@@ -153,8 +155,9 @@ def test_capture_cuda_graph_needs_cuda(segmentor):
 
 
 @requires_cuda
+@pytest.mark.parametrize("autotune", [False, True])
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.float16, 3e-2)])
-def test_gpu_fused_and_cuda_graph(segmentor, dtype, rel, monkeypatch):
+def test_gpu_fused_and_cuda_graph(segmentor, dtype, rel, autotune, monkeypatch):
     # The float32 bar is 1e-4: keep cuDNN's convs (both models) off TF32.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = bf.BiSeNetV2Segmentor(num_classes=19)
@@ -162,10 +165,14 @@ def test_gpu_fused_and_cuda_graph(segmentor, dtype, rel, monkeypatch):
     model = model.cuda().eval()
     x = torch.randn(1, 3, 128, 192, device="cuda")
     expected = unfused_logits(model, x)
-    fused = model.fuse(dtype=dtype)
+    fused = model.fuse(dtype=dtype, autotune=autotune)
     with torch.no_grad():
         out = fused(x)
     assert_matches(out, expected, rel)
+    if autotune:  # every GE layer timed all its GPU candidates
+        candidates = {f"fused-{b}" for b in bf.backends.fused_backends(x.device, GE_GPU_PREFERENCE)}
+        for entries in autotune_choices(fused).values():
+            assert set(entries[0]["ms"]) == candidates | {"aten", "aten-nchw"}
     run = capture_cuda_graph(fused, x)
     x2 = torch.randn_like(x)
     assert_matches(run(x2), unfused_logits(model, x2), rel)
