@@ -5,7 +5,9 @@ beta - mean * gamma / sqrt(var + eps)), computed in float64 from the running sta
 and then cast to the requested dtype. The CEBlock's standalone BN after global pooling is
 folded into conv_gap's input side (W' = W * s, b' = b + W @ t), so no BN remains. Each
 Gather-and-Expansion layer runs conv1 through ATen/cuDNN and the rest as the fused GE op
-(bisenet_fast.ops.ge_layer_stride1/2, which picks its backend through bisenet_fast.backends).
+(bisenet_fast.ops.ge_layer_stride1/2, which picks its backend through bisenet_fast.backends),
+or with fuse(autotune=True) the fastest of that op's backends and cuDNN's folded convs,
+timed per input size (FusedGELayer).
 The BGA layer runs detail_dwconv's 1x1 conv and the aggregation after it as one op
 (bisenet_fast.ops.bga_pointwise_aggregate).
 On float32 CPU tensors, dense 3x3 stride-1 convs with 32+ channels run as Winograd
@@ -28,6 +30,7 @@ from torch.nn.modules.utils import _pair
 
 from bisenet_fast import backends as bf_backends
 from bisenet_fast import ops
+from bisenet_fast.models.autotune import LayerAutotuner
 from bisenet_fast.models.bisenetv2 import (
     BGALayer,
     BiSeNetV2,
@@ -38,10 +41,9 @@ from bisenet_fast.models.bisenetv2 import (
     StemBlock,
     resize_bilinear,
 )
-from bisenet_fast.models.autotune import LayerAutotuner
-from bisenet_fast.ops.ge_layer import GPU_PREFERENCE as GE_GPU_PREFERENCE
 from bisenet_fast.models.conv_module import ConvModule
 from bisenet_fast.models.fcn_head import FCNHead
+from bisenet_fast.ops.ge_layer import GPU_PREFERENCE as GE_GPU_PREFERENCE
 
 INFERENCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
