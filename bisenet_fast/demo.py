@@ -23,7 +23,8 @@ from bisenet_fast.configs import load_recipe
 from bisenet_fast.data import synthetic
 from bisenet_fast.data.cityscapes import CLASSES, CityscapesDataset
 from bisenet_fast.distributed import init_distributed
-from bisenet_fast.evaluate import evaluate_model, predict_probs
+from bisenet_fast.evaluate import evaluate_model
+from bisenet_fast.inference import predict_probs
 from bisenet_fast.metrics import format_table
 from bisenet_fast.palette import colorize
 from bisenet_fast.train import train

@@ -8,54 +8,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import bisenet_fast as bf
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
-from bisenet_fast.data.transforms import imrescale, normalize
 from bisenet_fast.distributed import DistContext, init_distributed, leave_distributed
+from bisenet_fast.inference import predict_probs
 from bisenet_fast.metrics import IoUAccumulator, format_table
 
 AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def predict_probs(model, image, img_scale=(2048, 1024), ratios=(1.0,), flip=False, amp_dtype=None):
-    """Summed softmax (C, H, W) at the image's size over every (ratio, flip) pass (spec §5):
-    resize the uint8 image to (int(w_s*r), int(h_s*r)) keeping its aspect ratio, normalise,
-    logits resized to the network input then to the original size (bilinear,
-    align_corners=False), softmax in float32, un-flip. The argmax is the prediction."""
-    device = next(itertools.chain(model.parameters(), model.buffers())).device  # fuse()d models: buffers only
-    height, width = image.shape[:2]
-    img = image.numpy()
-    total = None
-    for ratio in ratios:
-        scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
-        x = normalize(imrescale(img, scale))[None].to(device)
-        for flipped in ((False, True) if flip else (False,)):
-            inp = x.flip(-1) if flipped else x
-            with autocast(device, amp_dtype):
-                logits = model(inp)
-            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-            probs = logits.softmax(dim=1)[0]
-            if flipped:
-                probs = probs.flip(-1)
-            total = probs if total is None else total + probs
-    return total
 
 
 @torch.no_grad()

@@ -1,63 +1,100 @@
-"""Segment an image as mmseg's test pipeline does (spec §5): RGB, normalise with mmseg's
-mean/std, whole-image inference, logits resized back to the image size, argmax."""
+"""One image through mmseg's test pipeline (spec §5): RGB uint8, Resize(img_scale,
+keep_ratio=True), Normalize with mmseg's mean/std, whole-image inference, logits resized to
+the image's own size (bilinear, align_corners=False), softmax; optionally over several
+scales and horizontal flips (aug_test), their probabilities summed. The argmax is the
+prediction. evaluate.py runs this per image of a dataset."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from bisenet_fast.data.cityscapes import read_image
+from bisenet_fast.data.transforms import imrescale, normalize
 from bisenet_fast.palette import colorize
 
-MEAN_RGB = (123.675, 116.28, 103.53)
-STD_RGB = (58.395, 57.12, 57.375)
 AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_rgb(image) -> torch.Tensor:
-    """An RGB image (path, HxWx3 uint8 array, or 3xHxW / HxWx3 uint8 tensor) as a
-    float32 (3, H, W) tensor with values 0..255."""
+def load_rgb(image) -> np.ndarray:
+    """An RGB image (path, HxWx3 uint8 array, or 3xHxW / HxWx3 uint8 tensor; a 3x?x3 tensor
+    is taken as HxWx3, the datasets' layout) as a uint8 HxWx3 array; a file is read as mmseg
+    reads it (EXIF orientation applied)."""
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as img:
-            image = np.asarray(img.convert("RGB"))
+        return read_image(image)
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or 3 not in (image.shape[0], image.shape[2]):
+            raise ValueError(f"image tensor must be 3 x H x W or H x W x 3 (RGB), got shape {tuple(image.shape)}")
+        if image.dtype != torch.uint8:
+            raise TypeError(f"image tensor must be uint8 (0..255), got {image.dtype}")
+        image = (image.permute(1, 2, 0) if image.shape[0] == 3 and image.shape[2] != 3 else image).cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image array must be H x W x 3 (RGB), got shape {image.shape}")
-        # One converting copy: also makes a read-only array (np.asarray of a PIL image)
-        # writable, which torch.from_numpy requires.
-        return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
-    if isinstance(image, torch.Tensor):
-        if image.dim() == 3 and image.shape[0] == 3:
-            return image.float()
-        if image.dim() == 3 and image.shape[2] == 3:
-            return image.permute(2, 0, 1).float()
-        raise ValueError(f"image tensor must be 3 x H x W or H x W x 3 (RGB), got shape {tuple(image.shape)}")
+        if image.dtype != np.uint8:
+            raise TypeError(f"image array must be uint8 (0..255), got {image.dtype}")
+        return image
     raise TypeError(f"image must be a path, numpy array or tensor, got {type(image).__name__}")
 
 
-def normalize(rgb: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN_RGB, device=rgb.device).view(3, 1, 1)
-    std = torch.tensor(STD_RGB, device=rgb.device).view(3, 1, 1)
-    return (rgb - mean) / std
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters, or of its buffers (a fuse()d model has only buffers)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    raise ValueError("the model has no parameters or buffers to tell its device; pass device=")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
-def segment(model: torch.nn.Module, image, *, device=None, autocast: str | None = None) -> np.ndarray:
-    """Class ids (H, W) int64 for one RGB image, at the image's own size.
+def predict_probs(model, image, img_scale=(2048, 1024), ratios=(1.0,), flip=False, amp_dtype=None, device=None):
+    """Summed softmax (C, H, W) at the image's size over every (ratio, flip) pass (spec §5):
+    resize the uint8 image to (int(w_s*r), int(h_s*r)) keeping its aspect ratio, normalise,
+    logits resized to the network input then to the original size (bilinear,
+    align_corners=False), softmax in float32, un-flip. The argmax is the prediction.
+
+    image: as load_rgb takes it; img_scale: (w, h) as mmseg writes it; device: where the
+    model runs (default: its parameters' or buffers' device)."""
+    device = model_device(model) if device is None else torch.device(device)
+    img = load_rgb(image)
+    height, width = img.shape[:2]
+    total = None
+    for ratio in ratios:
+        scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+        x = normalize(imrescale(img, scale))[None].to(device)
+        for flipped in ((False, True) if flip else (False,)):
+            inp = x.flip(-1) if flipped else x
+            with _autocast(device, amp_dtype):
+                logits = model(inp)
+            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+            probs = logits.softmax(dim=1)[0]
+            if flipped:
+                probs = probs.flip(-1)
+            total = probs if total is None else total + probs
+    return total
+
+
+def segment(model: torch.nn.Module, image, *, device=None, autocast: str | None = None,
+            img_scale: tuple[int, int] = (2048, 1024)) -> np.ndarray:
+    """Class ids (H, W) int64 for one RGB image, at the image's own size, through mmseg's
+    single-scale test pipeline (the network sees the image rescaled into img_scale, (w, h),
+    keeping its aspect ratio: Cityscapes' 2048x1024 frames unchanged).
 
     autocast: None (float32), 'float16' or 'bfloat16' — mixed precision as mmseg's fp16
-    recipe tested. The model is put in eval mode.
+    recipe tested. The model is put in eval mode; a fuse()d model works too.
     """
     if autocast is not None and autocast not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be None, 'float16' or 'bfloat16', got {autocast!r}")
     model.eval()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    x = normalize(load_rgb(image).to(device))[None]
-    dtype = AUTOCAST_DTYPES.get(autocast, torch.float16)
-    with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
-        logits = model(x)
-    return logits.float().argmax(dim=1)[0].cpu().numpy()
+    probs = predict_probs(model, image, img_scale, amp_dtype=AUTOCAST_DTYPES.get(autocast), device=device)
+    return probs.argmax(dim=0).cpu().numpy()
 
 
 def save_colored(class_ids: np.ndarray, path: str | os.PathLike) -> None:

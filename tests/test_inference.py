@@ -4,10 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 import bisenet_fast as bf
-from bisenet_fast.inference import MEAN_RGB, STD_RGB, save_colored, segment
+from bisenet_fast.data.transforms import imrescale, normalize
+from bisenet_fast.inference import load_rgb, save_colored, segment
 from bisenet_fast.palette import CITYSCAPES_PALETTE, colorize
+
+SMALL_SCALE = (140, 90)  # (w, h): a 45x70 image is doubled to 90x140
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +20,11 @@ def model():
     return bf.BiSeNetV2Segmentor().eval()
 
 
-def _expected(model, rgb):
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float()
-    x = (x - torch.tensor(MEAN_RGB).view(3, 1, 1)) / torch.tensor(STD_RGB).view(3, 1, 1)
+def _expected(model, rgb, img_scale):
+    x = normalize(imrescale(rgb, img_scale))[None]
     with torch.no_grad(), bf.backends.use("eager"):
-        logits = model.decode_head(model.backbone(x[None]))
+        logits = model.decode_head(model.backbone(x))
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         logits = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear", align_corners=False)
     return logits.argmax(1)[0].numpy()
 
@@ -29,20 +33,53 @@ def test_segment_array_path_and_tensor_agree_with_the_pipeline(model, tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, size=(45, 70, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "img.png")
-    expected = _expected(model, rgb)
+    expected = _expected(model, rgb, SMALL_SCALE)
     with bf.backends.use("eager"):
-        from_array = segment(model, rgb)
-        from_path = segment(model, tmp_path / "img.png")
-        from_tensor = segment(model, torch.from_numpy(rgb).permute(2, 0, 1))
+        from_array = segment(model, rgb, img_scale=SMALL_SCALE)
+        from_path = segment(model, tmp_path / "img.png", img_scale=SMALL_SCALE)
+        from_tensor = segment(model, torch.from_numpy(rgb).permute(2, 0, 1), img_scale=SMALL_SCALE)
     assert from_array.shape == (45, 70)
     np.testing.assert_array_equal(from_array, expected)
     np.testing.assert_array_equal(from_path, expected)
     np.testing.assert_array_equal(from_tensor, expected)
 
 
+def test_segment_rescales_into_mmseg_test_scale_and_answers_at_the_image_size():
+    sizes = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            sizes.append(tuple(x.shape[-2:]))
+            return self.conv(x)
+
+    out = segment(Recorder(), np.zeros((480, 640, 3), dtype=np.uint8))
+    assert sizes == [(1024, 1365)]  # mmcv.imrescale into (2048, 1024), aspect ratio kept
+    assert out.shape == (480, 640)
+
+
+def test_segment_runs_a_fused_model_without_a_device_argument(model):
+    rgb = np.random.default_rng(1).integers(0, 256, size=(45, 70, 3), dtype=np.uint8)
+    fused = segment(model.fuse(), rgb, img_scale=SMALL_SCALE)  # buffers only: no parameters to ask
+    assert fused.shape == (45, 70)
+    assert (fused == _expected(model, rgb, SMALL_SCALE)).mean() > 0.99  # float rounding may flip near-ties
+
+
+def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(rgb).save(tmp_path / "rotated.png", exif=exif)
+    upright = load_rgb(tmp_path / "rotated.png")
+    np.testing.assert_array_equal(upright, np.rot90(rgb, k=-1))
+
+
 def test_segment_autocast_bfloat16_runs_on_cpu(model):
     rgb = np.full((32, 48, 3), 100, dtype=np.uint8)
-    out = segment(model, rgb, autocast="bfloat16")
+    out = segment(model, rgb, autocast="bfloat16", img_scale=(48, 32))
     assert out.shape == (32, 48) and out.dtype == np.int64
 
 
@@ -51,6 +88,10 @@ def test_segment_rejects_bad_images_and_options(model):
         segment(model, np.zeros((10, 10), dtype=np.uint8))
     with pytest.raises(TypeError, match="path, numpy array or tensor"):
         segment(model, [1, 2, 3])
+    with pytest.raises(TypeError, match="image array must be uint8"):
+        segment(model, np.zeros((8, 8, 3), dtype=np.float32))
+    with pytest.raises(TypeError, match="image tensor must be uint8"):
+        segment(model, torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="autocast must be"):
         segment(model, np.zeros((8, 8, 3), dtype=np.uint8), autocast="int8")
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bisenet_fast.data.transforms import normalize
-from bisenet_fast.evaluate import predict_probs
+from bisenet_fast.inference import predict_probs
 from bisenet_fast.metrics import IoUAccumulator, area_histograms, format_table
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from bisenet_fast.palette import CITYSCAPES_CLASSES as CLASSES
 
@@ -32,9 +32,11 @@ class MissingLabelsError(FileNotFoundError):
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """uint8 HxWx3 RGB (mmseg reads BGR with cv2; see transforms.py for the channel order)."""
+    """uint8 HxWx3 RGB (mmseg reads BGR with cv2; see transforms.py for the channel order),
+    turned upright by its EXIF orientation tag as cv2's IMREAD_COLOR does (Cityscapes' PNGs
+    have none; photos from a phone often do)."""
     with Image.open(path) as im:
-        return np.array(im.convert("RGB"), dtype=np.uint8)
+        return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
