@@ -80,6 +80,11 @@ def test_nearest_uses_cv2_floor_index_rule():
     assert T.resize_nearest(label, (1, 2)).tolist() == [[1, 3]]
     assert T.resize_nearest(label, (1, 8)).tolist() == [[1, 1, 2, 2, 3, 3, 4, 4]]
     assert T.resize_nearest(label, (1, 3)).tolist() == [[1, 2, 3]]  # floor(x * 4/3) = 0, 1, 2
+    # cv2 computes the index in double precision, where torch's float32 scale picks the row
+    # before at these rows of a 1024 -> 656 resize.
+    rows = T.resize_nearest(np.arange(1024, dtype=np.int64).reshape(1024, 1), (656, 1))[:, 0]
+    assert rows[[41, 82, 164]].tolist() == [64, 128, 256]
+    assert rows.tolist() == [min(int(y * (1.0 / (656 / 1024))), 1023) for y in range(656)]
 
 
 # ---------------------------------------------------------------- RandomCrop

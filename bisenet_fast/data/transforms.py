@@ -10,7 +10,7 @@ is reproduced with torch.nn.functional.interpolate(mode='bilinear', align_corner
 antialias=False) in float32, rounded half up. cv2 uses 11-bit fixed-point weights, so
 pixels can differ by one grey level; geometry and sizes are identical. (PIL's BILINEAR
 antialiases when shrinking and would not match.) Labels use nearest neighbour with cv2's
-INTER_NEAREST index rule floor(dst * src/dst), which is torch's mode='nearest'.
+INTER_NEAREST index rule, floor(dst * src/dst) in double precision.
 
 Randomness comes from a numpy RandomState passed in (the same legacy methods mmseg calls
 on numpy's global RNG: random_sample, randint, rand, uniform), so a sample's augmentation
@@ -48,12 +48,22 @@ def resize_bilinear_uint8(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[0].permute(1, 2, 0).contiguous().numpy()
 
 
+def nearest_source_indices(src: int, dst: int) -> np.ndarray:
+    """cv2 INTER_NEAREST's source index of each of `dst` output indices: floor(x * (1 / (dst /
+    src))) in double precision, clamped to src - 1. (torch's mode='nearest' computes the scale
+    in float32 and picks the row or column before in some sizes: 41 of 656 rows from 1024 are
+    row 63 for torch, 64 for cv2.)"""
+    inverse_scale = 1.0 / (dst / src)
+    return np.minimum(np.floor(np.arange(dst) * inverse_scale).astype(np.int64), src - 1)
+
+
 def resize_nearest(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """cv2.resize(label, (w, h), INTER_NEAREST): source index floor(dst * src / dst)."""
+    """cv2.resize(label, (w, h), INTER_NEAREST), index for index."""
     if label.shape[:2] == tuple(size):
         return label.copy()
-    t = torch.from_numpy(np.ascontiguousarray(label))[None, None]
-    return F.interpolate(t, size=size, mode="nearest")[0, 0].numpy()
+    rows = nearest_source_indices(label.shape[0], size[0])
+    cols = nearest_source_indices(label.shape[1], size[1])
+    return np.take(np.take(label, rows, axis=0), cols, axis=1)
 
 
 def imrescale(img: np.ndarray, scale: tuple[int, int], is_label: bool = False) -> np.ndarray:
