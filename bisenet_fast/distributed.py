@@ -86,6 +86,29 @@ def max_over_ranks(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return values
 
 
+def mean_over_ranks(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The elementwise mean of `values` over the ranks, on every rank (values itself when not
+    distributed): mmseg logs each loss so, averaged over the GPUs."""
+    if not ctx.enabled:
+        return values
+    values = values.to(ctx.device if dist.get_backend() == "nccl" else "cpu", copy=True)  # reduced in place
+    dist.all_reduce(values)
+    return values / ctx.world_size
+
+
+def broadcast_bn_statistics(model: nn.Module, ctx: DistContext) -> None:
+    """Rank 0's BatchNorm running statistics on every rank, as mmseg's DistEvalHook does before
+    it evaluates (broadcast_bn_buffer=True). The backbone's BN is per-GPU, so every rank has
+    its own; a sharded evaluation would otherwise score each rank's images with a different
+    model, none of them the checkpoint (which holds rank 0's)."""
+    if not ctx.enabled:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            dist.broadcast(module.running_mean, src=0)
+            dist.broadcast(module.running_var, src=0)
+
+
 def gather_objects(obj, ctx: DistContext) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not ctx.enabled:

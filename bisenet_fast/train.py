@@ -7,7 +7,9 @@
 
 Per iteration: lr from the 0.x poly-with-warmup schedule, forward under autocast (AMP
 recipes), the five head losses (OHEM per recipe), backward (static loss scale 512 for
-float16: steps with inf/NaN gradients are skipped, the scale never changes), SGD step.
+float16: steps with a non-finite loss or inf/NaN gradients are skipped, the scale never
+changes), SGD step. A NaN or inf loss stops float32/bfloat16 runs at once, float16 runs
+after MAX_SKIPPED_STEPS skipped steps in a row.
 Checkpoints (atomic) every checkpoint_interval iterations and on SIGTERM/SIGINT; mIoU on the
 val split every eval_interval iterations; a progress line and log.csv / eval.csv in work_dir.
 """
@@ -30,8 +32,9 @@ from bisenet_fast.configs import load_recipe
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.data.sampler import InfiniteShardedSampler
 from bisenet_fast.data.transforms import PhotoMetricDistortion, TrainPipeline
-from bisenet_fast.distributed import (DistContext, any_rank, gather_objects, heads_to_sync_bn, init_distributed,
-                                      leave_distributed, max_over_ranks)
+from bisenet_fast.distributed import (DistContext, any_rank, broadcast_bn_statistics, gather_objects,
+                                      heads_to_sync_bn, init_distributed, leave_distributed, max_over_ranks,
+                                      mean_over_ranks)
 from bisenet_fast.evaluate import AMP_DTYPES, evaluate_model
 from bisenet_fast.metrics import format_table
 from bisenet_fast.models import use_fused_ge_training, use_recomputing_detail_branch
@@ -44,6 +47,10 @@ from bisenet_fast.train_state import (
 )
 
 LOSS_KEYS = ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce", "aux_2.loss_ce", "aux_3.loss_ce")
+# float16 runs skip a step whose loss is not finite, as mmcv's static-scale Fp16OptimizerHook
+# does (its GradScaler finds the inf/NaN gradients); this many in a row mean the run has
+# diverged rather than overflowed once, and stop it.
+MAX_SKIPPED_STEPS = 100
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -154,18 +161,24 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def check_finite(losses: dict, iteration: int, ctx: DistContext) -> None:
-    """Raises NonFiniteLossError on every rank when a head's loss is NaN or inf on any rank:
-    a rank stopping alone would leave the others waiting in the next gradient all_reduce
-    until the process group's timeout."""
+def non_finite_heads(losses: dict, ctx: DistContext) -> list[str]:
+    """The heads whose loss is NaN or inf on any rank, the same list on every rank: 'name=value'
+    where this rank saw it, 'name (on another rank)' where only another did. Every rank must act
+    on it alike: a rank stopping or skipping alone would leave the others waiting in the next
+    gradient all_reduce until the process group's timeout."""
     values = torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
     local = ~torch.isfinite(values)
     anywhere = max_over_ranks(local.to(torch.int32), ctx).tolist()
-    if any(anywhere):
-        bad = [f"{k}={values[i].item()}" if local[i] else f"{k} (on another rank)"
-               for i, k in enumerate(LOSS_KEYS) if anywhere[i]]
-        raise NonFiniteLossError(f"non-finite loss at iteration {iteration + 1} in head(s): {', '.join(bad)}; "
-                                 "stopping (lower the lr, or resume from the last checkpoint)")
+    return [f"{k}={values[i].item()}" if local[i] else f"{k} (on another rank)"
+            for i, k in enumerate(LOSS_KEYS) if anywhere[i]]
+
+
+def non_finite_error(bad: list[str], iteration: int, steps_in_a_row: int = 1) -> NonFiniteLossError:
+    """The error that stops a run at 0-based `iteration`, for non_finite_heads' list `bad`."""
+    where = f"at iteration {iteration + 1}" if steps_in_a_row == 1 else \
+        f"in {steps_in_a_row} steps in a row, the last at iteration {iteration + 1},"
+    return NonFiniteLossError(f"non-finite loss {where} in head(s): {', '.join(bad)}; stopping (lower the lr, or "
+                              "resume from the last checkpoint)")
 
 
 def format_eta(seconds: float) -> str:
@@ -233,9 +246,12 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
             scaler.load_state_dict(state["scaler"])
         start_iteration = int(state["iteration"])
         sampler_state = state["sampler"]
-        if sampler_state["world_size"] != ctx.world_size or sampler_state["seed"] != seed:
-            say(f"warning: checkpoint was written with world_size {sampler_state['world_size']} and seed "
-                f"{sampler_state['seed']}; the data order will differ from a run never stopped")
+        batch_then = sampler_state["consumed_per_rank"] // max(start_iteration, 1)
+        if (sampler_state["world_size"] != ctx.world_size or sampler_state["seed"] != seed
+                or (start_iteration and batch_then != recipe["data"]["samples_per_gpu"])):
+            say(f"warning: checkpoint was written with world_size {sampler_state['world_size']}, seed "
+                f"{sampler_state['seed']} and {batch_then} images per process; the data order will differ "
+                "from a run never stopped")
         rng = state["rng"]
         restore_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
         say(f"resumed from {resume} at iteration {start_iteration}")
@@ -244,9 +260,15 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     model.train()
     loader, sampler = build_train_loader(recipe, ctx, seed, start_iteration)
     batches = iter(loader)
-    val_set = None
+    # Built now, so that a missing or unconverted val split fails before hours of training.
+    val_set = CityscapesDataset(recipe["data"]["root"], recipe["data"]["val_split"]) if recipe.get("eval_interval") \
+        else None
     max_iters = recipe["schedule"]["max_iters"]
     batch = recipe["data"]["samples_per_gpu"]
+    published_gpus = recipe.get("gpus")
+    if published_gpus and published_gpus != ctx.world_size:
+        say(f"warning: recipe {recipe.get('name')} was published for {published_gpus} GPUs x {batch} images; this "
+            f"run has {ctx.world_size} x {batch} = {ctx.world_size * batch} per step (the lr is not rescaled)")
     log_interval = max(1, recipe.get("log_interval", 50))
     loss_log = CsvLog(work_dir / "log.csv", ["iteration", "lr", "loss", *LOSS_KEYS, "seconds"]) if ctx.is_main else None
     eval_log = CsvLog(work_dir / "eval.csv", ["iteration", "mIoU", "mAcc", "aAcc"]) if ctx.is_main else None
@@ -272,9 +294,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
         return path
 
     def run_eval(iteration: int):
-        nonlocal val_set
-        if val_set is None:
-            val_set = CityscapesDataset(recipe["data"]["root"], recipe["data"]["val_split"])
+        broadcast_bn_statistics(model, ctx)
         eval_dtype = amp_dtype if amp.get("eval_autocast") else None
         metrics = evaluate_model(model, val_set, ctx, recipe["test"], amp_dtype=eval_dtype,
                                  num_classes=recipe["model"]["num_classes"], log=say)
@@ -289,6 +309,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
         with bf.backends.use(backend):
             tick = time.perf_counter()
             window_start, window_iters = tick, 0
+            skipped_in_a_row = 0
             for iteration in range(start_iteration, max_iters):
                 lr = lr_at(iteration, recipe)
                 for group in optimizer.param_groups:
@@ -298,22 +319,35 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 labels = labels.to(ctx.device, non_blocking=True)
                 with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = step_module(images, labels)
-                check_finite(losses, iteration, ctx)
+                bad = non_finite_heads(losses, ctx)
+                if bad and not scaler.is_enabled():
+                    raise non_finite_error(bad, iteration)
+                skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
+                if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                    raise non_finite_error(bad, iteration, skipped_in_a_row)
+                if bad:
+                    say(f"iteration {iteration + 1}: non-finite loss in head(s) {', '.join(bad)}; step skipped "
+                        "(float16 static loss scale)", flush=True)
                 total = sum(losses[k] for k in LOSS_KEYS)
                 optimizer.zero_grad(set_to_none=True)
+                # Every rank runs backward, so DDP's all_reduce pairs up even on a skipped step.
                 scaler.scale(total).backward()
-                scaler.step(optimizer)
+                if not bad:
+                    scaler.step(optimizer)
                 if scaler.is_enabled():
                     scaler.update(loss_scale)
                 done = iteration + 1
                 result["iteration"] = done
                 window_iters += 1
 
+                if done % log_interval == 0 or done == max_iters:
+                    # The mean over the ranks, as mmseg logs it (every rank joins the all_reduce).
+                    means = mean_over_ranks(torch.stack([losses[k].detach().float() for k in LOSS_KEYS]), ctx)
+                    values = dict(zip(LOSS_KEYS, means.tolist()))
                 if ctx.is_main and (done % log_interval == 0 or done == max_iters):
                     now = time.perf_counter()
                     speed = window_iters / max(now - window_start, 1e-9)
                     window_start, window_iters = now, 0
-                    values = {k: losses[k].item() for k in LOSS_KEYS}
                     loss_value = sum(values.values())
                     loss_log.write({"iteration": done, "lr": repr(lr), "loss": repr(loss_value),
                                     **{k: repr(v) for k, v in values.items()}, "seconds": f"{now - tick:.3f}"})

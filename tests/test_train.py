@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch import nn
 
 import bisenet_fast as bf
 from bisenet_fast import train_state
 from bisenet_fast.configs import load_recipe, recipe_names
 from bisenet_fast.data.cityscapes import CityscapesDataset
 from bisenet_fast.data.synthetic import generate
-from bisenet_fast.distributed import DistContext, heads_to_sync_bn, init_distributed, leave_distributed
+from bisenet_fast.distributed import (DistContext, broadcast_bn_statistics, heads_to_sync_bn, init_distributed,
+                                      leave_distributed, mean_over_ranks)
 from bisenet_fast.evaluate import evaluate_model
 from bisenet_fast.evaluate import main as evaluate_main
 from bisenet_fast.train import (
@@ -29,8 +31,9 @@ from bisenet_fast.train import (
     NonFiniteLossError,
     build_model,
     build_optimizer,
-    check_finite,
     lr_at,
+    non_finite_error,
+    non_finite_heads,
     poly_lr,
     train,
     wrap_for_training,
@@ -200,33 +203,45 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path
     np.testing.assert_array_equal(np.array(saved["IoU"]), np.array(single["IoU"]))  # NaN == NaN here
 
 
-def _non_finite_worker(rank, world, port, out_dir):
+def _collectives_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     ctx = init_distributed("cpu")
-    messages = []
-    for iteration, bad_rank in ((3, None), (4, 1)):
+    found = []
+    for bad_rank in (None, 1):
         losses = {k: torch.tensor(1.0) for k in LOSS_KEYS}
         if rank == bad_rank:
             losses["aux_2.loss_ce"] = torch.tensor(float("inf"))
-        try:
-            check_finite(losses, iteration, ctx)
-            messages.append(None)
-        except NonFiniteLossError as err:
-            messages.append(str(err))
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(messages))
+        found.append(non_finite_heads(losses, ctx))
+    logged = mean_over_ranks(torch.tensor([1.0, 10.0]) * (rank + 1), ctx).tolist()
+    torch.manual_seed(rank)  # each rank's own BN statistics, as after per-GPU BN training
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm1d(2)))
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    broadcast_bn_statistics(model, ctx)
+    torch.save({"found": found, "logged": logged, "bn": {k: v for k, v in model.state_dict().items() if "running" in k}},
+               Path(out_dir) / f"rank{rank}.pt")
     leave_distributed(ranks_in_step=False)
 
 
-def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
-    """A NaN/inf loss on one rank raises on all of them at the same iteration: a rank stopping
-    alone would leave the others waiting in DDP's gradient all_reduce until the timeout."""
+def test_every_rank_sees_the_same_non_finite_heads_logged_means_and_bn_statistics(tmp_path):
+    """A NaN/inf loss on one rank is reported on all of them at the same iteration (a rank
+    stopping or skipping alone would leave the others waiting in DDP's gradient all_reduce until
+    the timeout); logged losses are the mean over the ranks; before an evaluation every rank
+    takes rank 0's BN statistics (mmseg's DistEvalHook), the checkpoint's."""
     port = 30500 + os.getpid() % 1000
-    mp.start_processes(_non_finite_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert rank0[0] is None and rank1[0] is None  # finite everywhere: no error
-    assert "iteration 5 in head(s): aux_2.loss_ce (on another rank);" in rank0[1]
-    assert "iteration 5 in head(s): aux_2.loss_ce=inf;" in rank1[1]
+    mp.start_processes(_collectives_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["found"][0] == [] and rank1["found"][0] == []  # finite everywhere
+    assert rank0["found"][1] == ["aux_2.loss_ce (on another rank)"]
+    assert rank1["found"][1] == ["aux_2.loss_ce=inf"]
+    assert rank0["logged"] == rank1["logged"] == [1.5, 15.0]
+    torch.manual_seed(0)
+    assert len(rank0["bn"]) == 4
+    for name, value in rank0["bn"].items():
+        torch.testing.assert_close(rank1["bn"][name], value, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- resume, signals, checkpoint safety
@@ -352,18 +367,81 @@ def test_sigterm_writes_a_usable_checkpoint(tiny_data, tmp_path):
 def test_non_finite_loss_names_iteration_and_head(tiny_data, tmp_path):
     losses = {k: torch.tensor(1.0) for k in LOSS_KEYS}
     losses["aux_2.loss_ce"] = torch.tensor(float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"iteration 8 in head\(s\): aux_2.loss_ce=nan"):
-        check_finite(losses, 7, DistContext())
+    bad = non_finite_heads(losses, DistContext())
+    assert bad == ["aux_2.loss_ce=nan"]
+    assert "non-finite loss at iteration 8 in head(s): aux_2.loss_ce=nan;" in str(non_finite_error(bad, 7))
     recipe = tiny_recipe(tiny_data, iters=5)
     recipe["optimizer"]["lr"] = 1e30  # the first step blows the weights up
     with pytest.raises(NonFiniteLossError, match=r"at iteration [23] in head"):
         train(recipe, tmp_path, backend="eager", threads=1, log=None)
 
 
-def test_float16_static_loss_scale_stays_512(tiny_data, tmp_path):
-    recipe = tiny_recipe(tiny_data, iters=2)
+def float16_recipe(data_root, iters):
+    """The tiny recipe under the fp16 recipe's AMP, on 64x64 crops: at 32x32 the 1/32 maps are
+    1x1, and the BN gradients over 2 values overflow float16 at scale 512 in every step."""
+    recipe = tiny_recipe(data_root, iters)
+    recipe["data"].update(crop_size=[64, 64], img_scale=[128, 64])
     recipe["amp"] = {"dtype": "float16", "loss_scale": 512.0}
-    result = train(recipe, tmp_path, backend="eager", threads=1, log=None)
+    return recipe
+
+
+def count_optimizer_steps(monkeypatch) -> list:
+    """One entry per SGD step taken (GradScaler calls it only for steps it does not skip)."""
+    steps, sgd_step = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: steps.append(1) or sgd_step(self, *a, **k))
+    return steps
+
+
+def _inf_decode_loss_on_calls(monkeypatch, calls):
+    """Make the decode head's loss inf on the given forward calls (1-based), as an fp16 overflow would."""
+    loss, count = bf.BiSeNetV2Segmentor.loss, [0]
+
+    def overflowing_loss(self, images, labels):
+        losses = loss(self, images, labels)
+        count[0] += 1
+        if count[0] in calls:
+            losses["decode.loss_ce"] = losses["decode.loss_ce"] * float("inf")
+        return losses
+
+    monkeypatch.setattr(bf.BiSeNetV2Segmentor, "loss", overflowing_loss)
+
+
+def test_float16_skips_a_step_with_a_non_finite_loss_as_mmcv(tiny_data, tmp_path, monkeypatch):
+    """The fp16 recipe's static GradScaler skips such a step and training goes on (spec §7)."""
+    _inf_decode_loss_on_calls(monkeypatch, {2})
+    steps = count_optimizer_steps(monkeypatch)
+    messages = []
+    result = train(float16_recipe(tiny_data, iters=3), tmp_path, backend="eager", threads=1, log=lambda *a, **k: messages.append(a[0]))
+    assert result["iteration"] == 3 and len(steps) == 2
+    assert any("iteration 2: non-finite loss in head(s) decode.loss_ce=inf; step skipped" in m for m in messages)
+    assert math.isinf(float(read_log(tmp_path)[1]["decode.loss_ce"]))
+    state = train_state.load_training_checkpoint(result["checkpoint"])
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_float16_stops_after_too_many_skipped_steps_in_a_row(tiny_data, tmp_path, monkeypatch):
+    _inf_decode_loss_on_calls(monkeypatch, {2, 3})
+    monkeypatch.setattr(sys.modules["bisenet_fast.train"], "MAX_SKIPPED_STEPS", 2)
+    with pytest.raises(NonFiniteLossError, match=r"in 2 steps in a row, the last at iteration 3, in head\(s\): decode"):
+        train(float16_recipe(tiny_data, iters=4), tmp_path, backend="eager", threads=1, log=None)
+
+
+def test_a_missing_val_split_fails_before_training(tmp_path):
+    data_root = generate(tmp_path / "data", num_train=2, num_val=1, height=32, width=64)
+    for path in sorted((data_root / "leftImg8bit" / "val").rglob("*.png"), reverse=True):
+        path.unlink()
+    recipe = tiny_recipe(data_root, iters=4)
+    recipe["eval_interval"] = 2
+    with pytest.raises(FileNotFoundError, match="no \\*_leftImg8bit.png files under"):
+        train(recipe, tmp_path / "run", backend="eager", threads=1, log=None)
+    log = tmp_path / "run" / "log.csv"
+    assert not log.exists() or read_log(tmp_path / "run") == []  # not one iteration ran
+
+
+def test_float16_static_loss_scale_stays_512(tiny_data, tmp_path, monkeypatch):
+    steps = count_optimizer_steps(monkeypatch)
+    result = train(float16_recipe(tiny_data, iters=2), tmp_path, backend="eager", threads=1, log=None)
+    assert len(steps) == 2  # no step skipped: the scale is not too large for these gradients
     state = train_state.load_training_checkpoint(result["checkpoint"])
     assert state["scaler"]["scale"] == 512.0
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
@@ -407,8 +485,17 @@ def test_torchrun_two_gloo_processes_train_evaluate_and_resume(tiny_data, tmp_pa
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "iteration 2: val mIoU" in first.stdout
+    assert "warning: recipe synthetic was published for 1 GPUs x 2 images; this run has 2 x 2 = 4" in first.stdout
     state = train_state.load_training_checkpoint(work / "iter_2.pth")
     assert len(state["rng"]) == 2 and state["sampler"]["world_size"] == 2
+    # The mIoU logged is the checkpoint's: both ranks evaluated with rank 0's BN statistics.
+    model = bf.BiSeNetV2Segmentor(**load_recipe("synthetic")["model"])
+    model.load_state_dict(state["state_dict"])
+    with bf.backends.use("eager"):
+        single = evaluate_model(model, CityscapesDataset(tiny_data, "val"), DistContext(), load_recipe("synthetic")["test"],
+                                log=None)
+    with open(work / "eval.csv") as f:
+        assert float(next(csv.DictReader(f))["mIoU"]) == single["mIoU"]
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank's own dropout stream
     at = cmd.index("--stop-after")
     resume = cmd[:at] + cmd[at + 2 :] + ["--resume", "auto"]  # on to iteration 3
