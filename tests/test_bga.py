@@ -261,6 +261,8 @@ def bad_cases():
         pytest.param((d, s.to("meta"), dd, sd), ValueError, "semantic must be on cpu", id="device_mix"),
         pytest.param((d, s, [1.0], sd), TypeError, "detail_down must be a torch.Tensor", id="not_tensor"),
         pytest.param((d[..., :0], s, dd, sd), ValueError, "spatial sizes must be non-empty", id="empty"),
+        pytest.param(tuple(t[:, :0] for t in good), ValueError, "detail must have at least one channel",
+                     id="no_channels"),
     ]
 
 
@@ -278,6 +280,26 @@ def test_cpp_op_checks_its_own_inputs():
         torch.ops.bisenet_fast.bga_aggregate(d, s, dd, sd[..., :1])
     with pytest.raises(RuntimeError, match="grad_out must have the shape of detail"):
         torch.ops.bisenet_fast.bga_aggregate_backward(d[:, :, :4], d, s, dd, sd)
+
+
+@requires_triton
+def test_triton_op_checks_its_own_inputs():
+    d, s, dd, sd = make_inputs((2, 3, 8, 8, 2, 2), device=triton_device())
+    with pytest.raises(ValueError, match=r"detail_down must have batch and channels \(2, 3\)"):
+        torch.ops.bisenet_fast_triton.bga_aggregate(d, s, dd[:, :1], sd)
+    with pytest.raises(ValueError, match="grad_out must have the shape of detail"):
+        torch.ops.bisenet_fast_triton.bga_aggregate_backward(d[:, :, :4], d, s, dd, sd)
+
+
+@pytest.mark.parametrize("impl", ["cpp", pytest.param("triton", marks=requires_triton)])
+def test_double_backward_raises(impl):
+    """The fused backward has no backward of its own: a second derivative is an error, not zeros."""
+    inputs = [t.requires_grad_() for t in make_inputs((1, 2, 5, 7, 3, 2), device=device_of(impl))]
+    with bf.backends.use(impl):
+        out = bf.ops.bga_aggregate(*inputs)
+    grads = torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(grads[1].sum(), inputs)
 
 
 @requires_triton

@@ -213,6 +213,8 @@ def bad_cases():
         pytest.param((d, w, b, s, dd, sd[..., :1]), ValueError, "semantic_down must have spatial size", id="low_size"),
         pytest.param((d.long(), w, b, s, dd, sd), TypeError, "detail_dw must have dtype", id="int_dtype"),
         pytest.param((d, w, b, s, [1.0], sd), TypeError, "detail_down must be a torch.Tensor", id="not_tensor"),
+        pytest.param((d[..., :0], w, b, s, dd, sd), ValueError, "bga_pointwise_aggregate: spatial sizes must be",
+                     id="empty"),
     ]
 
 
@@ -239,6 +241,18 @@ def test_cpp_op_checks_its_own_inputs():
         torch.ops.bisenet_fast.bga_pointwise_aggregate(d, w, b.double(), s, dd, sd)
     with pytest.raises(RuntimeError, match="inference-only"):
         torch.ops.bisenet_fast.bga_pointwise_aggregate(d, w.requires_grad_(), b, s, dd, sd)
+    for index, name in ((3, "semantic"), (4, "detail_down"), (5, "semantic_down")):
+        args = [d, w.detach(), b, s, dd, sd]
+        args[index] = args[index].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=f"inference-only .* {name} requires grad"):
+            torch.ops.bisenet_fast.bga_pointwise_aggregate(*args)
+
+
+@requires_triton
+def test_triton_op_checks_its_own_inputs():
+    d, w, b, s, dd, sd = make_inputs((2, 3, 8, 8, 2, 2), device=triton_device())
+    with torch.no_grad(), pytest.raises(ValueError, match=r"pw_weight must have shape \(3, 3\)"):
+        torch.ops.bisenet_fast_triton.bga_pointwise_aggregate(d, w[:, :2], b, s, dd, sd)
 
 
 @requires_triton

@@ -212,3 +212,16 @@ def test_cpp_kernel_checks_its_own_arguments():
         torch.ops.bisenet_fast.conv3x3_winograd(x, packed[:4], bias, False)
     with pytest.raises(RuntimeError, match="bias must have shape \\(6\\)"):
         torch.ops.bisenet_fast.conv3x3_winograd(x, packed, bias[:2], False)
+    with pytest.raises(RuntimeError, match="conv3x3_winograd is inference-only .* x requires grad"):
+        torch.ops.bisenet_fast.conv3x3_winograd(x.requires_grad_(), packed, bias, False)
+
+
+def test_cpp_output_is_an_ordinary_tensor():
+    """Not an inference tensor: usable in place and by autograd after a torch.no_grad() call."""
+    x, weight, bias = make_inputs(1, 4, 6, 5, 5)
+    with torch.no_grad():
+        out = ops.conv3x3_winograd(x, ops.winograd_weight(weight), bias)
+    assert not out.is_inference()
+    scale = torch.ones_like(out, requires_grad=True)
+    (out.relu_() * scale).sum().backward()
+    assert torch.equal(scale.grad, out)

@@ -183,6 +183,52 @@ def test_bad_inputs(change, error, match):
         ge_expand_train(**args)
 
 
+def test_raw_op_rejects_a_non_positive_eps():
+    x, weight, bn_weight, bn_bias = (t.detach() for t in make_inputs(2, 4, 6, 5, 5))
+    with pytest.raises(ValueError, match="eps must be > 0, got -10"):
+        torch.ops.bisenet_fast.ge_expand_train(x, weight, bn_weight, bn_bias, 1, True, -10.0)
+
+
+@requires_triton
+def test_raw_triton_op_checks_its_arguments():
+    x, weight, bn_weight, bn_bias = (t.detach() for t in make_inputs(2, 4, 6, 5, 5, device=triton_device()))
+    with pytest.raises(ValueError, match=r"bn_weight must have shape \(24,\)"):
+        torch.ops.bisenet_fast_triton.ge_expand_train(x, weight, bn_weight[:1], bn_bias, 1, True, 1e-5)
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        torch.ops.bisenet_fast_triton.ge_expand_train(x, weight, bn_weight, bn_bias, 3, True, 1e-5)
+
+
+# ---- NaN and double backward ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=requires_triton)])
+def test_nan_propagates_as_in_the_reference(backend):
+    """A NaN input makes its channels' statistics, outputs and gradients NaN where the
+    reference's are (relu keeps a NaN and passes its gradient), never a silent 0."""
+    args = make_inputs(2, 3, 4, 7, 9, device="cpu" if backend == "cpp" else triton_device())
+    with torch.no_grad():
+        args[0][0, 0, 3, 3] = float("nan")
+    out, mean, var, grads = run(backend, args, 1, True)
+    ref = [t.detach().cpu().double().requires_grad_() for t in args]
+    r_out, r_mean, r_var, r_grads = run("eager", ref, 1, True)
+    assert r_out.isnan().any() and not r_out.isnan().all()
+    for name, actual, expected in [("out", out, r_out), ("mean", mean, r_mean), ("var", var, r_var),
+                                   *zip(NAMES, grads, r_grads)]:
+        assert torch.equal(actual.isnan().cpu(), expected.isnan()), name
+        assert_close_to_scale(actual.cpu().nan_to_num(0), expected.nan_to_num(0), 1e-5, name)
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=requires_triton)])
+def test_double_backward_raises(backend):
+    """The fused backward has no backward of its own: a second derivative is an error, not zeros."""
+    args = make_inputs(2, 2, 3, 5, 6, device="cpu" if backend == "cpp" else triton_device())
+    with bf.backends.use(backend):
+        out, _, _ = ge_expand_train(*args, 1, True)
+    grads = torch.autograd.grad(out.square().sum(), args, create_graph=True)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(grads[0].sum(), args)
+
+
 # ---- Registration: schema, fake kernel, torch.compile -------------------------------------
 
 

@@ -439,6 +439,19 @@ def test_cuda_emulated_bad_inputs():
     with pytest.raises(ValueError, match="x must have a non-empty spatial size"):
         run_emulated(2, [x[:, :, :0], y[:, :, :0], *weights])
     assert run_emulated(2, [x[:0], y[:0], *weights]).shape == (0, 8, 2, 2)  # an empty batch is fine
+    with pytest.raises(ValueError, match="x must have at least one channel"):
+        run_emulated(2, [x[:, :0], y[:, :0], *weights])
+    with pytest.raises(ValueError, match=r"sc_dw_bias must be \(cin\) with 4 values"):
+        run_emulated(2, [x, y, *weights[:7], weights[7][:1], *weights[8:]])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cuda_emulated_nan_propagates_as_in_the_reference(stride):
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 6, 7)
+    args[1][0, 1, 2, 3] = float("nan")
+    expected = reference(stride)(*args)
+    assert expected.isnan().any()
+    assert torch.equal(run_emulated(stride, args).isnan(), expected.isnan())
 
 
 @pytest.mark.parametrize("ratio", [1, 2, 6])
@@ -540,3 +553,69 @@ def test_forcing_cuda_backend_without_cuda_raises():
     with pytest.raises(bf.backends.BackendUnavailableError):
         with bf.backends.use("cuda"):
             pass
+
+
+# ---- NaN, and the raw torch.ops entry points ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nan_propagates_as_in_the_reference(backend, stride):
+    """A NaN input gives NaN where the reference gives it (relu keeps NaN), never a silent 0."""
+    device = "cpu" if backend == "cpp" else triton_device()
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 6, 7, device=device)
+    args[1][0, 1, 2, 3] = float("nan")
+    with torch.no_grad():
+        expected = reference(stride)(*args)
+    assert expected.isnan().any()
+    assert torch.equal(run(backend, stride, args).isnan(), expected.isnan())
+
+
+RAW_BIASES = {1: {3: "dw_bias", 5: "pw_bias"},
+              2: {3: "dw0_bias", 5: "dw1_bias", 7: "pw_bias", 9: "sc_dw_bias", 11: "sc_pw_bias"}}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_raw_cpp_op_checks_every_argument(stride):
+    """torch.ops.bisenet_fast.* called directly (no Python front): clear errors, no crash, no
+    read past a short bias."""
+    op = torch.ops.bisenet_fast.ge_layer_stride1 if stride == 1 else torch.ops.bisenet_fast.ge_layer_stride2
+    good = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3)
+    with torch.no_grad():
+        no_channels = [torch.ones(1, 0, 3, 3), torch.ones(1, 0, 3, 3), *good[2:]]
+        with pytest.raises(ValueError, match="x must have at least one channel"):
+            op(*no_channels)
+        for index, name in RAW_BIASES[stride].items():
+            args = list(good)
+            args[index] = args[index][:1]
+            with pytest.raises(ValueError, match=rf"{name} must be \(\w+\) with \d+ values, got \[1\]"):
+                op(*args)
+    args = list(good)
+    args[2] = args[2].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match=f"ge_layer_stride{stride} is inference-only .* dw0?_weight requires grad"):
+        op(*args)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpp_output_is_an_ordinary_tensor(stride):
+    """Not an inference tensor: usable in place and by autograd after a torch.no_grad() call."""
+    out = run("cpp", stride, make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3))
+    assert not out.is_inference()
+    weight = torch.ones_like(out, requires_grad=True)
+    (out.add_(1) * weight).sum().backward()
+    assert torch.equal(weight.grad, out)
+
+
+@requires_triton
+@pytest.mark.parametrize("stride", [1, 2])
+def test_raw_triton_op_checks_its_packed_weights(stride):
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3, device=triton_device())
+    pack = ge.pack_triton_stride1 if stride == 1 else ge.pack_triton_stride2
+    op = torch.ops.bisenet_fast_triton.ge_layer_stride1 if stride == 1 else torch.ops.bisenet_fast_triton.ge_layer_stride2
+    packed = list(pack(*args[2:]))
+    with torch.no_grad():
+        short = packed[:2] + [packed[2][:-1]] + packed[3:]  # one row of the next weight missing
+        with pytest.raises(ValueError, match=r"triton_weights\[2\] must have shape"):
+            op(args[0], args[1], *short)
+        with pytest.raises(ValueError, match=r"y \(conv1's output\) must have x's shape"):
+            op(args[0], args[1][:, :, :2], *packed)

@@ -477,6 +477,7 @@ def test_logits_read_only_by_ignored_pixels_never_matter(backend, device):
         (lambda x, t: (x, t[:1]), ValueError, "target must have the batch size"),
         (lambda x, t: (x, t.to("meta")), ValueError, "target must be on cpu"),
         (lambda x, t: ([1.0], t), TypeError, "logits must be a torch.Tensor"),
+        (lambda x, t: (x[:0], t[:0]), ValueError, "must have non-empty batch, class and spatial dims"),
     ],
 )
 def test_bad_arguments_raise_clearly(mutate, error, match):
@@ -487,12 +488,37 @@ def test_bad_arguments_raise_clearly(mutate, error, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match", [(dict(thresh=1.5), "thresh"), (dict(min_kept=-1), "min_kept"), (dict(min_kept=2.0), "min_kept")]
+    "kwargs, match",
+    [(dict(thresh=1.5), "thresh"), (dict(min_kept=-1), "min_kept"), (dict(min_kept=2.0), "min_kept"),
+     (dict(min_kept=2**63), "min_kept must be a non-negative int below 2\\*\\*63"),
+     (dict(ignore_index=2**70), "ignore_index must fit in int64")],
 )
-def test_bad_options_raise_clearly(kwargs, match):
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_bad_options_raise_clearly(kwargs, match, backend):
     logits, target = make_inputs((2, 3, 3, 4, 6, 7))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match), bf.backends.use(backend):
         bf.ops.ohem_cross_entropy(logits, target, **kwargs)
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
+def test_a_budget_beyond_int64_saturates(backend, device):
+    """min_kept * N past 2**63 keeps every valid pixel's rank in reach, as Python's ints do."""
+    logits, target = make_inputs((4, 5, 4, 5, 13, 11), device=device)
+    check_against_reference(backend, logits, target, thresh=0.3, min_kept=2**61)
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
+def test_double_backward_raises(backend, device):
+    """The fused backward has no backward of its own: a second derivative is an error, not None."""
+    if backend == EMULATED_CUDA:
+        pytest.skip("the emulation runs the kernels outside autograd")
+    logits, target = make_inputs((2, 3, 3, 4, 6, 7), device=device)
+    logits.requires_grad_()
+    with bf.backends.use(backend):
+        loss = bf.ops.ohem_cross_entropy(logits, target, thresh=0.7, min_kept=5)
+    (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(grad.square().sum(), logits)
 
 
 def test_cpp_kernel_rejects_bad_tensors():
@@ -501,6 +527,16 @@ def test_cpp_kernel_rejects_bad_tensors():
         torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits[0], target, 0.7, 5, 255)
     with pytest.raises(RuntimeError, match="target must be uint8, int32 or int64"):
         torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits, target.short(), 0.7, 5, 255)
+    for thresh in (float("nan"), -0.5, 1.5):
+        with pytest.raises(ValueError, match="thresh must be None or a probability in \\(0, 1\\]"):
+            torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits, target, thresh, 5, 255)
+
+
+@requires_triton
+def test_triton_op_checks_its_own_inputs():
+    logits, target = make_inputs((2, 3, 3, 4, 6, 7), device=triton_device())
+    with pytest.raises(ValueError, match="target must have the batch size of logits"):
+        torch.ops.bisenet_fast_triton.ohem_cross_entropy_forward(logits, target[:1], 0.7, 5, 255)
 
 
 # ---- torch.compile, determinism, the model

@@ -100,6 +100,10 @@ def test_bad_inputs(backend):
         ((x[:, :, :0], (5, 5)), ValueError, "x must be non-empty"),
         ((x, (5,)), ValueError, "size must be two positive ints"),
         ((x, (5, 0)), ValueError, "size must be two positive ints"),
+        ((x, (7.9, 5)), TypeError, "size must be two positive ints"),
+        ((x, (True, 5)), TypeError, "size must be two positive ints"),
+        ((x, 5), TypeError, "size must be two positive ints"),
+        ((x, "ab"), TypeError, "size must be two positive ints"),
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message), torch.no_grad(), bf.backends.use(backend):
@@ -118,3 +122,24 @@ def test_cpp_kernel_checks_its_own_arguments():
         torch.ops.bisenet_fast.resize_bilinear(torch.randn(2, 3, 4), [5, 5])
     with pytest.raises(RuntimeError, match="size must be two positive integers"):
         torch.ops.bisenet_fast.resize_bilinear(torch.randn(1, 2, 3, 4), [5, -1])
+    with pytest.raises(RuntimeError, match="resize_bilinear is inference-only .* x requires grad"):
+        torch.ops.bisenet_fast.resize_bilinear(torch.randn(1, 2, 3, 4, requires_grad=True), [5, 5])
+
+
+def test_sizes_may_be_numpy_or_torch_integers():
+    import numpy as np
+
+    x = torch.randn(1, 2, 3, 4)
+    with torch.no_grad():
+        expected = ops.resize_bilinear(x, (5, 7))
+        torch.testing.assert_close(ops.resize_bilinear(x, (np.int64(5), torch.tensor(7))), expected)
+
+
+def test_cpp_output_is_an_ordinary_tensor():
+    """Not an inference tensor: usable in place and by autograd after a torch.no_grad() call."""
+    with torch.no_grad():
+        out = ops.resize_bilinear(torch.randn(1, 2, 3, 4), (5, 5))
+    assert not out.is_inference()
+    scale = torch.ones_like(out, requires_grad=True)
+    (out.add_(1) * scale).sum().backward()
+    assert torch.equal(scale.grad, out)

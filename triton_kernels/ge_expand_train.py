@@ -72,7 +72,7 @@ def _fwd_apply_kernel(out_ptr, scale_ptr, shift_ptr, P, HO, WO, MID: tl.constexp
     ptr = out_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow
     o = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * tl.load(scale_ptr + m) + tl.load(shift_ptr + m)
     if RELU:
-        o = tl.maximum(o, 0.0)
+        o = tl.where(o < 0, 0.0, o)  # NaN stays NaN, as torch.relu keeps it (tl.maximum would drop it)
     tl.store(ptr, o.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -85,7 +85,7 @@ def _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, 
     dy = tl.load(grad_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         o = xhat * tl.load(gamma_ptr + m).to(tl.float32) + tl.load(beta_ptr + m).to(tl.float32)
-        dy = tl.where(o > 0, dy, 0.0)
+        dy = tl.where(o <= 0, 0.0, dy)  # torch's relu gradient: a NaN output passes dy
     return tl.where(mask, dy, 0.0), xhat
 
 

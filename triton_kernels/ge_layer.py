@@ -121,6 +121,12 @@ def _conv3x3(taps, w_ptr, b_ptr, cols, col_mask, K_TOTAL: tl.constexpr):
 
 
 @triton.jit
+def _relu(x):
+    """max(x, 0) keeping NaN, as torch.relu does (tl.maximum returns 0 for a NaN)."""
+    return tl.where(x < 0, 0.0, x)
+
+
+@triton.jit
 def _pin_layout(x):
     """x itself, as the result of a reduction (over a new axis of size 1). Triton converts a
     dot operand to the dot's layout where it was made; when elementwise ops make it from
@@ -153,7 +159,7 @@ def _epilogue(acc, offs_p, p_mask, offs_o, o_mask, bias_ptr, addend_ptr, out_ptr
         acc += tl.load(addend_ptr + io, mask=io_mask, other=0.0).to(tl.float32)
     else:
         acc += tl.load(addend_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + io, tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty), mask=io_mask)
+    tl.store(out_ptr + io, _relu(acc).to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -201,7 +207,7 @@ def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out
         for r in range(split, RATIO, K_SPLITS):
             cols = r * C + offs_c
             e = _conv3x3(taps, dw_w_ptr, dw_b_ptr, cols, c_mask, RATIO * C)
-            acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, cols, c_mask, offs_o, o_mask, C, PRECISION)
+            acc = _project(acc, _relu(e), pw_w_ptr, cols, c_mask, offs_o, o_mask, C, PRECISION)
     _finish(acc, offs_p, p_mask, offs_o, o_mask, pw_b_ptr, x_ptr, out_ptr, partial_ptr, P, C, K_SPLITS, True)
 
 
@@ -238,7 +244,7 @@ def _ge_stride2_kernel(x_ptr, e_ptr, dw1_w_ptr, dw1_b_ptr, pw_w_ptr, pw_b_ptr,
         k_mask = offs_k < MID
         taps = _neighbourhood(e_ptr, n, oh, ow, p_mask, offs_k, k_mask, HO, WO, MID, 1)
         e = _conv3x3(taps, dw1_w_ptr, dw1_b_ptr, offs_k, k_mask, MID)
-        acc = _project(acc, tl.maximum(e, 0.0), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, COUT, PRECISION)
+        acc = _project(acc, _relu(e), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, COUT, PRECISION)
     # shortcut: sc_pw(sc_dw(x)), depthwise stride 2 on x
     for c0 in range(split * BLOCK_CIN, C, K_SPLITS * BLOCK_CIN):
         offs_c = c0 + tl.arange(0, BLOCK_CIN)

@@ -30,6 +30,13 @@ def check_tensor(
         raise ValueError(f"{name} must be on {device} like the other inputs, got {value.device}")
 
 
+def check_shape(name: str, value, shape: tuple, what: str, *, dtype: torch.dtype, device: torch.device) -> None:
+    """value: a tensor of `shape` (described as `what`), dtype and device, e.g. a gradient of an output."""
+    check_tensor(name, value, dtypes=(dtype,), device=device)
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of {what} {tuple(shape)}, got {tuple(value.shape)}")
+
+
 def check_non_empty(name: str, value: torch.Tensor) -> None:
     if value.numel() == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(value.shape)}")

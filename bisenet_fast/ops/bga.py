@@ -4,8 +4,10 @@ with up = bilinear resize (align_corners=False) to detail's spatial size.
 
 detail (N, C, H, W); semantic, detail_down, semantic_down (N, C, h, w), any h, w (1/8 is
 not always 4x 1/32, spec §2.4). The fused kernels compute in float32 (float64 for float64
-inputs), return the input dtype in detail's memory format (channels_last stays
-channels_last), and have a deterministic backward.
+inputs, with the bilinear weights in float32 as every kernel computes them, so float64
+results agree with the reference to ~1e-6, not to float64 precision), return the input dtype
+in detail's memory format (channels_last stays channels_last), and have a deterministic
+backward.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
+from bisenet_fast.ops._autograd import refuse_double_backward
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -27,20 +30,23 @@ def bga_aggregate_reference(detail, semantic, detail_down, semantic_down):
     return fuse1 + fuse2
 
 
-def check_bga_inputs(detail, semantic, detail_down, semantic_down) -> None:
-    check_tensor("detail", detail, dim=4, dtypes=FLOAT_DTYPES)
+def check_bga_inputs(detail, semantic, detail_down, semantic_down, op="bga_aggregate", detail_name="detail") -> None:
+    """op and detail_name: how the messages name the op and its first argument."""
+    check_tensor(detail_name, detail, dim=4, dtypes=FLOAT_DTYPES)
     n, c = detail.shape[:2]
     low = None
     for name, t in (("semantic", semantic), ("detail_down", detail_down), ("semantic_down", semantic_down)):
         check_tensor(name, t, dim=4, dtypes=(detail.dtype,), device=detail.device)
         if t.shape[:2] != (n, c):
-            raise ValueError(f"{name} must have batch and channels ({n}, {c}) like detail, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have batch and channels ({n}, {c}) like {detail_name}, got {tuple(t.shape)}")
         if low is None:
             low = t.shape[-2:]
         elif t.shape[-2:] != low:
             raise ValueError(f"{name} must have spatial size {tuple(low)} like semantic, got {tuple(t.shape[-2:])}")
+    if c == 0:
+        raise ValueError(f"{op}: {detail_name} must have at least one channel, got {tuple(detail.shape)}")
     if min(detail.shape[-2:]) == 0 or min(low) == 0:
-        raise ValueError("bga_aggregate: spatial sizes must be non-empty")
+        raise ValueError(f"{op}: spatial sizes must be non-empty")
 
 
 # --- C++ / CUDA ops (schemas in csrc/ops.cpp) -------------------------------------------
@@ -69,6 +75,7 @@ def _bga_aggregate_backward(ctx, grad_out):
 torch.library.register_autograd(
     "bisenet_fast::bga_aggregate", _bga_aggregate_backward, setup_context=_setup_context
 )
+refuse_double_backward("bisenet_fast::bga_aggregate_backward", "bga_aggregate")
 
 
 # --- Triton ops (a Python custom op so torch.compile and autograd see one node) -----------
@@ -86,6 +93,7 @@ def _bga_aggregate_triton(
 ) -> torch.Tensor:
     from bisenet_fast.triton_kernels.bga import bga_forward
 
+    check_bga_inputs(detail, semantic, detail_down, semantic_down)  # also when called as torch.ops directly
     channels_last, tensors = _triton_layout(detail, semantic, detail_down, semantic_down)
     return bga_forward(*tensors, channels_last=channels_last)
 
@@ -100,6 +108,8 @@ def _bga_aggregate_backward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from bisenet_fast.triton_kernels.bga import bga_backward
 
+    check_bga_inputs(detail, semantic, detail_down, semantic_down)
+    check_shape("grad_out", grad_out, detail.shape, "detail", dtype=detail.dtype, device=detail.device)
     channels_last, (detail, grad_out, semantic, detail_down, semantic_down) = _triton_layout(
         detail, grad_out, semantic, detail_down, semantic_down
     )
@@ -115,6 +125,7 @@ def _bga_aggregate_backward_triton_autograd(ctx, grad_out):
 
 
 _bga_aggregate_triton.register_autograd(_bga_aggregate_backward_triton_autograd, setup_context=_setup_context)
+refuse_double_backward("bisenet_fast_triton::bga_aggregate_backward", "bga_aggregate")
 
 
 def bga_aggregate(detail, semantic, detail_down, semantic_down):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_inference_only, check_tensor
+from bisenet_fast.ops._checks import check_inference_only, check_tensor
 from bisenet_fast.ops.bga import TRITON_DTYPES, bga_aggregate_reference, check_bga_inputs
 
 GPU_PREFERENCE = ("triton",)  # no CUDA C++ kernel for this op
@@ -34,8 +34,7 @@ def bga_pointwise_aggregate_reference(detail_dw, pw_weight, pw_bias, semantic, d
 
 
 def check_bga_pointwise_inputs(detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down) -> None:
-    check_tensor("detail_dw", detail_dw, dim=4, dtypes=FLOAT_DTYPES)
-    check_bga_inputs(detail_dw, semantic, detail_down, semantic_down)
+    check_bga_inputs(detail_dw, semantic, detail_down, semantic_down, "bga_pointwise_aggregate", "detail_dw")
     c = detail_dw.shape[1]
     check_tensor("pw_weight", pw_weight, dim=2, dtypes=(detail_dw.dtype,), device=detail_dw.device)
     if tuple(pw_weight.shape) != (c, c):
@@ -63,6 +62,7 @@ def _bga_pointwise_aggregate_triton(
 ) -> torch.Tensor:
     from bisenet_fast.triton_kernels.bga_pointwise import bga_pointwise_forward
 
+    check_bga_pointwise_inputs(detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down)  # direct calls
     fmt = suggest_memory_format(detail_dw)
     maps = [t.contiguous(memory_format=fmt) for t in (detail_dw, semantic, detail_down, semantic_down)]
     detail_dw, semantic, detail_down, semantic_down = maps

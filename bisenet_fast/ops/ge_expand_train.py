@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
+from bisenet_fast.ops._autograd import refuse_double_backward
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor
 
 GPU_PREFERENCE = ("triton",)  # no CUDA C++ kernel for this op yet
 
@@ -100,6 +101,7 @@ def _ge_expand_train_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from bisenet_fast.triton_kernels.ge_expand_train import ge_expand_train_triton
 
+    check_inputs(x, weight, bn_weight, bn_bias, stride, relu, eps)  # also when called as torch.ops directly
     return ge_expand_train_triton(x, weight, bn_weight, bn_bias, stride, relu, eps)
 
 
@@ -115,6 +117,11 @@ def _ge_expand_train_backward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from bisenet_fast.triton_kernels.ge_expand_train import ge_expand_train_backward_triton
 
+    check_inputs(x, weight, bn_weight, bn_bias, stride, relu, eps)
+    out_shape = (x.shape[0], weight.shape[0], _out_size(x.shape[2], stride), _out_size(x.shape[3], stride))
+    check_shape("grad_out", grad_out, out_shape, "the output", dtype=x.dtype, device=x.device)
+    for name, stat in (("mean", mean), ("var", var)):
+        check_shape(name, stat, (weight.shape[0],), "the batch statistics", dtype=_stats_dtype(x), device=x.device)
     return ge_expand_train_backward_triton(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, relu, eps)
 
 
@@ -150,6 +157,8 @@ torch.library.register_autograd(
     _make_backward(torch.ops.bisenet_fast_triton.ge_expand_train_backward),
     setup_context=_setup_context,
 )
+refuse_double_backward("bisenet_fast::ge_expand_train_backward", "ge_expand_train")
+refuse_double_backward("bisenet_fast_triton::ge_expand_train_backward", "ge_expand_train")
 
 
 def ge_expand_train(x, weight, bn_weight, bn_bias, stride, relu, eps=1e-5):

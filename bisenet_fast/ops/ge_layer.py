@@ -161,6 +161,36 @@ def _check_triton_weights(op, packed, shapes, like):
             raise ValueError(f"{op}: triton_weights[{i}] must be contiguous, as pack_triton_* returns it")
 
 
+def _packed_size(op, name, packed, dim, cin=None):
+    """Size `dim` of a packed 2-D weight (9, mid) or (mid, cout); mid a multiple of cin if given."""
+    check_tensor(name, packed, dim=2)
+    size = packed.shape[dim]
+    if size == 0 or (cin is not None and (packed.shape[0] != 9 or size % cin)):
+        raise ValueError(f"{op}: {name} must be packed as pack_triton_* gives it, got shape {tuple(packed.shape)}")
+    return size
+
+
+def _check_packed_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
+    """The Triton op's own checks (a direct torch.ops call skips the public front's)."""
+    op = "ge_layer_stride1"
+    _check_activations(x, y)
+    cin = x.shape[1]
+    mid = _packed_size(op, "dw_weight", dw_weight, 1, cin)
+    _check_triton_weights(op, (dw_weight, dw_bias, pw_weight, pw_bias), [(9, mid), (mid,), (mid, cin), (cin,)], x)
+    check_inference_only(op, (x, y, dw_weight, dw_bias, pw_weight, pw_bias), "train the unfused model")
+
+
+def _check_packed_stride2(x, y, *packed):
+    op = "ge_layer_stride2"
+    _check_activations(x, y)
+    cin = x.shape[1]
+    mid = _packed_size(op, "dw0_weight", packed[0], 1, cin)
+    cout = _packed_size(op, "pw_weight", packed[4], 1)
+    shapes = [(9, mid), (mid,), (9, mid), (mid,), (mid, cout), (cout,), (9, cin), (cin,), (cin, cout), (cout,)]
+    _check_triton_weights(op, packed, shapes, x)
+    check_inference_only(op, (x, y, *packed), "train the unfused model")
+
+
 def _empty_like_output(x, cout, height, width):
     return torch.empty(
         (x.shape[0], cout, height, width), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
@@ -187,6 +217,7 @@ def _ge_layer_stride1_triton(
 ) -> torch.Tensor:
     from bisenet_fast.triton_kernels.ge_layer import ge_layer_stride1_triton
 
+    _check_packed_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias)
     return ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias)
 
 
@@ -212,6 +243,8 @@ def _ge_layer_stride2_triton(
 ) -> torch.Tensor:
     from bisenet_fast.triton_kernels.ge_layer import ge_layer_stride2_triton
 
+    _check_packed_stride2(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight,
+                          sc_dw_bias, sc_pw_weight, sc_pw_bias)
     return ge_layer_stride2_triton(
         x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias
     )

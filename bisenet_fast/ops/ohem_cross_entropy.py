@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from bisenet_fast import _C  # noqa: F401  (defines the torch.ops.bisenet_fast schemas registered below)
 from bisenet_fast import backends
+from bisenet_fast.ops._autograd import refuse_double_backward
 from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
 
 TARGET_DTYPES = (torch.uint8, torch.int32, torch.int64)
@@ -47,16 +48,19 @@ def check_ohem_inputs(logits, target, thresh, min_kept, ignore_index) -> None:
         raise ValueError(
             f"target must have the batch size of logits ({logits.shape[0]}), got shape {tuple(target.shape)}"
         )
-    if logits.shape[1] < 1 or min(logits.shape[-2:]) < 1 or min(target.shape[-2:]) < 1:
+    if logits.shape[0] < 1 or logits.shape[1] < 1 or min(logits.shape[-2:]) < 1 or min(target.shape[-2:]) < 1:
         raise ValueError(
-            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have non-empty class and spatial dims"
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have non-empty batch, class and "
+            "spatial dims"
         )
     if thresh is not None and not 0.0 < float(thresh) <= 1.0:
         raise ValueError(f"thresh must be None or a probability in (0, 1], got {thresh}")
-    if isinstance(min_kept, bool) or not isinstance(min_kept, int) or min_kept < 0:
-        raise ValueError(f"min_kept must be a non-negative int, got {min_kept!r}")
+    if isinstance(min_kept, bool) or not isinstance(min_kept, int) or not 0 <= min_kept < 2**63:
+        raise ValueError(f"min_kept must be a non-negative int below 2**63, got {min_kept!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 
 
 def check_target_labels(num_classes, target, ignore_index) -> None:
@@ -113,6 +117,7 @@ torch.library.register_autograd(
     _make_backward(torch.ops.bisenet_fast.ohem_cross_entropy_backward),
     setup_context=_setup_context,
 )
+refuse_double_backward("bisenet_fast::ohem_cross_entropy_backward", "ohem_cross_entropy")
 
 
 # ---- Triton kernels as Python custom ops (namespace bisenet_fast_triton), so torch.compile
@@ -125,6 +130,7 @@ def _triton_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from bisenet_fast.triton_kernels import ohem_cross_entropy as kernels
 
+    check_ohem_inputs(logits, target, thresh, min_kept, ignore_index)  # also when called as torch.ops directly
     return kernels.forward(logits, target, thresh, min_kept, ignore_index)
 
 
@@ -134,6 +140,9 @@ def _triton_backward(
 ) -> torch.Tensor:
     from bisenet_fast.triton_kernels import ohem_cross_entropy as kernels
 
+    check_ohem_inputs(logits, target, None, 0, ignore_index)
+    for name, scalar in (("grad_loss", grad_loss), ("threshold", threshold)):
+        check_tensor(name, scalar, dim=0, device=logits.device)
     return kernels.backward(grad_loss, logits, target, threshold, ignore_index)
 
 
@@ -142,6 +151,7 @@ _triton_backward.register_fake(_backward_fake)
 _triton_forward.register_autograd(
     _make_backward(torch.ops.bisenet_fast_triton.ohem_cross_entropy_backward), setup_context=_setup_context
 )
+refuse_double_backward("bisenet_fast_triton::ohem_cross_entropy_backward", "ohem_cross_entropy")
 
 # Preferred GPU kernel when both exist (both select the k-th probability with an exact radix
 # select on the device and synchronise once, for the label check): the CUDA kernel, whose

@@ -13,6 +13,8 @@ bfloat16 (taps in float, as ATen computes them for float32). Output NCHW-contigu
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -26,11 +28,24 @@ def resize_bilinear_reference(x, size):
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False).contiguous()
 
 
+def size_pair(size) -> list[int]:
+    """size as [H, W] of Python ints; two positive integers (int, numpy or torch integer
+    scalars, not bool, float or str) or a TypeError/ValueError that says so."""
+    message = f"size must be two positive ints (H, W), got {size!r}"
+    try:
+        if isinstance(size, (str, bytes)) or any(isinstance(s, bool) for s in size):
+            raise TypeError(message)
+        values = [operator.index(s) for s in size]
+    except TypeError:
+        raise TypeError(message) from None
+    if len(values) != 2 or min(values) <= 0:
+        raise ValueError(message)
+    return values
+
+
 def check_inputs(x, size):
     check_tensor("x", x, dim=4, dtypes=DTYPES)
     check_non_empty("x", x)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f"size must be two positive ints (H, W), got {tuple(size)}")
     check_inference_only("resize_bilinear", (x,), "use F.interpolate for training")
 
 
@@ -41,7 +56,7 @@ def _resize_bilinear_fake(x, size):
 
 def resize_bilinear(x, size):
     """F.interpolate(x, size, mode="bilinear", align_corners=False) as an NCHW-contiguous tensor."""
-    size = [int(s) for s in size]
+    size = size_pair(size)
     check_inputs(x, size)
     backend = backends.resolve("resize_bilinear", x.device, gpu_preference=())
     if backend == "eager":

@@ -32,8 +32,7 @@ inline void check_bga_inputs(const char* op, const at::Tensor& detail, const at:
 }
 
 // The 1x1 conv folded before the aggregation (bga_pointwise_aggregate): weight (C, C) and
-// bias (C) for detail's C channels, in detail's dtype and device; inference only (tensors
-// that require grad are refused while grad mode is on, as by the Python front).
+// bias (C) for detail's C channels, in detail's dtype and device.
 inline void check_bga_pointwise_weights(const at::Tensor& detail, const at::Tensor& pw_weight,
                                         const at::Tensor& pw_bias) {
   const int64_t c = detail.size(1);
@@ -47,10 +46,6 @@ inline void check_bga_pointwise_weights(const at::Tensor& detail, const at::Tens
     TORCH_CHECK(t->scalar_type() == detail.scalar_type() && t->device() == detail.device(),
                 "bga_pointwise_aggregate: ", name, " must have dtype ", detail.scalar_type(), " and device ",
                 detail.device(), " like detail_dw, got ", t->scalar_type(), " on ", t->device());
-  }
-  for (const at::Tensor* t : {&detail, &pw_weight, &pw_bias}) {
-    TORCH_CHECK(!(at::GradMode::is_enabled() && t->requires_grad()), "bga_pointwise_aggregate is inference-only (no backward): call it under "
-                "torch.no_grad() or with tensors that do not require grad");
   }
 }
 

@@ -27,4 +27,11 @@ inline void check_ohem_tensors(const char* kernel, const at::Tensor& logits, con
               "ohem_cross_entropy: target must be uint8, int32 or int64, got ", t);
 }
 
+// thresh: None (plain cross-entropy) or a probability in (0, 1]; min_kept >= 0.
+inline void check_ohem_options(c10::optional<double> thresh, int64_t min_kept) {
+  TORCH_CHECK_VALUE(!thresh.has_value() || (*thresh > 0.0 && *thresh <= 1.0),
+                    "ohem_cross_entropy: thresh must be None or a probability in (0, 1], got ", *thresh);
+  TORCH_CHECK_VALUE(min_kept >= 0, "ohem_cross_entropy: min_kept must be >= 0, got ", min_kept);
+}
+
 }  // namespace bisenet_fast

@@ -67,9 +67,10 @@ BF_HOST_DEVICE uint32_t select_bin(const count_t* histogram, uint32_t bins, int6
 }
 
 // The rank (0-indexed) of the budget pixel among the valid ones, mmseg's
-// min(min_kept * N, n_valid - 1); only meaningful when n_valid > 0.
+// min(min_kept * N, n_valid - 1); only meaningful when n_valid > 0. The product saturates
+// instead of overflowing (min_kept >= 0, batch >= 1).
 BF_HOST_DEVICE int64_t ohem_rank(int64_t min_kept, int64_t batch, int64_t n_valid) {
-  const int64_t budget = min_kept * batch;
+  const int64_t budget = min_kept > INT64_MAX / batch ? INT64_MAX : min_kept * batch;
   return budget < n_valid - 1 ? budget : n_valid - 1;
 }
 

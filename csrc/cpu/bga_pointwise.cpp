@@ -21,6 +21,7 @@
 
 #include "common/bga_checks.h"
 #include "common/bilinear.h"
+#include "common/inference_only.h"
 #include "cpu/bga_rows.h"
 #include "cpu/huge_pages.h"
 
@@ -90,6 +91,9 @@ at::Tensor bga_pointwise_aggregate_cpu(const at::Tensor& detail_dw, const at::Te
                                        const at::Tensor& detail_down, const at::Tensor& semantic_down) {
   check_bga_inputs("bga_pointwise_aggregate", detail_dw, semantic, detail_down, semantic_down);
   check_bga_pointwise_weights(detail_dw, pw_weight, pw_bias);
+  check_inference_only("bga_pointwise_aggregate",
+                       {{"detail_dw", &detail_dw}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},
+                        {"semantic", &semantic}, {"detail_down", &detail_down}, {"semantic_down", &semantic_down}});
   const BgaLayout layout = bga_layout(detail_dw);
   const Geometry g = geometry(layout, detail_dw, semantic);
   const auto d = detail_dw.contiguous(layout.format);

@@ -21,13 +21,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/core/InferenceMode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 #include <vector>
 
+#include "common/inference_only.h"
 #include "common/macros.h"
 #include "cpu/huge_pages.h"
 
@@ -268,8 +269,8 @@ void winograd_conv(const at::Tensor& input, const at::Tensor& weight, const at::
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& bias,
                                 bool relu) {
-  c10::InferenceMode inference_guard;
   const char* op = "conv3x3_winograd";
+  check_inference_only(op, {{"x", &x}, {"packed_weight", &packed_weight}, {"bias", &bias}});
   for (const auto& [name, t] : {std::pair{"x", &x}, {"packed_weight", &packed_weight}, {"bias", &bias}}) {
     TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
@@ -287,6 +288,7 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& packed_we
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == cout, op, ": bias must have shape (", cout, "), got ",
               bias.sizes());
 
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // no backward: ATen calls skip autograd
   auto out = at::empty({x.size(0), cout, x.size(2), x.size(3)},
                        x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;

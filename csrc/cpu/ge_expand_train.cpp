@@ -129,8 +129,9 @@ struct Geometry {
 };
 
 Geometry check_and_measure(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
-                           const at::Tensor& bn_bias, int64_t stride) {
+                           const at::Tensor& bn_bias, int64_t stride, double eps) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
   for (const auto* t : {&x, &weight, &bn_weight, &bn_bias}) {
     TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU, got ", t->device());
   }
@@ -157,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ge_expand_train_cpu(const at::Ten
                                                                    const at::Tensor& bn_weight,
                                                                    const at::Tensor& bn_bias, int64_t stride,
                                                                    bool relu, double eps) {
-  const Geometry g = check_and_measure("ge_expand_train", x, weight, bn_weight, bn_bias, stride);
+  const Geometry g = check_and_measure("ge_expand_train", x, weight, bn_weight, bn_bias, stride, eps);
   const auto xc = x.contiguous();
   auto out = at::empty({g.n_batch, g.mid, g.out_h, g.out_w}, x.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(out);
@@ -198,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ge_expand_train_cpu(const at::Ten
             scalar_t* on = op + (n * g.mid + m) * g.plane_out();
             for (int64_t i = 0; i < g.plane_out(); ++i) {
               acc_t o = zn[i] * scale + shift;
-              if (relu && !(o > 0)) o = 0;
+              if (relu && o < 0) o = 0;  // NaN stays NaN, as torch.relu keeps it
               on[i] = static_cast<scalar_t>(o);
             }
           }
@@ -212,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ge_expand_train_cpu(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool relu, double eps) {
-  const Geometry g = check_and_measure("ge_expand_train_backward", x, weight, bn_weight, bn_bias, stride);
+  const Geometry g = check_and_measure("ge_expand_train_backward", x, weight, bn_weight, bn_bias, stride, eps);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.n_batch, g.mid, g.out_h, g.out_w}),
               "ge_expand_train_backward: grad_out must have the output's shape");
   TORCH_CHECK(mean.scalar_type() == stats_type(x) && var.scalar_type() == stats_type(x) && mean.numel() == g.mid &&
@@ -260,7 +261,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backw
             acc_t* dzn = dz.data() + n * g.plane_out();
             for (int64_t i = 0; i < g.plane_out(); ++i) {
               const acc_t dy = static_cast<acc_t>(gon[i]);
-              dzn[i] = (relu && !(zn[i] * scale + shift > 0)) ? acc_t(0) : dy;
+              // relu's gradient as torch's: zero where the output is <= 0 (a NaN output passes dy)
+              dzn[i] = (relu && zn[i] * scale + shift <= 0) ? acc_t(0) : dy;
               zn[i] = (zn[i] - mu) * invstd;
             }
           }

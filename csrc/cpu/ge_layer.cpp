@@ -20,12 +20,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/core/InferenceMode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
+#include "common/ge_layer_checks.h"
 #include "common/macros.h"
 #include "cpu/huge_pages.h"
 
@@ -52,14 +54,8 @@ at::Tensor taps_major(const at::Tensor& weight, at::ScalarType acc, int64_t cin)
   return expansion_major(weight.reshape({weight.size(0), 9}), cin).t().to(acc).contiguous();
 }
 
-void check_cpu_inputs(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors,
-                      const at::Tensor& x) {
-  for (const auto& [name, t] : tensors) {
-    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
-                ", got ", t->scalar_type());
-  }
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
+void check_cpu(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor for this kernel, got ", x.device());
 }
 
 // acc[r * cin + c] += v[c] * w[r * cin + c]: one tap of the grouped conv at one pixel, in
@@ -105,18 +101,15 @@ BF_CPU_CLONES void relu_inplace(acc_t* v, int64_t n) {
 
 at::Tensor ge_layer_stride1_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
                                 const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias) {
-  // The tile GEMMs below call ATen: keep them out of autograd (this op has no backward).
-  c10::InferenceMode inference_guard;
-  check_cpu_inputs("ge_layer_stride1",
-                   {{"x", &x}, {"y", &y}, {"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight},
-                    {"pw_bias", &pw_bias}},
-                   x);
-  TORCH_CHECK(y.sizes() == x.sizes(), "ge_layer_stride1: y must have x's shape");
+  constexpr const char* op = "ge_layer_stride1";
+  check_ge_inputs(op, x, y,
+                  {{"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias}},
+                  /*allow_float64=*/true);
+  check_cpu(op, x);
+  const int64_t mid = check_ge_stride1_weights(op, x, dw_weight, dw_bias, pw_weight, pw_bias);
+  // The tile GEMMs below call ATen: keep them below autograd (this op has no backward).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n_batch = x.size(0), cin = x.size(1), height = x.size(2), width = x.size(3);
-  const int64_t mid = dw_weight.size(0);
-  TORCH_CHECK(mid % cin == 0 && dw_weight.numel() == mid * 9, "ge_layer_stride1: dw_weight must be (k*cin, 1, 3, 3)");
-  TORCH_CHECK(pw_weight.dim() == 2 && pw_weight.size(0) == cin && pw_weight.size(1) == mid,
-              "ge_layer_stride1: pw_weight must be (cin, mid)");
   const int64_t ratio = mid / cin, cout = cin;
 
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
@@ -172,23 +165,21 @@ at::Tensor ge_layer_stride2_cpu(const at::Tensor& x, const at::Tensor& y, const 
                                 const at::Tensor& pw_weight, const at::Tensor& pw_bias, const at::Tensor& sc_dw_weight,
                                 const at::Tensor& sc_dw_bias, const at::Tensor& sc_pw_weight,
                                 const at::Tensor& sc_pw_bias) {
-  // The tile GEMMs below call ATen: keep them out of autograd (this op has no backward).
-  c10::InferenceMode inference_guard;
-  check_cpu_inputs("ge_layer_stride2",
-                   {{"x", &x}, {"y", &y}, {"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias},
-                    {"dw1_weight", &dw1_weight}, {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight},
-                    {"pw_bias", &pw_bias}, {"sc_dw_weight", &sc_dw_weight}, {"sc_dw_bias", &sc_dw_bias},
-                    {"sc_pw_weight", &sc_pw_weight}, {"sc_pw_bias", &sc_pw_bias}},
-                   x);
-  TORCH_CHECK(y.sizes() == x.sizes(), "ge_layer_stride2: y must have x's shape");
+  constexpr const char* op = "ge_layer_stride2";
+  check_ge_inputs(op, x, y,
+                  {{"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias}, {"dw1_weight", &dw1_weight},
+                   {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},
+                   {"sc_dw_weight", &sc_dw_weight}, {"sc_dw_bias", &sc_dw_bias}, {"sc_pw_weight", &sc_pw_weight},
+                   {"sc_pw_bias", &sc_pw_bias}},
+                  /*allow_float64=*/true);
+  check_cpu(op, x);
+  const std::pair<int64_t, int64_t> mid_cout = check_ge_stride2_weights(
+      op, x, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight,
+      sc_pw_bias);
+  const int64_t mid = mid_cout.first, cout = mid_cout.second;
+  // The tile GEMMs below call ATen: keep them below autograd (this op has no backward).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n_batch = x.size(0), cin = x.size(1), height = x.size(2), width = x.size(3);
-  const int64_t mid = dw0_weight.size(0), cout = pw_weight.size(0);
-  TORCH_CHECK(mid % cin == 0 && dw0_weight.numel() == mid * 9, "ge_layer_stride2: dw0_weight must be (k*cin, 1, 3, 3)");
-  TORCH_CHECK(dw1_weight.numel() == mid * 9 && sc_dw_weight.numel() == cin * 9,
-              "ge_layer_stride2: dw1_weight must be (mid, 1, 3, 3) and sc_dw_weight (cin, 1, 3, 3)");
-  TORCH_CHECK(pw_weight.dim() == 2 && pw_weight.size(1) == mid && sc_pw_weight.dim() == 2 &&
-                  sc_pw_weight.size(0) == cout && sc_pw_weight.size(1) == cin,
-              "ge_layer_stride2: pw_weight must be (cout, mid) and sc_pw_weight (cout, cin)");
   const int64_t ratio = mid / cin, depth = mid + cin;  // GEMM depth: expanded + shortcut columns
   const int64_t out_h = (height - 1) / 2 + 1, out_w = (width - 1) / 2 + 1;
 

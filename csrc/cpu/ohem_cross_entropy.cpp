@@ -448,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor> ohem_cross_entropy_forward_cpu(const at::Tens
                                                                   c10::optional<double> thresh, int64_t min_kept,
                                                                   int64_t ignore_index, bool /*check_labels*/) {
   check_inputs(logits, target);
-  TORCH_CHECK(min_kept >= 0, "ohem_cross_entropy: min_kept must be >= 0, got ", min_kept);
+  check_ohem_options(thresh, min_kept);
   const at::Tensor head = head_logits(logits);
   const at::Tensor labels = target.contiguous();
   return dispatch_types(head, labels, [&](auto acc_tag, auto label_tag) {

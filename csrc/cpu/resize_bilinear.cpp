@@ -9,11 +9,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/core/InferenceMode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
+#include "common/inference_only.h"
 #include "cpu/bga_rows.h"
 #include "cpu/huge_pages.h"
 
@@ -29,7 +30,7 @@ BF_CPU_CLONES void blend_output_row(const opmath_t* a, const opmath_t* b, float 
 }
 
 at::Tensor resize_bilinear_cpu(const at::Tensor& x, at::IntArrayRef size) {
-  c10::InferenceMode inference_guard;
+  check_inference_only("resize_bilinear", {{"x", &x}});
   TORCH_CHECK(x.device().is_cpu(), "resize_bilinear: x must be a CPU tensor, got ", x.device());
   // No float64: the taps are computed in float, as ATen does for float32 inputs only.
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -38,6 +39,7 @@ at::Tensor resize_bilinear_cpu(const at::Tensor& x, at::IntArrayRef size) {
               x.sizes());
   TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0,
               "resize_bilinear: size must be two positive integers (H, W), got ", size);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // no backward: ATen calls skip autograd
   const int64_t planes = x.size(0) * x.size(1), low_rows = x.size(2), low_cols = x.size(3);
   const int64_t high_rows = size[0], high_cols = size[1];
   auto out = at::empty({x.size(0), x.size(1), high_rows, high_cols}, x.options());

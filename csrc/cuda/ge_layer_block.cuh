@@ -305,6 +305,9 @@ BF_DEVICE float conv3x3(const float (&taps)[9], const float* conv_row) {
   return v;
 }
 
+// max(v, 0) with a NaN kept NaN, as torch.relu does (fmaxf returns 0 for a NaN).
+BF_DEVICE float relu_keeping_nan(float v) { return v < 0.f ? 0.f : v; }
+
 // Step 2 of a grouped 3x3 conv (expanded channel m reads input channel m / ratio) over a
 // staged halo: out_s[k * out_stride + q] for the chunk's kChunk channels at `positions`
 // output positions, position q's taps starting at halo position base_of(q). Each thread
@@ -335,7 +338,7 @@ BF_DEVICE void grouped_conv_chunk(out_t* out_s, int out_stride, int positions, c
           loaded = true;
         }
         v = conv3x3(taps, conv_s + k * kConvStride);
-        if (relu) v = fmaxf(v, 0.f);
+        if (relu) v = relu_keeping_nan(v);
       }
       out_s[k * out_stride + q] = to_operand<out_t>(v);
       if (++rem == ratio) {
@@ -488,7 +491,7 @@ BF_DEVICE void store_tile(const Accumulators& acc, const GeParams<scalar_t>& p, 
       if (o >= p.cout) continue;
       float v = acc.at(i, j) + load_float(p.pw_bias, o);
       v += stride1 ? load_float(p.x, pixel * p.cout + o) : load_float(p.sc_pw_bias, o);
-      p.out[pixel * p.cout + o] = static_cast<scalar_t>(fmaxf(v, 0.f));
+      p.out[pixel * p.cout + o] = static_cast<scalar_t>(relu_keeping_nan(v));
     }
   }
 }

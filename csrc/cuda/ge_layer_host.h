@@ -11,40 +11,14 @@
 #include <ATen/Context.h>
 
 #include <climits>
-#include <initializer_list>
 #include <type_traits>
 #include <utility>
 
+#include "common/ge_layer_checks.h"
 #include "cuda/ge_layer_block.cuh"
 
 namespace bisenet_fast {
 namespace ge_cuda {
-
-using NamedTensors = std::initializer_list<std::pair<const char*, const at::Tensor*>>;
-
-inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, NamedTensors weights) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                   ": x must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_VALUE(y.sizes() == x.sizes(), op, ": y (conv1's output) must have x's shape ", x.sizes(), ", got ",
-                    y.sizes());
-  auto check_like_x = [&](const char* name, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
-                      t.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must have x's dtype ", dtype, ", got ",
-                     t.scalar_type());
-  };
-  check_like_x("y", y);
-  for (const auto& [name, t] : weights) check_like_x(name, *t);
-  TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0, op, ": x must have a non-empty spatial size, got ", x.sizes());
-  // Tile origins and halo rows are computed in int.
-  TORCH_CHECK_VALUE(x.size(2) < INT_MAX / 4 && x.size(3) < INT_MAX / 4, op, ": x's spatial size is too large");
-}
-
-inline void check_numel(const char* op, const char* name, const at::Tensor& t, int64_t numel, const char* expected) {
-  TORCH_CHECK_VALUE(t.numel() == numel, op, ": ", name, " must be ", expected, ", got ", t.sizes());
-}
 
 template <typename scalar_t>
 GeParams<scalar_t> make_params(const at::Tensor& x, const at::Tensor& y, at::Tensor& out, const GeLaunch& launch,
@@ -188,15 +162,10 @@ at::Tensor ge_layer_stride1(const at::Tensor& x, const at::Tensor& y, const at::
                             const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
                             const DeviceCaps& caps) {
   constexpr const char* op = "ge_layer_stride1";
-  check_inputs(op, x, y, {{"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight},
-                          {"pw_bias", &pw_bias}});
-  const int64_t cin = x.size(1), mid = dw_weight.size(0);
-  TORCH_CHECK_VALUE(dw_weight.dim() == 4 && cin > 0 && mid > 0 && mid % cin == 0 && dw_weight.numel() == mid * 9,
-                    op, ": dw_weight must be (k*cin, 1, 3, 3), got ", dw_weight.sizes());
-  check_numel(op, "dw_bias", dw_bias, mid, "(mid)");
-  TORCH_CHECK_VALUE(pw_weight.dim() == 2 && pw_weight.size(0) == cin && pw_weight.size(1) == mid, op,
-                    ": pw_weight must be (cin, mid) (the residual needs cout == cin), got ", pw_weight.sizes());
-  check_numel(op, "pw_bias", pw_bias, cin, "(cin)");
+  check_ge_inputs(op, x, y,
+                  {{"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias}},
+                  /*allow_float64=*/false);
+  const int64_t cin = x.size(1), mid = check_ge_stride1_weights(op, x, dw_weight, dw_bias, pw_weight, pw_bias);
   LayerWeights weights;
   weights.dw_weight = dw_weight.contiguous(), weights.dw_bias = dw_bias.contiguous();
   weights.pw_weight = pw_weight.contiguous(), weights.pw_bias = pw_bias.contiguous();
@@ -210,25 +179,16 @@ at::Tensor ge_layer_stride2(const at::Tensor& x, const at::Tensor& y, const at::
                             const at::Tensor& sc_dw_bias, const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias,
                             const DeviceCaps& caps) {
   constexpr const char* op = "ge_layer_stride2";
-  check_inputs(op, x, y, {{"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias}, {"dw1_weight", &dw1_weight},
-                          {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},
-                          {"sc_dw_weight", &sc_dw_weight}, {"sc_dw_bias", &sc_dw_bias},
-                          {"sc_pw_weight", &sc_pw_weight}, {"sc_pw_bias", &sc_pw_bias}});
-  const int64_t cin = x.size(1), mid = dw0_weight.size(0);
-  TORCH_CHECK_VALUE(dw0_weight.dim() == 4 && cin > 0 && mid > 0 && mid % cin == 0 && dw0_weight.numel() == mid * 9,
-                    op, ": dw0_weight must be (k*cin, 1, 3, 3), got ", dw0_weight.sizes());
-  check_numel(op, "dw0_bias", dw0_bias, mid, "(mid)");
-  check_numel(op, "dw1_weight", dw1_weight, mid * 9, "(mid, 1, 3, 3)");
-  check_numel(op, "dw1_bias", dw1_bias, mid, "(mid)");
-  TORCH_CHECK_VALUE(pw_weight.dim() == 2 && pw_weight.size(1) == mid && pw_weight.size(0) > 0, op,
-                    ": pw_weight must be (cout, mid), got ", pw_weight.sizes());
-  const int64_t cout = pw_weight.size(0);
-  check_numel(op, "pw_bias", pw_bias, cout, "(cout)");
-  check_numel(op, "sc_dw_weight", sc_dw_weight, cin * 9, "(cin, 1, 3, 3)");
-  check_numel(op, "sc_dw_bias", sc_dw_bias, cin, "(cin)");
-  TORCH_CHECK_VALUE(sc_pw_weight.dim() == 2 && sc_pw_weight.size(0) == cout && sc_pw_weight.size(1) == cin, op,
-                    ": sc_pw_weight must be (cout, cin), got ", sc_pw_weight.sizes());
-  check_numel(op, "sc_pw_bias", sc_pw_bias, cout, "(cout)");
+  check_ge_inputs(op, x, y,
+                  {{"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias}, {"dw1_weight", &dw1_weight},
+                   {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},
+                   {"sc_dw_weight", &sc_dw_weight}, {"sc_dw_bias", &sc_dw_bias}, {"sc_pw_weight", &sc_pw_weight},
+                   {"sc_pw_bias", &sc_pw_bias}},
+                  /*allow_float64=*/false);
+  const std::pair<int64_t, int64_t> mid_cout = check_ge_stride2_weights(
+      op, x, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight,
+      sc_pw_bias);
+  const int64_t mid = mid_cout.first, cout = mid_cout.second;
   const LayerWeights weights{dw0_weight.contiguous(),   dw0_bias.contiguous(),     dw1_weight.contiguous(),
                              dw1_bias.contiguous(),     pw_weight.contiguous(),    pw_bias.contiguous(),
                              sc_dw_weight.contiguous(), sc_dw_bias.contiguous(),   sc_pw_weight.contiguous(),

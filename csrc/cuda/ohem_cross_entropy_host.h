@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::T
                                            c10::optional<double> thresh, int64_t min_kept, int64_t ignore_index,
                                            bool check_labels) {
   check_ohem_tensors("CUDA kernel", logits, target, /*float64=*/false);
-  TORCH_CHECK(min_kept >= 0, "ohem_cross_entropy: min_kept must be >= 0, got ", min_kept);
+  check_ohem_options(thresh, min_kept);
   const at::Tensor head = logits.contiguous();  // NCHW at head resolution, in its own dtype
   const at::Tensor labels = target.contiguous();
   const Geometry g = geometry(head, labels);
