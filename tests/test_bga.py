@@ -245,6 +245,43 @@ def test_torch_compile_cpp_fullgraph():
         torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
 
 
+# --- non-finite values, broadcast views, empty batches, grad_out layouts --------------------
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "cuda"])
+def test_nan_and_inf_propagate_as_in_the_reference(impl):
+    inputs = make_inputs((2, 3, 8, 8, 2, 2), device=device_of(impl))
+    for t, index, value in zip(inputs, [(0, 0, 1, 1), (1, 1, 0, 0), (0, 2, 1, 1), (1, 0, 1, 0)],
+                               [float("nan"), float("inf"), float("-inf"), float("nan")]):
+        t[index] = value
+    out, _ = run(impl, inputs, torch.ones_like(inputs[0]))
+    expected = bga_aggregate_reference(*(t.cpu() for t in inputs))
+    assert expected.isnan().any() and expected.isinf().any()
+    assert torch.equal(out.isnan().cpu(), expected.isnan()) and torch.equal(out.isinf().cpu(), expected.isinf())
+
+
+@pytest.mark.parametrize("impl", ["cpp", pytest.param("triton", marks=requires_triton)])
+def test_broadcast_inputs_and_grad_out_layouts(impl):
+    """Stride-0 (expanded) inputs, and a grad_out in another layout than detail's."""
+    device = device_of(impl)
+    gen = torch.Generator().manual_seed(3)
+    detail = torch.randn(1, 3, 1, 8, generator=gen).to(device).expand(2, 3, 8, 8)
+    low = [torch.randn(1, 3, 2, 2, generator=gen).to(device).expand(2, 3, 2, 2) for _ in range(3)]
+    grad_out = torch.randn(2, 3, 8, 8, generator=gen).to(device)
+    for g in (grad_out, grad_out.contiguous(memory_format=torch.channels_last), grad_out.transpose(2, 3).mT):
+        assert_close_to_reference(impl, [detail, *low], g, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("impl", ["eager", "cpp"])
+def test_empty_batch(impl):
+    inputs = [t.requires_grad_() for t in make_inputs((0, 3, 8, 8, 2, 2))]
+    with bf.backends.use(impl):
+        out = bf.ops.bga_aggregate(*inputs)
+    assert out.shape == (0, 3, 8, 8)
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    assert [g.shape for g in grads] == [t.shape for t in inputs]
+
+
 # --- bad input --------------------------------------------------------------------------
 
 

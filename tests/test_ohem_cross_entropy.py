@@ -386,11 +386,22 @@ def test_ignore_index_other_than_255(backend, device, ignore_index):
 
 @pytest.mark.parametrize("backend", ["eager"] + cpu_backends())
 @pytest.mark.parametrize("bad_label", [5, -3])
-def test_label_out_of_range_raises(backend, bad_label):
-    logits, target = make_inputs((1, 5, 3, 4, 6, 7))
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32, torch.uint8])
+def test_label_out_of_range_raises(backend, bad_label, target_dtype):
+    if target_dtype == torch.uint8 and bad_label < 0:
+        bad_label = 200  # uint8 has no negative labels; 200 is out of range, not ignore_index
+    logits, target = make_inputs((1, 5, 3, 4, 6, 7), target_dtype=target_dtype)
     target[0, 2, 3] = bad_label
-    with bf.backends.use(backend), pytest.raises((ValueError, RuntimeError), match="neither a class id in \\[0, 5\\)"):
+    with bf.backends.use(backend), pytest.raises((ValueError, RuntimeError), match=f"label {bad_label}, which is "
+                                                 "neither a class id in \\[0, 5\\)"):
         bf.ops.ohem_cross_entropy(logits, target, thresh=0.7, min_kept=5)
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
+def test_broadcast_logits_and_target(backend, device):
+    """Stride-0 (expanded) logits and target read as their contiguous copies."""
+    logits, target = make_inputs((1, 4, 3, 5, 9, 11), device=device)
+    check_against_reference(backend, logits.expand(3, -1, -1, -1), target.expand(3, -1, -1), thresh=0.7, min_kept=20)
 
 
 @pytest.mark.parametrize("backend", ["eager"] + cpu_backends())

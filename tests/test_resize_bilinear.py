@@ -54,6 +54,15 @@ def test_layouts(layout):
     assert_close_to_scale(run("cpp", x, (30, 41)), expected, TOLERANCE[torch.float32])
 
 
+def test_nan_inf_and_broadcast_inputs_as_interpolate():
+    x = torch.randn(1, 2, 3, 4, generator=torch.Generator().manual_seed(4))
+    x[0, 0, 1, 1], x[0, 1, 2, 3] = float("nan"), float("inf")
+    out, expected = run("cpp", x, (7, 9)), interpolate(x, (7, 9))
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
+    expanded = torch.randn(1, 2, 1, 4, generator=torch.Generator().manual_seed(5)).expand(3, 2, 3, 4)
+    assert_close_to_scale(run("cpp", expanded, (7, 9)), interpolate(expanded, (7, 9)), TOLERANCE[torch.float32])
+
+
 def test_deterministic():
     x = torch.randn(1, 19, 16, 32, generator=torch.Generator().manual_seed(2))
     assert torch.equal(run("cpp", x, (128, 256)), run("cpp", x, (128, 256)))
