@@ -183,10 +183,21 @@ def test_bad_inputs(change, error, match):
         ge_expand_train(**args)
 
 
-def test_raw_op_rejects_a_non_positive_eps():
+def test_raw_op_checks_every_argument():
+    """torch.ops.bisenet_fast.ge_expand_train called directly (no Python front)."""
     x, weight, bn_weight, bn_bias = (t.detach() for t in make_inputs(2, 4, 6, 5, 5))
+    op, backward = torch.ops.bisenet_fast.ge_expand_train, torch.ops.bisenet_fast.ge_expand_train_backward
     with pytest.raises(ValueError, match="eps must be > 0, got -10"):
-        torch.ops.bisenet_fast.ge_expand_train(x, weight, bn_weight, bn_bias, 1, True, -10.0)
+        op(x, weight, bn_weight, bn_bias, 1, True, -10.0)
+    with pytest.raises(RuntimeError, match=r"weight must be \(k \* cin, 1, 3, 3\), got \[24, 9\]"):
+        op(x, weight.reshape(24, 9), bn_weight, bn_bias, 1, True, 1e-5)
+    with pytest.raises(RuntimeError, match=r"bn_weight and bn_bias must be \(24\)"):
+        op(x, weight, bn_weight.reshape(4, 6), bn_bias, 1, True, 1e-5)
+    with pytest.raises(TypeError, match="bn_weight and bn_bias must share x's dtype or float32"):
+        op(x, weight, bn_weight.int(), bn_bias.int(), 1, True, 1e-5)
+    out, mean, var = op(x, weight, bn_weight, bn_bias, 1, True, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_out must have the output's shape and x's dtype"):
+        backward(out.double(), x, weight, bn_weight, bn_bias, mean, var, 1, True, 1e-5)
 
 
 @requires_triton

@@ -135,14 +135,18 @@ Geometry check_and_measure(const char* op, const at::Tensor& x, const at::Tensor
   for (const auto* t : {&x, &weight, &bn_weight, &bn_bias}) {
     TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU, got ", t->device());
   }
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype");
-  TORCH_CHECK(bn_weight.scalar_type() == bn_bias.scalar_type(), op, ": bn_weight and bn_bias must share a dtype");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype");
+  TORCH_CHECK_TYPE(bn_weight.scalar_type() == bn_bias.scalar_type() &&
+                       (bn_weight.scalar_type() == x.scalar_type() || bn_weight.scalar_type() == at::kFloat),
+                   op, ": bn_weight and bn_bias must share x's dtype or float32, got ", bn_weight.scalar_type(),
+                   " and ", bn_bias.scalar_type());
   TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
-  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), 0, stride, 0, 0};
-  TORCH_CHECK(g.cin > 0 && g.mid % g.cin == 0 && weight.numel() == g.mid * 9, op,
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.dim() == 4 ? weight.size(0) : 0, 0, stride, 0, 0};
+  TORCH_CHECK(g.cin > 0 && g.mid % g.cin == 0 && weight.sizes() == at::IntArrayRef({g.mid, 1, 3, 3}), op,
               ": weight must be (k * cin, 1, 3, 3), got ", weight.sizes());
-  TORCH_CHECK(bn_weight.numel() == g.mid && bn_bias.numel() == g.mid, op, ": bn_weight and bn_bias must have ",
-              g.mid, " elements");
+  TORCH_CHECK(bn_weight.sizes() == at::IntArrayRef({g.mid}) && bn_bias.sizes() == at::IntArrayRef({g.mid}), op,
+              ": bn_weight and bn_bias must be (", g.mid, "), got ", bn_weight.sizes(), " and ", bn_bias.sizes());
   g.ratio = g.mid / g.cin;
   g.out_h = conv_out_size(g.height, stride);
   g.out_w = conv_out_size(g.width, stride);
@@ -214,8 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backw
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool relu, double eps) {
   const Geometry g = check_and_measure("ge_expand_train_backward", x, weight, bn_weight, bn_bias, stride, eps);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.n_batch, g.mid, g.out_h, g.out_w}),
-              "ge_expand_train_backward: grad_out must have the output's shape");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.n_batch, g.mid, g.out_h, g.out_w}) &&
+                  grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
+              "ge_expand_train_backward: grad_out must have the output's shape and x's dtype and device");
   TORCH_CHECK(mean.scalar_type() == stats_type(x) && var.scalar_type() == stats_type(x) && mean.numel() == g.mid &&
                   var.numel() == g.mid,
               "ge_expand_train_backward: mean and var must be the forward's statistics");
