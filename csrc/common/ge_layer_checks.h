@@ -46,10 +46,14 @@ inline void check_ge_numel(const char* op, const char* name, const at::Tensor& t
                     t.sizes());
 }
 
-// Stride 1's weights for x's cin channels; returns mid (= ratio * cin).
-inline int64_t check_ge_stride1_weights(const char* op, const at::Tensor& x, const at::Tensor& dw_weight,
-                                        const at::Tensor& dw_bias, const at::Tensor& pw_weight,
-                                        const at::Tensor& pw_bias) {
+// Stride 1's arguments (the inputs as check_ge_inputs, the weights for x's cin channels);
+// returns mid (= ratio * cin).
+inline int64_t check_ge_stride1(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
+                                const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
+                                bool allow_float64) {
+  check_ge_inputs(op, x, y,
+                  {{"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias}},
+                  allow_float64);
   const int64_t cin = x.size(1), mid = dw_weight.dim() == 4 ? dw_weight.size(0) : 0;
   TORCH_CHECK_VALUE(dw_weight.dim() == 4 && mid > 0 && mid % cin == 0 && dw_weight.numel() == mid * 9, op,
                     ": dw_weight must be (k*cin, 1, 3, 3) for x's ", cin, " channels, got ", dw_weight.sizes());
@@ -61,12 +65,18 @@ inline int64_t check_ge_stride1_weights(const char* op, const at::Tensor& x, con
   return mid;
 }
 
-// Stride 2's weights for x's cin channels; returns {mid, cout}.
-inline std::pair<int64_t, int64_t> check_ge_stride2_weights(
-    const char* op, const at::Tensor& x, const at::Tensor& dw0_weight, const at::Tensor& dw0_bias,
+// Stride 2's arguments, likewise; returns {mid, cout}.
+inline std::pair<int64_t, int64_t> check_ge_stride2(
+    const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw0_weight, const at::Tensor& dw0_bias,
     const at::Tensor& dw1_weight, const at::Tensor& dw1_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
     const at::Tensor& sc_dw_weight, const at::Tensor& sc_dw_bias, const at::Tensor& sc_pw_weight,
-    const at::Tensor& sc_pw_bias) {
+    const at::Tensor& sc_pw_bias, bool allow_float64) {
+  check_ge_inputs(op, x, y,
+                  {{"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias}, {"dw1_weight", &dw1_weight},
+                   {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},
+                   {"sc_dw_weight", &sc_dw_weight}, {"sc_dw_bias", &sc_dw_bias}, {"sc_pw_weight", &sc_pw_weight},
+                   {"sc_pw_bias", &sc_pw_bias}},
+                  allow_float64);
   const int64_t cin = x.size(1), mid = dw0_weight.dim() == 4 ? dw0_weight.size(0) : 0;
   TORCH_CHECK_VALUE(dw0_weight.dim() == 4 && mid > 0 && mid % cin == 0 && dw0_weight.numel() == mid * 9, op,
                     ": dw0_weight must be (k*cin, 1, 3, 3) for x's ", cin, " channels, got ", dw0_weight.sizes());

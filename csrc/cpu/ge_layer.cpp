@@ -102,11 +102,8 @@ BF_CPU_CLONES void relu_inplace(acc_t* v, int64_t n) {
 at::Tensor ge_layer_stride1_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
                                 const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias) {
   constexpr const char* op = "ge_layer_stride1";
-  check_ge_inputs(op, x, y,
-                  {{"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias}},
-                  /*allow_float64=*/true);
+  const int64_t mid = check_ge_stride1(op, x, y, dw_weight, dw_bias, pw_weight, pw_bias, /*allow_float64=*/true);
   check_cpu(op, x);
-  const int64_t mid = check_ge_stride1_weights(op, x, dw_weight, dw_bias, pw_weight, pw_bias);
   // The tile GEMMs below call ATen: keep them below autograd (this op has no backward).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t n_batch = x.size(0), cin = x.size(1), height = x.size(2), width = x.size(3);
@@ -166,16 +163,10 @@ at::Tensor ge_layer_stride2_cpu(const at::Tensor& x, const at::Tensor& y, const 
                                 const at::Tensor& sc_dw_bias, const at::Tensor& sc_pw_weight,
                                 const at::Tensor& sc_pw_bias) {
   constexpr const char* op = "ge_layer_stride2";
-  check_ge_inputs(op, x, y,
-                  {{"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias}, {"dw1_weight", &dw1_weight},
-                   {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},
-                   {"sc_dw_weight", &sc_dw_weight}, {"sc_dw_bias", &sc_dw_bias}, {"sc_pw_weight", &sc_pw_weight},
-                   {"sc_pw_bias", &sc_pw_bias}},
-                  /*allow_float64=*/true);
+  const std::pair<int64_t, int64_t> mid_cout =
+      check_ge_stride2(op, x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight,
+                       sc_dw_bias, sc_pw_weight, sc_pw_bias, /*allow_float64=*/true);
   check_cpu(op, x);
-  const std::pair<int64_t, int64_t> mid_cout = check_ge_stride2_weights(
-      op, x, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight,
-      sc_pw_bias);
   const int64_t mid = mid_cout.first, cout = mid_cout.second;
   // The tile GEMMs below call ATen: keep them below autograd (this op has no backward).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;

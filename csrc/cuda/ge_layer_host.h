@@ -162,10 +162,8 @@ at::Tensor ge_layer_stride1(const at::Tensor& x, const at::Tensor& y, const at::
                             const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias,
                             const DeviceCaps& caps) {
   constexpr const char* op = "ge_layer_stride1";
-  check_ge_inputs(op, x, y,
-                  {{"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias}},
-                  /*allow_float64=*/false);
-  const int64_t cin = x.size(1), mid = check_ge_stride1_weights(op, x, dw_weight, dw_bias, pw_weight, pw_bias);
+  const int64_t mid = check_ge_stride1(op, x, y, dw_weight, dw_bias, pw_weight, pw_bias, /*allow_float64=*/false);
+  const int64_t cin = x.size(1);
   LayerWeights weights;
   weights.dw_weight = dw_weight.contiguous(), weights.dw_bias = dw_bias.contiguous();
   weights.pw_weight = pw_weight.contiguous(), weights.pw_bias = pw_bias.contiguous();
@@ -179,15 +177,9 @@ at::Tensor ge_layer_stride2(const at::Tensor& x, const at::Tensor& y, const at::
                             const at::Tensor& sc_dw_bias, const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias,
                             const DeviceCaps& caps) {
   constexpr const char* op = "ge_layer_stride2";
-  check_ge_inputs(op, x, y,
-                  {{"dw0_weight", &dw0_weight}, {"dw0_bias", &dw0_bias}, {"dw1_weight", &dw1_weight},
-                   {"dw1_bias", &dw1_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},
-                   {"sc_dw_weight", &sc_dw_weight}, {"sc_dw_bias", &sc_dw_bias}, {"sc_pw_weight", &sc_pw_weight},
-                   {"sc_pw_bias", &sc_pw_bias}},
-                  /*allow_float64=*/false);
-  const std::pair<int64_t, int64_t> mid_cout = check_ge_stride2_weights(
-      op, x, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight,
-      sc_pw_bias);
+  const std::pair<int64_t, int64_t> mid_cout =
+      check_ge_stride2(op, x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight,
+                       sc_dw_bias, sc_pw_weight, sc_pw_bias, /*allow_float64=*/false);
   const int64_t mid = mid_cout.first, cout = mid_cout.second;
   const LayerWeights weights{dw0_weight.contiguous(),   dw0_bias.contiguous(),     dw1_weight.contiguous(),
                              dw1_bias.contiguous(),     pw_weight.contiguous(),    pw_bias.contiguous(),
