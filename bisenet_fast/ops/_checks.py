@@ -30,11 +30,14 @@ def check_tensor(
         raise ValueError(f"{name} must be on {device} like the other inputs, got {value.device}")
 
 
-def check_shape(name: str, value, shape: tuple, what: str, *, dtype: torch.dtype, device: torch.device) -> None:
-    """value: a tensor of `shape` (described as `what`), dtype and device, e.g. a gradient of an output."""
+def check_shape(name: str, value, shape: tuple, *, dtype: torch.dtype, device: torch.device,
+                what: str | None = None) -> None:
+    """value: a tensor of `shape`, dtype and device (a weight; with `what`, e.g. a gradient
+    "of the output", the messages say whose shape it must have)."""
     check_tensor(name, value, dtypes=(dtype,), device=device)
     if tuple(value.shape) != tuple(shape):
-        raise ValueError(f"{name} must have the shape of {what} {tuple(shape)}, got {tuple(value.shape)}")
+        whose = f"the shape of {what}" if what else "shape"
+        raise ValueError(f"{name} must have {whose} {tuple(shape)}, got {tuple(value.shape)}")
 
 
 def check_non_empty(name: str, value: torch.Tensor) -> None:

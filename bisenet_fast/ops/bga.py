@@ -109,7 +109,7 @@ def _bga_aggregate_backward_triton(
     from bisenet_fast.triton_kernels.bga import bga_backward
 
     check_bga_inputs(detail, semantic, detail_down, semantic_down)
-    check_shape("grad_out", grad_out, detail.shape, "detail", dtype=detail.dtype, device=detail.device)
+    check_shape("grad_out", grad_out, detail.shape, dtype=detail.dtype, device=detail.device, what="detail")
     channels_last, (detail, grad_out, semantic, detail_down, semantic_down) = _triton_layout(
         detail, grad_out, semantic, detail_down, semantic_down
     )

@@ -119,9 +119,9 @@ def _ge_expand_train_backward_triton(
 
     check_inputs(x, weight, bn_weight, bn_bias, stride, relu, eps)
     out_shape = (x.shape[0], weight.shape[0], _out_size(x.shape[2], stride), _out_size(x.shape[3], stride))
-    check_shape("grad_out", grad_out, out_shape, "the output", dtype=x.dtype, device=x.device)
+    check_shape("grad_out", grad_out, out_shape, dtype=x.dtype, device=x.device, what="the output")
     for name, stat in (("mean", mean), ("var", var)):
-        check_shape(name, stat, (weight.shape[0],), "the batch statistics", dtype=_stats_dtype(x), device=x.device)
+        check_shape(name, stat, (weight.shape[0],), dtype=_stats_dtype(x), device=x.device, what="the batch statistics")
     return ge_expand_train_backward_triton(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, relu, eps)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_inference_only, check_non_empty, check_tensor
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_inference_only, check_non_empty, check_shape, check_tensor
 
 # Triton first: it has been run and timed on GPUs; the CUDA kernels (csrc/cuda/ge_layer.cu)
 # have been tested only as CPU-emulated block code (tests/cuda_emulation) so far.
@@ -55,9 +55,7 @@ def ge_layer_stride2_reference(
 
 
 def _check_weight(name, value, shape, like):
-    check_tensor(name, value, dtypes=(like.dtype,), device=like.device)
-    if tuple(value.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    check_shape(name, value, shape, dtype=like.dtype, device=like.device)
 
 
 def _check_activations(x, y):
