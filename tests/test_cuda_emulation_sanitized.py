@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cuda_emulation import SOURCES
+
 ROOT = Path(__file__).resolve().parents[1]
 EMULATED_TEST_FILES = ["tests/test_ge_layer.py", "tests/test_ohem_cross_entropy.py", "tests/test_bga.py"]
 
@@ -37,6 +39,16 @@ def test_emulated_kernels_under_sanitizers():
         "ASAN_OPTIONS": "detect_leaks=0",
         "UBSAN_OPTIONS": "print_stacktrace=1",
     }
+    # The modules build at once, one process each, before the child's tests need them one
+    # after another: the build is most of this test's time.
+    builders = [
+        subprocess.Popen([sys.executable, "-c", f"from tests.cuda_emulation import load; load({source!r})"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for source in SOURCES
+    ]
+    for builder in builders:
+        log, _ = builder.communicate(timeout=1200)
+        assert builder.returncode == 0, log[-6000:]
     # A report aborts the child before pytest prints anything; the report is on its stderr.
     child = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "emulated", *EMULATED_TEST_FILES],

@@ -1,7 +1,7 @@
 // The CUDA BGA ops (csrc/cuda/bga_host.h and bga_kernels.cuh, the code bga.cu launches) with
 // their blocks run on the CPU by shim.h, on a GPU of sm_count SMs (which sizes the
 // grid-stride loops' grids).
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 and its at::Tensor caster: half the build time of torch/extension.h
 
 #include "common/bga_checks.h"
 #include "cuda_emulation/launcher.h"

@@ -1,7 +1,7 @@
 // The CUDA GE-layer ops (csrc/cuda/ge_layer_host.h and ge_layer_block.cuh, the code
 // ge_layer.cu launches) with their blocks run on CPU threads by shim.h; and the launch
 // plan, for tests of its choices.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 and its at::Tensor caster: half the build time of torch/extension.h
 
 #include "cuda_emulation/shim.h"
 #include "cuda/ge_layer_host.h"

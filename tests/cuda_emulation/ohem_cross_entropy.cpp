@@ -1,7 +1,7 @@
 // The CUDA OHEM cross-entropy ops (csrc/cuda/ohem_cross_entropy_host.h and _kernels.cuh, the
 // code ohem_cross_entropy.cu launches) with their blocks run on CPU threads by shim.h; and
 // the backward's tiling, for tests of its choices.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 and its at::Tensor caster: half the build time of torch/extension.h
 
 #include "cuda_emulation/launcher.h"
 #include "cuda/ohem_cross_entropy_host.h"
