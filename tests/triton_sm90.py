@@ -12,8 +12,10 @@ odd small sizes and at the network's own channel counts and sizes divisible by 1
 block sizes and hints of the real calls). Kernels are not run, so results after a launch
 are garbage; a wrapper that trips over them has already recorded its launches.
 
-    python -m tests.triton_sm90        (TRITON_INTERPRET must be unset: the interpreter
-                                        replaces the kernels with Python functions)
+    python -m tests.triton_sm90 [--shard K/N]
+        (TRITON_INTERPRET must be unset: the interpreter replaces the kernels with Python
+        functions. --shard K/N compiles the K-th of N shares of the distinct
+        specialisations, so N processes check everything at once.)
 
 Prints one line per compiled kernel (registers, spills, shared memory) and exits non-zero if
 any kernel fails to compile, spills registers to the stack, needs more
@@ -54,14 +56,20 @@ class _Recorder:
         launch_archs.append(_recorded_archs)
 
 
-def compile_launch(fn: JITFunction, args: tuple, kwargs: dict, target: GPUTarget):
-    """Compile the launch fn[grid](*args, **kwargs) for `target` as JITFunction.run would:
-    Triton's binder and _pack_args (private, the same in triton 3.5 to 3.8) turn the call's
-    values into the signature, constexprs, specialisation attributes and options."""
+def specialise(fn: JITFunction, args: tuple, kwargs: dict, target: GPUTarget):
+    """(signature, constexprs, attrs, options) of the launch fn[grid](*args, **kwargs) on
+    `target`, as JITFunction.run computes them: Triton's binder and _pack_args (private, the
+    same in triton 3.5 to 3.8) turn the call's values into the signature, constexprs,
+    specialisation attributes and options."""
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def compile_specialisation(fn: JITFunction, specialisation, target: GPUTarget):
+    signature, constexprs, attrs, options = specialisation
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
@@ -219,7 +227,35 @@ def _kernel_name(fn: JITFunction) -> str:
     return f"{fn.fn.__module__.rsplit('.', 1)[1]}.{fn.__name__}"
 
 
-def main() -> int:
+def _distinct_compilations() -> list[tuple[str, JITFunction, tuple, GPUTarget]]:
+    """(kernel name, fn, specialisation, target) of every distinct compilation the recorded
+    launches need, in launch order (many launches share a specialisation)."""
+    found, keys = [], set()
+    for (fn, args, kwargs), archs in zip(launches, launch_archs):
+        for target in TARGETS:
+            if archs is not None and target.arch not in archs:
+                continue
+            specialisation = specialise(fn, args, kwargs, target)
+            signature, constexprs, attrs, options = specialisation
+            key = (_kernel_name(fn), target.arch, repr(signature), repr(constexprs), repr(attrs), repr(options))
+            if key not in keys:
+                keys.add(key)
+                found.append((_kernel_name(fn), fn, specialisation, target))
+    return found
+
+
+def _parse_shard(argv: list[str]) -> tuple[int, int]:
+    if not argv:
+        return 0, 1
+    if len(argv) == 2 and argv[0] == "--shard":
+        k, _, n = argv[1].partition("/")
+        if k.isdigit() and n.isdigit() and 0 <= int(k) < int(n):
+            return int(k), int(n)
+    raise SystemExit(f"usage: python -m tests.triton_sm90 [--shard K/N] with 0 <= K < N, got {' '.join(argv)}")
+
+
+def main(argv: list[str]) -> int:
+    shard, shards = _parse_shard(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels with Python functions", file=sys.stderr)
         return 2
@@ -230,33 +266,26 @@ def main() -> int:
     finally:
         JITFunction.__getitem__ = original
 
-    failures, compiled, seen = [], set(), set()
-    for (fn, args, kwargs), archs in zip(launches, launch_archs):
-        name = _kernel_name(fn)
-        for target in TARGETS:
-            if archs is not None and target.arch not in archs:
-                continue
-            where = f"{name} (sm_{target.arch})"
-            try:
-                kernel = compile_launch(fn, args, kwargs, target)
-            except Exception as error:  # noqa: BLE001 - report every kernel, then fail
-                failures.append(f"{where}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-                continue
-            compiled.add(name)
-            if kernel.metadata.shared > SHARED_LIMIT:
-                failures.append(f"{where}: {kernel.metadata.shared} B of shared memory, more than the {SHARED_LIMIT} B "
-                                "an sm_86/sm_89 block may use")
-            if kernel.metadata.hash not in seen:  # a specialisation seen before compiles from Triton's cache
-                seen.add(kernel.metadata.hash)
-                registers, stack = resource_usage(kernel)
-                print(f"{where}: {registers} registers, {stack} B stack (spills), {kernel.metadata.shared} B shared, "
-                      f"{kernel.metadata.num_warps} warps")
-                # Spills cost: the OHEM backward's 1.8 KiB per thread took it from 10.6 to 28 ms
-                # on an H200, and the GE stride-2 kernel's 10 KiB made it 0.1-0.5x eager.
-                if stack:
-                    failures.append(f"{where}: spills {stack} B of registers per thread to the stack")
-    never = sorted(_all_kernels() - compiled - {f.split(' ')[0].rstrip(':') for f in failures})
-    for name in never:
+    failures = []
+    compilations = _distinct_compilations()
+    for name, fn, specialisation, target in compilations[shard::shards]:
+        where = f"{name} (sm_{target.arch})"
+        try:
+            kernel = compile_specialisation(fn, specialisation, target)
+        except Exception as error:  # noqa: BLE001 - report every kernel, then fail
+            failures.append(f"{where}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            continue
+        if kernel.metadata.shared > SHARED_LIMIT:
+            failures.append(f"{where}: {kernel.metadata.shared} B of shared memory, more than the {SHARED_LIMIT} B "
+                            "an sm_86/sm_89 block may use")
+        registers, stack = resource_usage(kernel)
+        print(f"{where}: {registers} registers, {stack} B stack (spills), {kernel.metadata.shared} B shared, "
+              f"{kernel.metadata.num_warps} warps")
+        # Spills cost: the OHEM backward's 1.8 KiB per thread took it from 10.6 to 28 ms
+        # on an H200, and the GE stride-2 kernel's 10 KiB made it 0.1-0.5x eager.
+        if stack:
+            failures.append(f"{where}: spills {stack} B of registers per thread to the stack")
+    for name in sorted(_all_kernels() - {_kernel_name(fn) for fn, _, _ in launches}):
         failures.append(f"{name}: never launched by the wrappers")
     for failure in failures:
         print("FAILED", failure, file=sys.stderr)
@@ -264,4 +293,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
