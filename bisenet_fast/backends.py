@@ -73,24 +73,30 @@ def triton_install_problem() -> str | None:
     return None
 
 
-def _why_unavailable(name: str) -> str | None:
-    """None if `name` can run on this machine, else the reason it cannot."""
+def _build_problem(name: str) -> str | None:
+    """Why backend `name` is not built or installed here, None if it is. For tensors already on
+    a CUDA device this is all that decides whether a GPU backend can run them."""
     if name in ("eager", "cpp"):
         return None
     if name == "cuda":
         if not _compiled_with_cuda():
             return "bisenet_fast._C was built without CUDA (rebuild with FORCE_CUDA=1 where nvcc exists)"
-        if not torch.cuda.is_available():
-            return "no CUDA device is available"
         return None
     if name == "triton":
-        problem = triton_install_problem()
-        if problem is not None:
-            return problem
-        if not (torch.cuda.is_available() or triton_interpreted()):
-            return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
-        return None
+        return triton_install_problem()
     raise ValueError(f"unknown backend {name!r}; expected one of {NAMES}")
+
+
+def _why_unavailable(name: str) -> str | None:
+    """None if `name` can run on this machine, else the reason it cannot."""
+    problem = _build_problem(name)
+    if problem is not None:
+        return problem
+    if name == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if name == "triton" and not (torch.cuda.is_available() or triton_interpreted()):
+        return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+    return None
 
 
 def available() -> list[str]:
@@ -106,10 +112,15 @@ def _check_name(name: str) -> None:
 def current(op: str | None = None) -> str:
     """The backend forced for `op` ('auto' when none): the innermost use() that covers it
     wins over BISENET_FAST_BACKEND. Without an op, only use() blocks that name no ops count."""
-    for name, ops in reversed(getattr(_local, "stack", ())):
-        if ops is None or op in ops:
-            return name
-    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    stack = getattr(_local, "stack", None)
+    if stack:
+        for name, ops in reversed(stack):
+            if ops is None or op in ops:
+                return name
+    name = os.environ.get(ENV_VAR)
+    if name is None:  # the common case, first: this runs on every fused-op call
+        return "auto"
+    name = name.strip().lower() or "auto"
     if name not in NAMES and name != "auto":
         raise ValueError(f"{ENV_VAR}={name!r} is not a backend; expected 'auto' or one of {NAMES}")
     return name
@@ -143,11 +154,12 @@ def cpu_kernel_selected(device: torch.device) -> bool:
 
 def fused_backends(device: torch.device, gpu_preference: Sequence[str] = ("cuda", "triton")) -> list[str]:
     """The fused backends that can run an op on tensors of `device`, best first: ['cpp'] on
-    the CPU, the available ones of the op's gpu_preference on CUDA, [] elsewhere."""
-    if device.type == "cpu":
+    the CPU, the built or installed ones of the op's gpu_preference on CUDA, [] elsewhere."""
+    kind = device.type
+    if kind == "cpu":
         return ["cpp"]
-    if device.type == "cuda":
-        return [name for name in gpu_preference if _why_unavailable(name) is None]
+    if kind == "cuda":
+        return [name for name in gpu_preference if _build_problem(name) is None]
     return []
 
 
@@ -163,18 +175,22 @@ def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cud
     else:
         _check_name(name)
     if name == "auto":
-        if device.type == "cpu":
+        kind = device.type
+        if kind == "cpu":
             return "cpp"
-        if device.type == "cuda":
+        if kind == "cuda":
             if not gpu_preference:
                 raise BackendUnavailableError(
                     f"{op} has no GPU kernel (it is a CPU kernel); use bisenet_fast.backends.use('eager') to run "
                     "the reference on this device"
                 )
-            usable = fused_backends(device, gpu_preference)
-            if usable:
-                return usable[0]
-            reasons = "; ".join(f"{candidate}: {_why_unavailable(candidate)}" for candidate in gpu_preference)
+            # The first built one (the tensors prove a device is present): this runs on every
+            # fused-op call on a GPU, where fused_backends' list and the device queries cost
+            # ~6 us of host time per call.
+            for candidate in gpu_preference:
+                if _build_problem(candidate) is None:
+                    return candidate
+            reasons = "; ".join(f"{candidate}: {_build_problem(candidate)}" for candidate in gpu_preference)
             raise BackendUnavailableError(
                 f"{op}: no fused GPU backend is available ({reasons}); "
                 "use bisenet_fast.backends.use('eager') to run the reference"

@@ -194,7 +194,7 @@ def test_candidates_follow_the_gpu_preference(monkeypatch):
     """On a GPU the fused candidates are the op's available GPU backends, default first."""
     fused = FusedGELayer(ge_layer(16, 16, 1))
     for available in ("cuda", "triton"):
-        monkeypatch.setattr(bf.backends, "_why_unavailable", lambda name: None if name == available else "absent")
+        monkeypatch.setattr(bf.backends, "_build_problem", lambda name: None if name == available else "absent")
         assert fused.candidates(torch.device("cuda")) == [f"fused-{available}", "aten", "aten-nchw"]
-    monkeypatch.setattr(bf.backends, "_why_unavailable", lambda name: None)
+    monkeypatch.setattr(bf.backends, "_build_problem", lambda name: None)
     assert fused.candidates(torch.device("cuda")) == [f"fused-{b}" for b in GPU_PREFERENCE] + ["aten", "aten-nchw"]

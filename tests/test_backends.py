@@ -62,9 +62,16 @@ def test_resolve_with_a_name_overrides_the_current_choice(monkeypatch):
 def test_fused_backends_per_device(monkeypatch):
     assert bf.backends.fused_backends(torch.device("cpu")) == ["cpp"]
     assert bf.backends.fused_backends(torch.device("meta")) == []
-    monkeypatch.setattr(bf.backends, "_why_unavailable", lambda name: None if name == "triton" else "absent")
+    monkeypatch.setattr(bf.backends, "_build_problem", lambda name: None if name == "triton" else "absent")
     assert bf.backends.fused_backends(torch.device("cuda"), ("cuda", "triton")) == ["triton"]
     assert resolve("op", torch.device("cuda"), ("cuda", "triton")) == "triton"
+
+
+def test_auto_on_a_gpu_without_a_built_gpu_backend_names_each_reason(monkeypatch):
+    monkeypatch.setattr(bf.backends, "_build_problem", lambda name: f"{name} is missing")
+    with pytest.raises(BackendUnavailableError, match=r"no fused GPU backend .*cuda: cuda is missing; triton: triton"):
+        resolve("op", torch.device("cuda"), ("cuda", "triton"))
+    assert bf.backends.fused_backends(torch.device("cuda"), ("cuda", "triton")) == []
 
 
 def test_environment_variable_and_use_precedence(monkeypatch):

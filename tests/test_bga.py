@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import bisenet_fast as bf
-from bisenet_fast.ops.bga import bga_aggregate_reference
+from bisenet_fast.ops.bga import _bga_inputs_valid, bga_aggregate_reference
 from tests.helpers import requires_cuda_build, requires_triton, triton_device
 
 # "cuda-emulated": the CUDA kernels' own source run on the CPU by tests/cuda_emulation
@@ -300,6 +300,11 @@ def bad_cases():
         pytest.param((d[..., :0], s, dd, sd), ValueError, "spatial sizes must be non-empty", id="empty"),
         pytest.param(tuple(t[:, :0] for t in good), ValueError, "detail must have at least one channel",
                      id="no_channels"),
+        pytest.param((d, s, dd[0], sd), ValueError, "detail_down must be 4-D", id="low_rank"),
+        pytest.param((d, s, dd.double(), sd), TypeError, "detail_down must have dtype", id="dtype_mix_down"),
+        pytest.param((d, s, dd, sd.to("meta")), ValueError, "semantic_down must be on cpu", id="device_mix_down"),
+        pytest.param((d, s[..., :0], dd[..., :0], sd[..., :0]), ValueError, "spatial sizes must be non-empty",
+                     id="low_empty"),
     ]
 
 
@@ -308,6 +313,20 @@ def bad_cases():
 def test_bad_input_raises_clear_error(impl, args, error, message):
     with bf.backends.use(impl), pytest.raises(error, match=message):
         bf.ops.bga_aggregate(*args)
+
+
+@pytest.mark.parametrize("args, error, message", bad_cases())
+def test_fast_validity_check_refuses_every_bad_input(args, error, message):
+    """The one-expression check that lets good calls skip the detailed checks passes none of
+    the bad ones."""
+    assert not _bga_inputs_valid(*args)
+
+
+def test_fast_validity_check_passes_good_inputs():
+    d, s, dd, sd = make_inputs((2, 3, 8, 8, 2, 2))
+    channels_last = [t.contiguous(memory_format=torch.channels_last) for t in (d, s, dd, sd)]
+    for args in ((d, s, dd, sd), channels_last, (d[:0], s[:0], dd[:0], sd[:0]), (d[..., ::2], s, dd, sd)):
+        assert _bga_inputs_valid(*args)
 
 
 def test_cpp_op_checks_its_own_inputs():
