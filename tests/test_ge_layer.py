@@ -540,6 +540,44 @@ def test_bad_inputs(backend):
             fused(stride)(*args)
 
 
+CORRUPTIONS = {
+    "short": lambda t: t[..., :1],
+    "reshaped": lambda t: t.reshape(1, -1),
+    "dtype": lambda t: t.double(),
+    "device": lambda t: t.to("meta"),
+    "parameter": torch.nn.Parameter,  # a subclass: passes the checks, but only the detailed ones
+}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_fast_checks_pass_nothing_the_detailed_checks_refuse(stride, corruption):
+    """The one-pass checks that let good calls skip the detailed ones (check_stride*_inputs,
+    the packed-weight check) say no for every argument corrupted in any of these ways, so a
+    bad call always reaches the checks that name it."""
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3)
+    valid, check = (ge._stride1_valid, ge.check_stride1_inputs) if stride == 1 else (ge._stride2_valid, ge.check_stride2_inputs)
+    packed = list((ge.pack_triton_stride1 if stride == 1 else ge.pack_triton_stride2)(*args[2:]))
+    shapes = [tuple(t.shape) for t in packed]
+    assert valid(*args)
+    with torch.no_grad():
+        for index in range(len(args)):
+            bad = list(args)
+            bad[index] = CORRUPTIONS[corruption](bad[index])
+            assert not valid(*bad), index
+            if corruption != "parameter":
+                with pytest.raises((ValueError, TypeError)):
+                    check(*bad)
+        for index in range(len(packed)):
+            bad = list(packed)
+            bad[index] = CORRUPTIONS[corruption](bad[index])
+            if corruption == "parameter":
+                ge._check_triton_weights("op", bad, shapes, args[0])
+            else:
+                with pytest.raises((ValueError, TypeError)):
+                    ge._check_triton_weights("op", bad, shapes, args[0])
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_requires_grad_raises(stride):
     args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3)

@@ -40,6 +40,18 @@ def check_shape(name: str, value, shape: tuple, *, dtype: torch.dtype, device: t
         raise ValueError(f"{name} must have {whose} {tuple(shape)}, got {tuple(value.shape)}")
 
 
+def plain_tensors_match(like: torch.Tensor, expected: Iterable[tuple[object, tuple]]) -> bool:
+    """Whether each (value, shape) of `expected` is a plain torch.Tensor of that shape with
+    like's dtype and device: the fast path of argument checks that run on every call of an
+    op, ~0.3 us a tensor where the checks that name what is wrong take ~1.3. False only sends
+    the call through those (so do tensor subclasses, e.g. Parameter or FakeTensor)."""
+    tensor, dtype, device = torch.Tensor, like.dtype, like.device
+    for value, shape in expected:
+        if type(value) is not tensor or value.shape != shape or value.dtype != dtype or value.device != device:
+            return False
+    return True
+
+
 def check_non_empty(name: str, value: torch.Tensor) -> None:
     if value.numel() == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(value.shape)}")

@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_inference_only, check_non_empty, check_shape, check_tensor
+from bisenet_fast.ops._checks import (
+    FLOAT_DTYPES,
+    check_inference_only,
+    check_non_empty,
+    check_shape,
+    check_tensor,
+    plain_tensors_match,
+)
 
 # Triton first: it has been run and timed on GPUs; the CUDA kernels (csrc/cuda/ge_layer.cu)
 # have been tested only as CPU-emulated block code (tests/cuda_emulation) so far.
@@ -58,7 +65,15 @@ def _check_weight(name, value, shape, like):
     check_shape(name, value, shape, dtype=like.dtype, device=like.device)
 
 
+def _activations_valid(x, y) -> bool:
+    """Whether _check_activations passes (its fast path; see plain_tensors_match)."""
+    return (type(x) is torch.Tensor and x.dim() == 4 and x.dtype in FLOAT_DTYPES and x.numel() > 0
+            and plain_tensors_match(x, ((y, x.shape),)))
+
+
 def _check_activations(x, y):
+    if _activations_valid(x, y):
+        return
     check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES)
     check_tensor("y", y, dim=4, dtypes=(x.dtype,), device=x.device)
     if tuple(y.shape) != tuple(x.shape):
@@ -77,32 +92,63 @@ def _check_mid(name, dw_weight, cin, like):
     return mid
 
 
+def _leading_size(value, dim: int) -> int:
+    """value.shape[0] of a plain `dim`-D tensor, else 0 (which fails the fast checks)."""
+    return value.shape[0] if type(value) is torch.Tensor and value.dim() == dim else 0
+
+
+def _stride1_valid(x, y, dw_weight, dw_bias, pw_weight, pw_bias) -> bool:
+    """Whether check_stride1_inputs' shape, dtype and device checks pass (their fast path)."""
+    if not _activations_valid(x, y):
+        return False
+    cin, mid = x.shape[1], _leading_size(dw_weight, 4)
+    return mid > 0 and mid % cin == 0 and plain_tensors_match(
+        x, ((dw_weight, (mid, 1, 3, 3)), (dw_bias, (mid,)), (pw_weight, (cin, mid)), (pw_bias, (cin,)))
+    )
+
+
 def check_stride1_inputs(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
-    _check_activations(x, y)
-    cin = x.shape[1]
-    mid = _check_mid("dw_weight", dw_weight, cin, x)
-    _check_weight("dw_bias", dw_bias, (mid,), x)
-    _check_weight("pw_weight", pw_weight, (cin, mid), x)  # residual: cout == cin
-    _check_weight("pw_bias", pw_bias, (cin,), x)
+    if not _stride1_valid(x, y, dw_weight, dw_bias, pw_weight, pw_bias):  # find what is wrong
+        _check_activations(x, y)
+        cin = x.shape[1]
+        mid = _check_mid("dw_weight", dw_weight, cin, x)
+        _check_weight("dw_bias", dw_bias, (mid,), x)
+        _check_weight("pw_weight", pw_weight, (cin, mid), x)  # residual: cout == cin
+        _check_weight("pw_bias", pw_bias, (cin,), x)
     check_inference_only("ge_layer_stride1", (x, y, dw_weight, dw_bias, pw_weight, pw_bias), "train the unfused model")
 
 
+def _stride2_valid(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias,
+                   sc_pw_weight, sc_pw_bias) -> bool:
+    """Whether check_stride2_inputs' shape, dtype and device checks pass (their fast path)."""
+    if not _activations_valid(x, y):
+        return False
+    cin, mid, cout = x.shape[1], _leading_size(dw0_weight, 4), _leading_size(pw_weight, 2)
+    return mid > 0 and mid % cin == 0 and cout > 0 and plain_tensors_match(x, (
+        (dw0_weight, (mid, 1, 3, 3)), (dw0_bias, (mid,)), (dw1_weight, (mid, 1, 3, 3)), (dw1_bias, (mid,)),
+        (pw_weight, (cout, mid)), (pw_bias, (cout,)), (sc_dw_weight, (cin, 1, 3, 3)), (sc_dw_bias, (cin,)),
+        (sc_pw_weight, (cout, cin)), (sc_pw_bias, (cout,)),
+    ))
+
+
 def check_stride2_inputs(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
-    _check_activations(x, y)
-    cin = x.shape[1]
-    mid = _check_mid("dw0_weight", dw0_weight, cin, x)
-    _check_weight("dw0_bias", dw0_bias, (mid,), x)
-    _check_weight("dw1_weight", dw1_weight, (mid, 1, 3, 3), x)
-    _check_weight("dw1_bias", dw1_bias, (mid,), x)
-    check_tensor("pw_weight", pw_weight, dim=2, dtypes=(x.dtype,), device=x.device)
-    cout = pw_weight.shape[0]
-    if pw_weight.shape[1] != mid or cout == 0:
-        raise ValueError(f"pw_weight must have shape (cout, {mid}), got {tuple(pw_weight.shape)}")
-    _check_weight("pw_bias", pw_bias, (cout,), x)
-    _check_weight("sc_dw_weight", sc_dw_weight, (cin, 1, 3, 3), x)
-    _check_weight("sc_dw_bias", sc_dw_bias, (cin,), x)
-    _check_weight("sc_pw_weight", sc_pw_weight, (cout, cin), x)
-    _check_weight("sc_pw_bias", sc_pw_bias, (cout,), x)
+    if not _stride2_valid(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight,
+                          sc_dw_bias, sc_pw_weight, sc_pw_bias):  # find what is wrong
+        _check_activations(x, y)
+        cin = x.shape[1]
+        mid = _check_mid("dw0_weight", dw0_weight, cin, x)
+        _check_weight("dw0_bias", dw0_bias, (mid,), x)
+        _check_weight("dw1_weight", dw1_weight, (mid, 1, 3, 3), x)
+        _check_weight("dw1_bias", dw1_bias, (mid,), x)
+        check_tensor("pw_weight", pw_weight, dim=2, dtypes=(x.dtype,), device=x.device)
+        cout = pw_weight.shape[0]
+        if pw_weight.shape[1] != mid or cout == 0:
+            raise ValueError(f"pw_weight must have shape (cout, {mid}), got {tuple(pw_weight.shape)}")
+        _check_weight("pw_bias", pw_bias, (cout,), x)
+        _check_weight("sc_dw_weight", sc_dw_weight, (cin, 1, 3, 3), x)
+        _check_weight("sc_dw_bias", sc_dw_bias, (cin,), x)
+        _check_weight("sc_pw_weight", sc_pw_weight, (cout, cin), x)
+        _check_weight("sc_pw_bias", sc_pw_bias, (cout,), x)
     check_inference_only(
         "ge_layer_stride2",
         (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias),
@@ -149,6 +195,9 @@ def pack_triton_stride2(dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, p
 
 def _check_triton_weights(op, packed, shapes, like):
     """Packed weights must have the shapes pack_triton_* gives this call's weights."""
+    if (isinstance(packed, (tuple, list)) and len(packed) == len(shapes) and plain_tensors_match(like, zip(packed, shapes))
+            and all(t.is_contiguous() for t in packed)):
+        return  # the checks below find what is wrong
     if not isinstance(packed, (tuple, list)) or len(packed) != len(shapes):
         raise TypeError(
             f"{op}: triton_weights must be the {len(shapes)} tensors pack_triton_* returns, got {packed!r:.80}"
