@@ -63,7 +63,7 @@ TORCH_LIBRARY(bisenet_fast, m) {
 
   // Bilinear resize of (N, C, h, w) to (N, C, size[0], size[1]), align_corners=False, as
   // F.interpolate(x, size, mode="bilinear"); inference only, CPU; output NCHW-contiguous.
-  m.def("resize_bilinear(Tensor x, int[2] size) -> Tensor");
+  m.def("resize_bilinear(Tensor x, SymInt[2] size) -> Tensor");
 
   // GE expansion, training form: grouped 3x3 conv (groups = cin, weight (k*cin, 1, 3, 3),
   // stride 1 or 2, padding 1, no bias) -> BatchNorm with this batch's statistics -> ReLU if

@@ -103,6 +103,17 @@ def test_compiles_as_one_graph(segmentor, image):
     assert_matches(compiled, expected, 1e-6)
 
 
+def test_compiles_once_for_every_input_size(segmentor, image):
+    """With dynamic shapes the fused model is one graph for any input size (torch.export with
+    dynamic H, W likewise): no op fixes a size."""
+    torch._dynamo.reset()
+    fused = segmentor.fuse()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for x in (image, image[:, :, :64, :90].contiguous()):
+            assert_matches(compiled(x), fused(x), 1e-6)
+
+
 def test_fuse_leaves_the_model_untouched(segmentor, image):
     before = {k: v.clone() for k, v in segmentor.state_dict().items()}
     segmentor.fuse(dtype=torch.float16)

@@ -86,6 +86,21 @@ def test_compile_fullgraph_uses_fake_kernel():
     assert_close_to_scale(out / 2.0, interpolate(x, (11, 13)), TOLERANCE[torch.float32])
 
 
+def test_compile_keeps_the_size_symbolic():
+    """Under dynamic shapes the output size stays symbolic, as F.interpolate's does: one
+    graph serves every input size, and the public front's checks trace through."""
+    torch._dynamo.reset()
+
+    def double(x):
+        return ops.resize_bilinear(x, (x.shape[-2] * 2, x.shape[-1] * 2))
+
+    compiled = torch.compile(double, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for shape in ((2, 2, 5, 7), (2, 2, 6, 9), (3, 3, 8, 11)):  # sizes 0 and 1 always specialise
+            x = torch.randn(shape)
+            assert_close_to_scale(compiled(x), interpolate(x, (shape[2] * 2, shape[3] * 2)), TOLERANCE[torch.float32])
+
+
 def test_fused_segmentor_resizes_with_it_on_cpu(monkeypatch):
     calls = []
     real = ops.resize_bilinear

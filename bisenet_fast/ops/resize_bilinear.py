@@ -28,19 +28,24 @@ def resize_bilinear_reference(x, size):
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False).contiguous()
 
 
-def size_pair(size) -> list[int]:
-    """size as [H, W] of Python ints; two positive integers (int, numpy or torch integer
-    scalars, not bool, float or str) or a TypeError/ValueError that says so."""
-    message = f"size must be two positive ints (H, W), got {size!r}"
+def size_pair(size) -> list:
+    """size as [H, W]: two positive integers (Python, numpy or torch integer scalars, or the
+    SymInts of a traced shape under torch.compile/export, kept symbolic; not bool, float or
+    str), else a TypeError/ValueError that says so."""
     try:
         if isinstance(size, (str, bytes)) or any(isinstance(s, bool) for s in size):
-            raise TypeError(message)
-        values = [operator.index(s) for s in size]
+            raise TypeError
+        values = [s if isinstance(s, (int, torch.SymInt)) else operator.index(s) for s in size]
     except TypeError:
-        raise TypeError(message) from None
-    if len(values) != 2 or min(values) <= 0:
-        raise ValueError(message)
+        raise TypeError(_bad_size(size)) from None
+    if len(values) != 2 or not (values[0] > 0 and values[1] > 0):
+        raise ValueError(_bad_size(size))
     return values
+
+
+def _bad_size(size) -> str:
+    # Only formatted on failure: a traced SymInt has no repr inside a compiled graph.
+    return f"size must be two positive ints (H, W), got {size!r}"
 
 
 def check_inputs(x, size):

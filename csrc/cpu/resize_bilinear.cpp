@@ -29,7 +29,10 @@ BF_CPU_CLONES void blend_output_row(const opmath_t* a, const opmath_t* b, float 
   for (int64_t q = 0; q < n; ++q) out[q] = static_cast<scalar_t>(v0 * a[q] + v1 * b[q]);
 }
 
-at::Tensor resize_bilinear_cpu(const at::Tensor& x, at::IntArrayRef size) {
+// size is SymInt[2] in the schema, so that torch.compile and torch.export keep the output
+// size symbolic; a kernel only ever gets concrete values.
+at::Tensor resize_bilinear_cpu(const at::Tensor& x, c10::SymIntArrayRef sym_size) {
+  const at::IntArrayRef size = C10_AS_INTARRAYREF_SLOW(sym_size);
   check_inference_only("resize_bilinear", {{"x", &x}});
   TORCH_CHECK(x.device().is_cpu(), "resize_bilinear: x must be a CPU tensor, got ", x.device());
   // No float64: the taps are computed in float, as ATen does for float32 inputs only.
