@@ -16,6 +16,7 @@ from PIL import Image
 
 from bisenet_fast.data.cityscapes import read_image
 from bisenet_fast.data.transforms import imrescale, normalize
+from bisenet_fast.models.fused import FusedBiSeNetV2Segmentor
 from bisenet_fast.palette import colorize
 
 AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -88,10 +89,16 @@ def segment(model: torch.nn.Module, image, *, device=None, autocast: str | None 
     keeping its aspect ratio: Cityscapes' 2048x1024 frames unchanged).
 
     autocast: None (float32), 'float16' or 'bfloat16' — mixed precision as mmseg's fp16
-    recipe tested. The model is put in eval mode; a fuse()d model works too.
+    recipe tested. The model is put in eval mode; a fuse()d model works too, in the dtype it
+    was fused to (autocast must then be None).
     """
     if autocast is not None and autocast not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be None, 'float16' or 'bfloat16', got {autocast!r}")
+    if autocast is not None and isinstance(model, FusedBiSeNetV2Segmentor):
+        raise ValueError(
+            f"autocast={autocast!r} does not apply to a fuse()d model, which computes in the dtype it was fused to "
+            f"({model.dtype}); fuse(dtype=torch.{autocast}) gives a {autocast} model"
+        )
     model.eval()
     probs = predict_probs(model, image, img_scale, amp_dtype=AUTOCAST_DTYPES.get(autocast), device=device)
     return probs.argmax(dim=0).cpu().numpy()

@@ -114,6 +114,19 @@ def test_compiles_once_for_every_input_size(segmentor, image):
             assert_matches(compiled(x), fused(x), 1e-6)
 
 
+def test_autocast_around_the_fused_model_has_no_effect(segmentor, image):
+    """The fused model computes in the dtype it was fused to; an enclosing autocast (which
+    would cast ATen's conv outputs but not the fused ops' weights) is switched off inside."""
+    fused = segmentor.fuse()
+    with torch.no_grad():
+        expected = fused(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused(image)
+            backbone_outs = fused.backbone(image)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert all(t.dtype == torch.float32 for t in backbone_outs)
+
+
 def test_fuse_leaves_the_model_untouched(segmentor, image):
     before = {k: v.clone() for k, v in segmentor.state_dict().items()}
     segmentor.fuse(dtype=torch.float16)

@@ -68,6 +68,13 @@ def test_segment_runs_a_fused_model_without_a_device_argument(model):
     assert (fused == _expected(model, rgb, SMALL_SCALE)).mean() > 0.99  # float rounding may flip near-ties
 
 
+def test_segment_refuses_autocast_for_a_fused_model(model):
+    """A fused model computes in the dtype it was fused to: autocast would be silently ignored."""
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"fuse\(dtype=torch.bfloat16\) gives a bfloat16 model"):
+        segment(model.fuse(), rgb, autocast="bfloat16", img_scale=SMALL_SCALE)
+
+
 def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
     rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     exif = Image.Exif()

@@ -21,6 +21,7 @@ The fused modules hold their folded weights as buffers (nothing to train) and re
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -324,6 +325,16 @@ class FusedBGALayer(InferenceModule):
         return self.conv(fused)
 
 
+def _autocast_off(x: torch.Tensor):
+    """The fused model computes in the dtype it was fused to, with weights of that dtype: under
+    an enclosing autocast, ATen's convs would cast their outputs to the autocast dtype while
+    the fused ops' weights stay in the model's, so autocast is switched off inside."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _prepare_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError(
@@ -348,7 +359,8 @@ def _check_autotune(autotune) -> None:
 class FusedBiSeNetV2(InferenceModule):
     """Inference form of BiSeNetV2: same outputs (out_indices) in `dtype`, channels_last.
 
-    The input is converted to the model's dtype and to channels_last. autotune: see
+    The input is converted to the model's dtype and to channels_last; an enclosing autocast
+    has no effect (fuse(dtype=torch.float16) gives a float16 model). autotune: see
     FusedGELayer."""
 
     def __init__(self, backbone: BiSeNetV2, dtype: torch.dtype | None = None, autotune: bool = False):
@@ -364,11 +376,12 @@ class FusedBiSeNetV2(InferenceModule):
         super().train(False)
 
     def forward(self, x):
-        x = _prepare_input(x, self.dtype)
-        x_detail = self.detail(x)
-        semantic_outs = self.semantic(x)
-        outs = [self.bga(x_detail, semantic_outs[-1])] + semantic_outs[:-1]
-        return tuple(outs[i] for i in self.out_indices)
+        with _autocast_off(x):
+            x = _prepare_input(x, self.dtype)
+            x_detail = self.detail(x)
+            semantic_outs = self.semantic(x)
+            outs = [self.bga(x_detail, semantic_outs[-1])] + semantic_outs[:-1]
+            return tuple(outs[i] for i in self.out_indices)
 
 
 class FusedFCNHead(InferenceModule):
@@ -385,7 +398,8 @@ class FusedFCNHead(InferenceModule):
 
 class FusedBiSeNetV2Segmentor(InferenceModule):
     """Inference form of BiSeNetV2Segmentor: forward(x) -> logits (N, classes, H, W) in `dtype`,
-    from the decode head only (the auxiliary heads only matter for training)."""
+    from the decode head only (the auxiliary heads only matter for training); an enclosing
+    autocast has no effect, as for FusedBiSeNetV2."""
 
     def __init__(self, segmentor, dtype: torch.dtype | None = None, autotune: bool = False):
         super().__init__()
@@ -398,10 +412,11 @@ class FusedBiSeNetV2Segmentor(InferenceModule):
 
     def forward(self, x):
         size = x.shape[-2:]
-        logits = self.decode_head(self.backbone(x))
-        if bf_backends.cpu_kernel_selected(logits.device):
-            return ops.resize_bilinear(logits, size)
-        return resize_bilinear(logits, size)
+        with _autocast_off(x):
+            logits = self.decode_head(self.backbone(x))
+            if bf_backends.cpu_kernel_selected(logits.device):
+                return ops.resize_bilinear(logits, size)
+            return resize_bilinear(logits, size)
 
 
 def capture_cuda_graph(model: nn.Module, example: torch.Tensor, warmup: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:
