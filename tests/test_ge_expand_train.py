@@ -244,9 +244,16 @@ def test_double_backward_raises(backend):
 
 
 def test_opcheck():
-    args = [t.detach() for t in make_inputs(2, 2, 3, 5, 6)]
+    """Every opcheck utility on inputs that require grad (the autograd registration and the
+    forward and backward traced with dynamic shapes); the backward op's schema and fake kernel."""
+    args = [t.float() for t in make_inputs(2, 2, 3, 5, 6)]
+    torch.library.opcheck(torch.ops.bisenet_fast.ge_expand_train.default, (*args, 2, True, 1e-5))
+    with torch.no_grad():
+        out, mean, var = torch.ops.bisenet_fast.ge_expand_train(*args, 2, True, 1e-5)
     torch.library.opcheck(
-        torch.ops.bisenet_fast.ge_expand_train.default, (*args, 2, True, 1e-5), test_utils=("test_schema", "test_faketensor")
+        torch.ops.bisenet_fast.ge_expand_train_backward.default,
+        (torch.randn_like(out), *(t.detach() for t in args), mean, var, 2, True, 1e-5),
+        test_utils=("test_schema", "test_faketensor"),
     )
 
 

@@ -279,11 +279,18 @@ def test_cpp_gradcheck_float64(thresh, kept_fraction):
 
 @pytest.mark.parametrize("check_labels", [(), (False,)])
 def test_cpp_opcheck(check_labels):
+    """Every opcheck utility, test_aot_dispatch_dynamic (forward and backward traced with
+    dynamic shapes) included; the backward op's schema and fake kernel too."""
     logits, target = make_inputs(SHAPES[0])
     torch.library.opcheck(
         torch.ops.bisenet_fast.ohem_cross_entropy_forward.default,
         (logits.requires_grad_(), target, 0.2, 200, 255, *check_labels),
-        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    threshold = torch.tensor(0.5)
+    torch.library.opcheck(
+        torch.ops.bisenet_fast.ohem_cross_entropy_backward.default,
+        (torch.tensor(1.0), logits.detach(), target, threshold, 255),
+        test_utils=("test_schema", "test_faketensor"),
     )
 
 
