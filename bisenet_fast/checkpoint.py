@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -15,6 +16,12 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint's keys or shapes do not match the model."""
 
 
+# What torch.load raises for a file that is not a checkpoint (text or random bytes: KeyError
+# from the legacy unpickler) or a truncated or damaged one. A missing file stays
+# FileNotFoundError.
+CORRUPT_FILE_ERRORS = (KeyError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile)
+
+
 def read_checkpoint(path: str | os.PathLike) -> Mapping:
     """torch.load with weights_only=True: tensors, plain containers, numbers and strings only."""
     try:
@@ -23,6 +30,11 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping:
         raise pickle.UnpicklingError(
             f"refusing to load {os.fspath(path)!r}: it holds objects other than tensors, plain containers, "
             f"numbers and strings, and loading it would run code from the file ({err})"
+        ) from None
+    except CORRUPT_FILE_ERRORS as err:
+        raise ValueError(
+            f"cannot read {os.fspath(path)!r}: it is not a torch checkpoint, or it is truncated or corrupt "
+            f"({type(err).__name__}: {err})"
         ) from None
 
 

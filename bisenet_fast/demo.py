@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import bisenet_fast as bf
+from bisenet_fast.cli_args import POSITIVE_INT
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data import synthetic
 from bisenet_fast.data.cityscapes import CLASSES, CityscapesDataset
@@ -43,13 +44,13 @@ def write_predictions(model, dataset, test_cfg: dict, path: Path, count: int = 3
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="dataset, checkpoints, logs and prediction.png go here")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's)")
-    p.add_argument("--train-images", type=int, default=200)
-    p.add_argument("--val-images", type=int, default=40)
+    p.add_argument("--iters", type=POSITIVE_INT, default=None, help="training iterations (default: the recipe's)")
+    p.add_argument("--train-images", type=POSITIVE_INT, default=200)
+    p.add_argument("--val-images", type=POSITIVE_INT, default=40)
     p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, ...")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="torch CPU threads (default: the cores less the loader worker; 1 on a busy machine)")
     return p.parse_args(argv)
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 import bisenet_fast as bf
+from bisenet_fast.cli_args import POSITIVE_INT
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.distributed import DistContext, init_distributed, leave_distributed
@@ -59,7 +60,7 @@ def parse_args(argv=None):
                    help="autocast dtype (default: float16 for the fp16 recipe on CUDA, as mmseg 0.x did; else none)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, cuda, triton")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="evaluate only the first N images")
     p.add_argument("--fused", action="store_true",
                    help="evaluate the inference form (model.fuse(): BN folded, fused kernels), in the --amp dtype "
                         "instead of under autocast")

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import bisenet_fast as bf
+from bisenet_fast.cli_args import NON_NEGATIVE_INT, POSITIVE_INT
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.data.sampler import InfiniteShardedSampler
@@ -136,9 +137,20 @@ def build_train_loader(recipe: dict, ctx: DistContext, seed: int, start_iteratio
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGINT to the main process (a terminal or torchrun may
-    signal the whole process group), which checkpoints and then shuts them down."""
+    signal the whole process group), which checkpoints and then shuts them down
+    (stop_workers)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_workers(batches) -> None:
+    """Stop the DataLoader workers of the iterator `batches` now. Left to the interpreter's
+    exit, after an error whose traceback keeps the iterator alive, they are sent SIGTERM,
+    which they ignore, and waited for, for ever. _shutdown_workers (private) is what the
+    iterator's own __del__ calls; it is idempotent, and absent without workers."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class StopRequest:
@@ -258,11 +270,11 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
 
     step_module = wrap_for_training(model, ctx)
     model.train()
-    loader, sampler = build_train_loader(recipe, ctx, seed, start_iteration)
-    batches = iter(loader)
     # Built now, so that a missing or unconverted val split fails before hours of training.
     val_set = CityscapesDataset(recipe["data"]["root"], recipe["data"]["val_split"]) if recipe.get("eval_interval") \
         else None
+    loader, sampler = build_train_loader(recipe, ctx, seed, start_iteration)
+    batches = None  # iter(loader), which starts the workers, inside the try that stops them
     max_iters = recipe["schedule"]["max_iters"]
     batch = recipe["data"]["samples_per_gpu"]
     published_gpus = recipe.get("gpus")
@@ -307,6 +319,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
 
     try:
         with bf.backends.use(backend):
+            batches = iter(loader)
             tick = time.perf_counter()
             window_start, window_iters = tick, 0
             skipped_in_a_row = 0
@@ -370,6 +383,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                     break
     finally:
         stop.uninstall()
+        stop_workers(batches)
     return result
 
 
@@ -377,11 +391,11 @@ def apply_overrides(recipe: dict, args) -> dict:
     data = recipe["data"]
     if args.data_root:
         data["root"] = args.data_root
-    if args.iters:
+    if args.iters is not None:
         recipe["schedule"]["max_iters"] = args.iters
-    if args.batch:
+    if args.batch is not None:
         data["samples_per_gpu"] = args.batch
-    if args.crop:
+    if args.crop is not None:
         data["crop_size"] = list(args.crop)
     if args.workers is not None:
         data["workers_per_gpu"] = args.workers
@@ -400,16 +414,16 @@ def parse_args(argv=None):
                    help="recipe name (0.x or 1.x name, or 'synthetic') or a .json path")
     p.add_argument("--work-dir", default=None, help="checkpoints and logs (default work_dirs/<recipe>)")
     p.add_argument("--data-root")
-    p.add_argument("--iters", type=int, help="total iterations (the schedule spans them)")
-    p.add_argument("--batch", type=int, help="images per process (samples_per_gpu)")
-    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--workers", type=int, help="DataLoader workers per process")
+    p.add_argument("--iters", type=POSITIVE_INT, help="total iterations (the schedule spans them)")
+    p.add_argument("--batch", type=POSITIVE_INT, help="images per process (samples_per_gpu)")
+    p.add_argument("--crop", type=POSITIVE_INT, nargs=2, metavar=("H", "W"))
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, help="DataLoader workers per process")
     p.add_argument("--amp", choices=list(AMP_DTYPES), help="autocast dtype (float16 uses the static loss scale)")
     p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, cuda, triton")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' for work_dir's last one")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="torch CPU threads per process (default: cores / processes on this machine, less the "
                         "loader workers when training on the CPU; use 1 on a machine busy with other work)")
     p.add_argument("--recompute", action="store_true",
@@ -418,11 +432,11 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true",
                    help="train in NHWC (model and batches): the layout of tensor-core convolutions on GPUs")
     p.add_argument("--deterministic", action="store_true", help="cudnn deterministic, no cudnn benchmark")
-    p.add_argument("--stop-after", type=int, default=None,
+    p.add_argument("--stop-after", type=POSITIVE_INT, default=None,
                    help="checkpoint and stop after this iteration (the schedule still spans --iters)")
-    p.add_argument("--eval-interval", type=int, default=None, help="0 disables evaluation during training")
-    p.add_argument("--checkpoint-interval", type=int, default=None)
-    p.add_argument("--log-interval", type=int, default=None)
+    p.add_argument("--eval-interval", type=NON_NEGATIVE_INT, default=None, help="0 disables evaluation during training")
+    p.add_argument("--checkpoint-interval", type=POSITIVE_INT, default=None)
+    p.add_argument("--log-interval", type=POSITIVE_INT, default=None)
     return p.parse_args(argv)
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from bisenet_fast.checkpoint import CORRUPT_FILE_ERRORS
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 
@@ -105,8 +106,8 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as err:
         fail(f"it holds objects other than tensors, containers, numbers and strings, which are not loaded "
              f"because unpickling them could run code ({str(err).splitlines()[-1][:300]})")
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        fail(f"the file is truncated or corrupt ({type(err).__name__}: {err})")
+    except (*CORRUPT_FILE_ERRORS, OSError) as err:
+        fail(f"the file is not a torch checkpoint, or it is truncated or corrupt ({type(err).__name__}: {err})")
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
         fail(f"it is not a bisenet_fast training checkpoint (missing {missing}); "

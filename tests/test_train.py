@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
 
 import bisenet_fast as bf
@@ -29,11 +31,13 @@ from bisenet_fast.evaluate import main as evaluate_main
 from bisenet_fast.train import (
     LOSS_KEYS,
     NonFiniteLossError,
+    apply_overrides,
     build_model,
     build_optimizer,
     lr_at,
     non_finite_error,
     non_finite_heads,
+    parse_args,
     poly_lr,
     train,
     wrap_for_training,
@@ -362,6 +366,50 @@ def test_sigterm_writes_a_usable_checkpoint(tiny_data, tmp_path):
                              text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {ckpt} at iteration {stopped_at}" in resumed.stdout
+
+
+def test_an_error_while_loader_workers_run_ends_the_process(tiny_data, tmp_path):
+    """The workers ignore SIGTERM (to outlive a process-group signal until the checkpoint is
+    written). An error in the loop must still end the run: before train() stopped them
+    itself, the interpreter's exit sent them SIGTERM and waited for them for ever."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for label in (data / "gtFine" / "train").rglob("*_labelTrainIds.png"):
+        Image.fromarray(np.full((32, 64), 30, dtype=np.uint8)).save(label)  # 30: no class, not ignored
+    cmd = [sys.executable, "-m", "bisenet_fast.train", "--recipe", "synthetic", "--data-root", str(data),
+           "--crop", "32", "32", "--batch", "2", "--workers", "1", "--iters", "3", "--eval-interval", "0",
+           "--backend", "eager", "--threads", "1", "--work-dir", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "target holds label 30" in run.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--iters", "0"), ("--batch", "0"), ("--crop", "0"), ("--workers", "-1"),
+                                         ("--checkpoint-interval", "0"), ("--log-interval", "0"),
+                                         ("--stop-after", "0"), ("--eval-interval", "-1"), ("--iters", "x")])
+def test_bad_numbers_on_the_command_line_are_usage_errors(flag, value, capsys):
+    argv = [flag, value, "32"] if flag == "--crop" else [flag, value]
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_command_line_values_override_the_recipe_even_when_small():
+    recipe = apply_overrides(load_recipe("synthetic"), parse_args(["--iters", "1", "--batch", "1", "--eval-interval", "0"]))
+    assert recipe["schedule"]["max_iters"] == 1 and recipe["data"]["samples_per_gpu"] == 1
+    assert recipe["eval_interval"] == 0
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"PK\x03\x04" + bytes(200)])  # text; a broken zip
+def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "not_a_checkpoint.pth"
+    path.write_bytes(content)
+    with pytest.raises(train_state.CheckpointCorruptError, match="not a torch checkpoint, or it is truncated"):
+        train_state.load_training_checkpoint(path)
+    with pytest.raises(ValueError, match="not a torch checkpoint, or it is truncated"):
+        bf.checkpoint.read_checkpoint(path)
 
 
 def test_non_finite_loss_names_iteration_and_head(tiny_data, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bisenet_fast.cli_args import POSITIVE_INT
 from bisenet_fast.data.cityscapes import LABEL_SUFFIX
 
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
@@ -60,7 +61,7 @@ def convert_tree(root: str | Path, workers: int = 4) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="Cityscapes root holding gtFine/")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=POSITIVE_INT, default=4)
     args = parser.parse_args(argv)
     count = convert_tree(args.root, args.workers)
     print(f"wrote {count} *{LABEL_SUFFIX} files under {Path(args.root) / 'gtFine'}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bisenet_fast.cli_args import POSITIVE_INT
 from bisenet_fast.data.cityscapes import CLASSES, IMG_SUFFIX, LABEL_SUFFIX
 from bisenet_fast.palette import CITYSCAPES_PALETTE as PALETTE
 
@@ -166,10 +167,10 @@ def generate(root: str | Path, num_train: int = 200, num_val: int = 40, height: 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root")
-    parser.add_argument("--train", type=int, default=200)
-    parser.add_argument("--val", type=int, default=40)
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--train", type=POSITIVE_INT, default=200)
+    parser.add_argument("--val", type=POSITIVE_INT, default=40)
+    parser.add_argument("--height", type=POSITIVE_INT, default=128)
+    parser.add_argument("--width", type=POSITIVE_INT, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     generate(args.root, args.train, args.val, args.height, args.width, args.seed)
