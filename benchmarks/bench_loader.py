@@ -5,15 +5,14 @@ by 1/4) to a temporary folder and times the recipe's loader with 0, 1 and 2 work
 the time per sample; "samples_per_s_per_worker" divides the throughput by the workers (the
 main process counts as one worker for num_workers=0).
 
-    python -m benchmarks.bench_loader [--full]
+    python -m benchmarks.bench_loader [--quick] [--out out.json]
 """
 from __future__ import annotations
 
 import itertools
+import sys
 import tempfile
 import time
-
-import sys
 
 import torch
 

@@ -9,10 +9,9 @@ quick=True divides every spatial size by 4 (and min_kept by 16).
 impl "cuda-prechecked": the CUDA kernel with check_labels=False, as the model's loss calls
 it (the labels checked once for the five heads), without the host synchronisation.
 
-    python -m benchmarks.bench_ohem_cross_entropy [--device cpu|cuda] [--quick] [--case 128]
+    python -m benchmarks.bench_ohem_cross_entropy [--device cuda] [--quick] [--out out.json]
 """
 from __future__ import annotations
-
 
 import sys
 

@@ -33,6 +33,10 @@ def modules(only: list[str] | None):
     names = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_"))
     if not only:
         return names
+    unmatched = [key for key in only if not any(key in n for n in names)]
+    if unmatched:
+        raise ValueError(f"--only: no benchmark module matches {', '.join(map(repr, unmatched))}; "
+                         f"the modules are {', '.join(names)}")
     return list(dict.fromkeys(n for key in only for n in names if key in n))
 
 
@@ -65,8 +69,12 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
     }
+    try:
+        names = modules([s for s in args.only.split(",") if s])
+    except ValueError as err:
+        parser.error(str(err))
     rows, failures = [], []
-    for name in modules([s for s in args.only.split(",") if s]):
+    for name in names:
         print(f"== {name}", flush=True)
         try:
             run = importlib.import_module(f"benchmarks.{name}").run

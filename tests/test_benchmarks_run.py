@@ -30,3 +30,11 @@ def test_only_runs_matching_modules_in_the_given_order():
     assert runner.modules(["ohem", "bga", "ohem_cross"]) == [
         "bench_ohem_cross_entropy", "bench_bga", "bench_bga_pointwise"]
     assert runner.modules(None) == sorted(runner.modules(None))
+
+
+def test_only_naming_no_module_is_a_usage_error(capsys):
+    """A typo in --only must not run nothing and exit 0 (a GPU run would write no results)."""
+    with pytest.raises(SystemExit) as exit_:
+        runner.main(["--only", "ohem,nosuch"])
+    assert exit_.value.code == 2
+    assert "no benchmark module matches 'nosuch'" in capsys.readouterr().err
