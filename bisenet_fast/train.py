@@ -279,8 +279,8 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     batch = recipe["data"]["samples_per_gpu"]
     published_gpus = recipe.get("gpus")
     if published_gpus and published_gpus != ctx.world_size:
-        say(f"warning: recipe {recipe.get('name')} was published for {published_gpus} GPUs x {batch} images; this "
-            f"run has {ctx.world_size} x {batch} = {ctx.world_size * batch} per step (the lr is not rescaled)")
+        say(f"warning: recipe {recipe.get('name')} was published for {published_gpus} GPUs; this run has "
+            f"{ctx.world_size} x {batch} = {ctx.world_size * batch} images per step (the lr is not rescaled)")
     log_interval = max(1, recipe.get("log_interval", 50))
     loss_log = CsvLog(work_dir / "log.csv", ["iteration", "lr", "loss", *LOSS_KEYS, "seconds"]) if ctx.is_main else None
     eval_log = CsvLog(work_dir / "eval.csv", ["iteration", "mIoU", "mAcc", "aAcc"]) if ctx.is_main else None

@@ -533,7 +533,7 @@ def test_torchrun_two_gloo_processes_train_evaluate_and_resume(tiny_data, tmp_pa
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "iteration 2: val mIoU" in first.stdout
-    assert "warning: recipe synthetic was published for 1 GPUs x 2 images; this run has 2 x 2 = 4" in first.stdout
+    assert "warning: recipe synthetic was published for 1 GPUs; this run has 2 x 2 = 4 images per step" in first.stdout
     state = train_state.load_training_checkpoint(work / "iter_2.pth")
     assert len(state["rng"]) == 2 and state["sampler"]["world_size"] == 2
     # The mIoU logged is the checkpoint's: both ranks evaluated with rank 0's BN statistics.
