@@ -1,5 +1,5 @@
-"""Argument types shared by the command lines (train, evaluate, demo): a bad value is an
-argparse usage error naming the flag, not a failure deep inside a run."""
+"""Argument types shared by the command lines (train, evaluate, demo, data.convert, data.synthetic): a
+bad value is an argparse usage error naming the flag, not a failure deep inside a run."""
 from __future__ import annotations
 
 import argparse
