@@ -257,6 +257,20 @@ def test_opcheck():
     )
 
 
+@requires_triton
+def test_triton_opcheck():
+    """test_opcheck for the Triton custom ops."""
+    args = [t.float().to(triton_device()) for t in make_inputs(2, 2, 3, 5, 6)]
+    torch.library.opcheck(torch.ops.bisenet_fast_triton.ge_expand_train.default, (*args, 2, True, 1e-5))
+    with torch.no_grad():
+        out, mean, var = torch.ops.bisenet_fast_triton.ge_expand_train(*args, 2, True, 1e-5)
+    torch.library.opcheck(
+        torch.ops.bisenet_fast_triton.ge_expand_train_backward.default,
+        (torch.randn_like(out), *(t.detach() for t in args), mean, var, 2, True, 1e-5),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
 def test_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
     args = make_inputs(2, 3, 6, 6, 7)

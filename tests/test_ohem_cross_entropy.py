@@ -294,6 +294,23 @@ def test_cpp_opcheck(check_labels):
     )
 
 
+@requires_triton
+def test_triton_opcheck():
+    """The Triton custom ops under every opcheck utility, as the C++ ones above: the autograd
+    registration, and forward and backward traced with dynamic shapes."""
+    logits, target = make_inputs(TRITON_SHAPES[0], device=triton_device())
+    torch.library.opcheck(
+        torch.ops.bisenet_fast_triton.ohem_cross_entropy_forward.default,
+        (logits.requires_grad_(), target, 0.2, 20, 255),
+    )
+    threshold = torch.tensor(0.5, device=logits.device)
+    torch.library.opcheck(
+        torch.ops.bisenet_fast_triton.ohem_cross_entropy_backward.default,
+        (torch.tensor(1.0, device=logits.device), logits.detach(), target, threshold, 255),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
 def test_cpp_non_contiguous_and_channels_last():
     shape = SHAPES[1]
     logits, target = make_inputs(shape)
