@@ -5,7 +5,7 @@ import torch
 
 import bisenet_fast as bf
 from bisenet_fast.ops.ohem_cross_entropy import ohem_cross_entropy_reference
-from tests.helpers import requires_cuda_build, requires_triton, triton_device
+from tests.helpers import requires_cuda, requires_cuda_build, requires_triton, triton_device
 
 # (N, C, h, w, H, W): batch 1 and 3, odd sizes, 9x13 -> 67x101 (not a multiple), down-sampling,
 # a one-pixel head.
@@ -430,7 +430,7 @@ def test_broadcast_logits_and_target(backend, device):
 
 @pytest.mark.parametrize("backend", ["eager"] + cpu_backends())
 def test_check_labels_false_changes_nothing_off_cuda(backend):
-    """check_labels=False only lets the CUDA kernel skip its synchronisation: elsewhere the
+    """check_labels=False only lets the GPU paths skip their synchronisation: on the CPU the
     result is the same and a bad label still raises."""
     logits, target = make_inputs((1, 5, 3, 4, 6, 7))
     checked = loss_and_grad(backend, logits, target, thresh=0.7, min_kept=5)
@@ -766,6 +766,23 @@ def test_cuda_check_labels_false():
     target[1, 3, 4] = 9
     loss, _ = loss_and_grad("cuda", logits, target, thresh=0.7, min_kept=5, check_labels=False)
     assert loss.isnan()
+
+
+@requires_cuda
+def test_eager_on_cuda_skips_the_label_check_only_when_told(monkeypatch):
+    """As the CUDA kernel: with check_labels=False the eager path on a GPU leaves out its label
+    check (a host synchronisation), so an eager training step synchronises as often as mmseg's."""
+    from bisenet_fast.ops import ohem_cross_entropy as ohem
+
+    checks = []
+    monkeypatch.setattr(ohem, "check_target_labels", lambda *args: checks.append(args))
+    logits, target = make_inputs(SHAPES[0], device="cuda")
+    with bf.backends.use("eager"):
+        unchecked = bf.ops.ohem_cross_entropy(logits, target, thresh=0.7, min_kept=5, check_labels=False)
+        assert not checks
+        checked = bf.ops.ohem_cross_entropy(logits, target, thresh=0.7, min_kept=5)
+        assert len(checks) == 1
+    assert torch.equal(checked, unchecked)
 
 
 @requires_cuda_build

@@ -168,10 +168,11 @@ def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_ind
     names the first one that does not.
 
     check_labels=False: the caller has checked the labels (e.g. once for all five heads, as
-    BiSeNetV2Segmentor.loss does), so the CUDA kernel skips its one host synchronisation,
-    the label check; there a label outside [0, C) makes the loss NaN instead of raising.
-    The other backends check either way (free on the CPU; the Triton kernel synchronises
-    anyway, to choose its selection on the host).
+    BiSeNetV2Segmentor.loss does), so on a GPU the CUDA kernel and the eager path skip the
+    label check, a host synchronisation. A label outside [0, C) then makes the CUDA kernel's
+    loss NaN, and trips PyTorch's device-side assert in the eager path, instead of raising.
+    On the CPU, and in the Triton kernel (which synchronises anyway, to choose its selection
+    on the host), the labels are checked either way.
 
     A NaN or infinite logit read by a valid pixel makes the loss NaN or inf and the gradient
     non-finite, as in the reference (whose CE * weight is NaN even at weight 0), so that the
@@ -183,7 +184,8 @@ def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_ind
     if not isinstance(check_labels, bool):
         raise TypeError(f"check_labels must be a bool, got {check_labels!r}")
     if backend == "eager":
-        check_target_labels(logits.shape[1], target, ignore_index)
+        if check_labels or not logits.is_cuda:
+            check_target_labels(logits.shape[1], target, ignore_index)
         return ohem_cross_entropy_reference(
             logits, target, thresh=thresh, min_kept=min_kept, ignore_index=ignore_index
         )
