@@ -7,8 +7,9 @@ channels_last (the layout of the fused inference model); training N=4 C=128 at 1
 input read once and the output written once; forward+backward, that plus grad_out and
 the four inputs read once and the four gradients written once.
 
-impls: eager, compile (torch.compile of the reference; on CPU only without --quick, its
-C++ build is slow), cpp on CPU, cuda and triton on GPU. dtypes float32 and float16 on GPU;
+impls: eager, compile (torch.compile of the reference, compiled anew for each case and
+mode, --compile-mode; on CPU only without --quick, its C++ build is slow), cpp on CPU, cuda
+and triton on GPU. dtypes float32 and float16 on GPU;
 float32 on CPU (the CPU target).
 
     python -m benchmarks.bench_bga [--device cuda] [--quick] [--out out.json]
@@ -21,7 +22,7 @@ import sys
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import measure, result_row
+from benchmarks.timing import compile_baseline, default_compile_mode, measure, result_row
 from bisenet_fast.ops.bga import bga_aggregate_reference
 from benchmarks.run import main as cli
 
@@ -65,7 +66,8 @@ def _fused(impl):
     return call
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool, compile_mode: str | None = None):
+    compile_mode = compile_mode or default_compile_mode(device)
     device = torch.device(device)
     gpu = device.type == "cuda"
     dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
@@ -73,29 +75,31 @@ def run(device: str, quick: bool) -> list[dict]:
     with_compile = gpu or not quick
     repeats = 5 if quick else (50 if gpu else 10)
     warmup = 2 if quick else 5
-    rows = []
     for dtype in dtypes:
         for name, n, H, W, channels_last in CASES:
             inputs = _inputs(n, H, W, channels_last, dtype, device, quick)
             high, low = inputs[0].numel(), inputs[1].numel()
             element = inputs[0].element_size()
-            impls = [("eager", bga_aggregate_reference)]
+            # (impl, a function making its callable): the compiled baseline is made per mode
+            impls = [("eager", lambda: bga_aggregate_reference)]
             if with_compile:
-                impls.append(("compile", torch.compile(bga_aggregate_reference)))
-            impls += [(impl, _fused(impl)) for impl in fused_impls]
+                impls.append(("compile", lambda: compile_baseline(bga_aggregate_reference, compile_mode)))
+            impls += [(impl, lambda impl=impl: _fused(impl)) for impl in fused_impls]
             for mode, wrap, bytes_moved in (
                 ("forward", _forward, (2 * high + 3 * low) * element),
                 ("forward+backward", _forward_backward, (2 * high + 3 * low + 3 * high + 6 * low) * element),
             ):
                 eager = None
-                for impl, fn in impls:
-                    timing = measure(wrap(fn, inputs), device, warmup=warmup, repeats=repeats)
+                for impl, make in impls:
+                    timing = measure(wrap(make(), inputs), device, warmup=warmup, repeats=repeats)
                     eager = eager or timing
-                    rows.append(result_row(
-                        "bga_aggregate", f"{name} {'channels_last' if channels_last else 'NCHW'} {mode}", impl, dtype,
+                    case = f"{name} {'channels_last' if channels_last else 'NCHW'} {mode}"
+                    if impl == "compile":
+                        case += f" mode={compile_mode}"
+                    yield result_row(
+                        "bga_aggregate", case, impl, dtype,
                         list(inputs[0].shape) + ["low"] + list(inputs[1].shape[-2:]), timing, eager, bytes_moved,
-                    ))
-    return rows
+                    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 against the ways to compute the same thing without it:
 
   eager          F.conv2d (1x1, bias) + bga_aggregate_reference
-  compile        torch.compile of that (GPU, or CPU without --quick: its C++ build is slow)
+  compile        torch.compile of that, compiled anew per case (--compile-mode; GPU, or CPU
+                 without --quick: its C++ build is slow)
   conv+<impl>    F.conv2d + the fused bga_aggregate (what FusedBGALayer ran before)
   <impl>         the fused GEMM + aggregation (cpp on CPU, triton on GPU)
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 import bisenet_fast as bf
 from benchmarks.run import main as cli
-from benchmarks.timing import measure, result_row
+from benchmarks.timing import compile_baseline, default_compile_mode, measure, result_row
 from bisenet_fast.ops.bga_pointwise import bga_pointwise_aggregate_reference
 
 C = 128
@@ -57,7 +58,8 @@ def _fused(impl):
     return call
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool, compile_mode: str | None = None):
+    compile_mode = compile_mode or default_compile_mode(device)
     device = torch.device(device)
     gpu = device.type == "cuda"
     dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
@@ -69,7 +71,6 @@ def run(device: str, quick: bool) -> list[dict]:
     with_compile = gpu or not quick
     repeats = 5 if quick else (50 if gpu else 10)
     warmup = 2 if quick else 5
-    rows = []
     for dtype in dtypes:
         for name, n, H, W in CASES:
             inputs = _inputs(n, H, W, dtype, device, quick)
@@ -77,7 +78,7 @@ def run(device: str, quick: bool) -> list[dict]:
             bytes_moved = (2 * inputs[0].numel() + 3 * inputs[3].numel() + inputs[1].numel() + C) * element
             impls = [("eager", bga_pointwise_aggregate_reference)]
             if with_compile:
-                impls.append(("compile", torch.compile(bga_pointwise_aggregate_reference)))
+                impls.append(("compile", compile_baseline(bga_pointwise_aggregate_reference, compile_mode)))
             impls += [(f"conv+{impl}", _conv_then_aggregate(impl)) for impl in aggregate_impls]
             impls += [(impl, _fused(impl)) for impl in fused_impls]
             eager = None
@@ -87,11 +88,11 @@ def run(device: str, quick: bool) -> list[dict]:
                         return fn(*inputs)
                 timing = measure(call, device, warmup=warmup, repeats=repeats)
                 eager = eager or timing
-                rows.append(result_row(
-                    "bga_pointwise_aggregate", f"{name} channels_last forward", impl, dtype,
+                case = f"{name} channels_last forward" + (f" mode={compile_mode}" if impl == "compile" else "")
+                yield result_row(
+                    "bga_pointwise_aggregate", case, impl, dtype,
                     list(inputs[0].shape) + ["low"] + list(inputs[3].shape[-2:]), timing, eager, bytes_moved,
-                ))
-    return rows
+                )
 
 
 if __name__ == "__main__":

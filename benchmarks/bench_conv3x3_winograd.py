@@ -33,13 +33,12 @@ CPU_IMAGE = (512, 1024)  # the CPU whole-model target's setting
 QUICK_IMAGE = (128, 256)
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool):
     if torch.device(device).type != "cpu":
-        return []
+        return
     image = QUICK_IMAGE if quick else CPU_IMAGE
     repeats = 5 if quick else 20
     gen = torch.Generator().manual_seed(0)
-    rows = []
     for where, cin, cout, frac, count in CONVS:
         h, w = image[0] // frac, image[1] // frac
         x = torch.randn(1, cin, h, w, generator=gen)
@@ -62,8 +61,7 @@ def run(device: str, quick: bool) -> list[dict]:
             row = result_row("conv3x3_winograd", f"{where}: {cin}->{cout} x{count}, {layout}", impl, torch.float32,
                              [1, cin, h, w], timing, eager)
             row["gflops"] = 2 * h * w * cin * cout * 9 / timing["ms"] / 1e6  # direct-conv FLOPs per second
-            rows.append(row)
-    return rows
+            yield row
 
 
 if __name__ == "__main__":

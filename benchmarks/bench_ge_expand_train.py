@@ -1,7 +1,8 @@
 """GE expansion convs in training (grouped 3x3 conv -> BN with batch statistics -> [ReLU]):
 forward + backward of the fused op (bisenet_fast.ops.ge_expand_train, via
 FusedExpandConvModule) against the eager ConvModule, per distinct expansion conv of
-BiSeNetV2, and the whole segmentor's training step with use_fused_ge_training() on vs off.
+BiSeNetV2, and the whole segmentor's training step with use_fused_ge_training() on ("triton
+GE"/"cpp GE") vs off ("eager GE"), every other op on backend auto in both.
 
 Besides time and GPU peak memory, rows report "saved_mb": the bytes autograd keeps for
 backward (distinct storages, counted with saved_tensors_hooks).
@@ -45,7 +46,6 @@ def _row(op, case, impl, dtype, shape, timing, base, saved):
 
 
 def _conv_rows(device, gpu, quick, batch, image, repeats):
-    rows = []
     fused_impl = "triton" if gpu else "cpp"
     for cin, ratio, stride, relu, frac in CONVS:
         size = image // frac
@@ -59,17 +59,17 @@ def _conv_rows(device, gpu, quick, batch, image, repeats):
         for impl, module in candidates:
             def step(module=module):
                 module(x).backward(grad)
+                x.grad = None  # else every call after the first also adds into the old gradients
+                module.zero_grad(set_to_none=True)
 
             timing = measure(step, device, warmup=2 if quick else 5, repeats=repeats)
             base = base or timing
             saved = saved_activation_mb(lambda module=module: module(x), exclude=[*module.state_dict().values(), x])
-            rows.append(_row("ge_expand_train", f"{cin}x{ratio} s{stride}{' relu' if relu else ''}", impl,
-                             torch.float32, x.shape, timing, base, saved))
-    return rows
+            yield _row("ge_expand_train", f"{cin}x{ratio} s{stride}{' relu' if relu else ''}", impl,
+                       torch.float32, x.shape, timing, base, saved)
 
 
 def _model_rows(device, gpu, quick, batch, image, repeats):
-    rows = []
     torch.manual_seed(0)
     eager = BiSeNetV2Segmentor(num_classes=19, ohem=True).to(device).train()
     fused = use_fused_ge_training(copy.deepcopy(eager))
@@ -78,7 +78,8 @@ def _model_rows(device, gpu, quick, batch, image, repeats):
     autocast = [False, True] if gpu else [False]
     for amp in autocast:
         base = None
-        for impl, model in (("eager", eager), ("triton" if gpu else "cpp", fused)):
+        # The two differ in the GE expansion convs only: every other op runs on backend auto.
+        for impl, model in (("eager GE", eager), (f"{'triton' if gpu else 'cpp'} GE", fused)):
             def forward(model=model):
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     return sum(model.loss(x, target).values())
@@ -90,21 +91,19 @@ def _model_rows(device, gpu, quick, batch, image, repeats):
             timing = measure(step, device, warmup=1 if quick else 3, repeats=max(3, repeats // 2))
             base = base or timing
             saved = saved_activation_mb(forward, exclude=[*model.state_dict().values(), x, target])
-            rows.append(_row("train_step_ge_fused", "segmentor loss+backward (OHEM)", impl,
-                             torch.float16 if amp else torch.float32, x.shape, timing, base, saved))
-    return rows
+            yield _row("train_step_ge_fused", "segmentor loss+backward (OHEM), other ops auto", impl,
+                       torch.float16 if amp else torch.float32, x.shape, timing, base, saved)
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool):
     device = torch.device(device)
     gpu = device.type == "cuda"
     if gpu:
         batch, image, model_image, repeats = (2, 512, 512, 10) if quick else (4, 1024, 1024, 20)
     else:
         batch, image, model_image, repeats = (2, 256, 128, 3) if quick else (2, 512, 256, 5)
-    return _conv_rows(device, gpu, quick, batch, image, repeats) + _model_rows(
-        device, gpu, quick, batch, model_image, repeats
-    )
+    yield from _conv_rows(device, gpu, quick, batch, image, repeats)
+    yield from _model_rows(device, gpu, quick, batch, model_image, repeats)
 
 
 if __name__ == "__main__":

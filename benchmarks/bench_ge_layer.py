@@ -2,7 +2,7 @@
 fused op replaces (expand dwconv -> projection + residual/shortcut + ReLU).
 
 impls: eager (the folded-BN reference, NCHW and channels_last), compile (torch.compile of
-the reference, GPU only), and the fused kernels (cpp on CPU; on GPU triton and cuda, the
+the reference in channels_last, per layer and dtype, --compile-mode; GPU only), and the fused kernels (cpp on CPU; on GPU triton and cuda, the
 CUDA kernels that keep the expanded values in shared memory). On GPU also triton-unsplit,
 the Triton kernels with split-K off, in the layers whose grid splits its K loop, to show
 what the split buys; and triton-8warps, the 8-warp blocks the float16 layers up to 64
@@ -18,7 +18,7 @@ import sys
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import achieved_gbps, measure, speedups
+from benchmarks.timing import achieved_gbps, compile_baseline, default_compile_mode, measure, speedups
 from bisenet_fast.models.bisenetv2 import GELayer
 from bisenet_fast.models.fused import FusedGELayer
 from bisenet_fast.ops import ge_layer as ge
@@ -78,14 +78,14 @@ def _layer(cin, cout, stride, device, dtype) -> FusedGELayer:
     return FusedGELayer(layer.eval()).to(device=device, dtype=dtype)
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool, compile_mode: str | None = None):
+    compile_mode = compile_mode or default_compile_mode(device)
     device = torch.device(device)
     gpu = device.type == "cuda"
     dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
     image = QUICK_IMAGE if quick else (FULL_IMAGE if gpu else CPU_IMAGE)
     fused_impl = "triton" if gpu else "cpp"
     repeats = 5 if quick else (50 if gpu else 10)
-    rows = []
     for dtype in dtypes:
         for cin, cout, stride, frac in LAYERS:
             h, w = image[0] // frac, image[1] // frac
@@ -101,9 +101,10 @@ def run(device: str, quick: bool) -> list[dict]:
             op = ge.ge_layer_stride1 if stride == 1 else ge.ge_layer_stride2
             candidates = [("eager", "NCHW", lambda: reference(x, y, *weights)),
                           ("eager", "channels_last", lambda: reference(x_cl, y_cl, *weights))]
-            if gpu:
-                compiled = torch.compile(reference)
-                candidates.append(("compile", "channels_last", lambda: compiled(x_cl, y_cl, *weights)))
+            if gpu:  # one compile per layer and dtype (compile_baseline resets dynamo's caches)
+                compiled = compile_baseline(reference, compile_mode)
+                candidates.append(("compile", f"channels_last mode={compile_mode}",
+                                   lambda: compiled(x_cl, y_cl, *weights)))
             def fused_op():
                 with bf.backends.use(fused_impl):
                     return op(x_cl, y_cl, *weights, triton_weights=packed)
@@ -125,19 +126,20 @@ def run(device: str, quick: bool) -> list[dict]:
                     with _eight_warps():
                         return op(x_cl, y_cl, *weights, triton_weights=packed)
                 candidates.append(("triton-8warps", "channels_last", eight_warps))
-            min_bytes = (2 * x.numel() + cout * out_h * out_w) * x.element_size()
+            # x and y read once, the output written once, the folded weights read once
+            min_bytes = (2 * x.numel() + cout * out_h * out_w) * x.element_size() + sum(
+                t.numel() * t.element_size() for t in weights)
             base = None
             for impl, layout, fn in candidates:
                 with torch.inference_mode():
                     timing = measure(fn, device, warmup=2 if quick else 5, repeats=repeats)
                 base = base or timing
-                rows.append({
+                yield {
                     "op": "ge_layer", "case": f"{cin}->{cout} s{stride}", "impl": impl, "layout": layout,
                     "dtype": str(dtype).replace("torch.", ""), "shape": [1, cin, h, w],
                     "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
                     **speedups(base, timing), "gbps": achieved_gbps(min_bytes, timing),
-                })
-    return rows
+                }
 
 
 if __name__ == "__main__":

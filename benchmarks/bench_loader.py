@@ -21,6 +21,7 @@ from bisenet_fast.data.sampler import InfiniteShardedSampler
 from bisenet_fast.data.synthetic import generate
 from bisenet_fast.data.transforms import TrainPipeline
 from benchmarks.run import main as cli
+from benchmarks.timing import device_name
 
 
 def loader_rate(dataset, workers: int, batch: int, batches: int) -> float:
@@ -35,24 +36,22 @@ def loader_rate(dataset, workers: int, batch: int, batches: int) -> float:
     return batches * batch / (time.perf_counter() - start)
 
 
-def run(device: str = "cpu", quick: bool = True) -> list[dict]:
+def run(device: str = "cpu", quick: bool = True):
     height, width = (256, 512) if quick else (1024, 2048)
     factor = width / 2048
     pipeline = TrainPipeline(img_scale=(width, height), crop_size=(int(1024 * factor), int(1024 * factor)))
     batch, batches = 4, (4 if quick else 8)
-    rows = []
     with tempfile.TemporaryDirectory() as root:
         generate(root, num_train=8, num_val=0, height=height, width=width)
         dataset = CityscapesDataset(root, "train", pipeline)
         for workers in (0, 1, 2):
             rate = loader_rate(dataset, workers, batch, batches)
-            rows.append({
-                "op": "train_loader", "case": f"{height}x{width} crop {pipeline.crop_size[0]}", "impl": f"workers={workers}",
+            yield {  # CPU work whatever --device says: the row names the CPU it ran on
+                "op": "train_loader", "runs_on": device_name("cpu"), "case": f"{height}x{width} crop {pipeline.crop_size[0]}", "impl": f"workers={workers}",
                 "dtype": "uint8->float32", "shape": [batch, 3, *pipeline.crop_size], "ms": 1000 / rate,
                 "ms_min": None, "peak_extra_mb": None, "speedup_vs_eager": None,
                 "samples_per_s": rate, "samples_per_s_per_worker": rate / max(1, workers),
-            })
-    return rows
+            }
 
 
 if __name__ == "__main__":

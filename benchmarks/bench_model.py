@@ -1,14 +1,17 @@
 """Whole-network inference (BiSeNetV2Segmentor.forward: logits at the input size).
 
 impls: eager (the unfused model with every op's eager reference, NCHW and channels_last),
-compile (torch.compile of that model; GPU only, --compile-mode picks the mode), and the
-fused model from model.fuse() (its GE kernels: cpp on CPU, triton on GPU), on GPU also
-replayed as one CUDA graph, and run with the GE layers on their CUDA kernels (cuda-ge); and
+compile (torch.compile of that model in either layout, compiled anew for each size and
+dtype; GPU only, --compile-mode picks the mode, max-autotune by default), and the fused
+model from model.fuse() (its GE kernels: cpp on CPU, triton on GPU), on GPU also replayed as
+one CUDA graph, and run with the GE layers on their CUDA kernels (cuda-ge); and
 model.fuse(autotune=True) (autotuned: each GE layer runs the fastest of its fused kernels
 and the folded convs through ATen/cuDNN in either layout, chosen on the first call; the
-row's "autotune_choices" names each layer's), on GPU also as a CUDA graph.
+row's "autotune_choices" gives each layer's choice and every candidate's time), on GPU also
+as a CUDA graph. A CUDA-graph row's peak_extra_mb is 0: the graph's memory pool is allocated
+at capture, before the measurement (its "graph_pool_mb" says how much).
 Sizes 1x3x1024x2048 (the published fps setting) and 1x3x512x1024; float32, and float16 on
-GPU. Quick: 1x3x256x512 float32.
+GPU; the target's setting (float16 at 1024x2048) first. Quick: 1x3x256x512 float32.
 
     python -m benchmarks.bench_model [--device cuda] [--quick] [--out out.json]
 """
@@ -20,7 +23,7 @@ import sys
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import measure, speedups
+from benchmarks.timing import compile_baseline, default_compile_mode, measure, speedups
 from bisenet_fast.models.autotune import autotune_choices
 from bisenet_fast.models.fused import capture_cuda_graph
 from benchmarks.run import main as cli
@@ -48,66 +51,83 @@ def _eager(model):
     return forward
 
 
-def _fused_with_cuda_ge(fused):
-    """The fused model with its GE layers on their CUDA kernels, its other ops on their usual backends."""
-    def forward(x):
+def _fused_with_cuda_ge(fused, x):
+    """The fused model on x with its GE layers on their CUDA kernels, its other ops on their
+    usual backends."""
+    def forward():
         with bf.backends.use("cuda", ops=["ge_layer_stride1", "ge_layer_stride2"]):
             return fused(x)
 
     return forward
 
 
-def run(device: str, quick: bool, compile_mode: str = "default") -> list[dict]:
+def _captured(model, x):
+    """model on x replayed as one CUDA graph, and the MB its capture allocated."""
+    before = torch.cuda.memory_allocated(x.device)
+    with torch.inference_mode():
+        graphed = capture_cuda_graph(model, x)  # its warm-up runs (and tunes) the model
+    return (lambda: graphed(x)), (torch.cuda.memory_allocated(x.device) - before) / 2**20
+
+
+def candidates(models: dict, x: torch.Tensor, gpu: bool, compile_mode: str):
+    """(impl, variant, zero-argument callable, extra row fields) for one input, in the order
+    they are timed (eager NCHW first: the rows' speed-ups are over it). models: 'eager',
+    'eager_cl' (unfused, NCHW and channels_last), 'fused', 'tuned'."""
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    eager, eager_cl, fused, tuned = (models[k] for k in ("eager", "eager_cl", "fused", "tuned"))
+    yield "eager", "NCHW", (lambda: _eager(eager)(x)), {}
+    yield "eager", "channels_last", (lambda: _eager(eager_cl)(x_cl)), {}
+    if gpu:
+        for variant, model, inputs in (("NCHW", eager, x), ("channels_last", eager_cl, x_cl)):
+            compiled = compile_baseline(model, compile_mode)  # after the previous one's rows
+            yield "compile", f"{variant} mode={compile_mode}", (lambda c=compiled, i=inputs: _eager(c)(i)), {}
+    fused_impl = "triton" if gpu else "cpp"
+    yield fused_impl, "fused channels_last", (lambda: fused(x)), {}
+    if gpu:
+        graphed, pool_mb = _captured(fused, x)
+        yield fused_impl, "fused + CUDA graph", graphed, {"graph_pool_mb": pool_mb}
+        if "cuda" in bf.backends.available():
+            yield "cuda-ge", "fused channels_last", _fused_with_cuda_ge(fused, x), {}
+    yield "autotuned", "fused channels_last", (lambda: tuned(x)), {}
+    if gpu:
+        graphed, pool_mb = _captured(tuned, x)
+        yield "autotuned", "fused + CUDA graph", graphed, {"graph_pool_mb": pool_mb}
+
+
+def run(device: str, quick: bool, compile_mode: str | None = None):
+    compile_mode = compile_mode or default_compile_mode(device)
     device = torch.device(device)
     gpu = device.type == "cuda"
     sizes = QUICK_SIZES if quick else (FULL_SIZES if gpu else CPU_SIZES)
-    dtypes = [torch.float32, torch.float16] if gpu and not quick else [torch.float32]
-    fused_impl = "triton" if gpu else "cpp"
+    dtypes = [torch.float16, torch.float32] if gpu and not quick else [torch.float32]
     repeats = 3 if quick else (30 if gpu else 5)
     model = _model(device)
-    rows = []
     for dtype in dtypes:
-        eager_model = copy.deepcopy(model).to(dtype)
-        eager_cl = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last)
-        fused = model.fuse(dtype=dtype)
-        tuned = model.fuse(dtype=dtype, autotune=True)
-        compiled = torch.compile(eager_model, mode=compile_mode) if gpu else None
+        models = {
+            "eager": copy.deepcopy(model).to(dtype),
+            "eager_cl": copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last),
+            "fused": model.fuse(dtype=dtype),
+            "tuned": model.fuse(dtype=dtype, autotune=True),
+        }
         for h, w in sizes:
             x = torch.randn(1, 3, h, w, device=device, dtype=dtype)
-            x_cl = x.contiguous(memory_format=torch.channels_last)
-            candidates = [("eager", "NCHW", lambda: _eager(eager_model)(x)),
-                          ("eager", "channels_last", lambda: _eager(eager_cl)(x_cl))]
-            if compiled is not None:
-                candidates.append(("compile", f"NCHW mode={compile_mode}", lambda: _eager(compiled)(x)))
-            candidates.append((fused_impl, "fused channels_last", lambda: fused(x)))
-            if gpu:
-                with torch.inference_mode():
-                    graphed = capture_cuda_graph(fused, x)
-                candidates.append((fused_impl, "fused + CUDA graph", lambda: graphed(x)))
-                if "cuda" in bf.backends.available():
-                    candidates.append(("cuda-ge", "fused channels_last", _fused_with_cuda_ge(fused)))
-            candidates.append(("autotuned", "fused channels_last", lambda: tuned(x)))
-            if gpu:
-                with torch.inference_mode():
-                    graphed_tuned = capture_cuda_graph(tuned, x)  # its warm-up tunes
-                candidates.append(("autotuned", "fused + CUDA graph", lambda: graphed_tuned(x)))
             base = None
-            for impl, variant, fn in candidates:
+            for impl, variant, fn, extra in candidates(models, x, gpu, compile_mode):
                 with torch.inference_mode():
                     # a whole network's kernels: enough names to see where its time goes
                     timing = measure(fn, device, warmup=1 if quick else 5, repeats=repeats, top_kernels=15)
                 base = base or timing
-                rows.append({
+                row = {
                     "op": "bisenetv2_inference", "case": variant, "impl": impl,
                     "dtype": str(dtype).replace("torch.", ""), "shape": [1, 3, h, w],
                     "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
-                    **speedups(base, timing), "fps": 1e3 / timing["ms"],
-                })
-                if impl == "autotuned":  # each GE layer's choice at this size (its latest tuning)
-                    rows[-1]["autotune_choices"] = {
-                        layer: entries[-1]["choice"] for layer, entries in autotune_choices(tuned).items()
+                    **speedups(base, timing), "fps": 1e3 / timing["ms"], **extra,
+                }
+                if impl == "autotuned":  # each GE layer's tuning at this size: choice and candidates' ms
+                    row["autotune_choices"] = {
+                        layer: entries[-1] for layer, entries in autotune_choices(models["tuned"]).items()
                     }
-    return rows
+                yield row
 
 
 if __name__ == "__main__":

@@ -23,10 +23,9 @@ IMAGES = [(512, 1024), (1024, 2048)]
 QUICK_IMAGES = [(128, 256)]
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool):
     if torch.device(device).type != "cpu":
-        return []
-    rows = []
+        return
     for h, w in QUICK_IMAGES if quick else IMAGES:
         x = torch.randn(1, 19, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -41,9 +40,8 @@ def run(device: str, quick: bool) -> list[dict]:
                 timing = measure(fn, device, warmup=2, repeats=5 if quick else 20)
             eager = eager or timing
             bytes_moved = (x.numel() + 19 * h * w) * x.element_size()
-            rows.append(result_row("resize_bilinear", f"19x{h // 8}x{w // 8} -> {h}x{w}, {layout}", impl,
-                                   torch.float32, list(x.shape), timing, eager, bytes_moved))
-    return rows
+            yield result_row("resize_bilinear", f"19x{h // 8}x{w // 8} -> {h}x{w}, {layout}", impl,
+                             torch.float32, list(x.shape), timing, eager, bytes_moved)
 
 
 if __name__ == "__main__":

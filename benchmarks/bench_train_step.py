@@ -99,7 +99,7 @@ class TrainStep:
         return saved_activation_mb(self.forward_loss, exclude=resident)
 
 
-def run(device: str = "cpu", quick: bool = True) -> list[dict]:
+def run(device: str = "cpu", quick: bool = True):
     dev = torch.device(device)
     batch, size = QUICK_SHAPE if quick else FULL_SHAPE
     on_cpu = dev.type == "cpu"
@@ -110,7 +110,6 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
         cases = list(RECIPES)
         warmup, repeats = (2, 3) if quick else (2, 10)
     fused_backend = bf.backends.resolve("ohem_cross_entropy", dev)
-    rows = []
     for case in cases:
         recipe = load_recipe(RECIPES[case])
         if case in AMP_OVERRIDES:
@@ -123,13 +122,12 @@ def run(device: str = "cpu", quick: bool = True) -> list[dict]:
                 t = measure(train_step.step, dev, warmup=warmup, repeats=repeats, top_kernels=15)  # a whole step
             del train_step
             eager = eager or t
-            rows.append({
+            yield {
                 "op": "train_step", "case": case, "impl": impl.replace("fused", fused_backend),
                 "dtype": (recipe.get("amp") or {}).get("dtype", "float32"), "shape": [batch, 3, size, size],
                 "ms": t["ms"], "ms_min": t["ms_min"], "repeats": repeats, "saved_mb": saved_mb,
                 "peak_extra_mb": t["peak_extra_mb"], **speedups(eager, t),
-            })
-    return rows
+            }
 
 
 if __name__ == "__main__":

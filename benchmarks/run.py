@@ -3,8 +3,11 @@
     python -m benchmarks.run [--device cuda] [--quick] [--only ohem,bga] [--out results.json]
     python -m benchmarks.bench_bga [same options]      (one module)
 
-Each module exposes run(device: str, quick: bool) -> list[dict] (bench_model also takes
-compile_mode); the JSON records the device, torch/triton versions, build and date.
+Each module exposes run(device: str, quick: bool) -> an iterable of row dicts (a generator,
+so that every row is kept as soon as it is measured); modules that build torch.compile
+baselines also take compile_mode. The JSON records the device, torch/triton versions, build,
+commit, compile mode, the device's copy bandwidth and the date, and is rewritten (atomically)
+after every row: a run stopped at a deadline keeps all it measured.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import datetime
 import importlib
 import inspect
 import json
+import os
 import pkgutil
+import subprocess
 import sys
 import traceback
 
@@ -21,18 +26,22 @@ import torch
 
 import benchmarks
 import bisenet_fast as bf
-from benchmarks.timing import device_name
+from benchmarks.timing import copy_bandwidth_gbps, default_compile_mode, device_name
 
 COLUMNS = ("op", "case", "impl", "dtype", "ms", "speedup_vs_eager", "device_ms", "device_x_eager", "saved_mb",
-           "peak_extra_mb", "gbps", "samples_per_s")
+           "peak_extra_mb", "gbps", "pct_of_copy_bw", "samples_per_s")
+# The modules the issues' targets are measured by, first: a run cut short at its deadline
+# loses the others.
+FIRST = ("bench_ohem_cross_entropy", "bench_bga", "bench_train_step", "bench_model", "bench_ge_layer")
 
 
 def modules(only: list[str] | None):
-    """Benchmark module names: all, sorted; or those matching `only`, in the order of its
-    keys (so a time-limited run does the first-named ones first)."""
+    """Benchmark module names: all, the targets' (FIRST) first, then the rest sorted; or those
+    matching `only`, in the order of its keys (so a time-limited run does the first-named
+    ones first)."""
     names = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_"))
     if not only:
-        return names
+        return [n for n in FIRST if n in names] + [n for n in names if n not in FIRST]
     unmatched = [key for key in only if not any(key in n for n in names)]
     if unmatched:
         raise ValueError(f"--only: no benchmark module matches {', '.join(map(repr, unmatched))}; "
@@ -53,47 +62,110 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
 
 
+def commit() -> str | None:
+    """The checkout's commit, with "+dirty" for uncommitted changes (None outside git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def run_metadata(device: str, quick: bool, compile_mode: str, argv: list[str]) -> dict:
+    meta = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "build": bf.build_info(),
+        "commit": commit(),
+        "argv": argv,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "compile_mode": compile_mode,
+    }
+    if torch.device(device).type == "cuda":
+        meta.update({
+            "cudnn": torch.backends.cudnn.version(),
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "copy_gbps": copy_bandwidth_gbps(device),
+        })
+    return meta
+
+
+class Results:
+    """The run's rows and failures, rewritten to `path` (if any) after every change: to a
+    temporary file, then renamed over the old one, so a run killed mid-write leaves the
+    previous complete file."""
+
+    def __init__(self, meta: dict, path: str | None):
+        self.meta, self.path = meta, path
+        self.rows: list[dict] = []
+        self.failed: list[str] = []
+
+    def add(self, row: dict) -> None:
+        copy_gbps = self.meta.get("copy_gbps")
+        if copy_gbps and row.get("gbps"):
+            row["pct_of_copy_bw"] = 100 * row["gbps"] / copy_gbps
+        self.rows.append(row)
+        self.save()
+
+    def fail(self, module: str) -> None:
+        self.failed.append(module)
+        self.save()
+
+    def start(self, module: str | None) -> None:
+        self.meta["running"] = module  # which module a run stopped at its deadline was in
+        self.save()
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        temporary = f"{self.path}.tmp"
+        with open(temporary, "w") as f:
+            json.dump({"meta": self.meta, "rows": self.rows, "failed": self.failed}, f, indent=1)
+        os.replace(temporary, self.path)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes (CI-sized)")
     parser.add_argument("--only", default="", help="comma-separated substrings of module names, run in this order")
     parser.add_argument("--out", default=None, help="write the rows and metadata as JSON here")
-    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the whole-model baseline")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the compiled baselines (default: max-autotune on GPU, "
+                             "default on CPU)")
     args = parser.parse_args(argv)
-
-    meta = {
-        "device": device_name(args.device),
-        "torch": torch.__version__,
-        "build": bf.build_info(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick,
-    }
     try:
         names = modules([s for s in args.only.split(",") if s])
     except ValueError as err:
         parser.error(str(err))
-    rows, failures = [], []
+    compile_mode = args.compile_mode or default_compile_mode(args.device)
+    results = Results(run_metadata(args.device, args.quick, compile_mode, argv), args.out)
     for name in names:
         print(f"== {name}", flush=True)
+        results.start(name)
+        first = len(results.rows)
         try:
             run = importlib.import_module(f"benchmarks.{name}").run
-            options = {"compile_mode": args.compile_mode} if "compile_mode" in inspect.signature(run).parameters else {}
-            module_rows = run(args.device, args.quick, **options)
+            options = {"compile_mode": compile_mode} if "compile_mode" in inspect.signature(run).parameters else {}
+            for row in run(args.device, args.quick, **options):
+                results.add(row)
         except Exception:  # one broken benchmark must not hide the others' numbers
-            failures.append(name)
+            results.fail(name)
             traceback.print_exc()
-            continue
-        rows += module_rows
-        print(format_table(module_rows), flush=True)
-        if args.out:  # written after every module so a time-out still leaves results
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "rows": rows, "failed": failures}, f, indent=1)
+        print(format_table(results.rows[first:]), flush=True)
+    results.start(None)
+    meta = results.meta
     print(f"\n{meta['device']} | torch {meta['torch']} | {meta['date']}")
-    print(format_table(rows))
-    if failures:
-        print(f"FAILED benchmark modules: {', '.join(failures)}", file=sys.stderr)
-    return 1 if failures else 0
+    print(format_table(results.rows))
+    if results.failed:
+        print(f"FAILED benchmark modules: {', '.join(results.failed)}", file=sys.stderr)
+    return 1 if results.failed else 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ number that does not depend on the device's allocator.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import warnings
@@ -124,6 +125,57 @@ def saved_activation_mb(fn: Callable[[], object], exclude: Iterable[torch.Tensor
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         fn()
     return sum(storage.nbytes() for storage in saved.values()) / 2**20
+
+
+def compile_baseline(fn: Callable, mode: str, *, backend: str = "inductor") -> Callable:
+    """torch.compile of an eager baseline, for one benchmark case (one shape, dtype, layout
+    and grad mode): build a new one per case.
+
+    Dynamo's caches are reset first and shapes are static. Compiled again and again for new
+    shapes, one function would be recompiled with dynamic shapes (automatic dynamic) and,
+    past the recompile limit, run eagerly without a word: rows labelled "compile" would time
+    something else. After its first call (the one that compiles), a call that would
+    recompile raises instead (torch.compiler.set_stance, torch 2.6+).
+    """
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, mode=mode, dynamic=False, backend=backend)
+    compiled_once = False
+
+    def call(*args, **kwargs):
+        nonlocal compiled_once
+        stance = _no_recompiles() if compiled_once else contextlib.nullcontext()
+        compiled_once = True
+        with stance:
+            return compiled(*args, **kwargs)
+
+    return call
+
+
+def _no_recompiles():
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("fail_on_recompile") if set_stance else contextlib.nullcontext()
+
+
+def default_compile_mode(device: str | torch.device) -> str:
+    """The torch.compile mode of the baselines: max-autotune on a GPU (the issues' targets
+    name it), the default mode on the CPU (max-autotune's C++ GEMM tuning there takes longer
+    than a CPU benchmark run)."""
+    return "max-autotune" if torch.device(device).type == "cuda" else "default"
+
+
+def copy_bandwidth_gbps(device: str | torch.device, mib: int = 1024) -> float | None:
+    """The device memory bandwidth a plain copy achieves (GB/s: bytes read + written over the
+    copy kernel's time in the median of 5 calls), the practical peak that the memory-bound kernels'
+    GB/s are compared with. None off CUDA or without profiler timing."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    busy, _ = device_busy_ms(lambda: dst.copy_(src), device, repeats=5, top=1)
+    return 2 * src.numel() / busy / 1e6 if busy else None
 
 
 def device_name(device: str | torch.device) -> str:

@@ -6,12 +6,13 @@
 #
 #   scripts/gpu_check.sh OUT_DIR [TOTAL_S]
 # TOTAL_S (default 540): the whole script's time; the build gets at most 240 s, the tests
-# at most TESTS_S (default 180) while leaving the benchmarks 120 s, and the benchmarks the
+# at most TESTS_S (default 180) while leaving the benchmarks 140 s, and the benchmarks the
 # rest, so a lent machine's minutes are used to the end and nothing outlives the call.
 # Environment: TESTS (pytest selection, default: tests, on 8 xdist workers), TESTS_S,
 # TESTS_K (a pytest -k expression, e.g. "cuda or triton" to run the GPU tests first),
 # BENCH_ONLY (comma-separated benchmark module substrings, run in that order; default: all),
-# BENCH_ARGS (extra benchmarks.run arguments).
+# BENCH_ARGS (extra benchmarks.run arguments, e.g. "--compile-mode default": the compiled
+# baselines take max-autotune on a GPU otherwise, whose tuning takes minutes per model).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [TOTAL_S]}
 deadline=$(( $(date +%s) + ${2:-540} ))

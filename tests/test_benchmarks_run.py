@@ -1,19 +1,26 @@
 """Every benchmark module runs on its quick shapes on the CPU and returns well-formed rows, so
-a broken benchmark shows here rather than on a lent GPU machine's scarce minutes."""
+a broken benchmark shows here rather than on a lent GPU machine's scarce minutes; the runner
+keeps every row measured, also of a module that fails or a run that is stopped."""
+import copy
 import importlib
+import json
 import math
+import sys
+import types
 
 import pytest
+import torch
 
+from benchmarks import bench_model
 from benchmarks import run as runner
-from benchmarks.timing import device_name
+from benchmarks.timing import compile_baseline, device_name
 
 REQUIRED = ("op", "case", "impl", "dtype", "ms")
 
 
 @pytest.mark.parametrize("module", runner.modules(None))
 def test_module_runs_quick_on_cpu(module):
-    rows = importlib.import_module(f"benchmarks.{module}").run("cpu", True)
+    rows = list(importlib.import_module(f"benchmarks.{module}").run("cpu", True))
     assert rows, f"{module} returned no rows on the CPU"
     for row in rows:
         missing = [key for key in REQUIRED if key not in row]
@@ -29,7 +36,13 @@ def test_device_name_names_the_cpu_threads():
 def test_only_runs_matching_modules_in_the_given_order():
     assert runner.modules(["ohem", "bga", "ohem_cross"]) == [
         "bench_ohem_cross_entropy", "bench_bga", "bench_bga_pointwise"]
-    assert runner.modules(None) == sorted(runner.modules(None))
+
+
+def test_all_modules_run_the_targets_modules_first():
+    names = runner.modules(None)
+    assert names[:len(runner.FIRST)] == list(runner.FIRST)
+    rest = names[len(runner.FIRST):]
+    assert rest == sorted(rest) and "bench_loader" in rest and len(set(names)) == len(names)
 
 
 def test_only_naming_no_module_is_a_usage_error(capsys):
@@ -38,3 +51,72 @@ def test_only_naming_no_module_is_a_usage_error(capsys):
         runner.main(["--only", "ohem,nosuch"])
     assert exit_.value.code == 2
     assert "no benchmark module matches 'nosuch'" in capsys.readouterr().err
+
+
+def _fake_module(monkeypatch, name, run):
+    module = types.ModuleType(f"benchmarks.{name}")
+    module.run = run
+    monkeypatch.setitem(sys.modules, f"benchmarks.{name}", module)
+    monkeypatch.setattr(runner, "modules", lambda only: [name])
+
+
+def test_rows_of_a_module_that_fails_midway_are_kept(tmp_path, monkeypatch):
+    """Every row is written as soon as it is measured; a module raising after two rows keeps
+    them and is listed as failed."""
+    out = tmp_path / "bench.json"
+    seen_on_disk = []
+
+    def run(device, quick):
+        for i in range(2):
+            yield {"op": "fake", "case": str(i), "impl": "eager", "dtype": "float32", "ms": 1.0, "gbps": 10.0}
+            seen_on_disk.append(len(json.loads(out.read_text())["rows"]))
+        raise RuntimeError("broken benchmark")
+
+    _fake_module(monkeypatch, "bench_fake", run)
+    assert runner.main(["--device", "cpu", "--out", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert seen_on_disk == [1, 2]
+    assert [r["case"] for r in result["rows"]] == ["0", "1"] and result["failed"] == ["bench_fake"]
+    assert result["meta"]["running"] is None and result["meta"]["compile_mode"] == "default"
+    assert not (tmp_path / "bench.json.tmp").exists()
+
+
+def test_gbps_rows_get_their_share_of_the_copy_bandwidth(tmp_path):
+    results = runner.Results({"copy_gbps": 200.0}, str(tmp_path / "r.json"))
+    results.add({"op": "a", "gbps": 50.0})
+    results.add({"op": "b"})
+    assert results.rows[0]["pct_of_copy_bw"] == pytest.approx(25.0) and "pct_of_copy_bw" not in results.rows[1]
+
+
+def test_compile_baseline_refuses_to_time_a_recompile():
+    """A compiled baseline is for one case: a call with another shape raises rather than
+    being recompiled (with dynamic shapes) or, past the recompile limit, run eagerly."""
+    fn = compile_baseline(lambda x: x.sin() + 1, "default", backend="eager")
+    x = torch.randn(4, 5)
+    assert torch.equal(fn(x), x.sin() + 1)
+    assert torch.equal(fn(x), x.sin() + 1)  # no recompile: allowed
+    if not hasattr(torch.compiler, "set_stance"):
+        pytest.skip("torch.compiler.set_stance needs torch 2.6+")
+    with pytest.raises(Exception, match="(?i)recompil"):
+        fn(torch.randn(6, 5))
+
+
+def test_model_candidates_all_run_without_arguments(monkeypatch):
+    """bench_model's GPU-only candidates (compile in both layouts, CUDA graphs, cuda-ge) are
+    zero-argument callables like the others: checked on the CPU with the GPU parts faked,
+    since a lent GPU's minutes are too scarce to find such a slip."""
+    monkeypatch.setattr(bench_model, "compile_baseline", lambda model, mode: model)
+    monkeypatch.setattr(bench_model, "_captured", lambda model, x: ((lambda: model(x)), 0.0))
+    monkeypatch.setattr(bench_model.bf.backends, "available", lambda: ["eager", "cpp", "cuda"])
+    monkeypatch.setattr(bench_model.bf.backends, "use", lambda *args, **kwargs: torch.no_grad())
+    model = bench_model._model("cpu")
+    models = {"eager": model, "eager_cl": copy.deepcopy(model).to(memory_format=torch.channels_last),
+              "fused": model.fuse(), "tuned": model.fuse(autotune=True)}
+    x = torch.randn(1, 3, 64, 128)
+    seen = []
+    with torch.inference_mode():
+        for impl, variant, fn, extra in bench_model.candidates(models, x, True, "max-autotune"):
+            assert fn().shape == (1, 19, 64, 128), (impl, variant)
+            seen.append((impl, variant))
+    assert ("compile", "channels_last mode=max-autotune") in seen and ("cuda-ge", "fused channels_last") in seen
+    assert len(seen) == 9
