@@ -450,6 +450,28 @@ def test_cpp_kernel_checks_labels_itself():
         torch.ops.bisenet_fast.ohem_cross_entropy_forward(logits, target, 0.7, 5, 255)
 
 
+def test_cpp_backward_checks_its_scalars():
+    logits, target = make_inputs((1, 5, 3, 4, 6, 7))
+    op = torch.ops.bisenet_fast.ohem_cross_entropy_backward
+    with pytest.raises(RuntimeError, match="grad_loss must hold one value, got shape \\[2\\]"):
+        op(torch.ones(2), logits, target, torch.tensor(0.5), 255)
+    with pytest.raises(RuntimeError, match="threshold must hold one value, got shape \\[1, 2\\]"):
+        op(torch.tensor(1.0), logits, target, torch.ones(1, 2), 255)
+
+
+def test_cuda_emulated_backward_refuses_scalars_off_the_logits_device():
+    """On a GPU a grad_loss or threshold left on the host would be read through a host
+    pointer (an illegal address that kills the CUDA context): the host code refuses it."""
+    from tests import cuda_emulation
+
+    logits, target = make_inputs((1, 5, 3, 4, 6, 7))
+    backward = cuda_emulation.ohem_cross_entropy().backward
+    for grad_loss, threshold, name in ((torch.tensor(1.0, device="meta"), torch.tensor(0.5), "grad_loss"),
+                                       (torch.tensor(1.0), torch.tensor(0.5, device="meta"), "threshold")):
+        with pytest.raises(RuntimeError, match=f"{name} must be on the logits' device"):
+            backward(grad_loss, logits, target, threshold, 255, H200["sm_count"], H200["shared_bytes_optin"])
+
+
 # ---- non-finite logits (a float16 head that overflowed, a diverging run): the loss is
 # non-finite exactly when the reference's is, never a silently finite value that the
 # training loop's check would let through, and so is the gradient.

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
+
 namespace bisenet_fast {
 
 // logits (N, C, h, w) and target (N, H, W), non-empty, on one device; logits float32,
@@ -25,6 +27,19 @@ inline void check_ohem_tensors(const char* kernel, const at::Tensor& logits, con
   const auto t = target.scalar_type();
   TORCH_CHECK(t == at::kByte || t == at::kInt || t == at::kLong,
               "ohem_cross_entropy: target must be uint8, int32 or int64, got ", t);
+}
+
+// The backward's grad_loss and threshold: one value each, on the logits' device (the CUDA
+// kernel reads them there: a host pointer would be an illegal address).
+inline void check_ohem_backward_scalars(const at::Tensor& grad_loss, const at::Tensor& threshold,
+                                        const at::Tensor& logits) {
+  for (const auto& [name, scalar] : {std::pair<const char*, const at::Tensor&>{"grad_loss", grad_loss},
+                                     std::pair<const char*, const at::Tensor&>{"threshold", threshold}}) {
+    TORCH_CHECK(scalar.numel() == 1, "ohem_cross_entropy_backward: ", name, " must hold one value, got shape ",
+                scalar.sizes());
+    TORCH_CHECK(scalar.device() == logits.device(), "ohem_cross_entropy_backward: ", name,
+                " must be on the logits' device (", logits.device(), "), got ", scalar.device());
+  }
 }
 
 // thresh: None (plain cross-entropy) or a probability in (0, 1]; min_kept >= 0.

@@ -460,8 +460,7 @@ at::Tensor ohem_cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at
                                            const at::Tensor& target, const at::Tensor& threshold,
                                            int64_t ignore_index) {
   check_inputs(logits, target);
-  TORCH_CHECK(grad_loss.numel() == 1 && threshold.numel() == 1,
-              "ohem_cross_entropy_backward: grad_loss and threshold must be scalars");
+  check_ohem_backward_scalars(grad_loss, threshold, logits);
   const at::Tensor head = head_logits(logits);
   const at::Tensor labels = target.contiguous();
   const double grad = grad_loss.item<double>();

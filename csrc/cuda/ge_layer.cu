@@ -40,9 +40,11 @@ struct GeCudaLauncher {
     const auto* props = at::cuda::getCurrentDeviceProperties();
     TORCH_CHECK(plan.shared_bytes <= props->sharedMemPerBlockOptin, "ge_layer (cuda): a block needs ",
                 plan.shared_bytes, " bytes of shared memory, this GPU allows ", props->sharedMemPerBlockOptin);
-    if (plan.shared_bytes > 48 * 1024) {  // beyond the default limit a kernel must opt in
+    // Beyond the default limit a kernel must opt in: to the device's whole opt-in, one value
+    // for every launch, so another host thread cannot lower the limit before this launch.
+    if (plan.shared_bytes > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(plan.shared_bytes)));
+                                          static_cast<int>(props->sharedMemPerBlockOptin)));
     }
     const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.cout_tiles),
                     static_cast<unsigned>(plan.k_splits));

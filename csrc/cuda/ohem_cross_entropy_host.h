@@ -199,8 +199,7 @@ template <typename Launcher>
 at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
                     const at::Tensor& threshold, int64_t ignore_index, const DeviceCaps& caps) {
   check_ohem_tensors("CUDA kernel", logits, target, /*float64=*/false);
-  TORCH_CHECK(grad_loss.numel() == 1 && threshold.numel() == 1,
-              "ohem_cross_entropy_backward: grad_loss and threshold must be scalars");
+  check_ohem_backward_scalars(grad_loss, threshold, logits);
   const at::Tensor head = logits.contiguous();
   const at::Tensor labels = target.contiguous();
   const auto f32 = head.options().dtype(at::kFloat);

@@ -245,7 +245,7 @@ __device__ __forceinline__ PixelSoftmax pixel_softmax_online(const scalar_t* __r
       s.zmax = z;
       s.sumexp = 1.f;
     } else if (z > s.zmax) {
-      s.sumexp = s.sumexp * fast_exp(s.zmax - z) + 1.f;
+      s.sumexp = __fmaf_rn(s.sumexp, fast_exp(s.zmax - z), 1.f);  // one rounding wherever compiled
       s.zmax = z;
     } else {
       s.sumexp += fast_exp(z - s.zmax);
@@ -346,7 +346,7 @@ __global__ void forward_pixels_kernel(const scalar_t* __restrict__ logits, const
 
 // One block: totals of the per-block counts and sums in a fixed order; decides whether the
 // k-th probability must be selected.
-__global__ void forward_totals_kernel(const long long* __restrict__ block_counts, const double* __restrict__ block_sums,
+__global__ void __launch_bounds__(kFinalThreads) forward_totals_kernel(const long long* __restrict__ block_counts, const double* __restrict__ block_sums,
                                       int64_t blocks, int64_t min_kept, int64_t batch, bool has_thresh,
                                       ForwardState* state) {
   using CountReduce = cub::BlockReduce<long long, kFinalThreads>;
@@ -440,7 +440,7 @@ __global__ void kept_sum_kernel(const float* __restrict__ prob, const float* __r
   if (threadIdx.x == 0) block_sums[blockIdx.x] = t;
 }
 
-__global__ void forward_result_kernel(const double* __restrict__ kept_block_sums, int64_t blocks,
+__global__ void __launch_bounds__(kFinalThreads) forward_result_kernel(const double* __restrict__ kept_block_sums, int64_t blocks,
                                       const ForwardState* __restrict__ state, bool has_thresh, float thresh,
                                       double pixels, float* __restrict__ loss, float* __restrict__ threshold) {
   using SumReduce = cub::BlockReduce<double, kFinalThreads>;
