@@ -29,6 +29,16 @@ def test_use_forces_and_restores():
     assert bf.backends.current() == "auto"
 
 
+def test_cpu_kernels_step_aside_for_another_forced_backend():
+    cpu = torch.device("cpu")
+    assert bf.backends.cpu_kernel_selected(cpu)
+    for forced in ("eager", "triton"):
+        with bf.backends.use(forced):
+            assert not bf.backends.cpu_kernel_selected(cpu), forced
+    with bf.backends.use("cpp"):
+        assert bf.backends.cpu_kernel_selected(cpu) and not bf.backends.cpu_kernel_selected(torch.device("meta"))
+
+
 def test_use_for_named_ops_only(monkeypatch):
     """use(name, ops=...) forces the named ops only; an inner use() for all ops, or the
     environment for the others, still apply; CPU-only kernels ignore op-scoped blocks."""

@@ -118,12 +118,28 @@ def test_layouts(impl, layout):
     assert out.is_contiguous(memory_format=torch.channels_last if want_channels_last else torch.contiguous_format)
 
 
-def test_mixed_layouts_cpp():
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("detail_layout", ["channels_last", "contiguous"])
+def test_mixed_layouts(impl, detail_layout):
     """Low-res maps in another layout than detail still give the right answer."""
-    inputs = make_inputs((2, 3, 9, 10, 3, 3))
-    inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
-    grad_out = torch.randn(inputs[0].shape)
-    assert_close_to_reference("cpp", inputs, grad_out, TOLERANCES[torch.float32])
+    other = "contiguous" if detail_layout == "channels_last" else "channels_last"
+    inputs = make_inputs((2, 3, 9, 10, 3, 3), device=device_of(impl), layout=other)
+    inputs[0] = in_layout(inputs[0], detail_layout)
+    grad_out = torch.randn(inputs[0].shape, device=device_of(impl))
+    assert_close_to_reference(impl, inputs, grad_out, TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("namespace", ["bisenet_fast", pytest.param("bisenet_fast_triton", marks=requires_triton)])
+@pytest.mark.parametrize("detail_layout", ["channels_last", "contiguous"])
+def test_backward_fake_with_mixed_layouts(namespace, detail_layout):
+    """The fake kernels give each gradient the layout the kernels do, detail's and the low-res maps' differing."""
+    device = triton_device() if namespace == "bisenet_fast_triton" else "cpu"
+    other = "contiguous" if detail_layout == "channels_last" else "channels_last"
+    detail, *low = make_inputs((2, 3, 9, 10, 3, 3), device=device, layout=other)
+    detail = in_layout(detail, detail_layout)
+    grad_out = in_layout(torch.randn(detail.shape, device=device), detail_layout)
+    op = getattr(torch.ops, namespace).bga_aggregate_backward.default
+    torch.library.opcheck(op, (grad_out, detail, *low), test_utils=("test_faketensor",))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -133,6 +149,20 @@ def test_low_precision(impl, dtype, layout):
     inputs = make_inputs((2, 3, 17, 20, 5, 5), dtype=dtype, device=device_of(impl), layout=layout)
     grad_out = torch.randn(inputs[0].shape, device=device_of(impl)).to(dtype)
     assert_close_to_reference(impl, inputs, grad_out, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_low_precision_gated_term_rounds_once(impl, dtype):
+    """With detail = 0 the output is up(detail_down * sigmoid(semantic_down)) alone: computed in
+    float32 and rounded once to the output dtype, within 2 ulp of the float32 result (an
+    intermediate rounded to 16 bits, which the general tolerance would let pass, is off by 8-22)."""
+    inputs = make_inputs((2, 3, 17, 20, 5, 5), dtype=dtype, device=device_of(impl))
+    inputs[0] = torch.zeros_like(inputs[0])
+    out, _ = run(impl, inputs, torch.zeros_like(inputs[0]))
+    expected = bga_aggregate_reference(*(t.float() for t in inputs))
+    ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(2**-6)
+    assert ((out.float() - expected).abs() <= 2 * ulp).all()
 
 
 def off_alignment(t):
@@ -363,6 +393,19 @@ def test_triton_rejects_float64():
     inputs = make_inputs((1, 2, 4, 4, 2, 2), dtype=torch.float64, device=triton_device())
     with bf.backends.use("triton"), pytest.raises(TypeError, match="backend 'triton' takes float32"):
         bf.ops.bga_aggregate(*inputs)
+
+
+@requires_triton
+def test_triton_forward_loops_over_planes_beyond_the_grid(monkeypatch):
+    """More planes (N*C in NCHW) than a grid's z extent: each program walks several. Shown
+    with the bound lowered to 2, as 65536 real planes are too slow for the interpreter."""
+    from bisenet_fast.triton_kernels import bga as bga_triton
+
+    monkeypatch.setattr(bga_triton, "MAX_GRID_Z", 2)
+    inputs = make_inputs((1, 5, 6, 7, 2, 3), device=triton_device())
+    with torch.no_grad(), bf.backends.use("triton"):
+        out = bf.ops.bga_aggregate(*inputs)
+    torch.testing.assert_close(out, bga_aggregate_reference(*inputs), **TOLERANCES[torch.float32])
 
 
 @requires_triton

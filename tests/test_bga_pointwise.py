@@ -155,6 +155,26 @@ def test_mixed_layouts_cpp():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_weight(impl):
+    inputs = make_inputs((2, 5, 13, 17, 4, 5), device=device_of(impl))
+    inputs[1] = inputs[1].t().contiguous().t()  # same values, column-major
+    assert not inputs[1].is_contiguous()
+    assert_matches_reference(impl, inputs, tolerance(impl, torch.float32))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_size_one_width_with_an_unusual_stride(impl):
+    """A size-1 dim's stride is free: this tensor is NCHW-contiguous (.contiguous() returns it
+    as it is) with a stride of 7 along w, which the kernels must not use for pixels."""
+    n, c, H, h = 2, 5, 13, 4
+    inputs = make_inputs((n, c, H, 1, h, 1), device=device_of(impl))
+    odd = torch.empty_strided((n, c, H, 1), (c * H, H, 1, 7), device=device_of(impl)).copy_(inputs[0])
+    assert odd.is_contiguous() and odd.contiguous() is odd
+    inputs[0] = odd
+    assert_matches_reference(impl, inputs, tolerance(impl, torch.float32))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_deterministic(impl):
     inputs = make_inputs((2, 5, 13, 17, 4, 5), device=device_of(impl), layout="channels_last")
     assert torch.equal(run(impl, inputs), run(impl, inputs))

@@ -8,7 +8,9 @@ from torch import nn
 import bisenet_fast as bf
 from bisenet_fast.models.bisenetv2 import GELayer
 from bisenet_fast.models.autotune import autotune_choices
-from bisenet_fast.models.fused import FusedBiSeNetV2, FusedBiSeNetV2Segmentor, FusedGELayer, capture_cuda_graph
+from bisenet_fast.models.fused import (
+    FusedBiSeNetV2, FusedBiSeNetV2Segmentor, FusedGELayer, bn_scale_shift, capture_cuda_graph,
+)
 from bisenet_fast.ops.ge_layer import GPU_PREFERENCE as GE_GPU_PREFERENCE
 from tests.helpers import requires_cuda, requires_cuda_build, requires_triton, triton_device
 
@@ -46,6 +48,19 @@ def assert_matches(actual, expected, rel):
     scale = expected.abs().max()
     err = (actual.float() - expected).abs().max()
     assert err <= rel * scale, f"max error {err:.3g} > {rel} x output scale {scale:.3g}"
+
+
+def test_bn_scale_shift_is_eval_batchnorm():
+    """In float64, with a running variance near eps so that dropping eps would show."""
+    gen = torch.Generator().manual_seed(0)
+    bn = nn.BatchNorm2d(6, eps=0.25).double().eval()
+    bn.running_mean.copy_(torch.rand(6, generator=gen, dtype=torch.float64) - 0.5)
+    bn.running_var.copy_(torch.rand(6, generator=gen, dtype=torch.float64) * 1e-2)
+    bn.weight.data.copy_(torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+    bn.bias.data.copy_(torch.rand(6, generator=gen, dtype=torch.float64) - 0.5)
+    x = torch.randn(2, 6, 3, 4, generator=gen, dtype=torch.float64)
+    scale, shift = bn_scale_shift(bn)
+    torch.testing.assert_close(x * scale[:, None, None] + shift[:, None, None], bn(x))
 
 
 def test_fold_alone_matches_in_float32(segmentor, image):

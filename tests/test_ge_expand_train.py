@@ -107,15 +107,47 @@ def test_cpp_gradcheck_float64(stride, relu):
     assert torch.autograd.gradcheck(lambda *a: ge_expand_train(*a, stride, relu)[0], args)
 
 
+BACKENDS = ["cpp", pytest.param("triton", marks=requires_triton)]
+
+
+def device_of(backend):
+    return triton_device() if backend == "triton" else "cpu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
-def test_cpp_layouts(layout):
-    x, weight, bn_weight, bn_bias = make_inputs(2, 4, 6, 6, 10)
+def test_layouts(backend, layout):
+    x, weight, bn_weight, bn_bias = make_inputs(2, 4, 6, 6, 10, device=device_of(backend))
     if layout == "channels_last":
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     else:
         x = x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
         assert not x.is_contiguous()
-    assert_matches_reference("cpp", [x, weight, bn_weight, bn_bias], 2, True, 1e-5)
+    assert_matches_reference(backend, [x, weight, bn_weight, bn_bias], 2, True, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_grad_out(backend):
+    """out.sum() hands the backward a stride-0 (expanded) grad_out."""
+    args = make_inputs(2, 4, 6, 6, 10, device=device_of(backend))
+    with bf.backends.use(backend):
+        out = ge_expand_train(*args, 1, True)[0]
+    grads = torch.autograd.grad(out.sum(), args)
+    ref = [t.detach().double().requires_grad_() for t in args]
+    with bf.backends.use("eager"):
+        expected = torch.autograd.grad(ge_expand_train(*ref, 1, True)[0].sum(), ref)
+    for name, actual, e in zip(NAMES, grads, expected):
+        assert_close_to_scale(actual, e, 1e-5, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_gradient_is_zero_where_the_output_is_exactly_zero(backend):
+    """x = 0 and bn_bias = 0 make every BN output exactly 0, where relu passes no gradient
+    (torch's relu backward: grad * (out > 0))."""
+    x, weight, bn_weight, bn_bias = make_inputs(2, 3, 2, 6, 5, device=device_of(backend))
+    x = torch.zeros_like(x).requires_grad_()
+    bn_bias = torch.zeros_like(bn_bias).requires_grad_()
+    assert_matches_reference(backend, [x, weight, bn_weight, bn_bias], 1, True, 1e-5)
 
 
 @requires_triton
@@ -269,6 +301,15 @@ def test_triton_opcheck():
         (torch.randn_like(out), *(t.detach() for t in args), mean, var, 2, True, 1e-5),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("namespace", ["bisenet_fast", pytest.param("bisenet_fast_triton", marks=requires_triton)])
+def test_fake_statistics_are_float32_for_float16_input(namespace):
+    device = triton_device() if namespace == "bisenet_fast_triton" else "cpu"
+    x, weight, bn_weight, bn_bias = (t.detach() for t in make_inputs(2, 4, 2, 6, 5, device=device))
+    op = getattr(torch.ops, namespace).ge_expand_train.default
+    torch.library.opcheck(op, (x.half(), weight.half(), bn_weight.float(), bn_bias.float(), 1, True, 1e-5),
+                          test_utils=("test_faketensor",))
 
 
 def test_compile_fullgraph_forward_and_backward():

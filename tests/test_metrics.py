@@ -71,6 +71,17 @@ def test_bad_labels_and_shapes_raise():
         area_histograms(t([[0, 1]]), t([[0, 7]]), 2)
 
 
+def test_label_equal_to_num_classes_raises():
+    with pytest.raises(ValueError, match=r"label values must be in \[0, 2\)"):
+        area_histograms(t([[0, 1]]), t([[0, 2]]), 2)
+
+
+def test_out_of_range_predictions_count_in_no_class():
+    """As mmseg's histc over [0, C - 1]: a prediction outside the classes counts nowhere."""
+    intersection, area_pred, area_label = area_histograms(t([[0, 5, -1]]), t([[0, 1, 1]]), 2)
+    assert area_pred.tolist() == [1, 0] and intersection.tolist() == [1, 0] and area_label.tolist() == [1, 2]
+
+
 def test_table_lists_every_class():
     acc = IoUAccumulator(num_classes=2)
     acc.update(t([[0, 1]]), t([[0, 1]]))

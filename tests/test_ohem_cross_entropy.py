@@ -43,7 +43,7 @@ def loss_and_grad(backend, logits, target, **kwargs):
     if backend == EMULATED_CUDA:
         loss, _, grad = emulated_cuda(logits, target, **kwargs)
         return loss, grad
-    logits = logits.detach().clone().requires_grad_()
+    logits = logits.detach().requires_grad_()  # a new leaf with the caller's strides (clone would not keep them)
     with bf.backends.use(backend):
         loss = bf.ops.ohem_cross_entropy(logits, target, **kwargs)
     loss.backward()
@@ -311,6 +311,16 @@ def test_triton_opcheck():
     )
 
 
+@pytest.mark.parametrize("namespace", ["bisenet_fast", pytest.param("bisenet_fast_triton", marks=requires_triton)])
+def test_backward_fake_keeps_the_logits_dtype(namespace):
+    logits, target = make_inputs(TRITON_SHAPES[0], dtype=torch.float16)
+    device = triton_device() if namespace == "bisenet_fast_triton" else "cpu"
+    logits, target = logits.to(device), target.to(device)
+    op = getattr(torch.ops, namespace).ohem_cross_entropy_backward.default
+    torch.library.opcheck(op, (torch.tensor(1.0, device=device), logits, target, torch.tensor(0.5, device=device), 255),
+                          test_utils=("test_faketensor",))
+
+
 def test_cpp_non_contiguous_and_channels_last():
     shape = SHAPES[1]
     logits, target = make_inputs(shape)
@@ -426,6 +436,17 @@ def test_broadcast_logits_and_target(backend, device):
     """Stride-0 (expanded) logits and target read as their contiguous copies."""
     logits, target = make_inputs((1, 4, 3, 5, 9, 11), device=device)
     check_against_reference(backend, logits.expand(3, -1, -1, -1), target.expand(3, -1, -1), thresh=0.7, min_kept=20)
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
+def test_probabilities_equal_to_thresh_and_exactly_budget_of_them(backend, device):
+    """Exactly min_kept probabilities at or below thresh, all equal to it: the selection runs
+    (the k-th smallest is above thresh) and keeps them, as the reference does."""
+    gap = torch.tensor([0.0] * 8 + [2.0] * 12).reshape(1, 1, 4, 5)
+    logits = torch.cat([gap, torch.zeros_like(gap)], dim=1).to(device)  # p = 0.5 exactly, or sigmoid(2)
+    target = torch.zeros(1, 4, 5, dtype=torch.int64, device=device)
+    loss, _ = check_against_reference(backend, logits, target, thresh=0.5, min_kept=8)
+    assert loss > 0
 
 
 @pytest.mark.parametrize("backend", ["eager"] + cpu_backends())
@@ -682,6 +703,38 @@ def test_triton_radix_select_equals_kthvalue(count):
         got = _kth_smallest(prob, k)
         assert got.shape == () and got.dtype == torch.float32
         assert torch.equal(got, torch.kthvalue(prob, k + 1).values), k
+
+
+@requires_triton
+def test_triton_grad_loss_scales_the_gradient():
+    """The backward multiplies by the incoming gradient (a plain loss.backward() passes 1)."""
+    logits, target = make_inputs(TRITON_SHAPES[1], device=triton_device())
+    x = logits.detach().requires_grad_()
+    with bf.backends.use("triton"):
+        loss = bf.ops.ohem_cross_entropy(x, target, thresh=0.2, min_kept=60)
+    (grad,) = torch.autograd.grad(-2.5 * loss, x)
+    _, expected = loss_and_grad("eager", logits, target, thresh=0.2, min_kept=60)
+    torch.testing.assert_close(grad, -2.5 * expected, rtol=1e-4, atol=1e-5)
+
+
+@requires_triton
+def test_triton_backward_column_tile_away_from_both_edges():
+    """The second of three column tiles is clamped at neither edge: its window of output
+    columns must cover every reader (129 columns here) without the edges' slack."""
+    shape = (1, 3, 2, 66, 5, 254)
+    logits, target = make_inputs(shape, device=triton_device())
+    check_against_reference("triton", logits, target, **ohem_kwargs(shape, 0.2, 0.5))
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_triton_layouts(layout):
+    shape = TRITON_SHAPES[1]
+    logits, target = make_inputs(shape, device=triton_device())
+    x = (logits.contiguous(memory_format=torch.channels_last) if layout == "channels_last"
+         else torch.stack([logits, -logits], -1)[..., 0])  # same values, stride 2 along w
+    assert layout == "channels_last" or not x.is_contiguous()
+    check_against_reference("triton", x, target, **ohem_kwargs(shape, 0.2, 0.5))
 
 
 @requires_triton

@@ -32,6 +32,9 @@ import triton.language as tl
 
 BLOCK = 1024
 BLOCK_BACKWARD = 256
+# CUDA's bound on a grid's y and z extents: the forward's rows take y (a larger height is
+# refused), its planes z (the programs loop over planes beyond it).
+MAX_GRID_Y = MAX_GRID_Z = 65535
 _SIZES = ["total", "H", "W", "h", "w", "K"]
 
 
@@ -192,15 +195,15 @@ def bga_forward(detail, semantic, detail_down, semantic_down, channels_last: boo
     if out.numel() == 0:
         return out
     H, W, h, w, K = _geometry(detail, semantic, channels_last)
-    if H > 65535:  # a grid axis
-        raise ValueError(f"bga_aggregate (Triton kernel): detail height must be <= 65535, got {H}")
+    if H > MAX_GRID_Y:
+        raise ValueError(f"bga_aggregate (Triton kernel): detail height must be <= {MAX_GRID_Y}, got {H}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gated = torch.empty_like(detail_down, dtype=torch.float32, memory_format=fmt)
     _gated_down_kernel[(triton.cdiv(gated.numel(), BLOCK),)](detail_down, semantic_down, gated, gated.numel(),
                                                              BLOCK=BLOCK)
     planes = detail.numel() // (H * W * K)
     row_block = min(BLOCK, triton.next_power_of_2(W * K))
-    grid = (triton.cdiv(W * K, row_block), H, min(planes, 65535))
+    grid = (triton.cdiv(W * K, row_block), H, min(planes, MAX_GRID_Z))
     _bga_forward_kernel[grid](detail, semantic, gated, out, planes, H, W, h, w, K=K, BLOCK=row_block)
     return out
 
