@@ -275,29 +275,18 @@ def test_double_backward_raises(backend):
 # ---- Registration: schema, fake kernel, torch.compile -------------------------------------
 
 
-def test_opcheck():
+@pytest.mark.parametrize("namespace", ["bisenet_fast", pytest.param("bisenet_fast_triton", marks=requires_triton)])
+def test_opcheck(namespace):
     """Every opcheck utility on inputs that require grad (the autograd registration and the
     forward and backward traced with dynamic shapes); the backward op's schema and fake kernel."""
-    args = [t.float() for t in make_inputs(2, 2, 3, 5, 6)]
-    torch.library.opcheck(torch.ops.bisenet_fast.ge_expand_train.default, (*args, 2, True, 1e-5))
+    device = triton_device() if namespace == "bisenet_fast_triton" else "cpu"
+    ops = getattr(torch.ops, namespace)
+    args = [t.float().to(device) for t in make_inputs(2, 2, 3, 5, 6)]
+    torch.library.opcheck(ops.ge_expand_train.default, (*args, 2, True, 1e-5))
     with torch.no_grad():
-        out, mean, var = torch.ops.bisenet_fast.ge_expand_train(*args, 2, True, 1e-5)
+        out, mean, var = ops.ge_expand_train(*args, 2, True, 1e-5)
     torch.library.opcheck(
-        torch.ops.bisenet_fast.ge_expand_train_backward.default,
-        (torch.randn_like(out), *(t.detach() for t in args), mean, var, 2, True, 1e-5),
-        test_utils=("test_schema", "test_faketensor"),
-    )
-
-
-@requires_triton
-def test_triton_opcheck():
-    """test_opcheck for the Triton custom ops."""
-    args = [t.float().to(triton_device()) for t in make_inputs(2, 2, 3, 5, 6)]
-    torch.library.opcheck(torch.ops.bisenet_fast_triton.ge_expand_train.default, (*args, 2, True, 1e-5))
-    with torch.no_grad():
-        out, mean, var = torch.ops.bisenet_fast_triton.ge_expand_train(*args, 2, True, 1e-5)
-    torch.library.opcheck(
-        torch.ops.bisenet_fast_triton.ge_expand_train_backward.default,
+        ops.ge_expand_train_backward.default,
         (torch.randn_like(out), *(t.detach() for t in args), mean, var, 2, True, 1e-5),
         test_utils=("test_schema", "test_faketensor"),
     )
