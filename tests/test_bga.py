@@ -434,3 +434,37 @@ def test_backbone_cpp_matches_eager():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     for name, grad in results["eager"][1].items():
         torch.testing.assert_close(results["cpp"][1][name], grad, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+# ---- CUDA emulation: cases a mutation run of the CUDA kernels showed untested
+
+
+@pytest.mark.parametrize("dtype, channels", [(torch.float32, 3), (torch.float32, 6), (torch.float16, 4),
+                                             (torch.bfloat16, 12)])
+def test_cuda_emulated_channels_last_row_divisible_but_channels_not(dtype, channels):
+    """channels_last with a row of W * C values divisible by the 16-byte vector width while C
+    is not (float32: 3 x 20 = 60, 6 x 20; 16-bit: 4 x 20 = 80, 12 x 20): a vector would span two
+    pixels, so the forward must take the one-value-per-thread kernel (wide needs C % kWide == 0)."""
+    inputs = make_inputs((2, channels, 17, 20, 5, 5), dtype=dtype, layout="channels_last")
+    assert (20 * channels * inputs[0].element_size()) % 16 == 0
+    grad_out = in_layout(torch.randn(inputs[0].shape).to(dtype), "channels_last")
+    assert_close_to_reference(EMULATED_CUDA, inputs, grad_out, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_emulated_grid_stride_loops_do_loop(layout):
+    """sm_count=1 caps the gating and backward grids at 32 blocks x 256 threads = 8192: with
+    2 x 16 x 24 x 22 = 16896 low-resolution values each thread walks 3 of them. (The existing
+    grid-stride test has 2464 values, fewer than one capped grid, so its loops never step.)"""
+    inputs = make_inputs((2, 16, 48, 64, 24, 22), layout=layout)
+    assert inputs[1].numel() > 2 * 32 * 256
+    grad_out = in_layout(torch.randn(inputs[0].shape), layout)
+    assert_close_to_reference(EMULATED_CUDA, inputs, grad_out, TOLERANCES[torch.float32], sm_count=1)
+
+
+def test_cuda_emulated_more_planes_than_grid_z():
+    """NCHW with N x C = 65537 planes: the forward's grid z is capped at 65535, so blocks
+    z = 0 and 1 also take planes 65535 and 65536 (its plane loop)."""
+    inputs = make_inputs((1, 65537, 2, 2, 1, 1))
+    grad_out = torch.randn(inputs[0].shape)
+    assert_close_to_reference(EMULATED_CUDA, inputs, grad_out, TOLERANCES[torch.float32], sm_count=132)

@@ -657,3 +657,63 @@ def test_raw_triton_op_checks_its_packed_weights(stride):
             op(args[0], args[1], *short)
         with pytest.raises(ValueError, match=r"y \(conv1's output\) must have x's shape"):
             op(args[0], args[1][:, :, :2], *packed)
+
+
+# ---- CUDA emulation: cases a mutation run of the CUDA kernels showed untested
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("tf32", [False, True], ids=["fma", "tf32"])
+def test_emulated_split_k_with_several_cout_tiles(stride, tf32, monkeypatch):
+    """Split K where a tile row also has several output-channel tiles (cout 136: 2 tiles of
+    128) and there are several pixel tiles: the partial sums' split stride and the arrival
+    counters are indexed per (pixel tile, cout tile). No other test splits K with cout_tiles > 1."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    cin = 136 if stride == 1 else 8
+    args = make_inputs(1, cin, 136, stride, 9 * stride, 8 * stride, ratio=1 if stride == 1 else 6)
+    plan = emulated_plan(stride, 1, 9, 8, cin, 1 if stride == 1 else 6, 136, sm_count=16)
+    assert plan["tiles"] == 2 and plan["cout_tiles"] == 2 and plan["k_splits"] > 1, plan
+    out = run_emulated(stride, args, sm_count=16)
+    assert_close_to_scale(out, reference_float64(stride, args), 5e-3 if tf32 else 1e-5)
+
+
+def chunk_channels(cin, ratio):
+    mid = cin * ratio
+    return max((min(m0 + 32, mid) - 1) // ratio - m0 // ratio + 1 for m0 in range(0, mid, 32))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_emulated_plan_halo_channels_cover_every_chunk(stride):
+    """The staged halo has a row for every input channel any chunk of 32 expanded channels
+    reads (ratio 3: a chunk starting at m0 = 32 reads channels 10..21, 12 of them)."""
+    for ratio in range(1, 13):
+        for cin in (1, 2, 5, 11, 12, 13, 40, 64, 100):
+            plan = emulated_plan(stride, 1, 8, 8, cin, ratio, 32)
+            assert plan["halo_channels"] >= chunk_channels(cin, ratio), (ratio, cin, plan)
+
+
+def test_emulated_ratio_3_wide_chunks():
+    """End to end, the case the plan test above guards (ASan would also report the overflow)."""
+    args = make_inputs(1, 24, 24, 1, 9, 10, ratio=3)
+    assert_close_to_scale(run_emulated(1, args, tensor_cores=False), reference_float64(1, args), 1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_emulated_float32_gemm_follows_cudnn_tf32_flag(stride, monkeypatch):
+    """float32 takes TF32 tensor cores exactly when torch.backends.cudnn.allow_tf32 is set
+    (the flag cuDNN's convs follow), whatever the cuBLAS (matmul) flag says."""
+    args = make_inputs(1, 16, 16 if stride == 1 else 32, stride, 8 * stride, 8 * stride)
+    fma = run_emulated(stride, args, tensor_cores=False)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+        tf32 = run_emulated(stride, args)
+        matmul.allow_tf32 = True
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        not_tf32 = run_emulated(stride, args)
+    finally:
+        matmul.allow_tf32 = saved
+    assert torch.equal(not_tf32, fma)
+    assert not torch.equal(tf32, fma)
