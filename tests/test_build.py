@@ -1,7 +1,10 @@
 """The compiled extension is linked so that its errors reach Python as exceptions."""
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +30,26 @@ def test_kernel_errors_raise_runtime_error():
     low = torch.randn(1, 2, 2, 2)
     with pytest.raises(RuntimeError, match="semantic_down"):
         torch.ops.bisenet_fast.bga_aggregate(detail, low, low, low[..., :1])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sdist_carries_every_source_the_build_needs(tmp_path):
+    # `pip install bisenet_fast-*.tar.gz` (and `python -m build`, which builds the wheel from
+    # the sdist) compiles from the sdist alone: without MANIFEST.in setuptools packs neither
+    # the headers nor, when the sdist is made without CUDA, the .cu sources.
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "--dist-dir", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "FORCE_CUDA": "0"}, check=True, capture_output=True,
+    )
+    (archive,) = tmp_path.glob("bisenet_fast-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = [
+        path.relative_to(ROOT).as_posix()
+        for folder in ("csrc", "triton_kernels", "bisenet_fast/configs")
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    ]
+    assert needed and not sorted(set(needed) - packed)
