@@ -172,6 +172,19 @@ def test_hsv_matches_cv2_uint8(rgb, hsv):
     assert T.rgb_to_hsv_cv2(np.array([[rgb]], np.uint8))[0, 0].tolist() == list(hsv)
 
 
+# cv2 4.10's COLOR_HSV2BGR (x86-64, AVX2 + FMA), read from a 256-pixel-wide image as mmseg's
+# images are converted, in RGB order. The first four need its fused multiply-add, the last
+# four its truncation: cv2's scalar path (1-pixel images) rounds, giving +1 there.
+@pytest.mark.parametrize("hsv, rgb", [
+    ((109, 150, 204), (84, 127, 204)), ((45, 85, 36), (30, 36, 24)), ((10, 228, 255), (255, 103, 26)),
+    ((35, 204, 135), (117, 135, 26)), ((25, 158, 22), (22, 19, 8)), ((23, 107, 77), (77, 69, 44)),
+    ((7, 8, 187), (187, 182, 181)), ((1, 96, 126), (126, 80, 78)),
+])
+def test_hsv_to_rgb_matches_cv2_vectorised_uint8(hsv, rgb):
+    wide = np.tile(np.array([[hsv]], np.uint8), (1, 256, 1))
+    assert (T.hsv_to_rgb_cv2(wide) == np.array(rgb, np.uint8)).all()
+
+
 def test_hsv_round_trip_is_close():
     rgb = np.random.RandomState(0).randint(0, 256, (32, 32, 3)).astype(np.uint8)
     back = T.hsv_to_rgb_cv2(T.rgb_to_hsv_cv2(rgb)).astype(int)
