@@ -322,6 +322,9 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
             batches = iter(loader)
             tick = time.perf_counter()
             window_start, window_iters = tick, 0
+            # Each head's loss summed over the iterations since the last log line: mmcv's
+            # logger reports their mean over the interval, not the last iteration's value.
+            loss_sums, summed_iters = torch.zeros(len(LOSS_KEYS), device=ctx.device), 0
             skipped_in_a_row = 0
             for iteration in range(start_iteration, max_iters):
                 lr = lr_at(iteration, recipe)
@@ -352,11 +355,16 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 done = iteration + 1
                 result["iteration"] = done
                 window_iters += 1
+                loss_sums += torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
+                summed_iters += 1
 
                 if done % log_interval == 0 or done == max_iters:
-                    # The mean over the ranks, as mmseg logs it (every rank joins the all_reduce).
-                    means = mean_over_ranks(torch.stack([losses[k].detach().float() for k in LOSS_KEYS]), ctx)
+                    # The mean over the interval and the ranks, as mmseg logs it (every rank
+                    # joins the all_reduce).
+                    means = mean_over_ranks(loss_sums / summed_iters, ctx)
                     values = dict(zip(LOSS_KEYS, means.tolist()))
+                    loss_sums.zero_()
+                    summed_iters = 0
                 if ctx.is_main and (done % log_interval == 0 or done == max_iters):
                     now = time.perf_counter()
                     speed = window_iters / max(now - window_start, 1e-9)

@@ -267,6 +267,20 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     bf.load_mmseg_checkpoint(bf.BiSeNetV2Segmentor(), full["checkpoint"])
 
 
+def test_logged_losses_are_means_over_the_log_interval(tiny_data, tmp_path):
+    # mmcv's TextLoggerHook logs each loss averaged over the interval's iterations.
+    recipe = tiny_recipe(tiny_data)
+    train(copy.deepcopy(recipe), tmp_path / "every", backend="eager", threads=1, seed=3, log=None)
+    recipe["log_interval"] = 4
+    train(copy.deepcopy(recipe), tmp_path / "fourth", backend="eager", threads=1, seed=3, log=None)
+    every, fourth = read_log(tmp_path / "every"), read_log(tmp_path / "fourth")
+    assert [r["iteration"] for r in fourth] == ["4", "6"]  # the last, partial interval too
+    for row, window in zip(fourth, (every[0:4], every[4:6])):
+        assert row["lr"] == window[-1]["lr"]
+        for key in ("loss", *LOSS_KEYS):
+            assert float(row[key]) == pytest.approx(sum(float(r[key]) for r in window) / len(window), rel=1e-6), key
+
+
 def test_recompute_trains_like_the_plain_model(tiny_data, tmp_path):
     recipe = tiny_recipe(tiny_data, iters=3)
     plain = train(copy.deepcopy(recipe), tmp_path / "plain", backend="eager", threads=1, seed=3, log=None)
