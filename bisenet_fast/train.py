@@ -12,6 +12,9 @@ changes), SGD step. A NaN or inf loss stops float32/bfloat16 runs at once, float
 after MAX_SKIPPED_STEPS skipped steps in a row.
 Checkpoints (atomic) every checkpoint_interval iterations and on SIGTERM/SIGINT; mIoU on the
 val split every eval_interval iterations; a progress line and log.csv / eval.csv in work_dir.
+log.csv has each head's loss averaged over the log interval and the ranks, as mmcv logs it,
+but not mmseg's per-head pixel accuracy (acc_seg): it needs the label-resolution logits
+that the fused loss never materialises.
 """
 from __future__ import annotations
 
