@@ -310,6 +310,10 @@ def test_recompute_trains_like_the_plain_model(tiny_data, tmp_path):
 
 def test_channels_last_trains_like_nchw(tiny_data, tmp_path):
     recipe = tiny_recipe(tiny_data, iters=2)
+    # 64x64 crops, so the 1/32 stage is 2x2: at 32x32 its training-mode BatchNorms see two
+    # values per channel and turn rounding into 1e-2 loss differences (float64 disagrees with
+    # both layouts as much), which says nothing about the layout.
+    recipe["data"].update(crop_size=[64, 64])
     train(copy.deepcopy(recipe), tmp_path / "nchw", backend="eager", threads=1, seed=3, log=None)
     nhwc = train(copy.deepcopy(recipe), tmp_path / "nhwc", backend="auto", threads=1, seed=3, channels_last=True,
                  log=None)
