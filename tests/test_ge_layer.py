@@ -143,7 +143,7 @@ def test_compile_fullgraph_uses_fake_kernel(stride):
 
 @requires_triton
 @pytest.mark.parametrize("cin,cout,stride", [(4, 4, 1), (4, 8, 2), (16, 32, 2), (32, 32, 1)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_matches_reference(cin, cout, stride, dtype):
     args = make_inputs(2 if cin == 4 else 1, cin, cout, stride, 3, 5, dtype, device=triton_device())
     out = run("triton", stride, args)

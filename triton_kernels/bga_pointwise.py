@@ -17,8 +17,6 @@ default, and what F.conv2d does under the same flag), IEEE fp32 otherwise.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +24,7 @@ import triton.language as tl
 from bisenet_fast.ops._checks import check_image_fits_int32
 from bisenet_fast.triton_kernels.bga import BLOCK as GATED_BLOCK
 from bisenet_fast.triton_kernels.bga import _bilinear, _gated_down_kernel, _tap
+from bisenet_fast.triton_kernels.interpreter import needs_fp32_dot
 
 BLOCK_P = 64
 BLOCK_K = 32
@@ -107,15 +106,9 @@ def _pixel_strides(t: torch.Tensor, channels_last: bool) -> tuple[int, int, int]
     return c * h * w, h * w, 1
 
 
-def _interpreter_needs_fp32_dot(dtype: torch.dtype) -> bool:
-    """Triton's CPU interpreter multiplies bfloat16 dot operands as raw bits (numpy has no
-    bfloat16), so interpreted bfloat16 runs upcast them; compiled kernels never do."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: TF32 for float32 exactly when cuDNN convs may use it."""
-    if (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32) or _interpreter_needs_fp32_dot(dtype):
+    if (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32) or needs_fp32_dot(dtype):
         return "ieee"
     return "tf32"
 
@@ -140,7 +133,7 @@ def bga_pointwise_forward(detail_dw, pw_weight, pw_bias, semantic, detail_down, 
     _bga_pointwise_kernel[grid](
         detail_dw, pw_weight, pw_bias, semantic, gated, out,
         H, W, h, w, channels, *_pixel_strides(detail_dw, channels_last), *_pixel_strides(semantic, channels_last),
-        INPUT_PRECISION=dot_precision(detail_dw.dtype), DOT_IN_FP32=_interpreter_needs_fp32_dot(detail_dw.dtype),
+        INPUT_PRECISION=dot_precision(detail_dw.dtype), DOT_IN_FP32=needs_fp32_dot(detail_dw.dtype),
         BLOCK_P=BLOCK_P, BLOCK_C=block_c, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
     )
     return out

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from bisenet_fast.triton_kernels.ge_expand_train import _pixels  # (offsets, mask, n, oh, ow) of a pixel block
+from bisenet_fast.triton_kernels.interpreter import needs_fp32_dot
 
 BLOCK_P = 64
 SMALL_BLOCK_P = 16  # tl.dot's smallest M
@@ -137,11 +138,15 @@ def _pin_layout(x):
 
 
 @triton.jit
-def _project(acc, e, w_ptr, rows, row_mask, offs_o, o_mask, COUT: tl.constexpr, PRECISION: tl.constexpr):
+def _project(acc, e, w_ptr, rows, row_mask, offs_o, o_mask, COUT: tl.constexpr, PRECISION: tl.constexpr,
+             DOT_IN_FP32: tl.constexpr):
     """acc += e @ w[rows, :] with w packed [K, COUT] row-major in the input dtype (rows outside
-    row_mask load 0, so whatever e holds there adds nothing); PRECISION: float32's dot precision."""
+    row_mask load 0, so whatever e holds there adds nothing); PRECISION: float32's dot precision;
+    DOT_IN_FP32: interpreter.needs_fp32_dot."""
     e = _pin_layout(e)
     w = tl.load(w_ptr + rows[:, None] * COUT + offs_o[None, :], mask=row_mask[:, None] & o_mask[None, :], other=0.0)
+    if DOT_IN_FP32:
+        return tl.dot(e.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
     if w.dtype == tl.float32:
         return tl.dot(e, w, acc, input_precision=PRECISION)
     return tl.dot(e.to(w.dtype), w, acc)
@@ -193,7 +198,8 @@ def _sum_partials_kernel(partial_ptr, bias_ptr, addend_ptr, out_ptr, P, COUT: tl
 @triton.jit
 def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out_ptr, partial_ptr, P, H, W,
                        C: tl.constexpr, RATIO: tl.constexpr, K_SPLITS: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_CIN: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_CIN: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+                       DOT_IN_FP32: tl.constexpr):
     offs_p, p_mask, n, oh, ow = _pixels(P, H, W, BLOCK_P)
     split = tl.program_id(1)
     offs_o = tl.arange(0, BLOCK_C)
@@ -207,7 +213,7 @@ def _ge_stride1_kernel(x_ptr, y_ptr, dw_w_ptr, dw_b_ptr, pw_w_ptr, pw_b_ptr, out
         for r in range(split, RATIO, K_SPLITS):
             cols = r * C + offs_c
             e = _conv3x3(taps, dw_w_ptr, dw_b_ptr, cols, c_mask, RATIO * C)
-            acc = _project(acc, _relu(e), pw_w_ptr, cols, c_mask, offs_o, o_mask, C, PRECISION)
+            acc = _project(acc, _relu(e), pw_w_ptr, cols, c_mask, offs_o, o_mask, C, PRECISION, DOT_IN_FP32)
     _finish(acc, offs_p, p_mask, offs_o, o_mask, pw_b_ptr, x_ptr, out_ptr, partial_ptr, P, C, K_SPLITS, True)
 
 
@@ -232,7 +238,7 @@ def _ge_stride2_kernel(x_ptr, e_ptr, dw1_w_ptr, dw1_b_ptr, pw_w_ptr, pw_b_ptr,
                        sc_dw_w_ptr, sc_dw_b_ptr, sc_pw_w_ptr, sc_pw_b_ptr, out_ptr, partial_ptr, P, H, W, HO, WO,
                        C: tl.constexpr, COUT: tl.constexpr, MID: tl.constexpr, K_SPLITS: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CIN: tl.constexpr, BLOCK_C: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     offs_p, p_mask, n, oh, ow = _pixels(P, HO, WO, BLOCK_P)
     split = tl.program_id(1)
     offs_o = tl.arange(0, BLOCK_C)
@@ -244,14 +250,14 @@ def _ge_stride2_kernel(x_ptr, e_ptr, dw1_w_ptr, dw1_b_ptr, pw_w_ptr, pw_b_ptr,
         k_mask = offs_k < MID
         taps = _neighbourhood(e_ptr, n, oh, ow, p_mask, offs_k, k_mask, HO, WO, MID, 1)
         e = _conv3x3(taps, dw1_w_ptr, dw1_b_ptr, offs_k, k_mask, MID)
-        acc = _project(acc, _relu(e), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, COUT, PRECISION)
+        acc = _project(acc, _relu(e), pw_w_ptr, offs_k, k_mask, offs_o, o_mask, COUT, PRECISION, DOT_IN_FP32)
     # shortcut: sc_pw(sc_dw(x)), depthwise stride 2 on x
     for c0 in range(split * BLOCK_CIN, C, K_SPLITS * BLOCK_CIN):
         offs_c = c0 + tl.arange(0, BLOCK_CIN)
         c_mask = offs_c < C
         taps = _neighbourhood(x_ptr, n, oh, ow, p_mask, offs_c, c_mask, H, W, C, 2)
         s = _conv3x3(taps, sc_dw_w_ptr, sc_dw_b_ptr, offs_c, c_mask, C)
-        acc = _project(acc, s, sc_pw_w_ptr, offs_c, c_mask, offs_o, o_mask, COUT, PRECISION)
+        acc = _project(acc, s, sc_pw_w_ptr, offs_c, c_mask, offs_o, o_mask, COUT, PRECISION, DOT_IN_FP32)
     _finish(acc, offs_p, p_mask, offs_o, o_mask, pw_b_ptr, sc_pw_b_ptr, out_ptr, partial_ptr, P, COUT, K_SPLITS, False)
 
 
@@ -336,7 +342,8 @@ def ge_layer_stride1_triton(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     _ge_stride1_kernel[(blocks, k_splits)](
         x, y, dw_weight, dw_bias, pw_weight, pw_bias, out, partial, pixels, h, w,
         C=c, RATIO=mid // c, K_SPLITS=k_splits, BLOCK_P=block_p, BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(c),
-        PRECISION=_fp32_dot_precision(), num_stages=NUM_STAGES, **_launch_options(block_p, c, x.dtype),
+        PRECISION=_fp32_dot_precision(), DOT_IN_FP32=needs_fp32_dot(x.dtype), num_stages=NUM_STAGES,
+        **_launch_options(block_p, c, x.dtype),
     )
     if k_splits > 1:
         _sum_partials(partial, pw_bias, x, out, addend_is_residual=True)
@@ -366,6 +373,7 @@ def ge_layer_stride2_triton(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw
         x, expanded, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
         out, partial, pixels, h, w, ho, wo, C=c, COUT=cout, MID=mid, K_SPLITS=k_splits, BLOCK_P=block_p,
         BLOCK_K=BLOCK_CIN, BLOCK_CIN=BLOCK_CIN, BLOCK_C=_block_c(cout), PRECISION=_fp32_dot_precision(),
+        DOT_IN_FP32=needs_fp32_dot(x.dtype),
         num_stages=NUM_STAGES, **_launch_options(block_p, cout, x.dtype),
     )
     if k_splits > 1:
