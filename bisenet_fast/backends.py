@@ -200,9 +200,8 @@ def resolve(op: str, device: torch.device, gpu_preference: Sequence[str] = ("cud
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {name!r} is not available: {reason}")
     if name in ("cuda", "triton") and name not in gpu_preference:
-        raise BackendUnavailableError(
-            f"{op}: there is no {name} kernel for this op; its GPU backends are {', '.join(gpu_preference)}"
-        )
+        others = f"its GPU backends are {', '.join(gpu_preference)}" if gpu_preference else "it has only a CPU kernel"
+        raise BackendUnavailableError(f"{op}: there is no {name} kernel for this op; {others}")
     if name == "cpp" and device.type != "cpu":
         raise BackendUnavailableError(f"{op}: backend 'cpp' runs CPU tensors, got tensors on {device}")
     if name == "cuda" and device.type != "cuda":

@@ -168,6 +168,8 @@ def test_forcing_a_gpu_backend_the_op_lacks_raises():
         assert resolve("op", device, ("cuda", "triton")) == "triton"
         with pytest.raises(BackendUnavailableError, match="there is no triton kernel for this op; its GPU backends are cuda"):
             resolve("op", device, ("cuda",))
+        with pytest.raises(BackendUnavailableError, match="there is no triton kernel for this op; it has only a CPU kernel$"):
+            resolve("op", device, ())
 
 
 def test_cpu_only_op_on_a_gpu_tensor_raises_under_auto():
