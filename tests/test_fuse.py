@@ -167,6 +167,18 @@ def test_bad_dtype(segmentor):
         segmentor.fuse(dtype=torch.float64)
 
 
+def test_a_cast_after_fuse_is_fusing_to_that_dtype(segmentor, image):
+    """.half() on a fused model computes as fuse(dtype=torch.float16) does (both cast the
+    float32 fold); a dtype the fused model cannot run in is refused when called, by name."""
+    half = segmentor.fuse().half()
+    assert half.dtype == half.backbone.dtype == torch.float16
+    with torch.no_grad():
+        assert torch.equal(half(image[:1]), segmentor.fuse(dtype=torch.float16)(image[:1]))
+    double = segmentor.fuse().double()
+    with torch.no_grad(), pytest.raises(TypeError, match="holds torch.float64 weights"):
+        double(image[:1])
+
+
 @requires_triton
 @pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (16, 32, 2)])
 def test_fused_ge_layer_triton_uses_its_packed_weights(cin, cout, stride):

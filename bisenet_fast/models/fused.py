@@ -341,7 +341,19 @@ def _prepare_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             "the fused model is inference-only (BN folded, no backward): call it under torch.no_grad() or "
             "torch.inference_mode() with an input that does not require grad"
         )
+    if dtype not in INFERENCE_DTYPES:
+        raise TypeError(
+            f"the fused model holds {dtype} weights (cast by .to()/.double()?); it runs in one of "
+            f"{INFERENCE_DTYPES}: cast it to one of those, or fuse(dtype=...) the unfused model again"
+        )
     return x.to(dtype=dtype, memory_format=torch.channels_last)
+
+
+def _buffer_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a fused model computes in: its buffers', set by fuse(dtype=...) and followed
+    by a later .half()/.to(dtype) (the same buffers as fusing to that dtype: both cast the
+    float32 fold)."""
+    return next(module.buffers()).dtype
 
 
 def _check_dtype(dtype) -> torch.dtype:
@@ -365,15 +377,19 @@ class FusedBiSeNetV2(InferenceModule):
 
     def __init__(self, backbone: BiSeNetV2, dtype: torch.dtype | None = None, autotune: bool = False):
         super().__init__()
-        self.dtype = _check_dtype(dtype)
+        dtype = _check_dtype(dtype)
         _check_autotune(autotune)
         self.out_indices = tuple(backbone.out_indices)
         self.detail = FusedDetailBranch(backbone.detail)
         self.semantic = FusedSemanticBranch(backbone.semantic, autotune)
         self.bga = FusedBGALayer(backbone.bga)
         device = next(backbone.parameters()).device
-        self.to(device=device, dtype=self.dtype)
+        self.to(device=device, dtype=dtype)
         super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _buffer_dtype(self)
 
     def forward(self, x):
         with _autocast_off(x):
@@ -403,12 +419,16 @@ class FusedBiSeNetV2Segmentor(InferenceModule):
 
     def __init__(self, segmentor, dtype: torch.dtype | None = None, autotune: bool = False):
         super().__init__()
-        self.dtype = _check_dtype(dtype)
+        dtype = _check_dtype(dtype)
         self.num_classes = segmentor.num_classes
-        self.backbone = FusedBiSeNetV2(segmentor.backbone, self.dtype, autotune)
+        self.backbone = FusedBiSeNetV2(segmentor.backbone, dtype, autotune)
         self.decode_head = FusedFCNHead(segmentor.decode_head)
-        self.to(device=next(segmentor.parameters()).device, dtype=self.dtype)
+        self.to(device=next(segmentor.parameters()).device, dtype=dtype)
         super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _buffer_dtype(self)
 
     def forward(self, x):
         size = x.shape[-2:]
