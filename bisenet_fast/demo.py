@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import bisenet_fast as bf
-from bisenet_fast.cli_args import POSITIVE_INT
+from bisenet_fast.cli_args import POSITIVE_INT, SEED
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data import synthetic
 from bisenet_fast.data.cityscapes import CLASSES, CityscapesDataset
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--val-images", type=POSITIVE_INT, default=40)
     p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, ...")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="torch CPU threads (default: the cores less the loader worker; 1 on a busy machine)")
     return p.parse_args(argv)

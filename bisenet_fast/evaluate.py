@@ -25,6 +25,12 @@ from bisenet_fast.metrics import IoUAccumulator, format_table
 AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def label_name(dataset, index: int) -> str:
+    """The label file of item `index` where the dataset tells it (CityscapesDataset.pairs)."""
+    pairs = getattr(dataset, "pairs", None)
+    return str(pairs[index][1]) if pairs is not None else f"label of item {index}"
+
+
 @torch.no_grad()
 def evaluate_model(model, dataset, ctx: DistContext, test_cfg: dict, aug_test=False, amp_dtype=None,
                    num_classes=19, limit=None, log=print) -> dict:
@@ -40,7 +46,11 @@ def evaluate_model(model, dataset, ctx: DistContext, test_cfg: dict, aug_test=Fa
     for n, i in enumerate(range(ctx.rank, count, ctx.world_size)):
         image, label = dataset[i]
         probs = predict_probs(model, image, tuple(test_cfg["img_scale"]), ratios, flip, amp_dtype)
-        acc.update(probs.argmax(dim=0), label.to(probs.device))
+        try:
+            acc.update(probs.argmax(dim=0), label.to(probs.device))
+        except ValueError as err:
+            raise ValueError(f"{label_name(dataset, i)}: {err} (labelIds not yet converted to trainIds? run "
+                             "python -m bisenet_fast.data.convert <root>)") from err
         if ctx.is_main and log and (n + 1) % 50 == 0:
             log(f"eval {(n + 1) * ctx.world_size}/{count} images, {time.perf_counter() - start:.0f} s")
     acc.all_reduce()

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import bisenet_fast as bf
-from bisenet_fast.cli_args import NON_NEGATIVE_INT, POSITIVE_INT
+from bisenet_fast.cli_args import MAX_SEED, NON_NEGATIVE_INT, POSITIVE_INT, SEED, int_at_least
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.data.sampler import InfiniteShardedSampler
@@ -55,6 +55,9 @@ LOSS_KEYS = ("decode.loss_ce", "aux_0.loss_ce", "aux_1.loss_ce", "aux_2.loss_ce"
 # does (its GradScaler finds the inf/NaN gradients); this many in a row mean the run has
 # diverged rather than overflowed once, and stop it.
 MAX_SKIPPED_STEPS = 100
+# The CEBlock's BatchNorm after global pooling sees one value per channel per image, and a
+# training-mode BatchNorm needs more than one (plain per-process BN, at any crop size).
+MIN_BATCH = 2
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -73,6 +76,16 @@ def poly_lr(iteration: int, base_lr=0.05, max_iters=160000, power=0.9, min_lr=1e
 
 def lr_at(iteration: int, recipe: dict) -> float:
     return poly_lr(iteration, recipe["optimizer"]["lr"], **recipe["schedule"])
+
+
+def check_training_options(recipe: dict, seed: int) -> None:
+    """What the CLI's argument types check, for a recipe from JSON or a direct call."""
+    batch = recipe["data"]["samples_per_gpu"]
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < MIN_BATCH:
+        raise ValueError(f"samples_per_gpu (--batch) must be an int >= {MIN_BATCH}: the CEBlock's BatchNorm after "
+                         f"global pooling sees one value per channel per image; got {batch!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
 
 
 def build_optimizer(model: nn.Module, recipe: dict) -> torch.optim.SGD:
@@ -228,6 +241,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     """Runs (or continues) training; returns {'iteration', 'checkpoint', 'metrics', 'stopped_by'}.
     threads: torch CPU threads per process (default: cpu_threads_per_process); recompute and
     channels_last: see build_model (the batches follow channels_last too)."""
+    check_training_options(recipe, seed)
     ctx = init_distributed(device)
     work_dir = Path(work_dir)
     if ctx.is_main:
@@ -270,6 +284,13 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
         rng = state["rng"]
         restore_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
         say(f"resumed from {resume} at iteration {start_iteration}")
+        max_iters = recipe["schedule"]["max_iters"]
+        if start_iteration > max_iters:
+            raise ValueError(f"cannot resume from {resume}: it is at iteration {start_iteration}, past this run's "
+                             f"max_iters ({max_iters}, --iters)")
+        eval_pending = bool(state.get("eval_pending"))
+    else:
+        eval_pending = False
 
     step_module = wrap_for_training(model, ctx)
     model.train()
@@ -290,7 +311,13 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     stop = StopRequest().install()
     result = {"iteration": start_iteration, "checkpoint": None, "metrics": None, "stopped_by": None}
 
-    def checkpoint(iteration: int) -> Path | None:
+    def is_eval_iteration(iteration: int) -> bool:
+        interval = recipe.get("eval_interval")
+        return bool(interval) and (iteration % interval == 0 or iteration == max_iters)
+
+    def checkpoint(iteration: int, eval_pending: bool = False) -> Path | None:
+        """eval_pending: a stop came before this iteration's evaluation, which a resumed run
+        then runs first."""
         rng = gather_objects(capture_rng_state(), ctx)
         if not ctx.is_main:
             return None
@@ -302,6 +329,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
             "iteration": iteration,
             "rng": rng,
             "sampler": {"seed": seed, "world_size": ctx.world_size, "consumed_per_rank": iteration * batch},
+            "eval_pending": eval_pending,
         }
         path = save_training_checkpoint(state, work_dir)
         result["checkpoint"] = path
@@ -322,6 +350,11 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
 
     try:
         with bf.backends.use(backend):
+            if eval_pending and val_set is not None:
+                say(f"iteration {start_iteration}: the evaluation the stop interrupted")
+                run_eval(start_iteration)
+            if start_iteration == max_iters:
+                say(f"iteration {start_iteration} is this run's last (max_iters): nothing left to train")
             batches = iter(loader)
             tick = time.perf_counter()
             window_start, window_iters = tick, 0
@@ -379,7 +412,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                         f"lr {lr:.3e}  {speed:.2f} it/s  ETA {format_eta((max_iters - done) / speed)}", flush=True)
 
                 if any_rank(stop.signum is not None, ctx):
-                    checkpoint(done)
+                    checkpoint(done, eval_pending=is_eval_iteration(done))
                     signum = stop.signum or signal.SIGTERM
                     result["stopped_by"] = signal.Signals(signum).name
                     say(f"{result['stopped_by']}: stopped after iteration {done}; resume with --resume "
@@ -388,7 +421,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 last = done == max_iters or (stop_after is not None and done >= stop_after)
                 if done % recipe["checkpoint_interval"] == 0 or last:
                     checkpoint(done)
-                if recipe.get("eval_interval") and (done % recipe["eval_interval"] == 0 or done == max_iters):
+                if is_eval_iteration(done):
                     run_eval(done)
                 if last:
                     break
@@ -426,14 +459,14 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default=None, help="checkpoints and logs (default work_dirs/<recipe>)")
     p.add_argument("--data-root")
     p.add_argument("--iters", type=POSITIVE_INT, help="total iterations (the schedule spans them)")
-    p.add_argument("--batch", type=POSITIVE_INT, help="images per process (samples_per_gpu)")
+    p.add_argument("--batch", type=int_at_least(MIN_BATCH), help="images per process (samples_per_gpu), at least 2")
     p.add_argument("--crop", type=POSITIVE_INT, nargs=2, metavar=("H", "W"))
     p.add_argument("--workers", type=NON_NEGATIVE_INT, help="DataLoader workers per process")
     p.add_argument("--amp", choices=list(AMP_DTYPES), help="autocast dtype (float16 uses the static loss scale)")
     p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, cuda, triton")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' for work_dir's last one")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="torch CPU threads per process (default: cores / processes on this machine, less the "
                         "loader workers when training on the CPU; use 1 on a machine busy with other work)")

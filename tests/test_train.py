@@ -91,6 +91,8 @@ def test_recipes_are_the_four_published_ones_plus_the_demo():
     assert plain["data"]["crop_size"] == [1024, 1024] and plain["data"]["cat_max_ratio"] == 0.75
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         load_recipe("nope")
+    with pytest.raises(FileNotFoundError, match="recipe file 'missing/mine.json' does not exist"):
+        load_recipe("missing/mine.json")
 
 
 @pytest.mark.parametrize("iteration, expected", [
@@ -386,6 +388,63 @@ def test_sigterm_writes_a_usable_checkpoint(tiny_data, tmp_path):
     assert f"resumed from {ckpt} at iteration {stopped_at}" in resumed.stdout
 
 
+@pytest.mark.parametrize("batch, seed, match", [
+    (1, 0, "samples_per_gpu \\(--batch\\) must be an int >= 2: the CEBlock's BatchNorm"),
+    (2, -1, "seed must be an int in \\[0, 4294967295\\], got -1"),
+])
+def test_train_refuses_one_image_per_process_and_bad_seeds(tiny_data, tmp_path, batch, seed, match):
+    """Before any work, instead of BatchNorm's or numpy's error from deep inside the run."""
+    recipe = tiny_recipe(tiny_data, iters=1)
+    recipe["data"]["samples_per_gpu"] = batch
+    with pytest.raises(ValueError, match=match):
+        train(recipe, tmp_path, backend="eager", threads=1, seed=seed, log=None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_resuming_past_the_schedule_is_an_error_and_at_its_end_trains_nothing(tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_data, iters=2)
+    train(copy.deepcopy(recipe), tmp_path, backend="eager", threads=1, log=None)
+    said = []
+    again = train(copy.deepcopy(recipe), tmp_path, backend="eager", threads=1, resume="auto",
+                  log=lambda line, **_: said.append(line))
+    assert again["iteration"] == 2 and again["checkpoint"] is None
+    assert any("nothing left to train" in line for line in said)
+    recipe["schedule"]["max_iters"] = 1
+    with pytest.raises(ValueError, match="it is at iteration 2, past this run's max_iters \\(1, --iters\\)"):
+        train(recipe, tmp_path, backend="eager", threads=1, resume="auto", log=None)
+
+
+def test_a_stop_before_an_evaluation_leaves_it_to_the_resumed_run(tiny_data, tmp_path):
+    """SIGTERM at an evaluation iteration checkpoints at once; the resumed run evaluates that
+    checkpoint first, so eval.csv has every scheduled row, as a run never stopped has."""
+    recipe = tiny_recipe(tiny_data, iters=4)
+    recipe["eval_interval"] = 2
+
+    def stop_at_iteration_2(line, **_):
+        if line.startswith("iter 2/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = train(copy.deepcopy(recipe), tmp_path, backend="eager", threads=1, log=stop_at_iteration_2)
+    assert stopped["stopped_by"] == "SIGTERM" and stopped["iteration"] == 2
+    assert torch.load(stopped["checkpoint"], weights_only=True)["eval_pending"] is True
+    resumed = train(copy.deepcopy(recipe), tmp_path, backend="eager", threads=1, resume="auto", log=None)
+    assert resumed["iteration"] == 4
+    with open(tmp_path / "eval.csv") as f:
+        assert [row["iteration"] for row in csv.DictReader(f)] == ["2", "4"]
+
+
+def test_evaluating_unconverted_labels_names_the_file_and_the_converter(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for label in (data / "gtFine" / "val").rglob("*_labelTrainIds.png"):
+        Image.fromarray(np.full((32, 64), 26, dtype=np.uint8)).save(label)  # a labelId: car
+    dataset = CityscapesDataset(data, "val")
+    with pytest.raises(ValueError, match=re.escape(f"{dataset.pairs[0][1]}: label values must be in [0, 19) or 255 "
+                                                   "(labelIds not yet converted to trainIds? run python -m "
+                                                   "bisenet_fast.data.convert <root>)")):
+        evaluate_model(bf.BiSeNetV2Segmentor(), dataset, DistContext(), load_recipe("synthetic")["test"])
+
+
 def test_an_error_while_loader_workers_run_ends_the_process(tiny_data, tmp_path):
     """The workers ignore SIGTERM (to outlive a process-group signal until the checkpoint is
     written). An error in the loop must still end the run: before train() stopped them
@@ -403,9 +462,10 @@ def test_an_error_while_loader_workers_run_ends_the_process(tiny_data, tmp_path)
     assert "target holds label 30" in run.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--iters", "0"), ("--batch", "0"), ("--crop", "0"), ("--workers", "-1"),
+@pytest.mark.parametrize("flag, value", [("--iters", "0"), ("--batch", "1"), ("--crop", "0"), ("--workers", "-1"),
                                          ("--checkpoint-interval", "0"), ("--log-interval", "0"),
-                                         ("--stop-after", "0"), ("--eval-interval", "-1"), ("--iters", "x")])
+                                         ("--stop-after", "0"), ("--eval-interval", "-1"), ("--iters", "x"),
+                                         ("--seed", "-1"), ("--seed", str(2**32))])
 def test_bad_numbers_on_the_command_line_are_usage_errors(flag, value, capsys):
     argv = [flag, value, "32"] if flag == "--crop" else [flag, value]
     with pytest.raises(SystemExit) as exit_:
@@ -415,8 +475,8 @@ def test_bad_numbers_on_the_command_line_are_usage_errors(flag, value, capsys):
 
 
 def test_command_line_values_override_the_recipe_even_when_small():
-    recipe = apply_overrides(load_recipe("synthetic"), parse_args(["--iters", "1", "--batch", "1", "--eval-interval", "0"]))
-    assert recipe["schedule"]["max_iters"] == 1 and recipe["data"]["samples_per_gpu"] == 1
+    recipe = apply_overrides(load_recipe("synthetic"), parse_args(["--iters", "1", "--batch", "2", "--eval-interval", "0"]))
+    assert recipe["schedule"]["max_iters"] == 1 and recipe["data"]["samples_per_gpu"] == 2
     assert recipe["eval_interval"] == 0
 
 

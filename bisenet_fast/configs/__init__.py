@@ -25,7 +25,9 @@ def recipe_names() -> list[str]:
 def load_recipe(name_or_path: str) -> dict:
     """A fresh dict of the recipe named (0.x name, 1.x alias) or stored at a .json path."""
     path = Path(name_or_path)
-    if path.suffix == ".json" and path.is_file():
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
         return json.loads(path.read_text())
     files = recipe_files()
     for name, file in files.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bisenet_fast.cli_args import POSITIVE_INT
+from bisenet_fast.cli_args import MAX_SEED, POSITIVE_INT, SEED
 from bisenet_fast.data.cityscapes import CLASSES, IMG_SUFFIX, LABEL_SUFFIX
 from bisenet_fast.palette import CITYSCAPES_PALETTE as PALETTE
 
@@ -150,6 +150,8 @@ def scene(seed: int, split: str, index: int, height: int = 128, width: int = 256
 def generate(root: str | Path, num_train: int = 200, num_val: int = 40, height: int = 128, width: int = 256,
              seed: int = 0) -> Path:
     """Write the dataset under `root` (leftImg8bit/ and gtFine/, split/synthville/...)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
     root = Path(root)
     for split, count in (("train", num_train), ("val", num_val)):
         img_dir = root / "leftImg8bit" / split / CITY
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--val", type=POSITIVE_INT, default=40)
     parser.add_argument("--height", type=POSITIVE_INT, default=128)
     parser.add_argument("--width", type=POSITIVE_INT, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     args = parser.parse_args(argv)
     generate(args.root, args.train, args.val, args.height, args.width, args.seed)
     print(f"wrote {args.train} train and {args.val} val scenes under {args.root}")
