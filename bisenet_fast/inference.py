@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import os
 
 import numpy as np
@@ -54,6 +55,21 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def _test_scales(img_scale, ratios) -> list[tuple[int, int]]:
+    """(w, h) of each test pass, as mmseg computes them: (int(w_s * r), int(h_s * r))."""
+    if (not isinstance(img_scale, (tuple, list)) or len(img_scale) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in img_scale)):
+        raise ValueError(f"img_scale must be two positive ints (w, h), got {img_scale!r}")
+    ratios = list(ratios)
+    if not ratios or not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and r > 0 for r in ratios):
+        raise ValueError(f"ratios must be one or more positive numbers, got {ratios!r}")
+    scales = [(int(img_scale[0] * r), int(img_scale[1] * r)) for r in ratios]
+    for ratio, scale in zip(ratios, scales):
+        if min(scale) < 1:
+            raise ValueError(f"img_scale {tuple(img_scale)} times ratio {ratio} is {scale}: an empty image")
+    return scales
+
+
 @torch.no_grad()
 def predict_probs(model, image, img_scale=(2048, 1024), ratios=(1.0,), flip=False, amp_dtype=None, device=None):
     """Summed softmax (C, H, W) at the image's size over every (ratio, flip) pass (spec §5):
@@ -63,12 +79,14 @@ def predict_probs(model, image, img_scale=(2048, 1024), ratios=(1.0,), flip=Fals
 
     image: as load_rgb takes it; img_scale: (w, h) as mmseg writes it; device: where the
     model runs (default: its parameters' or buffers' device)."""
+    scales = _test_scales(img_scale, ratios)
     device = model_device(model) if device is None else torch.device(device)
     img = load_rgb(image)
     height, width = img.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"image must be non-empty, got {height} x {width} pixels")
     total = None
-    for ratio in ratios:
-        scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+    for scale in scales:
         x = normalize(imrescale(img, scale))[None].to(device)
         for flipped in ((False, True) if flip else (False,)):
             inp = x.flip(-1) if flipped else x

@@ -8,7 +8,7 @@ from torch import nn
 
 import bisenet_fast as bf
 from bisenet_fast.data.transforms import imrescale, normalize
-from bisenet_fast.inference import load_rgb, save_colored, segment
+from bisenet_fast.inference import load_rgb, predict_probs, save_colored, segment
 from bisenet_fast.palette import CITYSCAPES_PALETTE, colorize
 
 SMALL_SCALE = (140, 90)  # (w, h): a 45x70 image is doubled to 90x140
@@ -101,6 +101,22 @@ def test_segment_rejects_bad_images_and_options(model):
         segment(model, torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="autocast must be"):
         segment(model, np.zeros((8, 8, 3), dtype=np.uint8), autocast="int8")
+    with pytest.raises(ValueError, match="image must be non-empty, got 0 x 8 pixels"):
+        segment(model, np.zeros((0, 8, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(img_scale=(0, 0)), "img_scale must be two positive ints \\(w, h\\), got \\(0, 0\\)"),
+    (dict(img_scale=(-5, 64)), "img_scale must be two positive ints"),
+    (dict(img_scale=(96,)), "img_scale must be two positive ints"),
+    (dict(img_scale=(96.0, 64)), "img_scale must be two positive ints"),
+    (dict(ratios=()), "ratios must be one or more positive numbers, got \\[\\]"),
+    (dict(ratios=(1.0, -0.5)), "ratios must be one or more positive numbers"),
+    (dict(img_scale=(96, 64), ratios=(0.01,)), "img_scale \\(96, 64\\) times ratio 0.01 is \\(0, 0\\): an empty image"),
+])
+def test_predict_probs_names_a_bad_test_scale(model, options, match):
+    with pytest.raises(ValueError, match=match):
+        predict_probs(model, np.zeros((8, 8, 3), dtype=np.uint8), **options)
 
 
 def test_colorize_and_save(tmp_path):
