@@ -268,6 +268,18 @@ def test_label_ids_to_train_ids_table(tmp_path):
     assert np.array_equal(written, out)
 
 
+@pytest.mark.parametrize("mode, values", [("I;16", [7, 263]), ("RGB", None)])
+def test_convert_refuses_labels_that_are_not_8_bit(tmp_path, mode, values):
+    """A 16-bit id would wrap onto a trainId (263 -> 7 -> road) if cast to uint8."""
+    src = tmp_path / "gtFine" / "val" / "x" / "a_000000_000000_gtFine_labelIds.png"
+    src.parent.mkdir(parents=True)
+    image = Image.fromarray(np.array([values], np.uint16)).convert(mode) if values else Image.new(mode, (2, 1))
+    image.save(src)
+    assert Image.open(src).mode == mode
+    with pytest.raises(ValueError, match=f"labelIds must be an 8-bit single-channel PNG \\(mode L\\), got mode {mode}"):
+        convert_tree(tmp_path, workers=1)
+
+
 def test_synthetic_scenes_are_deterministic_and_cover_all_classes():
     a = scene(0, "val", 3)
     b = scene(0, "val", 3)
@@ -290,3 +302,10 @@ def test_sampler_shards_cover_the_dataset_and_resume_exactly():
     assert resumed == full[6:]
     seeds = [s for _, s in full]
     assert len(set(seeds)) == len(seeds)
+
+
+def test_sampler_pads_a_dataset_smaller_than_the_padding():
+    """One image over four processes: every rank gets it (the padding repeats the order as
+    often as it must)."""
+    streams = [list(itertools.islice(InfiniteShardedSampler(1, r, 4, seed=5), 2)) for r in range(4)]
+    assert [[idx for idx, _ in s] for s in streams] == [[0, 0]] * 4

@@ -43,7 +43,11 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
 def convert_file(src: Path) -> Path:
     dst = src.with_name(src.name[: -len(LABEL_IDS_SUFFIX)] + LABEL_SUFFIX)
     with Image.open(src) as im:
-        train_ids = label_ids_to_train_ids(np.asarray(im, dtype=np.uint8))
+        # Cityscapes' labelIds are 8-bit single-channel: a cast of any other mode would wrap
+        # 16-bit ids onto trainIds (263 -> 7 -> road) or fail without naming the file.
+        if im.mode not in ("L", "P"):
+            raise ValueError(f"{src}: labelIds must be an 8-bit single-channel PNG (mode L), got mode {im.mode}")
+        train_ids = label_ids_to_train_ids(np.asarray(im))
     Image.fromarray(train_ids, mode="L").save(dst)
     return dst
 

@@ -33,7 +33,10 @@ class InfiniteShardedSampler(Sampler):
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         else:
             order = list(range(self.size))
-        padded = order + order[: self.per_rank * self.world_size - self.size]
+        # Padded to a multiple of world_size by repeating the order (as torch's DistributedSampler
+        # does; more than once when the dataset is smaller than the padding).
+        total = self.per_rank * self.world_size
+        padded = (order * math.ceil(total / self.size))[:total]
         return padded[self.rank :: self.world_size]
 
     def sample_seed(self, epoch: int, position: int) -> int:
