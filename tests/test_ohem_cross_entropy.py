@@ -529,17 +529,24 @@ def test_a_minus_inf_logit_of_another_class_keeps_the_loss_finite(backend, devic
 
 
 @pytest.mark.parametrize("backend, device", fused_backends())
-def test_logits_read_only_by_ignored_pixels_never_matter(backend, device):
+@pytest.mark.parametrize("shape", [(1, 3, 4, 5, 8, 10), (1, 3, 4, 5, 4, 5), (1, 3, 4, 5, 4, 10), (1, 3, 4, 5, 8, 5)],
+                         ids=["upsampled", "same-size", "same-height", "same-width"])
+def test_logits_read_only_by_ignored_pixels_never_matter(backend, device, shape):
     # Pixels labelled ignore_index contribute nothing whatever their logits (the reference's
     # log-softmax backward still turns a NaN there into NaN gradients; the fused kernels
-    # never read those pixels' logits in backward).
-    logits, target = make_inputs((1, 3, 4, 5, 8, 10), device=device)
-    target[:, :4] = 255  # every pixel reading head rows 0-1 only
-    clean = loss_and_grad(backend, logits, target, thresh=0.7, min_kept=5)
-    logits[0, 1, 0, 2] = float("nan")
+    # never read those pixels' logits in backward). An axis that keeps its size reads one
+    # head index, as ATen's CPU kernels do, not also a zero-weight neighbour (0 * NaN).
+    logits, target = make_inputs(shape, device=device)
+    head_pixel = torch.zeros(1, 1, *shape[2:4])
+    head_pixel[..., 2, 2] = 1
+    readers = torch.nn.functional.interpolate(head_pixel, size=shape[4:], mode="bilinear", align_corners=False)
+    target[readers[:, 0].to(device) != 0] = 255
+    clean_loss, clean_grad = loss_and_grad(backend, logits, target, thresh=0.7, min_kept=5)
+    logits[0, 1, 2, 2] = float("nan")
     loss, grad = loss_and_grad(backend, logits, target, thresh=0.7, min_kept=5)
-    torch.testing.assert_close(loss, clean[0])
-    assert torch.isfinite(grad).all()
+    assert torch.isfinite(clean_loss)
+    torch.testing.assert_close(loss, clean_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, clean_grad, rtol=0, atol=0)
 
 
 # ---- argument errors (the front checks, the same for every backend)

@@ -54,13 +54,15 @@ def test_layouts(layout):
     assert_close_to_scale(run("cpp", x, (30, 41)), expected, TOLERANCE[torch.float32])
 
 
-def test_nan_inf_and_broadcast_inputs_as_interpolate():
+# (3, 4) itself and one kept axis: an axis that keeps its size reads no zero-weight neighbour.
+@pytest.mark.parametrize("size", [(7, 9), (3, 4), (3, 9), (7, 4)])
+def test_nan_inf_and_broadcast_inputs_as_interpolate(size):
     x = torch.randn(1, 2, 3, 4, generator=torch.Generator().manual_seed(4))
-    x[0, 0, 1, 1], x[0, 1, 2, 3] = float("nan"), float("inf")
-    out, expected = run("cpp", x, (7, 9)), interpolate(x, (7, 9))
+    x[0, 0, 1, 1], x[0, 1, 1, 2] = float("nan"), float("inf")
+    out, expected = run("cpp", x, size), interpolate(x, size)
     assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.isinf(), expected.isinf())
     expanded = torch.randn(1, 2, 1, 4, generator=torch.Generator().manual_seed(5)).expand(3, 2, 3, 4)
-    assert_close_to_scale(run("cpp", expanded, (7, 9)), interpolate(expanded, (7, 9)), TOLERANCE[torch.float32])
+    assert_close_to_scale(run("cpp", expanded, size), interpolate(expanded, size), TOLERANCE[torch.float32])
 
 
 def test_deterministic():

@@ -45,7 +45,8 @@ def _tap(dst, in_size, out_size):
     src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
     i0 = tl.minimum(src.to(tl.int32), in_size - 1)
     w1 = src - i0.to(tl.float32)
-    i1 = i0 + (i0 < in_size - 1).to(tl.int32)
+    # An axis that keeps its size reads i0 twice, not a zero-weight neighbour (bilinear.h)
+    i1 = tl.where(scale != 1.0, i0 + (i0 < in_size - 1).to(tl.int32), i0)
     return i0, i1, 1.0 - w1, w1
 
 

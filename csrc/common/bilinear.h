@@ -30,7 +30,11 @@ BF_HOST_DEVICE LinearTap linear_tap(int64_t dst, int64_t in_size, float scale) {
   if (t.i0 > in_size - 1) t.i0 = in_size - 1;
   t.w1 = src - static_cast<float>(t.i0);
   t.w0 = 1.f - t.w1;
-  t.i1 = t.i0 + (t.i0 < in_size - 1 ? 1 : 0);
+  // An axis that keeps its size: ATen's CPU kernels (compute_source_index_and_lambda) read
+  // i0 with weight 1 and i0 again with weight 0, not the next index, whose NaN would leak
+  // (0 * NaN); an inf at i0 becomes NaN there, in both. scale is exactly 1 iff in == out,
+  // for sizes below 2^24.
+  t.i1 = t.i0 + (t.i0 < in_size - 1 && scale != 1.f ? 1 : 0);
   return t;
 }
 
