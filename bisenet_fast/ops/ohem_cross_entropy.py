@@ -10,6 +10,9 @@ from bisenet_fast.ops._autograd import refuse_double_backward
 from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
 
 TARGET_DTYPES = (torch.uint8, torch.int32, torch.int64)
+# The kernels' float32 exp flushes probabilities below ~1.6e-38 (e^-87) to 0, so a smaller
+# thresh would keep other pixels than the reference (csrc/common/ohem_checks.h, kMinOhemThresh).
+MIN_OHEM_THRESH = 1e-30
 
 
 def ohem_cross_entropy_reference(logits, target, *, thresh=0.7, min_kept=10000, ignore_index=255):
@@ -53,8 +56,8 @@ def check_ohem_inputs(logits, target, thresh, min_kept, ignore_index) -> None:
             f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have non-empty batch, class and "
             "spatial dims"
         )
-    if thresh is not None and not 0.0 < float(thresh) <= 1.0:
-        raise ValueError(f"thresh must be None or a probability in (0, 1], got {thresh}")
+    if thresh is not None and not MIN_OHEM_THRESH <= float(thresh) <= 1.0:
+        raise ValueError(f"thresh must be None or a probability in [1e-30, 1], got {thresh}")
     if isinstance(min_kept, bool) or not isinstance(min_kept, int) or not 0 <= min_kept < 2**63:
         raise ValueError(f"min_kept must be a non-negative int below 2**63, got {min_kept!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -163,9 +166,10 @@ def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_ind
     """Loss of one head (0-dim float32; float64 for float64 logits).
 
     logits (N, C, h, w) at head resolution (float32/float16/bfloat16; float64 on CPU);
-    target (N, H, W) integer labels (uint8/int32/int64). thresh=None: plain cross-entropy
-    averaged over N*H*W. Labels other than ignore_index must lie in [0, C): a ValueError
-    names the first one that does not.
+    target (N, H, W) integer labels (uint8/int32/int64). thresh: a probability in
+    [MIN_OHEM_THRESH, 1] (1e-30: the kernels' float32 exp flushes probabilities below ~1e-38),
+    or None: plain cross-entropy averaged over N*H*W. Labels other than ignore_index must lie
+    in [0, C): a ValueError names the first one that does not.
 
     check_labels=False: the caller has checked the labels (e.g. once for all five heads, as
     BiSeNetV2Segmentor.loss does), so on a GPU the CUDA kernel and the eager path skip the
@@ -177,6 +181,12 @@ def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_ind
     A NaN or infinite logit read by a valid pixel makes the loss NaN or inf and the gradient
     non-finite, as in the reference (whose CE * weight is NaN even at weight 0), so that the
     training loop's check sees it; logits read only by ignored pixels never matter.
+
+    Kept or not is a comparison of a rounded probability with the threshold: a pixel within
+    rounding of it (e.g. tied with the budget-th probability) may be kept by one backend and
+    not another, changing the loss by that pixel's cross-entropy / (N*H*W). float64 logits
+    are upsampled with float32 tap weights (as in the BGA), so float64 results agree with the
+    reference to about float32 precision.
     """
     check_ohem_inputs(logits, target, thresh, min_kept, ignore_index)
     backend = backends.resolve("ohem_cross_entropy", logits.device, GPU_PREFERENCE)

@@ -42,10 +42,14 @@ inline void check_ohem_backward_scalars(const at::Tensor& grad_loss, const at::T
   }
 }
 
-// thresh: None (plain cross-entropy) or a probability in (0, 1]; min_kept >= 0.
+// thresh: None (plain cross-entropy) or a probability in [kMinOhemThresh, 1]; min_kept >= 0.
+// The kernels' float32 exp flushes probabilities below ~1.6e-38 (e^-87) to 0, so a smaller
+// threshold would keep other pixels than the reference does (MIN_OHEM_THRESH in bisenet_fast/ops/ohem_cross_entropy.py).
+constexpr double kMinOhemThresh = 1e-30;
+
 inline void check_ohem_options(c10::optional<double> thresh, int64_t min_kept) {
-  TORCH_CHECK_VALUE(!thresh.has_value() || (*thresh > 0.0 && *thresh <= 1.0),
-                    "ohem_cross_entropy: thresh must be None or a probability in (0, 1], got ", *thresh);
+  TORCH_CHECK_VALUE(!thresh.has_value() || (*thresh >= kMinOhemThresh && *thresh <= 1.0),
+                    "ohem_cross_entropy: thresh must be None or a probability in [1e-30, 1], got ", *thresh);
   TORCH_CHECK_VALUE(min_kept >= 0, "ohem_cross_entropy: min_kept must be >= 0, got ", min_kept);
 }
 

@@ -220,8 +220,9 @@ BF_CPU_CLONES void row_softmax(acc_t* z, int64_t channels, int64_t W, acc_t* zma
 template <typename label_t>
 int64_t checked_label(label_t raw, int64_t channels, int64_t ignore_index) {
   const int64_t label = static_cast<int64_t>(raw);
-  TORCH_CHECK(label == ignore_index || (label >= 0 && label < channels), "ohem_cross_entropy: target holds label ",
-              label, ", which is neither a class id in [0, ", channels, ") nor ignore_index (", ignore_index, ")");
+  TORCH_CHECK_VALUE(label == ignore_index || (label >= 0 && label < channels),
+                    "ohem_cross_entropy: target holds label ", label, ", which is neither a class id in [0, ", channels,
+                    ") nor ignore_index (", ignore_index, ")");
   return label;
 }
 

@@ -120,8 +120,8 @@ inline void raise_bad_label(const at::Tensor& target, int64_t channels, int64_t 
   const at::Tensor labels = target.to(at::kLong);
   const at::Tensor bad = labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(channels)));
   const int64_t value = labels.masked_select(bad)[0].item<int64_t>();
-  TORCH_CHECK(false, "ohem_cross_entropy: target holds label ", value, ", which is neither a class id in [0, ",
-              channels, ") nor ignore_index (", ignore_index, ")");
+  TORCH_CHECK_VALUE(false, "ohem_cross_entropy: target holds label ", value, ", which is neither a class id in [0, ",
+                    channels, ") nor ignore_index (", ignore_index, ")");
 }
 
 // The loss (float32 scalar) and the threshold it used, on the logits' device.
