@@ -45,8 +45,11 @@ def _tap(dst, in_size, out_size):
     src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
     i0 = tl.minimum(src.to(tl.int32), in_size - 1)
     w1 = src - i0.to(tl.float32)
-    # An axis that keeps its size reads i0 twice, not a zero-weight neighbour (bilinear.h)
-    i1 = tl.where(scale != 1.0, i0 + (i0 < in_size - 1).to(tl.int32), i0)
+    # An axis that keeps its size reads i0 twice, not a zero-weight neighbour (bilinear.h):
+    # there no i0 is below last_i1 = 0. One uniform scalar, where a per-element select cost the
+    # BGA pointwise epilogue the registers it had left (it spilled on sm_86).
+    last_i1 = tl.where(scale != 1.0, in_size - 1, 0)
+    i1 = i0 + (i0 < last_i1).to(tl.int32)
     return i0, i1, 1.0 - w1, w1
 
 
