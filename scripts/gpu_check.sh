@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validation in one go, for a lent GPU machine where torch, triton, nvcc, ninja and
-# pytest are already installed: build the extension in place with CUDA, run the whole
-# test suite (CUDA and Triton tests run natively there), run the benchmarks, and leave
+# pytest are already installed: build the extension in place with CUDA, run the
+# GPU tests (CUDA and Triton tests run natively there), run the benchmarks, and leave
 # logs and JSON in the folder given as argument.
 #
 #   scripts/gpu_check.sh OUT_DIR [TOTAL_S]
@@ -9,10 +9,14 @@
 # at most TESTS_S (default 180) while leaving the benchmarks 140 s, and the benchmarks the
 # rest, so a lent machine's minutes are used to the end and nothing outlives the call.
 # Environment: TESTS (pytest selection, default: tests, on 8 xdist workers), TESTS_S,
-# TESTS_K (a pytest -k expression, e.g. "cuda or triton" to run the GPU tests first),
+# TESTS_K (a pytest -k expression; default "(cuda or triton) and not emulated", the tests
+# that need the GPU: the rest run in CI, and the whole suite outlasts a lent machine's
+# minutes before reaching the OHEM GPU tests; TESTS_K= runs everything),
 # BENCH_ONLY (comma-separated benchmark module substrings, run in that order; default: all),
 # BENCH_ARGS (extra benchmarks.run arguments, e.g. "--compile-mode default": the compiled
-# baselines take max-autotune on a GPU otherwise, whose tuning takes minutes per model).
+# baselines take max-autotune-no-cudagraphs on a GPU otherwise, whose tuning takes minutes
+# per model; the compile rows are each case's last, so a run stopped at its deadline loses
+# those first).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [TOTAL_S]}
 deadline=$(( $(date +%s) + ${2:-540} ))
@@ -47,7 +51,7 @@ $py -c "import bisenet_fast as bf; print(bf.build_info())" 2>&1 | tee -a "$out/b
 
 echo "== tests (build took ${SECONDS} s)"
 SECONDS=0
-# Default: the whole suite, over 8 workers where pytest-xdist is installed; a per-test limit
+# Over 8 workers where pytest-xdist is installed; a per-test limit
 # where pytest-timeout is (a hung kernel then costs one test, not the stage).
 default_tests=tests
 if $py -c "import xdist" 2>/dev/null; then
@@ -56,13 +60,14 @@ if $py -c "import xdist" 2>/dev/null; then
   # crawl (43 % of the suite in 230 s on an H200 machine, 4 compile tests past 120 s).
   export OMP_NUM_THREADS=$(( $(nproc) / 8 > 0 ? $(nproc) / 8 : 1 ))
 fi
+tests_k=${TESTS_K-"(cuda or triton) and not emulated"}
 per_test=""
 if $py -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout=120"; fi
 # -v: one line per finished test, so a stage stopped at its deadline (no summary, no junit
 # file) still tells which tests passed and failed.
 # SIGINT at the deadline: pytest then still prints its summary with the failures' tracebacks
 # (a SIGTERM lost them on 2026-11-27); SIGKILL 20 s later if it hangs.
-timeout -s INT -k 20 "$(at_most "${TESTS_S:-180}" 140)" $py -m pytest ${TESTS:-$default_tests} ${TESTS_K:+-k "$TESTS_K"} -v -rfEs -p no:cacheprovider \
+timeout -s INT -k 20 "$(at_most "${TESTS_S:-180}" 140)" $py -m pytest ${TESTS:-$default_tests} ${tests_k:+-k "$tests_k"} -v -rfEs -p no:cacheprovider \
   $per_test --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
 tests_rc=$?
 # The summary's failures, errors and skips (without its last line), then the counts.
