@@ -38,15 +38,21 @@ FIRST = ("bench_ohem_cross_entropy", "bench_bga", "bench_train_step", "bench_mod
 def modules(only: list[str] | None):
     """Benchmark module names: all, the targets' (FIRST) first, then the rest sorted; or those
     matching `only`, in the order of its keys (so a time-limited run does the first-named
-    ones first)."""
+    ones first). A key that names a module ("bga" or "bench_bga") selects that module alone;
+    any other key, every module whose name contains it ("ohem")."""
     names = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_"))
     if not only:
         return [n for n in FIRST if n in names] + [n for n in names if n not in FIRST]
-    unmatched = [key for key in only if not any(key in n for n in names)]
+
+    def matching(key: str) -> list[str]:
+        exact = [n for n in names if key in (n, n.removeprefix("bench_"))]
+        return exact or [n for n in names if key in n]
+
+    unmatched = [key for key in only if not matching(key)]
     if unmatched:
         raise ValueError(f"--only: no benchmark module matches {', '.join(map(repr, unmatched))}; "
                          f"the modules are {', '.join(names)}")
-    return list(dict.fromkeys(n for key in only for n in names if key in n))
+    return list(dict.fromkeys(n for key in only for n in matching(key)))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -134,11 +140,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes (CI-sized)")
-    parser.add_argument("--only", default="", help="comma-separated substrings of module names, run in this order")
+    parser.add_argument("--only", default="", help="comma-separated module names (bga, bench_bga) or substrings "
+                                                   "of them (ohem), run in this order")
     parser.add_argument("--out", default=None, help="write the rows and metadata as JSON here")
     parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode of the compiled baselines (default: max-autotune on GPU, "
-                             "default on CPU)")
+                        help="torch.compile mode of the compiled baselines (default: max-autotune-no-cudagraphs "
+                             "on GPU, default on CPU)")
     args = parser.parse_args(argv)
     try:
         names = modules([s for s in args.only.split(",") if s])

@@ -34,8 +34,15 @@ def test_device_name_names_the_cpu_threads():
 
 
 def test_only_runs_matching_modules_in_the_given_order():
-    assert runner.modules(["ohem", "bga", "ohem_cross"]) == [
-        "bench_ohem_cross_entropy", "bench_bga", "bench_bga_pointwise"]
+    assert runner.modules(["ohem", "bga_", "ohem_cross"]) == [
+        "bench_ohem_cross_entropy", "bench_bga_pointwise"]
+
+
+def test_only_naming_a_module_selects_it_alone():
+    """"bga" is bench_bga's name: it must not also run bench_bga_pointwise (whose name
+    contains it), nor must `python -m benchmarks.bench_bga`."""
+    assert runner.modules(["bga"]) == runner.modules(["bench_bga"]) == ["bench_bga"]
+    assert runner.modules(["ge_layer", "bga_pointwise"]) == ["bench_ge_layer", "bench_bga_pointwise"]
 
 
 def test_all_modules_run_the_targets_modules_first():
