@@ -4,9 +4,9 @@ FusedExpandConvModule) against the eager ConvModule, per distinct expansion conv
 BiSeNetV2, and the whole segmentor's training step with use_fused_ge_training() on ("triton
 GE"/"cpp GE") vs off ("eager GE"), every other op on backend auto in both.
 
-Besides time and GPU peak memory, rows report "saved_mb": the bytes autograd keeps for
+Besides time and peak memory, rows report "saved_mb": the bytes autograd keeps for
 backward (distinct storages, counted with saved_tensors_hooks).
-That is the memory the fused op saves, and unlike peak memory it is measured on the CPU too.
+That is the memory the fused op saves.
 Per conv it includes the output (kept by the ReLU); inside the network the next layer keeps
 that tensor anyway, so the model rows show the real saving.
 
@@ -23,7 +23,7 @@ import sys
 import torch
 
 from benchmarks.run import main as cli
-from benchmarks.timing import measure, saved_activation_mb, speedups
+from benchmarks.timing import accuracy, measure, saved_activation_mb, speedups
 from bisenet_fast.models import BiSeNetV2Segmentor, use_fused_ge_training
 from bisenet_fast.models.conv_module import ConvModule
 from bisenet_fast.models.fused_training import FusedExpandConvModule
@@ -41,7 +41,7 @@ def _row(op, case, impl, dtype, shape, timing, base, saved):
     return {
         "op": op, "case": case, "impl": impl, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
         "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
-        **speedups(base, timing), "saved_mb": saved,
+        **speedups(base, timing), **accuracy(base, timing, dtype), "saved_mb": saved,
     }
 
 
@@ -58,9 +58,11 @@ def _conv_rows(device, gpu, quick, batch, image, repeats):
         base = None
         for impl, module in candidates:
             def step(module=module):
-                module(x).backward(grad)
-                x.grad = None  # else every call after the first also adds into the old gradients
+                out = module(x)
+                out.backward(grad)
+                grad_x, x.grad = x.grad, None  # else every call after the first adds into the old one
                 module.zero_grad(set_to_none=True)
+                return out, grad_x  # for the row's output check
 
             timing = measure(step, device, warmup=2 if quick else 5, repeats=repeats)
             base = base or timing
@@ -85,8 +87,10 @@ def _model_rows(device, gpu, quick, batch, image, repeats):
                     return sum(model.loss(x, target).values())
 
             def step(forward=forward, model=model):
-                forward().backward()
+                loss = forward()
+                loss.backward()
                 model.zero_grad(set_to_none=True)
+                return loss  # for the row's output check
 
             timing = measure(step, device, warmup=1 if quick else 3, repeats=max(3, repeats // 2))
             base = base or timing

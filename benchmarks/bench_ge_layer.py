@@ -18,7 +18,7 @@ import sys
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import achieved_gbps, compile_baseline, default_compile_mode, measure, speedups
+from benchmarks.timing import accuracy, achieved_gbps, compile_baseline, default_compile_mode, measure, speedups
 from bisenet_fast.models.bisenetv2 import GELayer
 from bisenet_fast.models.fused import FusedGELayer
 from bisenet_fast.ops import ge_layer as ge
@@ -138,7 +138,8 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
                     "op": "ge_layer", "case": f"{cin}->{cout} s{stride}", "impl": impl, "layout": layout,
                     "dtype": str(dtype).replace("torch.", ""), "shape": [1, cin, h, w],
                     "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
-                    **speedups(base, timing), "gbps": achieved_gbps(min_bytes, timing),
+                    **speedups(base, timing), **accuracy(base, timing, dtype),
+                    "gbps": achieved_gbps(min_bytes, timing),
                 }
 
 

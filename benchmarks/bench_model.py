@@ -24,7 +24,7 @@ import sys
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import compile_baseline, default_compile_mode, measure, speedups
+from benchmarks.timing import accuracy, compile_baseline, default_compile_mode, measure, speedups
 from bisenet_fast.models.autotune import autotune_choices
 from bisenet_fast.models.fused import capture_cuda_graph
 from benchmarks.run import main as cli
@@ -123,7 +123,7 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
                     "op": "bisenetv2_inference", "case": variant, "impl": impl,
                     "dtype": str(dtype).replace("torch.", ""), "shape": [1, 3, h, w],
                     "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
-                    **speedups(base, timing), "fps": 1e3 / timing["ms"], **extra,
+                    **speedups(base, timing), **accuracy(base, timing, dtype), "fps": 1e3 / timing["ms"], **extra,
                 }
                 if impl == "autotuned":  # each GE layer's tuning at this size: choice and candidates' ms
                     row["autotune_choices"] = {

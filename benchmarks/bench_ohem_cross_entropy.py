@@ -19,7 +19,7 @@ import sys
 import torch
 
 import bisenet_fast as bf
-from benchmarks.timing import compile_baseline, default_compile_mode, measure, speedups
+from benchmarks.timing import accuracy, compile_baseline, default_compile_mode, measure, speedups
 from benchmarks.run import main as cli
 
 OP = "ohem_cross_entropy"
@@ -63,10 +63,12 @@ def step_fn(impl: str, logits: torch.Tensor, target: torch.Tensor, min_kept: int
     fn = compile_baseline(loss_fn, compile_mode) if impl == "compile" else loss_fn
 
     def step():
+        """One loss and backward; returns both, for the row's output check."""
         with bf.backends.use(backend):
             loss = fn(x, target)
             loss.backward()
-        x.grad = None
+        grad, x.grad = x.grad, None
+        return loss.detach(), grad
 
     return step
 
@@ -103,6 +105,7 @@ def run(device: str = "cpu", quick: bool = True, head_sizes=HEAD_SIZES, dtypes=N
                         "ms_min": timing["ms_min"],
                         "peak_extra_mb": timing["peak_extra_mb"],
                         **speedups(eager, timing),
+                        **accuracy(eager, timing, dtype),
                     }
 
 

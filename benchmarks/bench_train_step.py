@@ -13,7 +13,8 @@ Memory, two numbers:
   saved_mb       activations autograd holds for backward after forward+loss
                  (timing.saved_activation_mb; parameters, buffers and the batch excluded);
                  measured on every device from one extra forward.
-  peak_extra_mb  torch.cuda.max_memory_allocated over the timed steps (GPU only).
+  peak_extra_mb  torch.cuda.max_memory_allocated over the timed steps on GPU; on CPU the
+                 allocator's peak during one more step (timing.cpu_peak_extra_mb).
 
 Shapes: quick, 2 x 128 x 128. Full, the 4x4 recipes' per-GPU batch, 4 x 1024 x 1024: on GPU
 the plain fp32, OHEM and float16-autocast (static loss scale) recipes and OHEM under that
@@ -31,7 +32,7 @@ import torch
 
 import bisenet_fast as bf
 from benchmarks.run import main as cli
-from benchmarks.timing import measure, saved_activation_mb, speedups
+from benchmarks.timing import accuracy, measure, saved_activation_mb, speedups
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.models import use_fused_ge_training, use_recomputing_detail_branch
 from bisenet_fast.train import LOSS_KEYS, build_optimizer
@@ -86,12 +87,16 @@ class TrainStep:
             losses = self.model.loss(self.x, self.y)
         return self.scaler.scale(sum(losses[k] for k in LOSS_KEYS))
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor:
+        """One step; returns its (scaled) loss, which the first step of every impl computes
+        from the same weights and batch: the rows' output check."""
         self.opt.zero_grad(set_to_none=True)
-        self.forward_loss().backward()
+        loss = self.forward_loss()
+        loss.backward()
         self.scaler.step(self.opt)
         if self.scaler.is_enabled():
             self.scaler.update(512.0)
+        return loss.detach()
 
     def saved_mb(self) -> float:
         """Activation memory held for backward by one forward+loss (not the model's own tensors)."""
@@ -126,7 +131,7 @@ def run(device: str = "cpu", quick: bool = True):
                 "op": "train_step", "case": case, "impl": impl.replace("fused", fused_backend),
                 "dtype": (recipe.get("amp") or {}).get("dtype", "float32"), "shape": [batch, 3, size, size],
                 "ms": t["ms"], "ms_min": t["ms_min"], "repeats": repeats, "saved_mb": saved_mb,
-                "peak_extra_mb": t["peak_extra_mb"], **speedups(eager, t),
+                "peak_extra_mb": t["peak_extra_mb"], **speedups(eager, t), **accuracy(eager, t, torch.float32),
             }
 
 

@@ -7,7 +7,9 @@ Each module exposes run(device: str, quick: bool) -> an iterable of row dicts (a
 so that every row is kept as soon as it is measured); modules that build torch.compile
 baselines also take compile_mode. The JSON records the device, torch/triton versions, build,
 commit, compile mode, the device's copy bandwidth and the date, and is rewritten (atomically)
-after every row: a run stopped at a deadline keeps all it measured.
+after every row: a run stopped at a deadline keeps all it measured. Every row's output is
+checked against its eager row's (rel_err; benchmarks.timing.output_check): a row beyond
+tolerance is listed under "output_mismatches" and fails the run, its times kept.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import bisenet_fast as bf
 from benchmarks.timing import copy_bandwidth_gbps, default_compile_mode, device_name
 
 COLUMNS = ("op", "case", "impl", "dtype", "ms", "speedup_vs_eager", "device_ms", "device_x_eager", "saved_mb",
-           "peak_extra_mb", "gbps", "pct_of_copy_bw", "samples_per_s")
+           "peak_extra_mb", "gbps", "pct_of_copy_bw", "samples_per_s", "rel_err")
 # The modules the issues' targets are measured by, first: a run cut short at its deadline
 # loses the others.
 FIRST = ("bench_ohem_cross_entropy", "bench_bga", "bench_train_step", "bench_model", "bench_ge_layer")
@@ -110,11 +112,17 @@ class Results:
         self.meta, self.path = meta, path
         self.rows: list[dict] = []
         self.failed: list[str] = []
+        # Rows whose output is not the eager row's (benchmarks.timing.output_check): their
+        # times are kept, but they measure a wrong result and fail the run.
+        self.mismatched: list[str] = []
 
     def add(self, row: dict) -> None:
         copy_gbps = self.meta.get("copy_gbps")
         if copy_gbps and row.get("gbps"):
             row["pct_of_copy_bw"] = 100 * row["gbps"] / copy_gbps
+        if row.get("output_ok") is False:
+            self.mismatched.append(f"{row['op']} | {row['case']} | {row['impl']} | {row['dtype']}: "
+                                   f"rel_err {row['rel_err']:.3g} against eager")
         self.rows.append(row)
         self.save()
 
@@ -131,7 +139,8 @@ class Results:
             return
         temporary = f"{self.path}.tmp"
         with open(temporary, "w") as f:
-            json.dump({"meta": self.meta, "rows": self.rows, "failed": self.failed}, f, indent=1)
+            json.dump({"meta": self.meta, "rows": self.rows, "failed": self.failed,
+                       "output_mismatches": self.mismatched}, f, indent=1)
         os.replace(temporary, self.path)
 
 
@@ -172,7 +181,9 @@ def main(argv=None) -> int:
     print(format_table(results.rows))
     if results.failed:
         print(f"FAILED benchmark modules: {', '.join(results.failed)}", file=sys.stderr)
-    return 1 if results.failed else 0
+    for mismatch in results.mismatched:
+        print(f"OUTPUT MISMATCH {mismatch}", file=sys.stderr)
+    return 1 if results.failed or results.mismatched else 0
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ the call's kernels occupy ("device_ms", torch.profiler/CUPTI: what the call cost
 model whose GPU queue stays full), with the call's longest kernels by name
 ("device_kernels", in the JSON rows); peak memory is torch.cuda.max_memory_allocated above
 what was allocated before the call.
-CPU: perf_counter around each call, median over repeats; peak memory is not measured
-there (tracemalloc does not see ATen's allocator), so it is reported on GPU only.
+CPU: perf_counter around each call, median over repeats; peak memory is the most that
+ATen's CPU allocator held at once during one more call above what it held before
+(cpu_peak_extra_mb: tracemalloc does not see ATen's allocations, and the process's RSS
+hides what malloc reuses).
 Any device: saved_activation_mb() counts what autograd keeps for backward, a memory
 number that does not depend on the device's allocator.
 """
@@ -30,10 +32,15 @@ def _sync(device: torch.device) -> None:
 def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int = 3, repeats: int = 10,
             top_kernels: int = 5) -> dict:
     """Median/min time of fn() in ms (and peak extra GPU memory in MB on CUDA, and the call's
-    `top_kernels` longest kernels)."""
+    `top_kernels` longest kernels), and "output": what the first warm-up call returned,
+    copied, for accuracy() to compare with the eager row's (None without warm-up)."""
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
+    output = None
+    for i in range(warmup):
+        result = fn()
+        if i == 0:
+            output = snapshot(result)
+        del result
     _sync(device)
     times = []
     peak_mb = device_ms = None
@@ -55,8 +62,9 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+        peak_mb = cpu_peak_extra_mb(fn)
     return {"ms": statistics.median(times), "ms_min": min(times), "device_ms": device_ms, "peak_extra_mb": peak_mb,
-            "repeats": repeats, "device_kernels": kernels}
+            "repeats": repeats, "device_kernels": kernels, "output": output}
 
 
 def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 5,
@@ -94,6 +102,38 @@ def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: i
         return None, {}
     longest = sorted(kernels.items(), key=lambda item: -item[1])[:top]
     return busy, {name[:120]: ms for name, ms in longest}
+
+
+def cpu_peak_extra_mb(fn: Callable[[], object]) -> float | None:
+    """The peak, during one call of fn(), of the bytes ATen's CPU allocator holds above what
+    it held when the call began, in MB: the CPU counterpart of max_memory_allocated. Read from
+    torch.profiler's allocation records (profile_memory), each of which carries the
+    allocator's running total; what fn returns is freed after the profile and so counts.
+    None, with a warning, where the profiler's event tree (torch-internal API, which may
+    change between releases) cannot be read."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        pending = list(prof.profiler.kineto_results.experimental_event_tree())
+        allocations = []
+        while pending:
+            node = pending.pop()
+            pending.extend(node.children)
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                allocations.append((node.start_time_ns, node.extra_fields))
+    except (AttributeError, ImportError, RuntimeError) as error:
+        warnings.warn(f"CPU peak memory not measured: {error}")
+        return None
+    if not allocations:  # (tests/test_benchmarks_timing.py checks that allocations are seen)
+        return 0.0
+    allocations.sort(key=lambda allocation: allocation[0])
+    first = allocations[0][1]
+    before = first.total_allocated - first.alloc_size
+    return max(0, max(fields.total_allocated for _, fields in allocations) - before) / 2**20
 
 
 def saved_activation_mb(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> float:
@@ -206,6 +246,7 @@ def result_row(op: str, case: str, impl: str, dtype: torch.dtype, shape: list, t
         "ms_min": timing["ms_min"],
         "peak_extra_mb": timing["peak_extra_mb"],
         **speedups(eager, timing),
+        **accuracy(eager, timing, dtype),
     }
     if bytes_moved is not None:
         row["gbps"] = achieved_gbps(bytes_moved, timing)
@@ -224,6 +265,58 @@ def speedups(eager: dict, timing: dict) -> dict:
     if timing.get("device_kernels"):  # the JSON's per-kernel breakdown (GPU only)
         row["device_kernels"] = timing["device_kernels"]
     return row
+
+
+# Largest relative error (over eager, in the 2-norm) a row's output may have: TF32 convs
+# and matmuls in float32 on a GPU, float16/bfloat16 rounding through a whole network. A
+# kernel that computes something else is off by ~1.
+OUTPUT_TOLERANCE = {torch.float32: 2e-2, torch.float64: 1e-6, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def snapshot(output):
+    """fn()'s output, detached and copied: a CUDA graph replay or the next call may
+    overwrite the tensors it returned. Tensors in nested tuples/lists; None stays None."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone()
+    if isinstance(output, (tuple, list)):
+        return type(output)(snapshot(o) for o in output)
+    return output
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _tensors(o)]
+    return []
+
+
+def output_check(output, reference, dtype: torch.dtype) -> dict:
+    """How far a row's output (its callable's return value) is from the eager row's:
+    rel_err = ||output - reference|| / ||reference|| over all their tensors, in float64 (a norm,
+    not a max: OHEM's kept set may differ by a pixel at the threshold between implementations,
+    which moves a few gradient values by their full size); output_ok when within
+    OUTPUT_TOLERANCE[dtype]. A row whose numbers come from a wrong result is flagged by
+    benchmarks.run rather than timed silently."""
+    outs, refs = _tensors(output), _tensors(reference)
+    if not refs or len(outs) != len(refs) or any(o.shape != r.shape for o, r in zip(outs, refs)):
+        shapes = ([tuple(t.shape) for t in outs], [tuple(t.shape) for t in refs])
+        raise ValueError(f"output_check: the output's tensors {shapes[0]} do not match the reference's {shapes[1]}")
+    diff = sum(float((o.double() - r.double()).square().sum()) for o, r in zip(outs, refs))
+    norm = sum(float(r.double().square().sum()) for r in refs)
+    rel_err = (diff / norm) ** 0.5 if norm > 0 else (0.0 if diff == 0 else float("inf"))
+    return {"rel_err": rel_err, "output_ok": bool(rel_err <= OUTPUT_TOLERANCE[dtype])}  # NaN: not ok
+
+
+def accuracy(eager: dict, timing: dict, dtype: torch.dtype) -> dict:
+    """output_check of a row's measured output against the eager row's ({} for the eager row
+    itself, and where the benchmarked call returns no tensor, e.g. a training step that
+    changes its model's weights)."""
+    if timing is eager or not _tensors(eager["output"]):
+        return {}
+    if timing["output"] is None:
+        raise ValueError("accuracy: this row was measured without warm-up, so no output was kept to check")
+    return output_check(timing["output"], eager["output"], dtype)
 
 
 def achieved_gbps(bytes_moved: int, timing: dict) -> float:

@@ -26,6 +26,11 @@ def test_module_runs_quick_on_cpu(module):
         missing = [key for key in REQUIRED if key not in row]
         assert not missing, f"{module}: row {row} lacks {missing}"
         assert math.isfinite(row["ms"]) and row["ms"] > 0, row
+        # Each fused row's output was checked against its eager row's and agrees with it.
+        assert row.get("output_ok", True), row
+    if module != "bench_loader":  # data loading: no eager twin to compare with
+        checked = [row for row in rows if "rel_err" in row]
+        assert checked, f"{module}: no row's output was checked against eager"
     assert runner.format_table(rows).count("\n") == len(rows)  # header + one line per row
 
 
@@ -86,6 +91,22 @@ def test_rows_of_a_module_that_fails_midway_are_kept(tmp_path, monkeypatch):
     assert [r["case"] for r in result["rows"]] == ["0", "1"] and result["failed"] == ["bench_fake"]
     assert result["meta"]["running"] is None and result["meta"]["compile_mode"] == "default"
     assert not (tmp_path / "bench.json.tmp").exists()
+
+
+def test_a_row_with_a_wrong_output_fails_the_run_and_keeps_its_times(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench.json"
+
+    def run(device, quick):
+        yield {"op": "fake", "case": "c", "impl": "eager", "dtype": "float32", "ms": 2.0}
+        yield {"op": "fake", "case": "c", "impl": "fast", "dtype": "float32", "ms": 1.0, "rel_err": 0.9,
+               "output_ok": False}
+
+    _fake_module(monkeypatch, "bench_fake", run)
+    assert runner.main(["--device", "cpu", "--out", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 2 and result["failed"] == []
+    assert result["output_mismatches"] == ["fake | c | fast | float32: rel_err 0.9 against eager"]
+    assert "OUTPUT MISMATCH fake | c | fast" in capsys.readouterr().err
 
 
 def test_gbps_rows_get_their_share_of_the_copy_bandwidth(tmp_path):

@@ -1,9 +1,11 @@
-"""benchmarks.timing: saved_activation_mb on graphs whose saved tensors are known, and the
-GPU kernel time (device_ms) against what a known kernel must take."""
+"""benchmarks.timing: saved_activation_mb on graphs whose saved tensors are known, the
+GPU kernel time (device_ms) against what a known kernel must take, the CPU peak memory of
+known allocations, and the check of each row's output against the eager row's."""
 import pytest
 import torch
 
-from benchmarks.timing import device_busy_ms, measure, saved_activation_mb, speedups
+from benchmarks.timing import (accuracy, cpu_peak_extra_mb, device_busy_ms, measure, output_check,
+                               saved_activation_mb, speedups)
 from tests.helpers import requires_cuda
 
 N = 1024  # float32 elements: 4 KiB per tensor
@@ -86,3 +88,60 @@ def test_device_time_counts_the_kernels_and_not_the_host():
     timing = measure(lambda: x.fill_(1.0), x.device, warmup=1, repeats=5)
     assert 0 < timing["device_ms"] <= timing["ms"] * 1.05  # events include launch and host time
     assert speedups(timing, timing)["device_kernels"] == timing["device_kernels"]
+
+
+def test_output_check_accepts_rounding_and_flags_a_wrong_result():
+    ref = (torch.randn(64, 64), torch.randn(8))
+    close = (ref[0] * (1 + 1e-3), ref[1])
+    assert output_check(close, ref, torch.float32) == {"rel_err": pytest.approx(1e-3, rel=0.01), "output_ok": True}
+    wrong = (ref[0], ref[1].flip(0))
+    assert not output_check(wrong, ref, torch.float32)["output_ok"]
+    nan = (ref[0].clone().index_fill_(0, torch.tensor([3]), float("nan")), ref[1])
+    assert not output_check(nan, ref, torch.float32)["output_ok"]
+
+
+def test_output_check_refuses_outputs_that_do_not_correspond():
+    with pytest.raises(ValueError, match="do not match the reference"):
+        output_check(torch.zeros(3, 4), torch.zeros(4, 3), torch.float32)
+    with pytest.raises(ValueError, match="do not match the reference"):
+        output_check((torch.zeros(3),), (torch.zeros(3), torch.zeros(3)), torch.float32)
+
+
+def test_measure_keeps_the_first_output_before_later_calls_overwrite_it():
+    """A CUDA graph replay (or any fn writing into one buffer) returns the same tensor each
+    call: the output checked must be a copy of the first call's."""
+    buffer, calls = torch.zeros(3), []
+
+    def fn():
+        calls.append(1)
+        return buffer.fill_(len(calls))
+
+    timing = measure(fn, "cpu", warmup=2, repeats=2)
+    assert torch.equal(timing["output"], torch.ones(3))
+    assert len(calls) == 2 + 2 + 1  # warm-up, timed, and the CPU peak-memory pass
+    assert measure(fn, "cpu", warmup=0, repeats=1)["output"] is None
+
+
+def test_accuracy_compares_with_the_eager_row_only():
+    eager = {"output": torch.ones(4)}
+    assert accuracy(eager, eager, torch.float32) == {}
+    assert accuracy(eager, {"output": torch.full((4,), 2.0)}, torch.float16)["output_ok"] is False
+    assert accuracy({"output": None}, {"output": torch.ones(4)}, torch.float32) == {}  # nothing to compare
+    with pytest.raises(ValueError, match="without warm-up"):
+        accuracy(eager, {"output": None}, torch.float32)
+
+
+def test_cpu_peak_counts_what_the_allocator_held_at_once():
+    """4 MiB and 8 MiB held together, then 4 MiB freed and 4 MiB allocated again: 12 MiB at
+    peak, whatever was allocated before the call."""
+    resident = torch.empty(3 * 2**20)  # noqa: F841 - held through the call, not counted
+
+    def fn():
+        a = torch.empty(2**20)
+        b = torch.empty(2 * 2**20)
+        del a
+        c = torch.empty(2**20)
+        return b, c
+
+    assert cpu_peak_extra_mb(fn) == pytest.approx(12, abs=0.01)
+    assert measure(fn, "cpu", warmup=1, repeats=1)["peak_extra_mb"] == pytest.approx(12, abs=0.01)
