@@ -9,10 +9,11 @@
 # at most TESTS_S (default 180) while leaving the benchmarks 140 s, and the benchmarks the
 # rest, so a lent machine's minutes are used to the end and nothing outlives the call.
 # Environment: TESTS (pytest selection, default: tests, on 8 xdist workers), TESTS_S,
-# TESTS_K (a pytest -k expression; default "(cuda or triton) and not emulated", the tests
-# that need the GPU: the rest run in CI, and the whole suite outlasts a lent machine's
-# minutes before reaching the OHEM GPU tests; TESTS_K= runs everything),
-# BENCH_ONLY (comma-separated benchmark module substrings, run in that order; default: all),
+# TESTS_K (a pytest -k expression; default: the tests that need the GPU or its build, below;
+# the rest run in CI, and the whole suite outlasts a lent machine's minutes before reaching
+# the OHEM GPU tests; TESTS_K= runs everything),
+# BENCH_ONLY (comma-separated benchmark module names, e.g. bga for bench_bga alone, or
+# substrings of them, e.g. ohem; run in that order; default: all),
 # BENCH_ARGS (extra benchmarks.run arguments, e.g. "--compile-mode default": the compiled
 # baselines take max-autotune-no-cudagraphs on a GPU otherwise, whose tuning takes minutes
 # per model; the compile rows are each case's last, so a run stopped at its deadline loses
@@ -60,7 +61,9 @@ if $py -c "import xdist" 2>/dev/null; then
   # crawl (43 % of the suite in 230 s on an H200 machine, 4 compile tests past 120 s).
   export OMP_NUM_THREADS=$(( $(nproc) / 8 > 0 ? $(nproc) / 8 : 1 ))
 fi
-tests_k=${TESTS_K-"(cuda or triton) and not emulated"}
+# test_build: the build's libstdc++ check (see CXX above); device_time: the only GPU test of
+# device_ms. Neither has cuda or triton in its name, and CI has no GPU to run them.
+tests_k=${TESTS_K-"(cuda or triton or test_build or device_time) and not emulated"}
 per_test=""
 if $py -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout=120"; fi
 # -v: one line per finished test, so a stage stopped at its deadline (no summary, no junit
