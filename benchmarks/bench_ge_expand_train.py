@@ -87,10 +87,12 @@ def _model_rows(device, gpu, quick, batch, image, repeats):
                     return sum(model.loss(x, target).values())
 
             def step(forward=forward, model=model):
+                torch.manual_seed(0)  # the heads' dropout masks, the same in every impl's checked step
                 loss = forward()
                 loss.backward()
+                grads = [p.grad for p in model.parameters()]
                 model.zero_grad(set_to_none=True)
-                return loss  # for the row's output check
+                return loss.detach(), grads  # for the row's output check
 
             timing = measure(step, device, warmup=1 if quick else 3, repeats=max(3, repeats // 2))
             base = base or timing

@@ -14,7 +14,11 @@ Memory, two numbers:
                  (timing.saved_activation_mb; parameters, buffers and the batch excluded);
                  measured on every device from one extra forward.
   peak_extra_mb  torch.cuda.max_memory_allocated over the timed steps on GPU; on CPU the
-                 allocator's peak during one more step (timing.cpu_peak_extra_mb).
+                 allocator's peak during one more step (timing.cpu_peak_extra_mb; quick
+                 runs only).
+
+Each row's first step (same weights, batch and dropout masks in every impl) is checked
+against eager's: its loss and all the parameters' gradients (timing.output_check).
 
 Shapes: quick, 2 x 128 x 128. Full, the 4x4 recipes' per-GPU batch, 4 x 1024 x 1024: on GPU
 the plain fp32, OHEM and float16-autocast (static loss scale) recipes and OHEM under that
@@ -87,16 +91,19 @@ class TrainStep:
             losses = self.model.loss(self.x, self.y)
         return self.scaler.scale(sum(losses[k] for k in LOSS_KEYS))
 
-    def step(self) -> torch.Tensor:
-        """One step; returns its (scaled) loss, which the first step of every impl computes
-        from the same weights and batch: the rows' output check."""
+    def step(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One step; returns its (scaled) loss and the parameters' gradients, which the first
+        step of every impl computes from the same weights, batch and dropout masks (the seed
+        is reset each step): the rows' output check."""
+        torch.manual_seed(0)
         self.opt.zero_grad(set_to_none=True)
         loss = self.forward_loss()
         loss.backward()
+        grads = [p.grad for p in self.model.parameters()]
         self.scaler.step(self.opt)
         if self.scaler.is_enabled():
             self.scaler.update(512.0)
-        return loss.detach()
+        return loss.detach(), grads
 
     def saved_mb(self) -> float:
         """Activation memory held for backward by one forward+loss (not the model's own tensors)."""
@@ -119,19 +126,24 @@ def run(device: str = "cpu", quick: bool = True):
         recipe = load_recipe(RECIPES[case])
         if case in AMP_OVERRIDES:
             recipe = {**recipe, "amp": load_recipe(AMP_OVERRIDES[case])["amp"]}
+        dtype = (recipe.get("amp") or {}).get("dtype", "float32")
         eager = None
         for impl, (backend, transforms, channels_last) in IMPLS.items():
             with bf.backends.use(backend):
                 train_step = TrainStep(recipe, dev, batch, size, transforms, channels_last)
                 saved_mb = train_step.saved_mb()
-                t = measure(train_step.step, dev, warmup=warmup, repeats=repeats, top_kernels=15)  # a whole step
+                # A whole step. The full CPU run takes no second step for the peak memory: a
+                # step takes tens of seconds there, and saved_mb is that run's number.
+                t = measure(train_step.step, dev, warmup=warmup, repeats=repeats, top_kernels=15,
+                            cpu_peak_memory=quick)
             del train_step
             eager = eager or t
             yield {
                 "op": "train_step", "case": case, "impl": impl.replace("fused", fused_backend),
-                "dtype": (recipe.get("amp") or {}).get("dtype", "float32"), "shape": [batch, 3, size, size],
+                "dtype": dtype, "shape": [batch, 3, size, size],
                 "ms": t["ms"], "ms_min": t["ms_min"], "repeats": repeats, "saved_mb": saved_mb,
-                "peak_extra_mb": t["peak_extra_mb"], **speedups(eager, t), **accuracy(eager, t, torch.float32),
+                "peak_extra_mb": t["peak_extra_mb"], **speedups(eager, t),
+                **accuracy(eager, t, getattr(torch, dtype)),
             }
 
 

@@ -58,14 +58,16 @@ def modules(only: list[str] | None):
 
 
 def format_table(rows: list[dict]) -> str:
-    def cell(value):
+    def cell(value, column):
         if value is None:
             return "-"
+        if column == "rel_err":  # 1e-7 to 1e-2: three decimals would read 0.000
+            return f"{value:.1e}"
         if isinstance(value, float):
             return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
         return str(value)
 
-    table = [COLUMNS] + [tuple(cell(r.get(c)) for c in COLUMNS) for r in rows]
+    table = [COLUMNS] + [tuple(cell(r.get(c), c) for c in COLUMNS) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
 

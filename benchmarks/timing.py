@@ -6,10 +6,12 @@ the call's kernels occupy ("device_ms", torch.profiler/CUPTI: what the call cost
 model whose GPU queue stays full), with the call's longest kernels by name
 ("device_kernels", in the JSON rows); peak memory is torch.cuda.max_memory_allocated above
 what was allocated before the call.
-CPU: perf_counter around each call, median over repeats; peak memory is the most that
-ATen's CPU allocator held at once during one more call above what it held before
+CPU: perf_counter around each call, median over repeats; peak memory is the most that the
+blocks ATen's CPU allocator hands out during one more call hold at once
 (cpu_peak_extra_mb: tracemalloc does not see ATen's allocations, and the process's RSS
 hides what malloc reuses).
+Every row keeps a copy of its first call's output, which output_check() compares with the
+eager row's.
 Any device: saved_activation_mb() counts what autograd keeps for backward, a memory
 number that does not depend on the device's allocator.
 """
@@ -30,10 +32,12 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int = 3, repeats: int = 10,
-            top_kernels: int = 5) -> dict:
-    """Median/min time of fn() in ms (and peak extra GPU memory in MB on CUDA, and the call's
-    `top_kernels` longest kernels), and "output": what the first warm-up call returned,
-    copied, for accuracy() to compare with the eager row's (None without warm-up)."""
+            top_kernels: int = 5, cpu_peak_memory: bool = True) -> dict:
+    """Median/min time of fn() in ms, peak extra memory in MB (on CUDA over the timed calls;
+    on the CPU over one more call, unless cpu_peak_memory is False), the call's
+    `top_kernels` longest kernels (CUDA), and "output": what the first call returned
+    (warm-up or, without warm-up, timed), copied after it, for accuracy() to compare with
+    the eager row's."""
     device = torch.device(device)
     output = None
     for i in range(warmup):
@@ -42,6 +46,7 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
             output = snapshot(result)
         del result
     _sync(device)
+    keep_output = warmup == 0
     times = []
     peak_mb = device_ms = None
     kernels: dict[str, float] = {}
@@ -51,18 +56,25 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            result = fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
+            if keep_output:
+                output, keep_output = snapshot(result), False
+            del result
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         device_ms, kernels = device_busy_ms(fn, device, repeats=min(repeats, 3), top=top_kernels)
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
+            result = fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        peak_mb = cpu_peak_extra_mb(fn)
+            if keep_output:
+                output, keep_output = snapshot(result), False
+            del result
+        if cpu_peak_memory:
+            peak_mb = cpu_peak_extra_mb(fn)
     return {"ms": statistics.median(times), "ms_min": min(times), "device_ms": device_ms, "peak_extra_mb": peak_mb,
             "repeats": repeats, "device_kernels": kernels, "output": output}
 
@@ -105,12 +117,16 @@ def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: i
 
 
 def cpu_peak_extra_mb(fn: Callable[[], object]) -> float | None:
-    """The peak, during one call of fn(), of the bytes ATen's CPU allocator holds above what
-    it held when the call began, in MB: the CPU counterpart of max_memory_allocated. Read from
-    torch.profiler's allocation records (profile_memory), each of which carries the
-    allocator's running total; what fn returns is freed after the profile and so counts.
-    None, with a warning, where the profiler's event tree (torch-internal API, which may
-    change between releases) cannot be read."""
+    """The most memory, in MB, that blocks ATen's CPU allocator hands out during one call of
+    fn() hold at once: the CPU counterpart of max_memory_allocated above the starting point.
+    Read from torch.profiler's allocation records (profile_memory), each of which carries
+    the running total of the blocks allocated while it records; what fn returns is freed
+    after the profile and so counts. One difference from the GPU number: the profiler
+    does not see the size of a block allocated before the call, so freeing one does not
+    lower the total, and a call that replaces existing tensors (a training step freeing
+    the previous gradients) counts the new ones in full. None, with a warning, where the
+    profiler's event tree (torch-internal API, which may change between releases) cannot
+    be read."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -291,31 +307,41 @@ def _tensors(output) -> list[torch.Tensor]:
     return []
 
 
-def output_check(output, reference, dtype: torch.dtype) -> dict:
-    """How far a row's output (its callable's return value) is from the eager row's:
-    rel_err = ||output - reference|| / ||reference|| over all their tensors, in float64 (a norm,
-    not a max: OHEM's kept set may differ by a pixel at the threshold between implementations,
-    which moves a few gradient values by their full size); output_ok when within
-    OUTPUT_TOLERANCE[dtype]. A row whose numbers come from a wrong result is flagged by
-    benchmarks.run rather than timed silently."""
-    outs, refs = _tensors(output), _tensors(reference)
-    if not refs or len(outs) != len(refs) or any(o.shape != r.shape for o, r in zip(outs, refs)):
-        shapes = ([tuple(t.shape) for t in outs], [tuple(t.shape) for t in refs])
-        raise ValueError(f"output_check: the output's tensors {shapes[0]} do not match the reference's {shapes[1]}")
+def _relative_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """||outs - refs|| / ||refs|| over a group of tensors, in float64 (NaN if outs holds one)."""
     diff = sum(float((o.double() - r.double()).square().sum()) for o, r in zip(outs, refs))
     norm = sum(float(r.double().square().sum()) for r in refs)
-    rel_err = (diff / norm) ** 0.5 if norm > 0 else (0.0 if diff == 0 else float("inf"))
+    return (diff / norm) ** 0.5 if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def output_check(output, reference, dtype: torch.dtype) -> dict:
+    """How far a row's output (its callable's return value) is from the eager row's.
+
+    Each top-level part of the output (a tensor, or a list/tuple of tensors such as all the
+    parameters' gradients) is one group; rel_err is the largest over the groups of
+    ||output - reference|| / ||reference||, in float64. Per group, so that a small part (a
+    gradient beside its loss) is not drowned by a large one; a norm within the group, not a
+    max, so that OHEM's kept set differing by a pixel at the threshold between
+    implementations (which moves a few gradient values by their full size) stays within
+    tolerance. output_ok when within OUTPUT_TOLERANCE[dtype]: a row whose numbers come from
+    a wrong result is flagged by benchmarks.run rather than timed silently."""
+    groups = list(zip(output, reference)) if isinstance(reference, (tuple, list)) else [(output, reference)]
+    outs, refs = _tensors(output), _tensors(reference)
+    if (not refs or type(output) is not type(reference) or len(outs) != len(refs)
+            or (isinstance(reference, (tuple, list)) and len(output) != len(reference))
+            or any(o.shape != r.shape for o, r in zip(outs, refs))):
+        shapes = ([tuple(t.shape) for t in outs], [tuple(t.shape) for t in refs])
+        raise ValueError(f"output_check: the output's tensors {shapes[0]} do not match the reference's {shapes[1]}")
+    errors = [_relative_error(_tensors(out), _tensors(ref)) for out, ref in groups if _tensors(ref)]
+    rel_err = float("nan") if any(e != e for e in errors) else max(errors)
     return {"rel_err": rel_err, "output_ok": bool(rel_err <= OUTPUT_TOLERANCE[dtype])}  # NaN: not ok
 
 
 def accuracy(eager: dict, timing: dict, dtype: torch.dtype) -> dict:
     """output_check of a row's measured output against the eager row's ({} for the eager row
-    itself, and where the benchmarked call returns no tensor, e.g. a training step that
-    changes its model's weights)."""
+    itself, and where the benchmarked call returns no tensor)."""
     if timing is eager or not _tensors(eager["output"]):
         return {}
-    if timing["output"] is None:
-        raise ValueError("accuracy: this row was measured without warm-up, so no output was kept to check")
     return output_check(timing["output"], eager["output"], dtype)
 
 
