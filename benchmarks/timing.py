@@ -325,13 +325,13 @@ def output_check(output, reference, dtype: torch.dtype) -> dict:
     implementations (which moves a few gradient values by their full size) stays within
     tolerance. output_ok when within OUTPUT_TOLERANCE[dtype]: a row whose numbers come from
     a wrong result is flagged by benchmarks.run rather than timed silently."""
-    groups = list(zip(output, reference)) if isinstance(reference, (tuple, list)) else [(output, reference)]
     outs, refs = _tensors(output), _tensors(reference)
     if (not refs or type(output) is not type(reference) or len(outs) != len(refs)
             or (isinstance(reference, (tuple, list)) and len(output) != len(reference))
             or any(o.shape != r.shape for o, r in zip(outs, refs))):
         shapes = ([tuple(t.shape) for t in outs], [tuple(t.shape) for t in refs])
         raise ValueError(f"output_check: the output's tensors {shapes[0]} do not match the reference's {shapes[1]}")
+    groups = list(zip(output, reference)) if isinstance(reference, (tuple, list)) else [(output, reference)]
     errors = [_relative_error(_tensors(out), _tensors(ref)) for out, ref in groups if _tensors(ref)]
     rel_err = float("nan") if any(e != e for e in errors) else max(errors)
     return {"rel_err": rel_err, "output_ok": bool(rel_err <= OUTPUT_TOLERANCE[dtype])}  # NaN: not ok

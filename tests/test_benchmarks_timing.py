@@ -105,6 +105,8 @@ def test_output_check_refuses_outputs_that_do_not_correspond():
         output_check(torch.zeros(3, 4), torch.zeros(4, 3), torch.float32)
     with pytest.raises(ValueError, match="do not match the reference"):
         output_check((torch.zeros(3),), (torch.zeros(3), torch.zeros(3)), torch.float32)
+    with pytest.raises(ValueError, match="do not match the reference"):  # a row that returned nothing
+        output_check(None, (torch.zeros(3), torch.zeros(3)), torch.float32)
 
 
 def test_measure_keeps_the_first_output_before_later_calls_overwrite_it():
