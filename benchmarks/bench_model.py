@@ -2,9 +2,8 @@
 
 impls: eager (the unfused model with every op's eager reference, NCHW and channels_last),
 compile (torch.compile of that model in either layout, compiled anew for each size and
-dtype; GPU only, --compile-mode picks the mode,
-max-autotune-no-cudagraphs by default), and the fused
-model from model.fuse() (its GE kernels: cpp on CPU, triton on GPU), on GPU also replayed as
+dtype; GPU only, --compile-mode picks the mode, max-autotune-no-cudagraphs by default), and
+the fused model from model.fuse() (its GE kernels: cpp on CPU, triton on GPU), on GPU also replayed as
 one CUDA graph, and run with the GE layers on their CUDA kernels (cuda-ge); and
 model.fuse(autotune=True) (autotuned: each GE layer runs the fastest of its fused kernels
 and the folded convs through ATen/cuDNN in either layout, chosen on the first call; the
