@@ -30,44 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
+from bisenet_fast.triton_kernels.bilinear import first_dst_with_i0_at_least, linear_tap_of_sizes
+
 BLOCK = 1024
 BLOCK_BACKWARD = 256
 # CUDA's bound on a grid's y and z extents: the forward's rows take y (a larger height is
 # refused), its planes z (the programs loop over planes beyond it).
 MAX_GRID_Y = MAX_GRID_Z = 65535
 _SIZES = ["total", "H", "W", "h", "w", "K"]
-
-
-@triton.jit
-def _tap(dst, in_size, out_size):
-    """linear_tap of common/bilinear.h: dst reads source i0 with weight w0 and i1 with w1."""
-    scale = tl.math.div_rn(in_size.to(tl.float32), out_size.to(tl.float32))
-    src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
-    i0 = tl.minimum(src.to(tl.int32), in_size - 1)
-    w1 = src - i0.to(tl.float32)
-    # An axis that keeps its size reads i0 twice, not a zero-weight neighbour (bilinear.h):
-    # there no i0 is below last_i1 = 0. One uniform scalar, where a per-element select cost the
-    # BGA pointwise epilogue the registers it had left (it spilled on sm_86).
-    last_i1 = tl.where(scale != 1.0, in_size - 1, 0)
-    i1 = i0 + (i0 < last_i1).to(tl.int32)
-    return i0, i1, 1.0 - w1, w1
-
-
-@triton.jit
-def _first_dst_with_i0_at_least(m, in_size, out_size):
-    """first_dst_with_i0_at_least of common/bilinear.h: an analytic guess at most a few
-    steps below the answer, corrected with the exact taps."""
-    scale = tl.math.div_rn(in_size.to(tl.float32), out_size.to(tl.float32))
-    dst = ((m.to(tl.float32) + 0.5) / scale - 0.5).to(tl.int32) - 1
-    dst = tl.minimum(tl.maximum(dst, 0), out_size)
-    for _ in tl.static_range(4):
-        i0, _i1, _w0, _w1 = _tap(dst, in_size, out_size)
-        dst = tl.where((dst < out_size) & (i0 < m), dst + 1, dst)
-    for _ in tl.static_range(2):
-        i0, _i1, _w0, _w1 = _tap(dst - 1, in_size, out_size)
-        dst = tl.where((dst > 0) & (i0 >= m), dst - 1, dst)
-    dst = tl.where(m <= 0, 0, dst)
-    return tl.where(m > in_size - 1, out_size, dst)
 
 
 @triton.jit
@@ -104,8 +74,8 @@ def _bga_forward_kernel(d_ptr, s_ptr, g_ptr, out_ptr, planes, H, W, h, w, K: tl.
     x = e // K
     k = e - x * K
     y = tl.program_id(1)
-    ri0, ri1, rw0, rw1 = _tap(y, h, H)
-    ci0, ci1, cw0, cw1 = _tap(x, w, W)
+    ri0, ri1, rw0, rw1 = linear_tap_of_sizes(y, h, H)
+    ci0, ci1, cw0, cw1 = linear_tap_of_sizes(x, w, W)
     c0 = ci0 * K + k
     c1 = ci1 * K + k
     h64, H64 = h.to(tl.int64), H.to(tl.int64)  # offsets across planes can pass 2^31
@@ -134,10 +104,10 @@ def _bga_backward_kernel(go_ptr, d_ptr, s_ptr, dd_ptr, sd_ptr, gd_ptr, gs_ptr, g
     i = (row % h).to(tl.int32)
     plane = row // h
 
-    y_begin = _first_dst_with_i0_at_least(i - 1, h, H)
-    y_end = _first_dst_with_i0_at_least(i + 1, h, H)
-    x_begin = _first_dst_with_i0_at_least(j - 1, w, W)
-    x_end = _first_dst_with_i0_at_least(j + 1, w, W)
+    y_begin = first_dst_with_i0_at_least(i - 1, h, H)
+    y_end = first_dst_with_i0_at_least(i + 1, h, H)
+    x_begin = first_dst_with_i0_at_least(j - 1, w, W)
+    x_end = first_dst_with_i0_at_least(j + 1, w, W)
 
     acc_semantic = tl.zeros([BLOCK], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK], dtype=tl.float32)
@@ -145,7 +115,7 @@ def _bga_backward_kernel(go_ptr, d_ptr, s_ptr, dd_ptr, sd_ptr, gd_ptr, gs_ptr, g
     for dy in range(MAX_ROWS):
         y = y_begin + dy
         y_ok = mask & (y < y_end)
-        ri0, ri1, rw0, rw1 = _tap(y, h, H)
+        ri0, ri1, rw0, rw1 = linear_tap_of_sizes(y, h, H)
         wy = tl.where(ri0 == i, rw0, 0.0) + tl.where(ri1 == i, rw1, 0.0)
         r0 = ((low_plane + ri0) * w) * K + k
         r1 = ((low_plane + ri1) * w) * K + k
@@ -153,7 +123,7 @@ def _bga_backward_kernel(go_ptr, d_ptr, s_ptr, dd_ptr, sd_ptr, gd_ptr, gs_ptr, g
         for dx in range(MAX_COLS):
             x = x_begin + dx
             ok = y_ok & (x < x_end)
-            ci0, ci1, cw0, cw1 = _tap(x, w, W)
+            ci0, ci1, cw0, cw1 = linear_tap_of_sizes(x, w, W)
             wx = tl.where(ci0 == j, cw0, 0.0) + tl.where(ci1 == j, cw1, 0.0)
             high = (high_row + x) * K + k
             g = tl.load(go_ptr + high, mask=ok, other=0.0).to(tl.float32)

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from bisenet_fast.ops._checks import check_image_fits_int32
 from bisenet_fast.triton_kernels.bga import BLOCK as GATED_BLOCK
-from bisenet_fast.triton_kernels.bga import _bilinear, _gated_down_kernel, _tap
+from bisenet_fast.triton_kernels.bga import _bilinear, _gated_down_kernel
+from bisenet_fast.triton_kernels.bilinear import linear_tap_of_sizes
 from bisenet_fast.triton_kernels.interpreter import needs_fp32_dot
 
 BLOCK_P = 64
@@ -36,9 +37,9 @@ MAX_BLOCK_C_NCHW = 64
 # The epilogue keeps several [BLOCK_P, BLOCK_C] tensors live (offsets, taps, the
 # accumulator): 8 warps hold a 64 x 128 tile without spilling where 4 would not.
 NUM_WARPS = 8
-# The spatial sizes go through _tap's .to(), which a size specialised to the constant 1
-# would not have; channels and strides stay specialisable (stride 1 and multiples of 16
-# are what lets the compiler vectorise the loads along the contiguous dimension).
+# The spatial sizes go through linear_tap_of_sizes's .to(), which a size specialised to the
+# constant 1 would not have; channels and strides stay specialisable (stride 1 and multiples
+# of 16 are what lets the compiler vectorise the loads along the contiguous dimension).
 _SIZES = ["H", "W", "h", "w"]
 
 
@@ -76,8 +77,8 @@ def _bga_pointwise_kernel(x_ptr, w_ptr, b_ptr, s_ptr, g_ptr, out_ptr,
 
     y = pixel // W
     xx = pixel % W
-    ri0, ri1, rw0, rw1 = _tap(y, h, H)
-    ci0, ci1, cw0, cw1 = _tap(xx, w, W)
+    ri0, ri1, rw0, rw1 = linear_tap_of_sizes(y, h, H)
+    ci0, ci1, cw0, cw1 = linear_tap_of_sizes(xx, w, W)
     low_channel = (channel * l_c)[None, :]
     r0 = low_channel + (ri0 * w * l_p)[:, None]
     r1 = low_channel + (ri1 * w * l_p)[:, None]

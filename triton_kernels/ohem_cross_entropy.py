@@ -38,18 +38,7 @@ import triton
 import triton.language as tl
 
 from bisenet_fast.ops._checks import check_image_fits_int32
-
-
-@triton.jit
-def _tap(dst, in_size, scale):
-    """ATen's align_corners=False source taps of destination index `dst` (csrc/common/bilinear.h)."""
-    src = scale * (dst.to(tl.float32) + 0.5) - 0.5
-    src = tl.maximum(src, 0.0)
-    i0 = tl.minimum(src.to(tl.int32), in_size - 1)
-    w1 = src - i0.to(tl.float32)
-    # An axis that keeps its size reads i0 twice, not a zero-weight neighbour (bilinear.h)
-    i1 = tl.where((i0 < in_size - 1) & (scale != 1.0), i0 + 1, i0)
-    return i0, i1, 1.0 - w1, w1
+from bisenet_fast.triton_kernels.bilinear import linear_scale, linear_tap
 
 
 @triton.jit
@@ -57,8 +46,8 @@ def _upsampled_logits(logits_ptr, n, y, x, mask, C, h, w, scale_h, scale_w, BLOC
     """z[c, lane] of output row y, columns x (one per lane); -inf for padding classes."""
     c = tl.arange(0, BLOCK_C)[:, None]
     cmask = c < C
-    yi0, yi1, wy0, wy1 = _tap(y, h, scale_h)
-    xi0, xi1, wx0, wx1 = _tap(x, w, scale_w)
+    yi0, yi1, wy0, wy1 = linear_tap(y, h, scale_h)
+    xi0, xi1, wx0, wx1 = linear_tap(x, w, scale_w)
     image = logits_ptr + n.to(tl.int64) * C * h * w  # then 32-bit offsets: _check_image_size
     row0 = c * (h * w) + yi0 * w
     row1 = c * (h * w) + yi1 * w
@@ -134,7 +123,7 @@ def _backward_kernel(logits_ptr, target_ptr, threshold_ptr, coef_ptr, grad_ptr,
     acc = tl.zeros((BLOCK_C, BLOCK_J), dtype=tl.float32)
     for dy in range(Y_SPAN):
         y = y_lo + dy
-        yi0, yi1, wy0, wy1 = _tap(y, h, scale_h)
+        yi0, yi1, wy0, wy1 = linear_tap(y, h, scale_h)
         wy = tl.where(yi0 == i, wy0, 0.0) + tl.where(yi1 == i, wy1, 0.0)
         wy = tl.where(y < H, wy, 0.0)
         if wy != 0.0:
@@ -155,7 +144,7 @@ def _backward_kernel(logits_ptr, target_ptr, threshold_ptr, coef_ptr, grad_ptr,
                 kept = good & _kept(tl.exp(z_gt - zmax) / sumexp, threshold)
                 dz = tl.where(kept[None, :] & (c < C), e / sumexp[None, :] - is_gt.to(tl.float32), 0.0)
                 # (BLOCK_X, BLOCK_J) bilinear weights of the segment's columns, times wy.
-                xi0, xi1, wx0, wx1 = _tap(x, w, scale_w)
+                xi0, xi1, wx0, wx1 = linear_tap(x, w, scale_w)
                 weights = tl.where(xi0[:, None] == j[None, :], wx0[:, None], 0.0)
                 weights += tl.where(xi1[:, None] == j[None, :], wx1[:, None], 0.0)
                 weights = tl.where(mask[:, None], weights * wy, 0.0)
@@ -164,11 +153,6 @@ def _backward_kernel(logits_ptr, target_ptr, threshold_ptr, coef_ptr, grad_ptr,
     coef = tl.load(coef_ptr)
     out = grad_ptr + ((n.to(tl.int64) * C + c) * h + i) * w + j[None, :]
     tl.store(out, acc * coef, mask=(c < C) & (j < w)[None, :])
-
-
-def _scale(in_size: int, out_size: int) -> float:
-    """float32 in/out as ATen (and csrc/common/bilinear.h) computes it."""
-    return float(np.float32(in_size) / np.float32(out_size))
 
 
 def _blocks(num_classes: int, width: int) -> tuple[int, int]:
@@ -258,7 +242,7 @@ def forward(logits, target, thresh, min_kept, ignore_index):
     sums = torch.empty((programs, 2), device=head.device, dtype=torch.float32)
     thresh32 = math.inf if thresh is None else float(np.float32(thresh))
     _forward_kernel[grid](
-        head, target, prob, ce, counts, sums, C, h, w, H, W, _scale(h, H), _scale(w, W), thresh32, ignore_index,
+        head, target, prob, ce, counts, sums, C, h, w, H, W, linear_scale(h, H), linear_scale(w, W), thresh32, ignore_index,
         BLOCK_C=block_c, BLOCK_X=block_x,
     )
     n_valid, n_le_thresh, n_bad = counts.sum(0, dtype=torch.int64).tolist()  # the one sync
@@ -288,7 +272,7 @@ def backward(grad_loss, logits, target, threshold, ignore_index):
     grad = torch.empty_like(head)
     ratio_h, ratio_w = H / h, W / w
     _backward_kernel[(N * h, triton.cdiv(w, block_j))](
-        head, target, threshold.to(torch.float32).reshape(1), coef, grad, C, h, w, H, W, _scale(h, H), _scale(w, W),
+        head, target, threshold.to(torch.float32).reshape(1), coef, grad, C, h, w, H, W, linear_scale(h, H), linear_scale(w, W),
         ratio_h, ratio_w, ignore_index, math.ceil((block_j + 1) * ratio_w) + 3,
         BLOCK_C=block_c, BLOCK_J=block_j, BLOCK_X=block_x, Y_SPAN=math.ceil(2 * ratio_h) + 3,
         num_stages=BACKWARD_STAGES,
