@@ -58,6 +58,7 @@ MAX_SKIPPED_STEPS = 100
 # The CEBlock's BatchNorm after global pooling sees one value per channel per image, and a
 # training-mode BatchNorm needs more than one (plain per-process BN, at any crop size).
 MIN_BATCH = 2
+DEFAULT_LOG_INTERVAL = 50  # mmseg's
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,6 +87,12 @@ def check_training_options(recipe: dict, seed: int) -> None:
                          f"global pooling sees one value per channel per image; got {batch!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
+    for key, value, least in (("schedule.max_iters (--iters)", recipe["schedule"]["max_iters"], 1),
+                              ("checkpoint_interval", recipe["checkpoint_interval"], 1),
+                              ("log_interval", recipe.get("log_interval", DEFAULT_LOG_INTERVAL), 1),
+                              ("eval_interval (0 or null: no evaluation)", recipe.get("eval_interval") or 0, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
 
 
 def build_optimizer(model: nn.Module, recipe: dict) -> torch.optim.SGD:
@@ -289,8 +296,12 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
             raise ValueError(f"cannot resume from {resume}: it is at iteration {start_iteration}, past this run's "
                              f"max_iters ({max_iters}, --iters)")
         eval_pending = bool(state.get("eval_pending"))
+        # The losses summed since the last log line, so that the next line averages the same
+        # iterations as a run never stopped (absent if another number of processes wrote it).
+        windows = state.get("log_window") or []
+        log_window = windows[ctx.rank] if len(windows) == ctx.world_size else None
     else:
-        eval_pending = False
+        eval_pending, log_window = False, None
 
     step_module = wrap_for_training(model, ctx)
     model.train()
@@ -305,7 +316,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     if published_gpus and published_gpus != ctx.world_size:
         say(f"warning: recipe {recipe.get('name')} was published for {published_gpus} GPUs; this run has "
             f"{ctx.world_size} x {batch} = {ctx.world_size * batch} images per step (the lr is not rescaled)")
-    log_interval = max(1, recipe.get("log_interval", 50))
+    log_interval = recipe.get("log_interval", DEFAULT_LOG_INTERVAL)
     loss_log = CsvLog(work_dir / "log.csv", ["iteration", "lr", "loss", *LOSS_KEYS, "seconds"]) if ctx.is_main else None
     eval_log = CsvLog(work_dir / "eval.csv", ["iteration", "mIoU", "mAcc", "aAcc"]) if ctx.is_main else None
     stop = StopRequest().install()
@@ -318,7 +329,8 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     def checkpoint(iteration: int, eval_pending: bool = False) -> Path | None:
         """eval_pending: a stop came before this iteration's evaluation, which a resumed run
         then runs first."""
-        rng = gather_objects(capture_rng_state(), ctx)
+        per_rank = gather_objects({"rng": capture_rng_state(),
+                                   "log_window": {"loss_sums": loss_sums.cpu(), "iterations": summed_iters}}, ctx)
         if not ctx.is_main:
             return None
         state = {
@@ -327,7 +339,8 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "iteration": iteration,
-            "rng": rng,
+            "rng": [r["rng"] for r in per_rank],
+            "log_window": [r["log_window"] for r in per_rank],
             "sampler": {"seed": seed, "world_size": ctx.world_size, "consumed_per_rank": iteration * batch},
             "eval_pending": eval_pending,
         }
@@ -338,7 +351,8 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
 
     def run_eval(iteration: int):
         broadcast_bn_statistics(model, ctx)
-        eval_dtype = amp_dtype if amp.get("eval_autocast") else None
+        # As `evaluate` does: mmseg 0.x's fp16 recipe evaluated under float16 autocast, on GPUs.
+        eval_dtype = amp_dtype if amp.get("eval_autocast") and ctx.device.type == "cuda" else None
         metrics = evaluate_model(model, val_set, ctx, recipe["test"], amp_dtype=eval_dtype,
                                  num_classes=recipe["model"]["num_classes"], log=say)
         result["metrics"] = metrics
@@ -361,6 +375,9 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
             # Each head's loss summed over the iterations since the last log line: mmcv's
             # logger reports their mean over the interval, not the last iteration's value.
             loss_sums, summed_iters = torch.zeros(len(LOSS_KEYS), device=ctx.device), 0
+            if log_window is not None:
+                loss_sums.copy_(log_window["loss_sums"])
+                summed_iters = log_window["iterations"]
             skipped_in_a_row = 0
             for iteration in range(start_iteration, max_iters):
                 lr = lr_at(iteration, recipe)

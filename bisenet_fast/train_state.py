@@ -1,9 +1,12 @@
 """Training checkpoints: written atomically, read safely, holding everything an exact resume needs.
 
-A checkpoint is {'meta', 'state_dict', 'optimizer', 'scaler', 'iteration', 'rng', 'sampler'}.
+A checkpoint is {'meta', 'state_dict', 'optimizer', 'scaler', 'iteration', 'rng', 'sampler',
+'log_window', 'eval_pending'}.
 'state_dict' has mmseg's keys, so `load_mmseg_checkpoint` reads it as well. 'rng' holds one
-entry per rank (python, numpy, torch CPU and CUDA generator states). Everything is tensors,
-plain containers, numbers and strings, so it loads with torch.load(weights_only=True).
+entry per rank (python, numpy, torch CPU generator states, and the CUDA generator state of the
+rank's own device: a resume may see fewer GPUs than the run that saved it); 'log_window' one
+per rank too (the losses summed since the last log line). Everything is tensors, plain
+containers, numbers and strings, so it loads with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def capture_rng_state() -> dict:
         "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
                   "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -44,8 +47,12 @@ def restore_rng_state(state: dict) -> None:
                          "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
                          "has_gauss": npy["has_gauss"], "gauss": npy["gauss"]})
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # written before 2026-11-29: one state per GPU the saver saw
+        index = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def save_atomic(obj, path: str | os.PathLike) -> Path:

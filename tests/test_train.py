@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 import bisenet_fast as bf
+from bisenet_fast import train as train_module
 from bisenet_fast import train_state
 from bisenet_fast.configs import load_recipe, recipe_names
 from bisenet_fast.data.cityscapes import CityscapesDataset
@@ -253,14 +254,17 @@ def test_every_rank_sees_the_same_non_finite_heads_logged_means_and_bn_statistic
 # ---------------------------------------------------------------- resume, signals, checkpoint safety
 def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     recipe = tiny_recipe(tiny_data)
+    recipe["log_interval"] = 2  # the stop after iteration 3 falls inside a log interval
     full = train(copy.deepcopy(recipe), tmp_path / "full", backend="eager", threads=1, seed=3, log=None)
     first = train(copy.deepcopy(recipe), tmp_path / "split", backend="eager", threads=1, seed=3, stop_after=3, log=None)
     assert first["iteration"] == 3 and first["checkpoint"].name == "iter_3.pth"
     second = train(copy.deepcopy(recipe), tmp_path / "split", backend="eager", threads=1, seed=3, resume="auto", log=None)
     assert second["iteration"] == 6
     full_log, split_log = read_log(tmp_path / "full"), read_log(tmp_path / "split")
-    assert [r["iteration"] for r in split_log] == [str(i) for i in range(1, 7)]
-    assert split_log == full_log  # every head's loss, bit for bit (repr), and the lr
+    assert [r["iteration"] for r in split_log] == ["2", "4", "6"]
+    # every head's loss, bit for bit (repr), and the lr; row 4 averages iterations 3 and 4,
+    # one of them run before the stop
+    assert split_log == full_log
     a = torch.load(full["checkpoint"], weights_only=True)
     b = torch.load(second["checkpoint"], weights_only=True)
     for key, value in a["state_dict"].items():
@@ -399,6 +403,65 @@ def test_train_refuses_one_image_per_process_and_bad_seeds(tiny_data, tmp_path, 
     with pytest.raises(ValueError, match=match):
         train(recipe, tmp_path, backend="eager", threads=1, seed=seed, log=None)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("checkpoint_interval", 0, "checkpoint_interval must be an int >= 1, got 0"),
+    ("log_interval", 2.5, "log_interval must be an int >= 1, got 2.5"),
+    ("eval_interval", -1, "eval_interval \\(0 or null: no evaluation\\) must be an int >= 0, got -1"),
+])
+def test_train_refuses_bad_intervals(tiny_data, tmp_path, key, value, match):
+    recipe = tiny_recipe(tiny_data, iters=1)
+    recipe[key] = value
+    with pytest.raises(ValueError, match=match):
+        train(recipe, tmp_path, backend="eager", threads=1, log=None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_recipe_file_lacking_keys_is_a_clear_error_and_its_name_defaults_to_the_stem(tmp_path):
+    recipe = load_recipe("synthetic")
+    del recipe["name"]
+    good = tmp_path / "my_recipe.json"
+    good.write_text(json.dumps(recipe))
+    assert load_recipe(str(good))["name"] == "my_recipe"
+    del recipe["data"]["crop_size"], recipe["checkpoint_interval"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(recipe))
+    with pytest.raises(ValueError, match="bad.json' lacks checkpoint_interval, data.crop_size \\(the bundled"):
+        load_recipe(str(bad))
+    bad.write_text("{\"data\": ")
+    with pytest.raises(ValueError, match="bad.json' is not valid JSON"):
+        load_recipe(str(bad))
+
+
+def test_resume_restores_only_this_device_cuda_rng_state(monkeypatch):
+    """A checkpoint keeps each rank's own device's CUDA generator state; one written before,
+    with a state per GPU the saving process saw, restores the entry of this device only
+    (torch.cuda.set_rng_state_all failed where fewer GPUs are visible)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(state.tolist()))
+    state = train_state.capture_rng_state()
+    assert state["cuda"].tolist() == [7]
+    train_state.restore_rng_state(state)
+    per_gpu = [torch.tensor([i], dtype=torch.uint8) for i in range(8)]
+    train_state.restore_rng_state({**state, "cuda": per_gpu})
+    train_state.restore_rng_state({**state, "cuda": per_gpu[:1]})  # saved with one GPU: nothing for device 1
+    assert restored == [[7], [1]]
+
+
+def test_training_evaluates_the_float16_recipe_in_float32_on_the_cpu(tiny_data, tmp_path, monkeypatch):
+    """As `evaluate` does (and the README says): float16 autocast only on CUDA."""
+    seen = []
+    monkeypatch.setattr(train_module, "evaluate_model", lambda *args, amp_dtype, **kwargs: seen.append(amp_dtype) or
+                        {"mIoU": 0.0, "mAcc": 0.0, "aAcc": 0.0, "IoU": [0.0] * 19, "Acc": [0.0] * 19})
+    recipe = float16_recipe(tiny_data, iters=1)
+    recipe["amp"]["eval_autocast"] = True
+    recipe["eval_interval"] = 1
+    train(recipe, tmp_path, backend="eager", threads=1, device="cpu", log=None)
+    assert seen == [None]
 
 
 def test_resuming_past_the_schedule_is_an_error_and_at_its_end_trains_nothing(tiny_data, tmp_path):

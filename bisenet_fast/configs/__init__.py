@@ -22,13 +22,51 @@ def recipe_names() -> list[str]:
     return list(recipe_files())
 
 
+# Read with a default where absent (or descriptive only); every other key that all the
+# bundled recipes have, a recipe from a file needs too.
+OPTIONAL_KEYS = ("name", "aliases", "official", "gpus", "amp", "eval_interval", "log_interval")
+
+
+def _key_paths(recipe: dict, prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in recipe.items():
+        paths.add(prefix + key)
+        if isinstance(value, dict):
+            paths |= _key_paths(value, f"{prefix}{key}.")
+    return paths
+
+
+def required_keys() -> list[str]:
+    """Dotted paths ('data.crop_size') that a recipe file must have."""
+    shared = set.intersection(*(_key_paths(json.loads(f.read_text())) for f in recipe_files().values()))
+    return sorted(p for p in shared if p.split(".")[0] not in OPTIONAL_KEYS)
+
+
+def check_recipe(recipe, source: str) -> None:
+    """A clear error for a recipe file that lacks keys, instead of a KeyError mid-run."""
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {source}: expected a JSON object, got {type(recipe).__name__}")
+    present = _key_paths(recipe)
+    missing = [p for p in required_keys() if p not in present]
+    if missing:
+        raise ValueError(f"recipe {source} lacks {', '.join(missing)} (the bundled recipes, e.g. "
+                         f"{CONFIG_DIR / 'synthetic.json'}, show every key)")
+
+
 def load_recipe(name_or_path: str) -> dict:
-    """A fresh dict of the recipe named (0.x name, 1.x alias) or stored at a .json path."""
+    """A fresh dict of the recipe named (0.x name, 1.x alias) or stored at a .json path (its
+    name, if it gives none, is the file's stem)."""
     path = Path(name_or_path)
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
-        return json.loads(path.read_text())
+        try:
+            recipe = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"recipe {str(path)!r} is not valid JSON: {err}") from None
+        check_recipe(recipe, repr(str(path)))
+        recipe.setdefault("name", path.stem)
+        return recipe
     files = recipe_files()
     for name, file in files.items():
         recipe = json.loads(file.read_text())
