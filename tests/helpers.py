@@ -27,3 +27,15 @@ def assert_close_to_scale(actual, expected, rel, what):
     scale = expected.abs().max().clamp_min(1e-12)
     err = (actual.double() - expected.double()).abs().max() / scale
     assert err <= rel, f"{what}: error {err:.3g} of the scale > {rel}"
+
+
+def assert_fake_kernel_refuses_mixed_devices(op, args):
+    """Each tensor argument of `op` in turn on the meta device, the others where they are: the
+    Meta key sends such a call to the fake kernel, which must name the mismatch rather than
+    return uninitialised tensors."""
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    for i, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            mixed = args[:i] + [arg.to("meta")] + args[i + 1:]
+            with pytest.raises(ValueError, match="all tensor arguments must be on one device"):
+                op(*mixed)

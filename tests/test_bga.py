@@ -4,7 +4,7 @@ import torch
 
 import bisenet_fast as bf
 from bisenet_fast.ops.bga import _bga_inputs_valid, bga_aggregate_reference
-from tests.helpers import requires_cuda_build, requires_triton, triton_device
+from tests.helpers import assert_fake_kernel_refuses_mixed_devices, requires_cuda_build, requires_triton, triton_device
 
 # "cuda-emulated": the CUDA kernels' own source run on the CPU by tests/cuda_emulation
 # (blocks of fibers, shared memory NaN-filled), on a GPU of 132 SMs (an H200) unless a test
@@ -221,12 +221,17 @@ def test_opcheck_cpp():
     torch.library.opcheck(
         torch.ops.bisenet_fast.bga_aggregate_backward.default, (grad_out, *[t.detach() for t in inputs])
     )
+    assert_fake_kernel_refuses_mixed_devices(torch.ops.bisenet_fast.bga_aggregate, inputs)
+    assert_fake_kernel_refuses_mixed_devices(torch.ops.bisenet_fast.bga_aggregate_backward, (grad_out, *inputs))
 
 
 @requires_triton
 def test_opcheck_triton():
     inputs = make_inputs((1, 2, 9, 7, 3, 2), device=triton_device())
     torch.library.opcheck(torch.ops.bisenet_fast_triton.bga_aggregate.default, tuple(t.requires_grad_() for t in inputs))
+    assert_fake_kernel_refuses_mixed_devices(torch.ops.bisenet_fast_triton.bga_aggregate, inputs)
+    grad_out = torch.randn(inputs[0].shape, device=inputs[0].device)
+    assert_fake_kernel_refuses_mixed_devices(torch.ops.bisenet_fast_triton.bga_aggregate_backward, (grad_out, *inputs))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

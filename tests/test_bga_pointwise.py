@@ -5,7 +5,7 @@ import torch
 
 import bisenet_fast as bf
 from bisenet_fast.ops.bga_pointwise import bga_pointwise_aggregate_reference
-from tests.helpers import CUDA, requires_triton, triton_device
+from tests.helpers import assert_fake_kernel_refuses_mixed_devices, CUDA, requires_triton, triton_device
 from tests.test_bga import in_layout
 
 IMPLS = [
@@ -183,12 +183,14 @@ def test_deterministic(impl):
 def test_opcheck_cpp():
     inputs = make_inputs((2, 3, 9, 11, 3, 4))
     torch.library.opcheck(torch.ops.bisenet_fast.bga_pointwise_aggregate.default, tuple(inputs))
+    assert_fake_kernel_refuses_mixed_devices(torch.ops.bisenet_fast.bga_pointwise_aggregate, inputs)
 
 
 @requires_triton
 def test_opcheck_triton():
     inputs = make_inputs((1, 2, 9, 7, 3, 2), device=triton_device())
     torch.library.opcheck(torch.ops.bisenet_fast_triton.bga_pointwise_aggregate.default, tuple(inputs))
+    assert_fake_kernel_refuses_mixed_devices(torch.ops.bisenet_fast_triton.bga_pointwise_aggregate, inputs)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import bisenet_fast as bf
 from bisenet_fast import ops
 from bisenet_fast.models.fused import FusedConv
+from tests.helpers import assert_fake_kernel_refuses_mixed_devices
 
 # Output-scale-relative tolerances (dtype, tile): float64 checks the algebra, float32 its
 # rounding; F(4x4)'s larger transform coefficients cost about an order of magnitude.
@@ -118,6 +119,8 @@ def test_opcheck():
     x, weight, bias = make_inputs(1, 4, 6, 5, 7)
     torch.library.opcheck(torch.ops.bisenet_fast.conv3x3_winograd.default, (x, ops.winograd_weight(weight), bias, True),
                           test_utils=("test_schema", "test_faketensor"))
+    assert_fake_kernel_refuses_mixed_devices(torch.ops.bisenet_fast.conv3x3_winograd,
+                                             (x, ops.winograd_weight(weight), bias, True))
 
 
 def test_compile_fullgraph_uses_fake_kernel():

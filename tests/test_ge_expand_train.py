@@ -13,7 +13,7 @@ from bisenet_fast.models import BiSeNetV2Segmentor, use_fused_ge_training
 from bisenet_fast.models.conv_module import ConvModule
 from bisenet_fast.models.fused_training import FusedExpandConvModule
 from bisenet_fast.ops.ge_expand_train import ge_expand_train
-from tests.helpers import requires_triton, triton_device
+from tests.helpers import assert_fake_kernel_refuses_mixed_devices, requires_triton, triton_device
 
 # (cin, ratio, stride, relu) of every expansion conv in BiSeNetV2's GE layers: the 6x grouped
 # conv (ReLU only at stride 1) and, at stride 2, the depthwise conv on the expanded tensor.
@@ -285,11 +285,11 @@ def test_opcheck(namespace):
     torch.library.opcheck(ops.ge_expand_train.default, (*args, 2, True, 1e-5))
     with torch.no_grad():
         out, mean, var = ops.ge_expand_train(*args, 2, True, 1e-5)
-    torch.library.opcheck(
-        ops.ge_expand_train_backward.default,
-        (torch.randn_like(out), *(t.detach() for t in args), mean, var, 2, True, 1e-5),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    backward_args = (torch.randn_like(out), *(t.detach() for t in args), mean, var, 2, True, 1e-5)
+    torch.library.opcheck(ops.ge_expand_train_backward.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    assert_fake_kernel_refuses_mixed_devices(ops.ge_expand_train, (*args, 2, True, 1e-5))
+    assert_fake_kernel_refuses_mixed_devices(ops.ge_expand_train_backward, backward_args)
 
 
 @pytest.mark.parametrize("namespace", ["bisenet_fast", pytest.param("bisenet_fast_triton", marks=requires_triton)])

@@ -6,7 +6,14 @@ import torch
 
 import bisenet_fast as bf
 from bisenet_fast.ops import ge_layer as ge
-from tests.helpers import CUDA, requires_cuda, requires_cuda_build, requires_triton, triton_device
+from tests.helpers import (
+    assert_fake_kernel_refuses_mixed_devices,
+    CUDA,
+    requires_cuda,
+    requires_cuda_build,
+    requires_triton,
+    triton_device,
+)
 
 # (cin, cout, stride) of every GE layer in BiSeNetV2's semantic branch.
 NETWORK_CONFIGS = [(16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
@@ -121,6 +128,7 @@ def test_opcheck(stride):
     args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 5, 6)
     op = torch.ops.bisenet_fast.ge_layer_stride1 if stride == 1 else torch.ops.bisenet_fast.ge_layer_stride2
     torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+    assert_fake_kernel_refuses_mixed_devices(op, args)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -280,6 +288,7 @@ def test_triton_custom_op_fake(stride):
     pack = ge.pack_triton_stride1 if stride == 1 else ge.pack_triton_stride2
     op = torch.ops.bisenet_fast_triton.ge_layer_stride1 if stride == 1 else torch.ops.bisenet_fast_triton.ge_layer_stride2
     torch.library.opcheck(op.default, (x, y, *pack(*weights)), test_utils=("test_schema", "test_faketensor"))
+    assert_fake_kernel_refuses_mixed_devices(op, (x, y, *pack(*weights)))
 
 
 @requires_cuda

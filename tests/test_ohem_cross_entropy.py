@@ -5,7 +5,13 @@ import torch
 
 import bisenet_fast as bf
 from bisenet_fast.ops.ohem_cross_entropy import ohem_cross_entropy_reference
-from tests.helpers import requires_cuda, requires_cuda_build, requires_triton, triton_device
+from tests.helpers import (
+    assert_fake_kernel_refuses_mixed_devices,
+    requires_cuda,
+    requires_cuda_build,
+    requires_triton,
+    triton_device,
+)
 
 # (N, C, h, w, H, W): batch 1 and 3, odd sizes, 9x13 -> 67x101 (not a multiple), down-sampling,
 # a one-pixel head.
@@ -292,6 +298,10 @@ def test_cpp_opcheck(check_labels):
         (torch.tensor(1.0), logits.detach(), target, threshold, 255),
         test_utils=("test_schema", "test_faketensor"),
     )
+    ops = torch.ops.bisenet_fast
+    assert_fake_kernel_refuses_mixed_devices(ops.ohem_cross_entropy_forward, (logits, target, 0.2, 200, 255))
+    assert_fake_kernel_refuses_mixed_devices(ops.ohem_cross_entropy_backward,
+                                             (torch.tensor(1.0), logits, target, threshold, 255))
 
 
 @requires_triton
@@ -304,11 +314,15 @@ def test_triton_opcheck():
         (logits.requires_grad_(), target, 0.2, 20, 255),
     )
     threshold = torch.tensor(0.5, device=logits.device)
+    grad_loss = torch.tensor(1.0, device=logits.device)
     torch.library.opcheck(
         torch.ops.bisenet_fast_triton.ohem_cross_entropy_backward.default,
-        (torch.tensor(1.0, device=logits.device), logits.detach(), target, threshold, 255),
+        (grad_loss, logits.detach(), target, threshold, 255),
         test_utils=("test_schema", "test_faketensor"),
     )
+    ops = torch.ops.bisenet_fast_triton
+    assert_fake_kernel_refuses_mixed_devices(ops.ohem_cross_entropy_forward, (logits, target, 0.2, 20, 255))
+    assert_fake_kernel_refuses_mixed_devices(ops.ohem_cross_entropy_backward, (grad_loss, logits, target, threshold, 255))
 
 
 @pytest.mark.parametrize("namespace", ["bisenet_fast", pytest.param("bisenet_fast_triton", marks=requires_triton)])

@@ -2,6 +2,8 @@
 way whichever implementation would have run it."""
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Iterable
 
 import torch
@@ -76,3 +78,33 @@ def check_image_fits_int32(op: str, name: str, value: torch.Tensor, instead: str
             f"{op}: {name} holds {per_image} values per image (shape {tuple(value.shape)}); its kernel's offsets "
             f"within an image are 32-bit and need fewer than 2**31; {instead}"
         )
+
+
+def fake_on_one_device(op: str):
+    """Decorator of a fake kernel. A call mixing devices, e.g. CPU tensors and a meta one, is
+    dispatched to the fake kernel (the Meta key wins), past the real kernels' device checks,
+    and would return uninitialised tensors on the first argument's device: it fails instead,
+    naming the arguments. Checked only where fake kernels run (tracing, meta tensors)."""
+
+    def decorate(fake):
+        signature = inspect.signature(fake)
+
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            first = None
+            for name, value in signature.bind(*args, **kwargs).arguments.items():
+                values = value if isinstance(value, tuple) else (value,)  # *args
+                for i, tensor in enumerate(values):
+                    if not isinstance(tensor, torch.Tensor):
+                        continue
+                    label = f"{name}[{i}]" if isinstance(value, tuple) else name
+                    if first is None:
+                        first = (label, tensor.device)
+                    elif tensor.device != first[1]:
+                        raise ValueError(f"{op}: {label} is on {tensor.device} but {first[0]} on {first[1]}; "
+                                         "all tensor arguments must be on one device")
+            return fake(*args, **kwargs)
+
+        return checked
+
+    return decorate

@@ -18,7 +18,7 @@ from torch._prims_common import suggest_memory_format
 
 from bisenet_fast import backends
 from bisenet_fast.ops._autograd import refuse_double_backward
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor, plain_tensors_match
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor, fake_on_one_device, plain_tensors_match
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -67,11 +67,13 @@ def check_bga_inputs(detail, semantic, detail_down, semantic_down, op="bga_aggre
 
 
 @torch.library.register_fake("bisenet_fast::bga_aggregate")
+@fake_on_one_device("bga_aggregate")
 def _bga_aggregate_fake(detail, semantic, detail_down, semantic_down):
     return torch.empty_like(detail, memory_format=suggest_memory_format(detail))
 
 
 @torch.library.register_fake("bisenet_fast::bga_aggregate_backward")
+@fake_on_one_device("bga_aggregate_backward")
 def _bga_aggregate_backward_fake(grad_out, detail, semantic, detail_down, semantic_down):
     fmt = suggest_memory_format(detail)
     grad_detail = torch.empty_like(detail, memory_format=fmt)

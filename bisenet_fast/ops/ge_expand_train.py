@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bisenet_fast import backends
 from bisenet_fast.ops._autograd import refuse_double_backward
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor, fake_on_one_device
 
 GPU_PREFERENCE = ("triton",)  # no CUDA C++ kernel for this op yet
 
@@ -76,6 +76,7 @@ def check_inputs(x, weight, bn_weight, bn_bias, stride, relu, eps):
 
 
 @torch.library.register_fake("bisenet_fast::ge_expand_train")
+@fake_on_one_device("ge_expand_train")
 def _ge_expand_train_fake(x, weight, bn_weight, bn_bias, stride, relu, eps):
     n, _, h, w = x.shape
     mid = weight.shape[0]
@@ -85,6 +86,7 @@ def _ge_expand_train_fake(x, weight, bn_weight, bn_bias, stride, relu, eps):
 
 
 @torch.library.register_fake("bisenet_fast::ge_expand_train_backward")
+@fake_on_one_device("ge_expand_train_backward")
 def _ge_expand_train_backward_fake(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, relu, eps):
     return (
         x.new_empty(x.shape),

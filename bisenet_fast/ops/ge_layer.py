@@ -32,6 +32,7 @@ from bisenet_fast import backends
 from bisenet_fast.ops._checks import (
     FLOAT_DTYPES,
     check_inference_only,
+    fake_on_one_device,
     check_non_empty,
     check_shape,
     check_tensor,
@@ -249,11 +250,13 @@ def _stride2_size(size):
 
 
 @torch.library.register_fake("bisenet_fast::ge_layer_stride1")
+@fake_on_one_device("ge_layer_stride1")
 def _ge_layer_stride1_fake(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     return _empty_like_output(x, pw_weight.shape[0], x.shape[2], x.shape[3])
 
 
 @torch.library.register_fake("bisenet_fast::ge_layer_stride2")
+@fake_on_one_device("ge_layer_stride2")
 def _ge_layer_stride2_fake(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
     return _empty_like_output(x, pw_weight.shape[0], _stride2_size(x.shape[2]), _stride2_size(x.shape[3]))
 
@@ -269,6 +272,7 @@ def _ge_layer_stride1_triton(
 
 
 @_ge_layer_stride1_triton.register_fake
+@fake_on_one_device("ge_layer_stride1")
 def _(x, y, dw_weight, dw_bias, pw_weight, pw_bias):  # packed weights: pw_weight is (mid, cout)
     return _empty_like_output(x, pw_weight.shape[1], x.shape[2], x.shape[3])
 
@@ -298,6 +302,7 @@ def _ge_layer_stride2_triton(
 
 
 @_ge_layer_stride2_triton.register_fake
+@fake_on_one_device("ge_layer_stride2")
 def _(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, *rest):  # packed: pw_weight is (mid, cout)
     return _empty_like_output(x, pw_weight.shape[1], _stride2_size(x.shape[2]), _stride2_size(x.shape[3]))
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from bisenet_fast import _C  # noqa: F401  (defines the torch.ops.bisenet_fast schemas registered below)
 from bisenet_fast import backends
 from bisenet_fast.ops._autograd import refuse_double_backward
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor, fake_on_one_device
 
 TARGET_DTYPES = (torch.uint8, torch.int32, torch.int64)
 # The kernels' float32 exp flushes probabilities below ~1.6e-38 (e^-87) to 0, so a smaller
@@ -81,12 +81,14 @@ def check_target_labels(num_classes, target, ignore_index) -> None:
 
 
 @torch.library.register_fake("bisenet_fast::ohem_cross_entropy_forward")
+@fake_on_one_device("ohem_cross_entropy_forward")
 def _forward_fake(logits, target, thresh, min_kept, ignore_index, check_labels=True):
     acc = _acc_dtype(logits.dtype)
     return logits.new_empty((), dtype=acc), logits.new_empty((), dtype=acc)
 
 
 @torch.library.register_fake("bisenet_fast::ohem_cross_entropy_backward")
+@fake_on_one_device("ohem_cross_entropy_backward")
 def _backward_fake(grad_loss, logits, target, threshold, ignore_index):
     return logits.new_empty(logits.shape)
 

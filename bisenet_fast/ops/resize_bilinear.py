@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import check_inference_only, check_non_empty, check_tensor
+from bisenet_fast.ops._checks import check_inference_only, check_non_empty, check_tensor, fake_on_one_device
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,6 +55,7 @@ def check_inputs(x, size):
 
 
 @torch.library.register_fake("bisenet_fast::resize_bilinear")
+@fake_on_one_device("resize_bilinear")
 def _resize_bilinear_fake(x, size):
     return x.new_empty((x.shape[0], x.shape[1], size[0], size[1]))
 
