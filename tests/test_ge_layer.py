@@ -440,17 +440,17 @@ def test_cuda_emulated_bad_inputs():
         run_emulated(1, [x, y, *weights[:3], weights[3].half()])
     with pytest.raises(ValueError, match=r"y \(conv1's output\) must have x's shape"):
         run_emulated(1, [x, y[:, :, :2], *weights])
-    with pytest.raises(ValueError, match=r"pw_weight must be \(cin, mid\)"):
+    with pytest.raises(ValueError, match=r"pw_weight must have shape \(cin, mid\)"):
         run_emulated(1, [x, y, *weights[:2], weights[2][:3], weights[3]])
     x, y, *weights = make_inputs(1, 4, 8, 2, 3, 3)
-    with pytest.raises(ValueError, match=r"sc_pw_weight must be \(cout, cin\)"):
+    with pytest.raises(ValueError, match=r"sc_pw_weight must have shape \(cout, cin\) = \[8, 4\], got \[7, 4\]"):
         run_emulated(2, [x, y, *weights[:8], weights[8][:7], weights[9]])
     with pytest.raises(ValueError, match="x must have a non-empty spatial size"):
         run_emulated(2, [x[:, :, :0], y[:, :, :0], *weights])
     assert run_emulated(2, [x[:0], y[:0], *weights]).shape == (0, 8, 2, 2)  # an empty batch is fine
     with pytest.raises(ValueError, match="x must have at least one channel"):
         run_emulated(2, [x[:, :0], y[:, :0], *weights])
-    with pytest.raises(ValueError, match=r"sc_dw_bias must be \(cin\) with 4 values"):
+    with pytest.raises(ValueError, match=r"sc_dw_bias must have shape \(cin\) = \[4\], got \[1\]"):
         run_emulated(2, [x, y, *weights[:7], weights[7][:1], *weights[8:]])
 
 
@@ -635,7 +635,15 @@ def test_raw_cpp_op_checks_every_argument(stride):
         for index, name in RAW_BIASES[stride].items():
             args = list(good)
             args[index] = args[index][:1]
-            with pytest.raises(ValueError, match=rf"{name} must be \(\w+\) with \d+ values, got \[1\]"):
+            with pytest.raises(ValueError, match=rf"{name} must have shape \(\w+\) = \[\d+\], got \[1\]"):
+                op(*args)
+            args[index] = good[index].reshape(1, -1)  # the right number of values is not enough
+            with pytest.raises(ValueError, match=rf"{name} must have shape \(\w+\) = \[\d+\], got \[1, \d+\]"):
+                op(*args)
+        for index in (2,) if stride == 1 else (2, 4):
+            args = list(good)
+            args[index] = args[index].reshape(args[index].shape[0], 1, 9, 1)
+            with pytest.raises(ValueError, match=r"dw[01]?_weight must have shape \((k\*cin|mid), 1, 3, 3\)"):
                 op(*args)
     args = list(good)
     args[2] = args[2].clone().requires_grad_()

@@ -40,9 +40,10 @@ inline void check_ge_inputs(const char* op, const at::Tensor& x, const at::Tenso
   TORCH_CHECK_VALUE(x.size(2) < INT_MAX / 4 && x.size(3) < INT_MAX / 4, op, ": x's spatial size is too large");
 }
 
-inline void check_ge_numel(const char* op, const char* name, const at::Tensor& t, int64_t numel,
+// t must have exactly `shape` (`expected` spells it with the names of its sizes).
+inline void check_ge_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
                            const char* expected) {
-  TORCH_CHECK_VALUE(t.numel() == numel, op, ": ", name, " must be ", expected, " with ", numel, " values, got ",
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", expected, " = ", shape, ", got ",
                     t.sizes());
 }
 
@@ -55,13 +56,12 @@ inline int64_t check_ge_stride1(const char* op, const at::Tensor& x, const at::T
                   {{"dw_weight", &dw_weight}, {"dw_bias", &dw_bias}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias}},
                   allow_float64);
   const int64_t cin = x.size(1), mid = dw_weight.dim() == 4 ? dw_weight.size(0) : 0;
-  TORCH_CHECK_VALUE(dw_weight.dim() == 4 && mid > 0 && mid % cin == 0 && dw_weight.numel() == mid * 9, op,
-                    ": dw_weight must be (k*cin, 1, 3, 3) for x's ", cin, " channels, got ", dw_weight.sizes());
-  check_ge_numel(op, "dw_bias", dw_bias, mid, "(mid)");
-  TORCH_CHECK_VALUE(pw_weight.dim() == 2 && pw_weight.size(0) == cin && pw_weight.size(1) == mid, op,
-                    ": pw_weight must be (cin, mid) = (", cin, ", ", mid,
-                    ") (the residual needs cout == cin), got ", pw_weight.sizes());
-  check_ge_numel(op, "pw_bias", pw_bias, cin, "(cin)");
+  TORCH_CHECK_VALUE(mid > 0 && mid % cin == 0, op, ": dw_weight must be (k*cin, 1, 3, 3) for x's ", cin,
+                    " channels, got ", dw_weight.sizes());
+  check_ge_shape(op, "dw_weight", dw_weight, {mid, 1, 3, 3}, "(k*cin, 1, 3, 3)");
+  check_ge_shape(op, "dw_bias", dw_bias, {mid}, "(mid)");
+  check_ge_shape(op, "pw_weight", pw_weight, {cin, mid}, "(cin, mid) (the residual needs cout == cin)");
+  check_ge_shape(op, "pw_bias", pw_bias, {cin}, "(cin)");
   return mid;
 }
 
@@ -78,20 +78,20 @@ inline std::pair<int64_t, int64_t> check_ge_stride2(
                    {"sc_pw_bias", &sc_pw_bias}},
                   allow_float64);
   const int64_t cin = x.size(1), mid = dw0_weight.dim() == 4 ? dw0_weight.size(0) : 0;
-  TORCH_CHECK_VALUE(dw0_weight.dim() == 4 && mid > 0 && mid % cin == 0 && dw0_weight.numel() == mid * 9, op,
-                    ": dw0_weight must be (k*cin, 1, 3, 3) for x's ", cin, " channels, got ", dw0_weight.sizes());
-  check_ge_numel(op, "dw0_bias", dw0_bias, mid, "(mid)");
-  check_ge_numel(op, "dw1_weight", dw1_weight, mid * 9, "(mid, 1, 3, 3)");
-  check_ge_numel(op, "dw1_bias", dw1_bias, mid, "(mid)");
+  TORCH_CHECK_VALUE(mid > 0 && mid % cin == 0, op, ": dw0_weight must be (k*cin, 1, 3, 3) for x's ", cin,
+                    " channels, got ", dw0_weight.sizes());
+  check_ge_shape(op, "dw0_weight", dw0_weight, {mid, 1, 3, 3}, "(k*cin, 1, 3, 3)");
+  check_ge_shape(op, "dw0_bias", dw0_bias, {mid}, "(mid)");
+  check_ge_shape(op, "dw1_weight", dw1_weight, {mid, 1, 3, 3}, "(mid, 1, 3, 3)");
+  check_ge_shape(op, "dw1_bias", dw1_bias, {mid}, "(mid)");
   TORCH_CHECK_VALUE(pw_weight.dim() == 2 && pw_weight.size(1) == mid && pw_weight.size(0) > 0, op,
                     ": pw_weight must be (cout, mid) with mid = ", mid, ", got ", pw_weight.sizes());
   const int64_t cout = pw_weight.size(0);
-  check_ge_numel(op, "pw_bias", pw_bias, cout, "(cout)");
-  check_ge_numel(op, "sc_dw_weight", sc_dw_weight, cin * 9, "(cin, 1, 3, 3)");
-  check_ge_numel(op, "sc_dw_bias", sc_dw_bias, cin, "(cin)");
-  TORCH_CHECK_VALUE(sc_pw_weight.dim() == 2 && sc_pw_weight.size(0) == cout && sc_pw_weight.size(1) == cin, op,
-                    ": sc_pw_weight must be (cout, cin) = (", cout, ", ", cin, "), got ", sc_pw_weight.sizes());
-  check_ge_numel(op, "sc_pw_bias", sc_pw_bias, cout, "(cout)");
+  check_ge_shape(op, "pw_bias", pw_bias, {cout}, "(cout)");
+  check_ge_shape(op, "sc_dw_weight", sc_dw_weight, {cin, 1, 3, 3}, "(cin, 1, 3, 3)");
+  check_ge_shape(op, "sc_dw_bias", sc_dw_bias, {cin}, "(cin)");
+  check_ge_shape(op, "sc_pw_weight", sc_pw_weight, {cout, cin}, "(cout, cin)");
+  check_ge_shape(op, "sc_pw_bias", sc_pw_bias, {cout}, "(cout)");
   return {mid, cout};
 }
 
