@@ -201,6 +201,9 @@ def test_deterministic(backend):
         (lambda a: a.update(weight=a["weight"].double()), TypeError, "weight must have dtype"),
         (lambda a: a.update(bn_weight=a["bn_weight"][:3]), ValueError, r"bn_weight must have shape \(24,\)"),
         (lambda a: a.update(bn_bias=a["bn_bias"].double()), TypeError, "bn_bias must have dtype"),
+        # float32 BN parameters go with float16/bfloat16 activations only (BatchNorm2d refuses them too)
+        (lambda a: a.update(x=a["x"].double(), weight=a["weight"].double()), TypeError,
+         r"bn_weight must have dtype in \(float64\), got float32"),
         (lambda a: a.update(stride=3), ValueError, "stride must be 1 or 2"),
         (lambda a: a.update(relu=1), TypeError, "relu must be a bool"),
         (lambda a: a.update(eps=0.0), ValueError, "eps must be > 0"),

@@ -55,8 +55,11 @@ def check_inputs(x, weight, bn_weight, bn_bias, stride, relu, eps):
             f"weight must have shape (k * {cin}, 1, 3, 3) for a 3x3 grouped conv with groups={cin}, "
             f"got {tuple(weight.shape)}"
         )
+    # float32 BN parameters beside float16/bfloat16 activations, as BatchNorm2d under autocast
+    # takes them; float64 activations take float64 parameters only (as BatchNorm2d).
+    bn_dtypes = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
     for name, value in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
-        check_tensor(name, value, dim=1, dtypes=tuple(dict.fromkeys((x.dtype, torch.float32))), device=x.device)
+        check_tensor(name, value, dim=1, dtypes=bn_dtypes, device=x.device)
         if value.shape[0] != mid:
             raise ValueError(f"{name} must have shape ({mid},), got {tuple(value.shape)}")
     if bn_bias.dtype != bn_weight.dtype:
