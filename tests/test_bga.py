@@ -424,6 +424,23 @@ def test_triton_rejects_a_height_beyond_its_grid():
         bf.ops.bga_aggregate(*inputs)
 
 
+@requires_triton
+def test_triton_rejects_a_row_beyond_32_bit_positions(monkeypatch):
+    """Rows hold W values (W * C in channels_last); checked before the op copies anything."""
+    from bisenet_fast.triton_kernels.bga import check_forward_sizes
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copied before the size check"))
+    device = triton_device()
+    detail = torch.zeros(1, 1, 1, 1, device=device).expand(1, 1, 1, 2**31)  # a view: nothing allocated
+    low = torch.zeros(1, 1, 1, 1, device=device)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"a row of detail holds 2147483648 values .* 2\*\*31"):
+        torch.ops.bisenet_fast_triton.bga_aggregate(detail, low, low, low)
+    channels_last = torch.empty(1, 2**16, 1, 2**15, device="meta", memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"holds 2147483648 values \(shape \(1, 65536, 1, 32768\), channels_last\)"):
+        check_forward_sizes(channels_last, channels_last=True)
+    check_forward_sizes(channels_last, channels_last=False)  # NCHW rows of 32768 values are fine
+
+
 # --- the model ----------------------------------------------------------------------------
 
 

@@ -111,17 +111,19 @@ def test_matches_reference_spec_sizes_triton(shape, layout, dtype):
 
 
 @requires_triton
-def test_triton_rejects_images_beyond_32_bit_offsets():
-    from bisenet_fast.triton_kernels.bga_pointwise import bga_pointwise_forward
-
-    # Expanded, so nothing of the 2**31 values is allocated: the check comes before any allocation.
-    huge = torch.zeros(1, 1, 1, 1).expand(1, 128, 2**12, 2**12)
-    small = torch.zeros(1, 128, 4, 4)
-    weight, bias = torch.zeros(128, 128), torch.zeros(128)
-    with pytest.raises(ValueError, match=r"detail_dw holds 2147483648 values per image .* fewer than 2\*\*31"):
-        bga_pointwise_forward(huge, weight, bias, small, small, small, channels_last=False)
-    with pytest.raises(ValueError, match=r"semantic holds 2147483648 values per image .* fewer than 2\*\*31"):
-        bga_pointwise_forward(small, weight, bias, huge, huge, huge, channels_last=False)
+def test_triton_rejects_images_beyond_32_bit_offsets(monkeypatch):
+    # Expanded, so nothing of the 2**31 values is allocated: the check comes before the op's
+    # copies into one layout (a copy would allocate 8 GiB).
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copied before the size check"))
+    device = triton_device()
+    huge = torch.zeros(1, 1, 1, 1, device=device).expand(1, 128, 2**12, 2**12)
+    small = torch.zeros(1, 128, 4, 4, device=device)
+    weight, bias = torch.zeros(128, 128, device=device), torch.zeros(128, device=device)
+    op = torch.ops.bisenet_fast_triton.bga_pointwise_aggregate
+    with torch.no_grad(), pytest.raises(ValueError, match=r"detail_dw holds 2147483648 values per image .* 2\*\*31"):
+        op(huge, weight, bias, small, small, small)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"semantic holds 2147483648 values per image .* 2\*\*31"):
+        op(small, weight, bias, huge, huge, huge)
 
 
 @pytest.mark.skipif(not CUDA, reason="TF32 only exists on the GPU")

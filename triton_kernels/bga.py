@@ -163,14 +163,25 @@ def _geometry(detail: torch.Tensor, semantic: torch.Tensor, channels_last: bool)
     return H, W, h, w, (c if channels_last else 1)
 
 
+def check_forward_sizes(detail: torch.Tensor, channels_last: bool) -> None:
+    """The forward's limits, checked before the op copies anything: a row per grid y, and
+    32-bit positions within a row (W values, times C in channels_last)."""
+    _n, c, H, W = detail.shape
+    if H > MAX_GRID_Y:
+        raise ValueError(f"bga_aggregate (Triton kernel): detail height must be <= {MAX_GRID_Y}, got {H}")
+    row = W * (c if channels_last else 1)
+    if row >= 2**31:
+        raise ValueError(f"bga_aggregate (Triton kernel): a row of detail holds {row} values (shape "
+                         f"{tuple(detail.shape)}{', channels_last' if channels_last else ''}), which must be "
+                         "fewer than 2**31; use the cpp or cuda backend")
+
+
 def bga_forward(detail, semantic, detail_down, semantic_down, channels_last: bool) -> torch.Tensor:
-    """All inputs contiguous in the layout `channels_last` names."""
+    """All inputs contiguous in the layout `channels_last` names, checked by check_forward_sizes."""
     out = torch.empty_like(detail)
     if out.numel() == 0:
         return out
     H, W, h, w, K = _geometry(detail, semantic, channels_last)
-    if H > MAX_GRID_Y:
-        raise ValueError(f"bga_aggregate (Triton kernel): detail height must be <= {MAX_GRID_Y}, got {H}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gated = torch.empty_like(detail_down, dtype=torch.float32, memory_format=fmt)
     _gated_down_kernel[(triton.cdiv(gated.numel(), BLOCK),)](detail_down, semantic_down, gated, gated.numel(),

@@ -114,13 +114,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def bga_pointwise_forward(detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down,
-                          channels_last: bool) -> torch.Tensor:
-    """All maps contiguous in the layout `channels_last` names; pw_weight (C, C) and pw_bias
-    (C) contiguous. Returns the output in that layout."""
-    batch, channels, H, W = detail_dw.shape
+def check_sizes(detail_dw: torch.Tensor, semantic: torch.Tensor) -> None:
+    """32-bit offsets within an image, checked before the op copies anything."""
     for name, t in (("detail_dw", detail_dw), ("semantic", semantic)):  # the low-res maps share semantic's size
         check_image_fits_int32("bga_pointwise_aggregate (triton)", name, t, "use the eager backend for such images")
+
+
+def bga_pointwise_forward(detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down,
+                          channels_last: bool) -> torch.Tensor:
+    """All maps contiguous in the layout `channels_last` names, checked by check_sizes;
+    pw_weight (C, C) and pw_bias (C) contiguous. Returns the output in that layout."""
+    batch, channels, H, W = detail_dw.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty_like(detail_dw, memory_format=fmt)
     if out.numel() == 0:

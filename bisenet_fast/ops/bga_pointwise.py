@@ -61,9 +61,10 @@ def _bga_pointwise_aggregate_triton(
     detail_down: torch.Tensor,
     semantic_down: torch.Tensor,
 ) -> torch.Tensor:
-    from bisenet_fast.triton_kernels.bga_pointwise import bga_pointwise_forward
+    from bisenet_fast.triton_kernels.bga_pointwise import bga_pointwise_forward, check_sizes
 
     check_bga_pointwise_inputs(detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down)  # direct calls
+    check_sizes(detail_dw, semantic)
     fmt = suggest_memory_format(detail_dw)
     maps = [t.contiguous(memory_format=fmt) for t in (detail_dw, semantic, detail_down, semantic_down)]
     detail_dw, semantic, detail_down, semantic_down = maps
