@@ -25,6 +25,9 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 NAMES = ("eager", "cpp", "cuda", "triton")
+# The names under which the fused ops ask resolve() for their backend (use(name, ops=...)).
+OPS = ("bga_aggregate", "bga_pointwise_aggregate", "conv3x3_winograd", "ge_expand_train", "ge_layer_stride1",
+       "ge_layer_stride2", "ohem_cross_entropy", "resize_bilinear")
 ENV_VAR = "BISENET_FAST_BACKEND"
 # The oldest triton the kernels are tested with (3.5.1, torch 2.9's; 3.6 and 3.8 pass too).
 # Triton 3.1 (torch 2.5's) rejects them (tl.arange of constexpr expressions), so releases
@@ -38,7 +41,21 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for that is not built, not installed, or cannot run the call."""
 
 
-@functools.lru_cache(maxsize=None)
+def _installation_fact(query):
+    """query's result, computed once: a fact of the installation. torch.compile takes it as a
+    constant (through an lru_cache it would trace, warning on every compile)."""
+    result = []
+
+    @functools.wraps(query)
+    def cached():
+        if not result:
+            result.append(query())
+        return result[0]
+
+    return torch.compiler.assume_constant_result(cached)
+
+
+@_installation_fact
 def _compiled_with_cuda() -> bool:
     # Fixed at build time; cached because every fused-op call on a GPU asks (the uncached
     # query cost ~10 us of host time per call, as much as a small kernel runs).
@@ -51,7 +68,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@_installation_fact
 def _triton_version() -> tuple[int, int] | None:
     """The installed triton's (major, minor), None if it is not installed."""
     if importlib.util.find_spec("triton") is None:
@@ -134,12 +151,17 @@ def use(name: str, ops: Iterable[str] | None = None) -> Iterator[str]:
     _check_name(name)
     if isinstance(ops, str):
         raise TypeError(f"use(): ops must be a collection of op names, got the string {ops!r}")
+    if ops is not None:
+        ops = frozenset(ops)
+        unknown = sorted(ops - set(OPS))
+        if unknown:  # a misspelt name would leave that op on its default backend, silently
+            raise ValueError(f"use(): unknown op name(s) {unknown}; expected names from {OPS}")
     if name != "auto":
         reason = _why_unavailable(name)
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
     stack = _local.__dict__.setdefault("stack", [])
-    stack.append((name, None if ops is None else frozenset(ops)))
+    stack.append((name, ops))
     try:
         yield name
     finally:

@@ -1,4 +1,7 @@
 """Backend registry: what is available, forcing one, the environment override, errors."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -53,6 +56,17 @@ def test_use_for_named_ops_only(monkeypatch):
     with pytest.raises(TypeError, match="ops must be a collection of op names"):
         with bf.backends.use("eager", ops="ge_layer_stride1"):
             pass
+    with pytest.raises(ValueError, match=r"unknown op name\(s\) \['ohem'\]; expected names from"):
+        with bf.backends.use("eager", ops=["ohem", "bga_aggregate"]):
+            pass
+
+
+def test_op_names_are_those_the_ops_resolve():
+    """backends.OPS, which use(ops=...) checks names against, lists exactly the names the
+    fused ops pass to resolve()."""
+    package = Path(bf.__file__).parent
+    asked = {m for f in package.rglob("*.py") for m in re.findall(r'resolve\(\s*"(\w+)"', f.read_text())}
+    assert asked == set(bf.backends.OPS)
 
 
 def test_resolve_with_a_name_overrides_the_current_choice(monkeypatch):
