@@ -162,6 +162,18 @@ def test_inference_only(segmentor, image):
         fused(image.clone().requires_grad_(True))
 
 
+def test_bad_input_is_refused_naming_it(segmentor, image):
+    """An integer image (raw pixels, not normalised) would give meaningless logits; a 3-D one
+    failed inside the channels_last conversion. Floating images of any dtype are cast."""
+    fused = segmentor.fuse()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match=r"x must have dtype in \(float32, .*\), got uint8"):
+            fused(image.to(torch.uint8))
+        with pytest.raises(ValueError, match=r"x must be 4-D, got shape \(3, "):
+            fused(image[0])
+        torch.testing.assert_close(fused(image.double()), fused(image))
+
+
 def test_bad_dtype(segmentor):
     with pytest.raises(ValueError, match="fuse\\(dtype=...\\) must be one of"):
         segmentor.fuse(dtype=torch.float64)

@@ -374,6 +374,17 @@ def test_module_under_autocast_matches_conv_module():
         assert_close_to_scale(a, e, 2e-2, what)
 
 
+def test_float64_module_under_autocast_stays_float64_as_conv_module():
+    """Autocast leaves float64 tensors alone; the fused module did cast them to bfloat16."""
+    eager, fused = _trained_pair(4, 6, 2, True, 0.1)
+    eager, fused = eager.double(), fused.double()
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_e, out_f = eager(x), fused(x)
+    assert out_f.dtype == out_e.dtype == torch.float64
+    assert_close_to_scale(out_f, out_e, 1e-12, "out")
+
+
 def test_module_compiles_fullgraph_with_running_stat_update():
     torch._dynamo.reset()
     _, fused = _trained_pair(4, 6, 2, False, 0.1)

@@ -3,6 +3,9 @@
 Registration order follows mmseg (conv_seg and dropout in BaseDecodeHead, then convs), so
 the state_dict order is mmseg's. mmseg trains the heads with SyncBN; here they are plain
 BatchNorm2d (same state_dict), converted to SyncBatchNorm by the trainer under DDP.
+Two defaults differ from mmseg's FCNHead: concat_input False (mmseg: True; BiSeNetV2's
+configs set False, and True is not supported here) and in_index 0 (mmseg: -1); every
+BiSeNetV2 head passes both.
 """
 from __future__ import annotations
 

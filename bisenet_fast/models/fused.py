@@ -44,6 +44,7 @@ from bisenet_fast.models.bisenetv2 import (
 )
 from bisenet_fast.models.conv_module import ConvModule
 from bisenet_fast.models.fcn_head import FCNHead
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
 from bisenet_fast.ops.ge_layer import GPU_PREFERENCE as GE_GPU_PREFERENCE
 
 INFERENCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -346,13 +347,16 @@ def _prepare_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             f"the fused model holds {dtype} weights (cast by .to()/.double()?); it runs in one of "
             f"{INFERENCE_DTYPES}: cast it to one of those, or fuse(dtype=...) the unfused model again"
         )
+    # Any floating dtype is cast to the model's; an integer image (raw 0-255 pixels, not
+    # normalised) would give meaningless logits, and the eager model refuses it too.
+    check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES)
     return x.to(dtype=dtype, memory_format=torch.channels_last)
 
 
 def _buffer_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a fused model computes in: its buffers', set by fuse(dtype=...) and followed
-    by a later .half()/.to(dtype) (the same buffers as fusing to that dtype: both cast the
-    float32 fold)."""
+    by a later .half()/.to(dtype) (from a float32 fusion the same buffers as fusing to that
+    dtype, both casting the float32 fold; from float16 or bfloat16 the earlier rounding stays)."""
     return next(module.buffers()).dtype
 
 

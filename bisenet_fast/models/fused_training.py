@@ -59,7 +59,7 @@ class FusedExpandConvModule(nn.Module):
             out = bn(self.conv(x))
             return F.relu(out, inplace=True) if self.relu else out
         weight = self.conv.weight
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # autocast leaves float64 alone
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
         out, mean, var = ops.ge_expand_train(x, weight, bn.weight, bn.bias, self.stride, self.relu, bn.eps)
