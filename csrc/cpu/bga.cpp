@@ -36,15 +36,15 @@ template <typename scalar_t>
 void forward_kernel(const Geometry& g, const scalar_t* detail, const at::opmath_type<scalar_t>* semantic,
                     const at::opmath_type<scalar_t>* gated_down, scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const auto row_taps = axis_taps(g.low_rows, g.high_rows);
-  const auto col_taps = axis_taps(g.low_cols, g.high_cols);
+  const auto row_taps = axis_taps<opmath_t>(g.low_rows, g.high_rows);
+  const auto col_taps = axis_taps<opmath_t>(g.low_cols, g.high_cols);
   const int64_t low_len = g.low_row_len(), high_len = g.high_row_len();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, high_len));
   at::parallel_for(0, g.planes * g.high_rows, grain, [&](int64_t begin, int64_t end) {
     UpsampledRows<opmath_t> semantic_rows(col_taps, g.inner), gated_rows(col_taps, g.inner);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / g.high_rows, y = r % g.high_rows;
-      const LinearTap& t = row_taps[y];
+      const auto& t = row_taps[y];
       const int64_t low_base = plane * g.low_rows;
       const auto [hs0, hs1] =
           semantic_rows.get(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len);
@@ -61,9 +61,9 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
                      const scalar_t* semantic_down, scalar_t* grad_detail, scalar_t* grad_semantic,
                      scalar_t* grad_detail_down, scalar_t* grad_semantic_down) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const auto row_taps = axis_taps(g.low_rows, g.high_rows);
-  const auto col_taps = axis_taps(g.low_cols, g.high_cols);
-  const float row_scale = linear_scale(g.low_rows, g.high_rows);
+  const auto row_taps = axis_taps<opmath_t>(g.low_rows, g.high_rows);
+  const auto col_taps = axis_taps<opmath_t>(g.low_cols, g.high_cols);
+  const opmath_t row_scale = linear_scale<opmath_t>(g.low_rows, g.high_rows);
   const int64_t low_len = g.low_row_len(), high_len = g.high_row_len();
   // Enough tasks to keep every thread busy; bands only cost the re-walk of the few
   // high-res rows two bands share, and never change the result.
@@ -87,7 +87,7 @@ void backward_kernel(const Geometry& g, const scalar_t* grad_out, const scalar_t
       std::fill(acc_up.begin(), acc_up.end(), opmath_t(0));
       const int64_t low_base = plane * g.low_rows;
       for (int64_t y = y_begin; y < y_end; ++y) {
-        const LinearTap& t = row_taps[y];
+        const auto& t = row_taps[y];
         const int64_t offset = (plane * g.high_rows + y) * high_len;
         // The band holding tap i0 of row y writes that row's grad_detail: exactly one band.
         const bool owns_row = t.i0 >= i_begin && t.i0 < i_end;

@@ -43,8 +43,8 @@ void pointwise_forward_kernel(const Geometry& g, bool channels_last, const at::T
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t batch = detail.size(0), channels = detail.size(1), width = g.high_cols;
   const int64_t low_len = g.low_row_len(), high_len = g.high_row_len();
-  const auto row_taps = axis_taps(g.low_rows, g.high_rows);
-  const auto col_taps = axis_taps(g.low_cols, g.high_cols);
+  const auto row_taps = axis_taps<opmath_t>(g.low_rows, g.high_rows);
+  const auto col_taps = axis_taps<opmath_t>(g.low_cols, g.high_cols);
   // channels_last: tile (R*W, C) = x (R*W, C) @ weight^T; NCHW: tile (C, R*W) = weight @ x (C, R*W).
   // weight^T materialised: addmm with a transposed view as mat2 took a path ~60x slower
   // than with a contiguous one at these sizes (measured, 64x128 @ 128x128).
@@ -73,7 +73,7 @@ void pointwise_forward_kernel(const Geometry& g, bool channels_last, const at::T
         for (int64_t task = begin; task < end; ++task) {
           const int64_t c = task / rows, y = y0 + task % rows;
           const int64_t plane = n * planes_per_image + c, low_base = plane * g.low_rows;
-          const LinearTap& t = row_taps[y];
+          const auto& t = row_taps[y];
           const auto [hs0, hs1] =
               semantic_rows.get(semantic + (low_base + t.i0) * low_len, semantic + (low_base + t.i1) * low_len);
           const auto [hp0, hp1] =

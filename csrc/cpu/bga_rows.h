@@ -80,66 +80,67 @@ inline void sigmoid_row(const double* in, double* out, int64_t n) {
   for (int64_t q = 0; q < n; ++q) out[q] = row_sigmoid(in[q]);
 }
 
-inline std::vector<LinearTap> axis_taps(int64_t in_size, int64_t out_size) {
-  const float scale = linear_scale(in_size, out_size);
-  std::vector<LinearTap> taps(out_size);
+// The taps of one axis in the math type T (float, or double for float64: ATen's opmath).
+template <typename T>
+std::vector<BasicLinearTap<T>> axis_taps(int64_t in_size, int64_t out_size) {
+  const T scale = linear_scale<T>(in_size, out_size);
+  std::vector<BasicLinearTap<T>> taps(out_size);
   for (int64_t dst = 0; dst < out_size; ++dst) taps[dst] = linear_tap(dst, in_size, scale);
   return taps;
 }
 
 // out[q] = w0 * a[q] + w1 * b[q]
 template <typename T>
-void blend_rows(const T* a, const T* b, float w0, float w1, T* out, int64_t n) {
-  const T v0 = static_cast<T>(w0), v1 = static_cast<T>(w1);
-  for (int64_t q = 0; q < n; ++q) out[q] = v0 * a[q] + v1 * b[q];
+void blend_rows(const T* a, const T* b, T w0, T w1, T* out, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) out[q] = w0 * a[q] + w1 * b[q];
 }
 
 // acc[q] += w * row[q]
 template <typename T>
-void add_scaled_row(const T* row, float w, T* acc, int64_t n) {
-  const T v = static_cast<T>(w);
-  for (int64_t q = 0; q < n; ++q) acc[q] += v * row[q];
+void add_scaled_row(const T* row, T w, T* acc, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) acc[q] += w * row[q];
 }
 
 // Horizontal upsample of one row of pixels: out[x] = w0 * row[i0] + w1 * row[i1] (each
 // pixel `inner` values wide).
 template <typename T>
-void upsample_row(const T* row, const std::vector<LinearTap>& taps, int64_t inner, T* out) {
+void upsample_row(const T* row, const std::vector<BasicLinearTap<T>>& taps, int64_t inner, T* out) {
   const int64_t width = static_cast<int64_t>(taps.size());
   if (inner == 1) {
     for (int64_t x = 0; x < width; ++x) {
-      const LinearTap& t = taps[x];
-      out[x] = static_cast<T>(t.w0) * row[t.i0] + static_cast<T>(t.w1) * row[t.i1];
+      const BasicLinearTap<T>& t = taps[x];
+      out[x] = t.w0 * row[t.i0] + t.w1 * row[t.i1];
     }
     return;
   }
   for (int64_t x = 0; x < width; ++x) {
-    const LinearTap& t = taps[x];
+    const BasicLinearTap<T>& t = taps[x];
     blend_rows(row + t.i0 * inner, row + t.i1 * inner, t.w0, t.w1, out + x * inner, inner);
   }
 }
 
 // Transpose of upsample_row, added into acc in increasing x (acc is the low-res row).
 template <typename T>
-void upsample_row_transposed(const T* row, const std::vector<LinearTap>& taps, int64_t inner, T* acc) {
+void upsample_row_transposed(const T* row, const std::vector<BasicLinearTap<T>>& taps, int64_t inner, T* acc) {
   const int64_t width = static_cast<int64_t>(taps.size());
   if (inner == 1) {
     for (int64_t x = 0; x < width; ++x) {
-      const LinearTap& t = taps[x];
-      acc[t.i0] += static_cast<T>(t.w0) * row[x];
-      acc[t.i1] += static_cast<T>(t.w1) * row[x];
+      const BasicLinearTap<T>& t = taps[x];
+      acc[t.i0] += t.w0 * row[x];
+      acc[t.i1] += t.w1 * row[x];
     }
     return;
   }
   for (int64_t x = 0; x < width; ++x) {
-    const LinearTap& t = taps[x];
+    const BasicLinearTap<T>& t = taps[x];
     add_scaled_row(row + x * inner, t.w0, acc + t.i0 * inner, inner);
     add_scaled_row(row + x * inner, t.w1, acc + t.i1 * inner, inner);
   }
 }
 
 template <typename T>
-BF_CPU_CLONES void upsample_low_row(const T* row, const std::vector<LinearTap>& col_taps, int64_t inner, T* out) {
+BF_CPU_CLONES void upsample_low_row(const T* row, const std::vector<BasicLinearTap<T>>& col_taps, int64_t inner,
+                                     T* out) {
   upsample_row(row, col_taps, inner, out);
 }
 
@@ -174,7 +175,7 @@ inline Geometry geometry(const BgaLayout& layout, const at::Tensor& detail, cons
 template <typename T>
 class UpsampledRows {
  public:
-  UpsampledRows(const std::vector<LinearTap>& col_taps, int64_t inner)
+  UpsampledRows(const std::vector<BasicLinearTap<T>>& col_taps, int64_t inner)
       : col_taps_(col_taps), inner_(inner), slots_{std::vector<T>(col_taps.size() * inner),
                                                     std::vector<T>(col_taps.size() * inner)} {}
 
@@ -196,7 +197,7 @@ class UpsampledRows {
     return k;
   }
 
-  const std::vector<LinearTap>& col_taps_;
+  const std::vector<BasicLinearTap<T>>& col_taps_;
   int64_t inner_;
   std::vector<T> slots_[2];
   const T* key_[2] = {nullptr, nullptr};
@@ -211,7 +212,7 @@ constexpr int64_t kRowChunk = 512;
 // (hs0/hs1 of semantic, hp0/hp1 of detail_down * sigmoid(semantic_down)): blended
 // vertically, then gated.
 template <typename scalar_t>
-BF_CPU_CLONES void forward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
+BF_CPU_CLONES void forward_row(const BasicLinearTap<at::opmath_type<scalar_t>>& t, const at::opmath_type<scalar_t>* hs0,
                                 const at::opmath_type<scalar_t>* hs1, const at::opmath_type<scalar_t>* hp0,
                                 const at::opmath_type<scalar_t>* hp1, int64_t high_len, const scalar_t* detail,
                                 scalar_t* out) {
@@ -254,14 +255,14 @@ struct LowRowAccumulators {
 // transposes the horizontal upsample once per low-res row. Per value the additions run in
 // tap order, whatever the chunking.
 template <typename scalar_t>
-BF_CPU_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar_t>* hs0,
+BF_CPU_CLONES void backward_row(const BasicLinearTap<at::opmath_type<scalar_t>>& t, const at::opmath_type<scalar_t>* hs0,
                                  const at::opmath_type<scalar_t>* hs1, int64_t high_len, const scalar_t* grad_out,
                                  const scalar_t* detail, scalar_t* grad_detail,
                                  const LowRowAccumulators<at::opmath_type<scalar_t>>& acc) {
   using opmath_t = at::opmath_type<scalar_t>;
   opmath_t gate[kRowChunk];  // sigmoid(up(semantic)), then grad_detail's values
   opmath_t tsem[kRowChunk], g[kRowChunk];
-  const float weights[2] = {t.w0, t.w1};
+  const opmath_t weights[2] = {t.w0, t.w1};
   for (int64_t q0 = 0; q0 < high_len; q0 += kRowChunk) {
     const int64_t n = std::min(kRowChunk, high_len - q0);
     blend_rows(hs0 + q0, hs1 + q0, t.w0, t.w1, gate, n);
@@ -286,7 +287,7 @@ BF_CPU_CLONES void backward_row(const LinearTap& t, const at::opmath_type<scalar
 
 // acc = (horizontal upsample)^T of one high-res-width row (acc: low-res row length).
 template <typename T>
-BF_CPU_CLONES void transpose_upsampled_row(const T* row, const std::vector<LinearTap>& col_taps, int64_t inner,
+BF_CPU_CLONES void transpose_upsampled_row(const T* row, const std::vector<BasicLinearTap<T>>& col_taps, int64_t inner,
                                             T* acc, int64_t low_len) {
   std::fill(acc, acc + low_len, T(0));
   upsample_row_transposed(row, col_taps, inner, acc);

@@ -70,9 +70,9 @@ struct AxisTaps {
   std::vector<acc_t> w0, w1;
 
   AxisTaps(int64_t in_size, int64_t out_size) : i0(out_size), i1(out_size), w0(out_size), w1(out_size) {
-    const float scale = linear_scale(in_size, out_size);
+    const acc_t scale = linear_scale<acc_t>(in_size, out_size);  // ATen's opmath, as acc_t
     for (int64_t d = 0; d < out_size; ++d) {
-      const LinearTap t = linear_tap(d, in_size, scale);
+      const BasicLinearTap<acc_t> t = linear_tap(d, in_size, scale);
       i0[d] = t.i0;
       i1[d] = t.i1;
       w0[d] = t.w0;
@@ -92,7 +92,7 @@ struct ColumnGather {
 
   ColumnGather(const AxisTaps<acc_t>& tx, int64_t in_size) : begin(in_size + 1, 0) {
     const int64_t out_size = static_cast<int64_t>(tx.i0.size());
-    const float scale = linear_scale(in_size, out_size);
+    const acc_t scale = linear_scale<acc_t>(in_size, out_size);
     for (int64_t j = 0; j < in_size; ++j) {
       const DstRange range = dst_range_reading(j, in_size, out_size, scale);
       for (int64_t d = range.begin; d < range.end; ++d) {
@@ -366,7 +366,7 @@ at::Tensor backward_impl(double grad, const at::Tensor& logits, const at::Tensor
   grad_head.zero_();
   acc_t* grad_ptr = grad_head.data_ptr<acc_t>();
   const acc_t coef = static_cast<acc_t>(grad / static_cast<double>(N * H * W));
-  const float scale_h = linear_scale(h, H);
+  const acc_t scale_h = linear_scale<acc_t>(h, H);
   const AxisTaps<acc_t> ty(h, H), tx(w, W);
   const ColumnGather<acc_t> columns(tx, w);
 

@@ -54,14 +54,14 @@ at::Tensor resize_bilinear_cpu(const at::Tensor& x, c10::SymIntArrayRef sym_size
     const auto input = x.to(at::toOpMathType(x.scalar_type())).contiguous();
     const opmath_t* in = input.data_ptr<opmath_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const auto row_taps = axis_taps(low_rows, high_rows);
-    const auto col_taps = axis_taps(low_cols, high_cols);
+    const auto row_taps = axis_taps<opmath_t>(low_rows, high_rows);
+    const auto col_taps = axis_taps<opmath_t>(low_cols, high_cols);
     const int64_t grain = std::max<int64_t>(1, 16384 / high_cols);
     at::parallel_for(0, planes * high_rows, grain, [&](int64_t begin, int64_t end) {
       UpsampledRows<opmath_t> rows(col_taps, 1);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t plane = r / high_rows;
-        const LinearTap& t = row_taps[r % high_rows];
+        const auto& t = row_taps[r % high_rows];
         const opmath_t* low = in + plane * low_rows * low_cols;
         const auto [h0, h1] = rows.get(low + t.i0 * low_cols, low + t.i1 * low_cols);
         blend_output_row(h0, h1, t.w0, t.w1, op + r * high_cols, high_cols);
