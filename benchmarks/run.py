@@ -10,6 +10,12 @@ commit, compile mode, the device's copy bandwidth and the date, and is rewritten
 after every row: a run stopped at a deadline keeps all it measured. Every row's output is
 checked against its eager row's (rel_err; benchmarks.timing.output_check): a row beyond
 tolerance is listed under "output_mismatches" and fails the run, its times kept.
+
+On a GPU each module runs in a child process of its own (--isolate, the default there),
+which appends its rows to the same JSON: a fault that leaves the CUDA context unusable (an
+illegal address in a kernel never run on that GPU before) then costs that module alone.
+cuDNN's autotuner is on there (torch.backends.cudnn.benchmark, as mmseg's configs train),
+so the eager baselines run cuDNN's fastest algorithms; the warm-up calls absorb its search.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+import tempfile
 import traceback
 
 import torch
@@ -73,14 +80,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def commit() -> str | None:
-    """The checkout's commit, with "+dirty" for uncommitted changes (None outside git)."""
+    """The checkout's commit, with "+dirty" for uncommitted changes; outside git (a device
+    machine gets the working tree without .git) the GIT_COMMIT environment variable, or None."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                 capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("GIT_COMMIT")
     return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
@@ -100,6 +108,7 @@ def run_metadata(device: str, quick: bool, compile_mode: str, argv: list[str]) -
             "cudnn": torch.backends.cudnn.version(),
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "copy_gbps": copy_bandwidth_gbps(device),
         })
     return meta
@@ -117,6 +126,15 @@ class Results:
         # Rows whose output is not the eager row's (benchmarks.timing.output_check): their
         # times are kept, but they measure a wrong result and fail the run.
         self.mismatched: list[str] = []
+
+    @classmethod
+    def load(cls, path: str) -> "Results":
+        """The results saved at `path`, to add to (a module's child process, --append)."""
+        with open(path) as f:
+            saved = json.load(f)
+        results = cls(saved["meta"], path)
+        results.rows, results.failed, results.mismatched = saved["rows"], saved["failed"], saved["output_mismatches"]
+        return results
 
     def add(self, row: dict) -> None:
         copy_gbps = self.meta.get("copy_gbps")
@@ -146,6 +164,38 @@ class Results:
         os.replace(temporary, self.path)
 
 
+def run_module(name: str, results: Results, device: str, quick: bool, compile_mode: str) -> None:
+    """Module `name`'s rows into `results`, in this process."""
+    print(f"== {name}", flush=True)
+    results.start(name)
+    first = len(results.rows)
+    try:
+        run = importlib.import_module(f"benchmarks.{name}").run
+        options = {"compile_mode": compile_mode} if "compile_mode" in inspect.signature(run).parameters else {}
+        for row in run(device, quick, **options):
+            results.add(row)
+    except Exception:  # one broken benchmark must not hide the others' numbers
+        results.fail(name)
+        traceback.print_exc()
+    print(format_table(results.rows[first:]), flush=True)
+
+
+def run_module_isolated(name: str, results: Results, device: str, quick: bool, compile_mode: str) -> Results:
+    """Module `name` in a child process that appends its rows to results' file; returns the
+    results as it left them. A child that died without recording its failure (a crash, a
+    fatal CUDA error) is listed as failed here."""
+    command = [sys.executable, "-m", "benchmarks.run", "--device", device, "--only", name, "--compile-mode",
+               compile_mode, "--out", results.path, "--append", "--in-process", *(["--quick"] if quick else [])]
+    before = (len(results.failed), len(results.mismatched))
+    returncode = subprocess.run(command).returncode
+    results = Results.load(results.path)
+    if returncode != 0 and (len(results.failed), len(results.mismatched)) == before:
+        print(f"{name}: its process exited with status {returncode}", file=sys.stderr)
+        results.start(None)
+        results.fail(name)
+    return results
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,27 +207,42 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode of the compiled baselines (default: max-autotune-no-cudagraphs "
                              "on GPU, default on CPU)")
+    isolation = parser.add_mutually_exclusive_group()
+    isolation.add_argument("--isolate", action="store_true", default=None,
+                           help="each module in a child process of its own (the default on a GPU)")
+    isolation.add_argument("--in-process", dest="isolate", action="store_false",
+                           help="every module in this process (the default on the CPU)")
+    parser.add_argument("--append", action="store_true", help="add to the results already at --out")
     args = parser.parse_args(argv)
     try:
         names = modules([s for s in args.only.split(",") if s])
     except ValueError as err:
         parser.error(str(err))
+    if args.append and not (args.out and os.path.exists(args.out)):
+        parser.error("--append needs --out naming an existing results file")
+    gpu = torch.device(args.device).type == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    isolate = gpu if args.isolate is None else args.isolate
     compile_mode = args.compile_mode or default_compile_mode(args.device)
-    results = Results(run_metadata(args.device, args.quick, compile_mode, argv), args.out)
+    if args.append:
+        results = Results.load(args.out)
+    else:
+        out = args.out
+        if isolate and not out:  # the children append to a file
+            out = os.path.join(tempfile.mkdtemp(prefix="bisenet_fast_bench_"), "bench.json")
+        results = Results(run_metadata(args.device, args.quick, compile_mode, argv), out)
+        results.save()
+    earlier_failures = (len(results.failed), len(results.mismatched))  # an --append run's are not its own
     for name in names:
-        print(f"== {name}", flush=True)
-        results.start(name)
-        first = len(results.rows)
-        try:
-            run = importlib.import_module(f"benchmarks.{name}").run
-            options = {"compile_mode": compile_mode} if "compile_mode" in inspect.signature(run).parameters else {}
-            for row in run(args.device, args.quick, **options):
-                results.add(row)
-        except Exception:  # one broken benchmark must not hide the others' numbers
-            results.fail(name)
-            traceback.print_exc()
-        print(format_table(results.rows[first:]), flush=True)
+        if isolate:
+            results = run_module_isolated(name, results, args.device, args.quick, compile_mode)
+        else:
+            run_module(name, results, args.device, args.quick, compile_mode)
     results.start(None)
+    failed = (len(results.failed), len(results.mismatched)) != earlier_failures
+    if args.append:
+        return 1 if failed else 0
     meta = results.meta
     print(f"\n{meta['device']} | torch {meta['torch']} | {meta['date']}")
     print(format_table(results.rows))
@@ -185,7 +250,7 @@ def main(argv=None) -> int:
         print(f"FAILED benchmark modules: {', '.join(results.failed)}", file=sys.stderr)
     for mismatch in results.mismatched:
         print(f"OUTPUT MISMATCH {mismatch}", file=sys.stderr)
-    return 1 if results.failed or results.mismatched else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -16,20 +16,27 @@
 # substrings of them, e.g. ohem; run in that order; default: all),
 # BENCH_ARGS (extra benchmarks.run arguments, e.g. "--compile-mode default": the compiled
 # baselines take max-autotune-no-cudagraphs on a GPU otherwise, whose tuning takes minutes
-# per model; the compile rows are each case's last, so a run stopped at its deadline loses
-# those first).
+# per model; every module times its compile rows after all its other rows, so a run stopped
+# at its deadline loses those first; on a GPU each module runs in a process of its own),
+# GIT_COMMIT (the commit the working tree is at, recorded in env.txt and bench.json: the
+# device machine gets the tree without .git).
+# Everything printed also goes to OUT/summary.log (the device tool returns only the output's
+# tail); the exit status is non-zero when the build, a test or a benchmark failed.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [TOTAL_S]}
 deadline=$(( $(date +%s) + ${2:-540} ))
 left() { echo $(( deadline - $(date +%s) )); }
 at_most() { local limit=$1 spare=$(( $(left) - $2 )); echo $(( spare < limit ? (spare > 10 ? spare : 10) : limit )); }
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the script moves to the repository root next
+exec > >(tee -a "$out/summary.log") 2>&1
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 py=${PYTHON:-python3}
 
 {
   date -u
+  echo "commit ${GIT_COMMIT:-unknown}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   nvcc --version | tail -2
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -76,7 +83,7 @@ tests_rc=$?
 # The summary's failures, errors and skips (without its last line), then the counts.
 sed -n '/short test summary info/,$p' "$out/tests.log" | sed '$d' | head -60
 tail -1 "$out/tests.log"
-if [ "$tests_rc" = 124 ]; then
+if [ "$tests_rc" -ge 124 ]; then  # 124: SIGINT at the deadline; 137: SIGKILL after it
   echo "tests stopped at the deadline: $(grep -c " PASSED " "$out/tests.log") passed," \
     "$(grep -c -E " (FAILED|ERROR) " "$out/tests.log") failed or errored so far"
 fi
@@ -84,8 +91,9 @@ fi
 unset OMP_NUM_THREADS
 echo "== benchmarks (tests took ${SECONDS} s, $(left) s left)"
 SECONDS=0
-timeout "$(at_most 100000 5)" $py -m benchmarks.run --device cuda --only "${BENCH_ONLY:-}" ${BENCH_ARGS:-} \
+timeout -k 10 "$(at_most 100000 15)" $py -m benchmarks.run --device cuda --only "${BENCH_ONLY:-}" ${BENCH_ARGS:-} \
   --out "$out/bench.json" >"$out/bench.log" 2>&1
 bench_rc=$?
 tail -60 "$out/bench.log"
 echo "tests rc=$tests_rc bench rc=$bench_rc (benchmarks took ${SECONDS} s; rc 124 = stopped at the deadline)"
+exit $(( tests_rc != 0 || bench_rc != 0 ))

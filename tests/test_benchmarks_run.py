@@ -109,6 +109,49 @@ def test_a_row_with_a_wrong_output_fails_the_run_and_keeps_its_times(tmp_path, m
     assert "OUTPUT MISMATCH fake | c | fast" in capsys.readouterr().err
 
 
+def test_isolated_modules_append_to_one_file(tmp_path):
+    """--isolate (the GPU default): each module in a child process, its rows in the one JSON."""
+    out = tmp_path / "bench.json"
+    assert runner.main(["--device", "cpu", "--quick", "--only", "resize_bilinear", "--isolate", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] and {r["op"] for r in result["rows"]} == {"resize_bilinear"}
+    assert result["failed"] == [] and result["meta"]["running"] is None and result["meta"]["quick"] is True
+
+
+def test_an_isolated_module_that_dies_is_listed_as_failed(tmp_path, monkeypatch, capsys):
+    """A child that dies without recording anything (a segfault, a fatal CUDA error): its
+    module is failed, the run goes on to the next one and fails at the end."""
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(runner, "modules", lambda only: ["bench_a", "bench_b"])
+    ran = []
+    real_run = runner.subprocess.run
+
+    def crashing_child(command, **kwargs):
+        if "benchmarks.run" not in command:  # git, for the commit
+            return real_run(command, **kwargs)
+        ran.append(command[command.index("--only") + 1])
+        assert "--append" in command and command[command.index("--out") + 1] == str(out)
+        return types.SimpleNamespace(returncode=-11)
+
+    monkeypatch.setattr(runner.subprocess, "run", crashing_child)
+    assert runner.main(["--device", "cpu", "--isolate", "--out", str(out)]) == 1
+    assert ran == ["bench_a", "bench_b"]
+    assert json.loads(out.read_text())["failed"] == ["bench_a", "bench_b"]
+    assert "bench_a: its process exited with status -11" in capsys.readouterr().err
+
+
+def test_an_appending_run_fails_only_for_its_own_failures(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    runner.Results({"running": None}, str(out)).fail("bench_earlier")
+
+    def run(device, quick):
+        yield {"op": "fake", "case": "c", "impl": "eager", "dtype": "float32", "ms": 1.0}
+
+    _fake_module(monkeypatch, "bench_fake", run)
+    assert runner.main(["--device", "cpu", "--append", "--in-process", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["failed"] == ["bench_earlier"]
+
+
 def test_gbps_rows_get_their_share_of_the_copy_bandwidth(tmp_path):
     results = runner.Results({"copy_gbps": 200.0}, str(tmp_path / "r.json"))
     results.add({"op": "a", "gbps": 50.0})
