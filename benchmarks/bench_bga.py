@@ -8,7 +8,8 @@ input read once and the output written once; forward+backward, that plus grad_ou
 the four inputs read once and the four gradients written once.
 
 impls: eager, compile (torch.compile of the reference, compiled anew for each case and
-mode, --compile-mode; on CPU only without --quick, its C++ build is slow), cpp on CPU, cuda
+mode, --compile-mode; on CPU only without --quick, its C++ build is slow; timed after every
+other row), cpp on CPU, cuda
 and triton on GPU. dtypes float32 and float16 on GPU;
 float32 on CPU (the CPU target).
 
@@ -78,33 +79,36 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
     with_compile = gpu or not quick
     repeats = 5 if quick else (50 if gpu else 10)
     warmup = 2 if quick else 5
+    to_compile = []  # (case, inputs, mode's wrapper, eager timing, dtype, bytes moved) per case and mode
     for dtype in dtypes:
         for name, n, H, W, channels_last in CASES:
             inputs = _inputs(n, H, W, channels_last, dtype, device, quick)
             high, low = inputs[0].numel(), inputs[1].numel()
             element = inputs[0].element_size()
-            # (impl, a function making its callable): the compiled baseline is made per mode
-            # Compiled last: its tuning takes minutes in max-autotune, and a run stopped at its
-            # deadline should lose it rather than the fused rows.
-            impls = [("eager", lambda: bga_aggregate_reference)]
-            impls += [(impl, lambda impl=impl: _fused(impl)) for impl in fused_impls]
-            if with_compile:
-                impls.append(("compile", lambda: compile_baseline(bga_aggregate_reference, compile_mode)))
+            impls = [("eager", bga_aggregate_reference)] + [(impl, _fused(impl)) for impl in fused_impls]
             for mode, wrap, bytes_moved in (
                 ("forward", _forward, (2 * high + 3 * low) * element),
                 ("forward+backward", _forward_backward, (2 * high + 3 * low + 3 * high + 6 * low) * element),
             ):
+                case = f"{name} {'channels_last' if channels_last else 'NCHW'} {mode}"
                 eager = None
-                for impl, make in impls:
-                    timing = measure(wrap(make(), inputs), device, warmup=warmup, repeats=repeats)
+                for impl, fn in impls:
+                    timing = measure(wrap(fn, inputs), device, warmup=warmup, repeats=repeats)
                     eager = eager or timing
-                    case = f"{name} {'channels_last' if channels_last else 'NCHW'} {mode}"
-                    if impl == "compile":
-                        case += f" mode={compile_mode}"
-                    yield result_row(
-                        "bga_aggregate", case, impl, dtype,
-                        list(inputs[0].shape) + ["low"] + list(inputs[1].shape[-2:]), timing, eager, bytes_moved,
-                    )
+                    yield _row(case, impl, inputs, timing, eager, dtype, bytes_moved)
+                if with_compile:
+                    to_compile.append((case, inputs, wrap, eager, dtype, bytes_moved))
+    # The compiled baselines after every other row: each compile takes seconds (max-autotune's
+    # tuning minutes), and a run stopped at its deadline should lose these, not fused rows.
+    for case, inputs, wrap, eager, dtype, bytes_moved in to_compile:
+        compiled = compile_baseline(bga_aggregate_reference, compile_mode)
+        timing = measure(wrap(compiled, inputs), device, warmup=warmup, repeats=repeats)
+        yield _row(f"{case} mode={compile_mode}", "compile", inputs, timing, eager, dtype, bytes_moved)
+
+
+def _row(case, impl, inputs, timing, eager, dtype, bytes_moved):
+    shape = list(inputs[0].shape) + ["low"] + list(inputs[1].shape[-2:])
+    return result_row("bga_aggregate", case, impl, dtype, shape, timing, eager, bytes_moved)
 
 
 if __name__ == "__main__":

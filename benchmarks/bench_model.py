@@ -2,7 +2,8 @@
 
 impls: eager (the unfused model with every op's eager reference, NCHW and channels_last),
 compile (torch.compile of that model in either layout, compiled anew for each size and
-dtype; GPU only, --compile-mode picks the mode, max-autotune-no-cudagraphs by default), and
+dtype; GPU only, --compile-mode picks the mode, max-autotune-no-cudagraphs by default;
+timed after all the other rows, the target's setting first), and
 the fused model from model.fuse() (its GE kernels: cpp on CPU, triton on GPU), on GPU also replayed as
 one CUDA graph, and run with the GE layers on their CUDA kernels (cuda-ge); and
 model.fuse(autotune=True) (autotuned: each GE layer runs the fastest of its fused kernels
@@ -69,9 +70,9 @@ def _captured(model, x):
     return (lambda: graphed(x)), (torch.cuda.memory_allocated(x.device) - before) / 2**20
 
 
-def candidates(models: dict, x: torch.Tensor, gpu: bool, compile_mode: str):
+def candidates(models: dict, x: torch.Tensor, gpu: bool):
     """(impl, variant, zero-argument callable, extra row fields) for one input, in the order
-    they are timed (eager NCHW first: the rows' speed-ups are over it; torch.compile last). models: 'eager',
+    they are timed (eager NCHW first: the rows' speed-ups are over it). models: 'eager',
     'eager_cl' (unfused, NCHW and channels_last), 'fused', 'tuned'."""
     x_cl = x.contiguous(memory_format=torch.channels_last)
     eager, eager_cl, fused, tuned = (models[k] for k in ("eager", "eager_cl", "fused", "tuned"))
@@ -88,11 +89,38 @@ def candidates(models: dict, x: torch.Tensor, gpu: bool, compile_mode: str):
     if gpu:
         graphed, pool_mb = _captured(tuned, x)
         yield "autotuned", "fused + CUDA graph", graphed, {"graph_pool_mb": pool_mb}
-        # Last: max-autotune takes minutes per compile, and a run stopped at its deadline
-        # should still have the rows above.
-        for variant, model, inputs in (("NCHW", eager, x), ("channels_last", eager_cl, x_cl)):
-            compiled = compile_baseline(model, compile_mode)  # made after the previous one's rows
-            yield "compile", f"{variant} mode={compile_mode}", (lambda c=compiled, i=inputs: _eager(c)(i)), {}
+
+
+def compile_candidates(models: dict, x: torch.Tensor, compile_mode: str):
+    """The torch.compile baselines of one input (GPU only), as candidates() gives rows. Each
+    compile takes a minute or more (max-autotune's tuning several), so run() times them
+    after every other row: a run stopped at its deadline loses these first."""
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for variant, model, inputs in (("NCHW", models["eager"], x), ("channels_last", models["eager_cl"], x_cl)):
+        compiled = compile_baseline(model, compile_mode)  # made after the previous one's rows
+        yield "compile", f"{variant} mode={compile_mode}", (lambda c=compiled, i=inputs: _eager(c)(i)), {}
+
+
+def _rows(candidate_list, x, dtype, base, models, quick, repeats):
+    """The rows of one input's candidates; base: the eager NCHW timing the speed-ups are
+    over (None: the first candidate's)."""
+    h, w = x.shape[-2:]
+    for impl, variant, fn, extra in candidate_list:
+        with torch.inference_mode():
+            # a whole network's kernels: enough names to see where its time goes
+            timing = measure(fn, x.device, warmup=1 if quick else 5, repeats=repeats, top_kernels=15)
+        base = base or timing
+        row = {
+            "op": "bisenetv2_inference", "case": variant, "impl": impl,
+            "dtype": str(dtype).replace("torch.", ""), "shape": [1, 3, h, w],
+            "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
+            **speedups(base, timing), **accuracy(base, timing, dtype), "fps": 1e3 / timing["ms"], **extra,
+        }
+        if impl == "autotuned":  # each GE layer's tuning at this size: choice and candidates' ms
+            row["autotune_choices"] = {
+                layer: entries[-1] for layer, entries in autotune_choices(models["tuned"]).items()
+            }
+        yield base, row
 
 
 def run(device: str, quick: bool, compile_mode: str | None = None):
@@ -103,6 +131,7 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
     dtypes = [torch.float16, torch.float32] if gpu and not quick else [torch.float32]
     repeats = 3 if quick else (30 if gpu else 5)
     model = _model(device)
+    to_compile = []  # (models, x, dtype, eager NCHW timing) of every input, the target's first
     for dtype in dtypes:
         models = {
             "eager": copy.deepcopy(model).to(dtype),
@@ -113,22 +142,14 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
         for h, w in sizes:
             x = torch.randn(1, 3, h, w, device=device, dtype=dtype)
             base = None
-            for impl, variant, fn, extra in candidates(models, x, gpu, compile_mode):
-                with torch.inference_mode():
-                    # a whole network's kernels: enough names to see where its time goes
-                    timing = measure(fn, device, warmup=1 if quick else 5, repeats=repeats, top_kernels=15)
-                base = base or timing
-                row = {
-                    "op": "bisenetv2_inference", "case": variant, "impl": impl,
-                    "dtype": str(dtype).replace("torch.", ""), "shape": [1, 3, h, w],
-                    "ms": timing["ms"], "ms_min": timing["ms_min"], "peak_extra_mb": timing["peak_extra_mb"],
-                    **speedups(base, timing), **accuracy(base, timing, dtype), "fps": 1e3 / timing["ms"], **extra,
-                }
-                if impl == "autotuned":  # each GE layer's tuning at this size: choice and candidates' ms
-                    row["autotune_choices"] = {
-                        layer: entries[-1] for layer, entries in autotune_choices(models["tuned"]).items()
-                    }
+            for base, row in _rows(candidates(models, x, gpu), x, dtype, None, models, quick, repeats):
                 yield row
+            if gpu:
+                to_compile.append(({k: models[k] for k in ("eager", "eager_cl")}, x, dtype, base))
+    for eager_models, x, dtype, base in to_compile:
+        for _, row in _rows(compile_candidates(eager_models, x, compile_mode), x, dtype, base, eager_models, quick,
+                            repeats):
+            yield row
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ a broken benchmark shows here rather than on a lent GPU machine's scarce minutes
 keeps every row measured, also of a module that fails or a run that is stopped."""
 import copy
 import importlib
+import itertools
 import json
 import math
 import sys
@@ -172,6 +173,22 @@ def test_compile_baseline_refuses_to_time_a_recompile():
         fn(torch.randn(6, 5))
 
 
+def test_bga_times_its_compiled_baselines_after_every_other_row(monkeypatch):
+    """A run stopped at its deadline (minutes of max-autotune tuning) loses compile rows, not
+    fused ones; each compile row's speed-up is still over its own case's eager row."""
+    from benchmarks import bench_bga
+
+    monkeypatch.setattr(bench_bga, "CASES", [("tiny", 1, 8, 12, False), ("tiny", 1, 8, 12, True)])
+    monkeypatch.setattr(bench_bga, "compile_baseline", lambda fn, mode: fn)
+    rows = list(bench_bga.run("cpu", quick=False, compile_mode="default"))
+    impls = [r["impl"] for r in rows]
+    assert impls == ["eager", "cpp"] * 4 + ["compile"] * 4
+    eager_ms = {r["case"]: r["ms"] for r in rows if r["impl"] == "eager"}
+    for row in rows[8:]:
+        case = row["case"].removesuffix(" mode=default")
+        assert row["speedup_vs_eager"] == pytest.approx(eager_ms[case] / row["ms"]) and row["output_ok"]
+
+
 def test_model_candidates_all_run_without_arguments(monkeypatch):
     """bench_model's GPU-only candidates (compile in both layouts, CUDA graphs, cuda-ge) are
     zero-argument callables like the others: checked on the CPU with the GPU parts faked,
@@ -186,7 +203,8 @@ def test_model_candidates_all_run_without_arguments(monkeypatch):
     x = torch.randn(1, 3, 64, 128)
     seen = []
     with torch.inference_mode():
-        for impl, variant, fn, extra in bench_model.candidates(models, x, True, "max-autotune"):
+        for impl, variant, fn, extra in itertools.chain(bench_model.candidates(models, x, True),
+                                                        bench_model.compile_candidates(models, x, "max-autotune")):
             assert fn().shape == (1, 19, 64, 128), (impl, variant)
             seen.append((impl, variant))
     assert ("compile", "channels_last mode=max-autotune") in seen and ("cuda-ge", "fused channels_last") in seen
