@@ -31,13 +31,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Zeroed before each timed GPU call to evict the op's data from L2 (60 MB on an H200,
+# 50 MB on an H100).
+L2_FLUSH_BYTES = 256 * 2**20
+
+
 def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int = 3, repeats: int = 10,
             top_kernels: int = 5, cpu_peak_memory: bool = True) -> dict:
     """Median/min time of fn() in ms, peak extra memory in MB (on CUDA over the timed calls;
     on the CPU over one more call, unless cpu_peak_memory is False), the call's
     `top_kernels` longest kernels (CUDA), and "output": what the first call returned
     (warm-up or, without warm-up, timed), copied after it, for accuracy() to compare with
-    the eager row's."""
+    the eager row's. On CUDA every timed or profiled call starts with a cold L2 (a buffer
+    larger than it is zeroed before, outside the timing, as triton.testing.do_bench does):
+    the ops' working sets (35 MB for the BGA at the inference shape) fit an H200's 60 MB of
+    L2, and repeated calls on the same tensors would read them from there, which a network
+    does not, and which GB/s against the HBM copy bandwidth would then overstate."""
     device = torch.device(device)
     output = None
     for i in range(warmup):
@@ -51,10 +60,12 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
     peak_mb = device_ms = None
     kernels: dict[str, float] = {}
     if device.type == "cuda":
+        l2_flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)  # before base: not counted
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            l2_flush.zero_()
             start.record()
             result = fn()
             end.record()
@@ -64,7 +75,8 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
                 output, keep_output = snapshot(result), False
             del result
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        device_ms, kernels = device_busy_ms(fn, device, repeats=min(repeats, 3), top=top_kernels)
+        device_ms, kernels = device_busy_ms(fn, device, repeats=min(repeats, 3), top=top_kernels, l2_flush=l2_flush)
+        del l2_flush
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -79,8 +91,8 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
             "repeats": repeats, "device_kernels": kernels, "output": output}
 
 
-def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 5,
-                   top: int = 5) -> tuple[float | None, dict[str, float]]:
+def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 5, top: int = 5,
+                   l2_flush: torch.Tensor | None = None) -> tuple[float | None, dict[str, float]]:
     """The GPU time one call of fn() occupies: the summed durations of the kernels, copies
     and fills it launches, as CUPTI reports them through torch.profiler, in the median call
     of `repeats`; and that call's `top` longest kernels ({name: ms}), which tell where the
@@ -89,12 +101,16 @@ def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: i
     Event timing of a lone call includes host work (Python, argument checks, dispatch) and
     launch latency, which dominate sub-millisecond ops and hide what their kernels cost;
     this leaves both out. (None, {}) if the profiler saw no GPU activity (e.g. no CUPTI).
+    l2_flush: zeroed (and waited for) before each profiled call, outside the profile.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     calls = []
     for _ in range(repeats):
+        if l2_flush is not None:
+            l2_flush.zero_()
+            torch.cuda.synchronize(device)
         try:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()
