@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_launcher.h"
 #include "cuda/ge_layer_block.cuh"
 #include "cuda/ge_layer_host.h"
 
@@ -37,15 +38,7 @@ struct GeCudaLauncher {
   template <int kStride, typename scalar_t, int kOut, Gemm kGemm>
   static void run(const GeLaunch& plan, const GeParams<scalar_t>& p) {
     auto* kernel = ge_layer_kernel<kStride, scalar_t, kOut, kGemm>;
-    const auto* props = at::cuda::getCurrentDeviceProperties();
-    TORCH_CHECK(plan.shared_bytes <= props->sharedMemPerBlockOptin, "ge_layer (cuda): a block needs ",
-                plan.shared_bytes, " bytes of shared memory, this GPU allows ", props->sharedMemPerBlockOptin);
-    // Beyond the default limit a kernel must opt in: to the device's whole opt-in, one value
-    // for every launch, so another host thread cannot lower the limit before this launch.
-    if (plan.shared_bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(props->sharedMemPerBlockOptin)));
-    }
+    opt_in_shared_bytes(kernel, plan.shared_bytes, "ge_layer (cuda)");
     const dim3 grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.cout_tiles),
                     static_cast<unsigned>(plan.k_splits));
     kernel<<<grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(p);
