@@ -157,6 +157,20 @@ def test_cuda_emulated_band_heights(sm_count, band_rows):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
 
 
+def test_cuda_emulated_gradient_does_not_depend_on_the_sm_count():
+    """150 classes shrink the tile to fit 48 KB; the band height, which follows the SM count,
+    is chosen after that, so the summation order and the gradient, bit for bit, are the same
+    on any GPU (fitted after the band, the tile was 15 columns on 132 SMs and 7 on one)."""
+    shape = (1, 150, 32, 32, 256, 256)
+    tilings = [emulated_tiling(shape, dict(H200, sm_count=sm_count)) for sm_count in (1, 132)]
+    assert [t["band_rows"] for t in tilings] == [2, 1]
+    assert len({(t["tile_cols"], t["x_chunk"]) for t in tilings}) == 1
+    logits, target = make_inputs(shape)
+    grads = [emulated_cuda(logits, target, thresh=0.7, min_kept=100, device=dict(H200, sm_count=sm_count))[2]
+             for sm_count in (1, 132)]
+    assert torch.equal(*grads)
+
+
 def test_cuda_emulated_tiling_at_the_training_shape():
     """N=4, 19 classes, 128x128 -> 1024x1024 on an H200: bands of 4 head rows (512 blocks fill
     132 SMs), the widest tile one 256-column chunk covers (30 head columns + the 2 it

@@ -39,15 +39,19 @@ inline BackwardTiling backward_tiling(const Geometry& g, const DeviceCaps& caps)
   t.tile_cols = static_cast<int>(std::clamp<double>(std::floor(kThreads / out_cols_per_head_col) - 2, 1, kMaxTileCols));
   t.tile_cols = static_cast<int>(std::min<int64_t>(t.tile_cols, g.w));
   t.band_rows = 4;
-  const auto blocks = [&] {
-    return g.N * ((g.h + t.band_rows - 1) / t.band_rows) * ((g.w + t.tile_cols - 1) / t.tile_cols);
-  };
-  while (t.band_rows > 1 && blocks() < 2 * caps.sm_count) t.band_rows /= 2;
+  // x_chunk and tile_cols fix the order of the sums, so they are fitted to the shared memory
+  // with the tallest band, before the band shrinks to fill the SMs: the result then does not
+  // depend on the GPU's SM count. The band height leaves the order alone (a head row's
+  // contributions are added in the same order; a shorter band only skips terms of +0).
   const auto fits = [&](size_t limit) { return BackwardShared::bytes(t, g.C) <= limit; };
   while (!fits(kDefaultSharedBytes) && t.x_chunk > 64) t.x_chunk -= 32;
   while (!fits(kDefaultSharedBytes) && t.tile_cols > 8) t.tile_cols /= 2;
   while (!fits(kDefaultSharedBytes) && t.band_rows > 1) t.band_rows /= 2;
   while (!fits(kDefaultSharedBytes) && t.x_chunk > 32) t.x_chunk -= 32;
+  const auto blocks = [&] {
+    return g.N * ((g.h + t.band_rows - 1) / t.band_rows) * ((g.w + t.tile_cols - 1) / t.tile_cols);
+  };
+  while (t.band_rows > 1 && blocks() < 2 * caps.sm_count) t.band_rows /= 2;
   t.shared_bytes = BackwardShared::bytes(t, g.C);
   TORCH_CHECK(t.shared_bytes <= caps.shared_bytes_optin, "ohem_cross_entropy (CUDA kernel): ", g.C,
               " classes need ", t.shared_bytes, " bytes of shared memory per block in the backward; the device has ",

@@ -468,8 +468,9 @@ __global__ void __launch_bounds__(kFinalThreads) forward_result_kernel(const dou
   }
 }
 
-// Shape of the backward's blocks, chosen on the host from the sizes (fixed for given sizes,
-// so the summation order, hence the result, is too).
+// Shape of the backward's blocks, chosen on the host from the sizes: tile_cols and x_chunk,
+// which fix the summation order (hence the result), from the sizes alone; band_rows also from
+// the SM count (backward_tiling).
 struct BackwardTiling {
   int band_rows;  // head rows per block
   int tile_cols;  // head columns per block
