@@ -180,6 +180,27 @@ def test_triton_low_precision_with_float32_bn_params(dtype, rel):
         assert_close_to_scale(a, e, 2 * rel, f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_relu_gradient_masked_where_the_forward_output_is_zero(backend, dtype):
+    """A gradient only where the forward's ReLU output is 0 must give zero gradients, as
+    eager's ReLU does (it masks by its output). The Triton backward rebuilt the mask from the
+    unrounded conv output with another formula, so in float16/bfloat16 some pixels the
+    forward clamped passed their gradient (bfloat16: 13 of ~27k)."""
+    g = torch.Generator().manual_seed(0)
+    device = device_of(backend)
+    x = (torch.rand(2, 2, 32, 32, generator=g) + 1).to(device=device, dtype=dtype)  # positive, as after a ReLU
+    weight = (torch.rand(4, 1, 3, 3, generator=g) / 3).to(device=device, dtype=dtype)
+    bn_weight, bn_bias = torch.ones(4, device=device), torch.zeros(4, device=device)
+    with bf.backends.use(backend):
+        out, mean, var = bf.ops.ge_expand_train(x, weight, bn_weight, bn_bias, 1, True)
+    assert (out == 0).sum() > 1000  # about half the values: zero-mean BN output, clamped
+    op = getattr(torch.ops, "bisenet_fast_triton" if backend == "triton" else "bisenet_fast").ge_expand_train_backward
+    grads = op((out == 0).to(dtype), x, weight, bn_weight, bn_bias, mean, var, 1, True, 1e-5)
+    for name, grad in zip(NAMES, grads):
+        assert not grad.any(), f"grad {name}: {grad.abs().max().item()}"
+
+
 @pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=requires_triton)])
 def test_deterministic(backend):
     device = triton_device() if backend == "triton" else "cpu"

@@ -824,6 +824,13 @@ def test_triton_rejects_float64():
     logits, target = make_inputs(TRITON_SHAPES[0], dtype=torch.float64, device=triton_device())
     with bf.backends.use("triton"), pytest.raises(TypeError, match="float64 logits"):
         bf.ops.ohem_cross_entropy(logits, target)
+    # Called directly, the custom ops refuse it too (they would compute and return float32).
+    ops = torch.ops.bisenet_fast_triton
+    with pytest.raises(TypeError, match=r"logits must have dtype in \(float32, float16, bfloat16\), got float64"):
+        ops.ohem_cross_entropy_forward(logits, target, 0.7, 5, 255)
+    with pytest.raises(TypeError, match=r"logits must have dtype in \(float32, float16, bfloat16\), got float64"):
+        ops.ohem_cross_entropy_backward(torch.tensor(1.0, device=logits.device), logits, target,
+                                        torch.tensor(0.5, device=logits.device), 255)
 
 
 # On a GPU, EMULATED_SHAPES and larger cases of the same tilings, with Cityscapes' 19 classes.

@@ -77,25 +77,29 @@ def _fwd_apply_kernel(out_ptr, scale_ptr, shift_ptr, P, HO, WO, MID: tl.constexp
 
 
 @triton.jit
-def _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, m, n, oh, ow, mask, H, W, HO, WO,
+def _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, m, n, oh, ow, mask, H, W, HO, WO,
              CIN: tl.constexpr, MID: tl.constexpr, RATIO: tl.constexpr, STRIDE: tl.constexpr, RELU: tl.constexpr):
     """(dy, x_hat) at the BN output of channel m: dy is grad_out masked by the ReLU."""
     z = _conv_block(x_ptr, w_ptr, m, n, oh, ow, mask, H, W, CIN, RATIO, STRIDE)
     xhat = (z - tl.load(mean_ptr + m)) * tl.load(invstd_ptr + m)
     dy = tl.load(grad_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        o = xhat * tl.load(gamma_ptr + m).to(tl.float32) + tl.load(beta_ptr + m).to(tl.float32)
-        dy = tl.where(o <= 0, 0.0, dy)  # torch's relu gradient: a NaN output passes dy
+        # The output the forward wrote, computed and rounded as it did (z stored in the
+        # activations' dtype, then scale and shift): the same ReLU mask bit for bit, also
+        # where float16/bfloat16 rounding decides whether a value near 0 is clamped.
+        dtype = grad_ptr.dtype.element_ty
+        o = z.to(dtype).to(tl.float32) * tl.load(scale_ptr + m) + tl.load(shift_ptr + m)
+        dy = tl.where(o.to(dtype) <= 0, 0.0, dy)  # torch's relu gradient: a NaN output passes dy
     return tl.where(mask, dy, 0.0), xhat
 
 
 @triton.jit
-def _bwd_stats_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, pdy_ptr, pdyx_ptr,
+def _bwd_stats_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, pdy_ptr, pdyx_ptr,
                       P, H, W, HO, WO, CIN: tl.constexpr, MID: tl.constexpr, RATIO: tl.constexpr,
                       STRIDE: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
     m = tl.program_id(1)
     offs, mask, n, oh, ow = _pixels(P, HO, WO, BLOCK)
-    dy, xhat = _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, m, n, oh, ow, mask,
+    dy, xhat = _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, m, n, oh, ow, mask,
                         H, W, HO, WO, CIN, MID, RATIO, STRIDE, RELU)
     slot = m * tl.num_programs(0) + tl.program_id(0)
     tl.store(pdy_ptr + slot, tl.sum(dy, axis=0))
@@ -103,14 +107,14 @@ def _bwd_stats_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, b
 
 
 @triton.jit
-def _bwd_grad_z_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, mean_dy_ptr,
+def _bwd_grad_z_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, mean_dy_ptr,
                        mean_dyx_ptr, dz_ptr, pgw_ptr, P, H, W, HO, WO, CIN: tl.constexpr, MID: tl.constexpr,
                        RATIO: tl.constexpr, STRIDE: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
     m = tl.program_id(1)
     offs, mask, n, oh, ow = _pixels(P, HO, WO, BLOCK)
-    dy, xhat = _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, m, n, oh, ow, mask,
+    dy, xhat = _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, m, n, oh, ow, mask,
                         H, W, HO, WO, CIN, MID, RATIO, STRIDE, RELU)
-    k = tl.load(gamma_ptr + m).to(tl.float32) * tl.load(invstd_ptr + m)
+    k = tl.load(scale_ptr + m)  # gamma * invstd
     dz = k * (dy - tl.load(mean_dy_ptr + m) - xhat * tl.load(mean_dyx_ptr + m))
     dz = tl.where(mask, dz, 0.0)
     tl.store(dz_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow, dz, mask=mask)
@@ -166,6 +170,12 @@ def _block_counts(pixels: int, blocks: int, device) -> torch.Tensor:
     return counts
 
 
+def _scale_shift(bn_weight, bn_bias, mean, var, eps):
+    """BN as out = z * scale + shift (float32), computed alike in forward and backward."""
+    scale = bn_weight.float() * torch.rsqrt(var + eps)
+    return scale, bn_bias.float() - mean * scale
+
+
 def ge_expand_train_triton(x, weight, bn_weight, bn_bias, stride, relu, eps):
     _check_dtype(x)
     n, cin, h, w, mid, ho, wo, pixels = _geometry(x, weight, stride)
@@ -180,8 +190,7 @@ def ge_expand_train_triton(x, weight, bn_weight, bn_bias, stride, relu, eps):
     counts = _block_counts(pixels, blocks, x.device)
     mean = psum.sum(dim=1) / pixels
     var = (pm2.sum(dim=1) + (counts * (psum / counts - mean[:, None]) ** 2).sum(dim=1)) / pixels
-    scale = bn_weight.float() * torch.rsqrt(var + eps)
-    shift = bn_bias.float() - mean * scale
+    scale, shift = _scale_shift(bn_weight, bn_bias, mean, var, eps)
     _fwd_apply_kernel[(blocks, mid)](out, scale, shift, pixels, ho, wo, MID=mid, RELU=relu, BLOCK=BLOCK)
     return out, mean, var
 
@@ -194,17 +203,17 @@ def ge_expand_train_backward_triton(grad_out, x, weight, bn_weight, bn_bias, mea
     grad_out = grad_out.contiguous()
     mean = mean.float().contiguous()
     invstd = torch.rsqrt(var.float() + eps)
-    gamma, beta = bn_weight.contiguous(), bn_bias.contiguous()
+    scale, shift = _scale_shift(bn_weight, bn_bias, mean, var.float(), eps)  # the forward's, bit for bit
     blocks = triton.cdiv(pixels, BLOCK)
     meta = dict(CIN=cin, MID=mid, RATIO=mid // cin, STRIDE=stride, BLOCK=BLOCK)
     pdy = torch.empty((mid, blocks), dtype=torch.float32, device=x.device)
     pdyx = torch.empty_like(pdy)
-    _bwd_stats_kernel[(blocks, mid)](grad_out, x, weight, mean, invstd, gamma, beta, pdy, pdyx, pixels, h, w, ho, wo,
+    _bwd_stats_kernel[(blocks, mid)](grad_out, x, weight, mean, invstd, scale, shift, pdy, pdyx, pixels, h, w, ho, wo,
                                      RELU=relu, **meta)
     sum_dy, sum_dyx = pdy.sum(dim=1), pdyx.sum(dim=1)
     dz = torch.empty((n, mid, ho, wo), dtype=torch.float32, device=x.device)
     pgw = torch.empty((mid, blocks, 9), dtype=torch.float32, device=x.device)
-    _bwd_grad_z_kernel[(blocks, mid)](grad_out, x, weight, mean, invstd, gamma, beta, sum_dy / pixels,
+    _bwd_grad_z_kernel[(blocks, mid)](grad_out, x, weight, mean, invstd, scale, shift, sum_dy / pixels,
                                       sum_dyx / pixels, dz, pgw, pixels, h, w, ho, wo, RELU=relu, **meta)
     grad_x = torch.empty((n, cin, h, w), dtype=x.dtype, device=x.device)
     pixels_in = n * h * w

@@ -129,6 +129,12 @@ refuse_double_backward("bisenet_fast::ohem_cross_entropy_backward", "ohem_cross_
 # sees them as opaque ops with fake kernels, like the C++ ones.
 
 
+def _check_triton_dtype(logits: torch.Tensor) -> None:
+    """The Triton kernels compute in float32: float64 logits would come back as float32
+    results where the fake kernel (shared with the C++ op) promises float64."""
+    check_tensor("logits", logits, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+
+
 @torch.library.custom_op("bisenet_fast_triton::ohem_cross_entropy_forward", mutates_args=())
 def _triton_forward(
     logits: torch.Tensor, target: torch.Tensor, thresh: float | None, min_kept: int, ignore_index: int
@@ -136,6 +142,7 @@ def _triton_forward(
     from bisenet_fast.triton_kernels import ohem_cross_entropy as kernels
 
     check_ohem_inputs(logits, target, thresh, min_kept, ignore_index)  # also when called as torch.ops directly
+    _check_triton_dtype(logits)
     return kernels.forward(logits, target, thresh, min_kept, ignore_index)
 
 
@@ -146,6 +153,7 @@ def _triton_backward(
     from bisenet_fast.triton_kernels import ohem_cross_entropy as kernels
 
     check_ohem_inputs(logits, target, None, 0, ignore_index)
+    _check_triton_dtype(logits)
     for name, scalar in (("grad_loss", grad_loss), ("threshold", threshold)):
         check_tensor(name, scalar, dim=0, device=logits.device)
     return kernels.backward(grad_loss, logits, target, threshold, ignore_index)

@@ -266,8 +266,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backw
             acc_t* dzn = dz.data() + n * g.plane_out();
             for (int64_t i = 0; i < g.plane_out(); ++i) {
               const acc_t dy = static_cast<acc_t>(gon[i]);
-              // relu's gradient as torch's: zero where the output is <= 0 (a NaN output passes dy)
-              dzn[i] = (relu && zn[i] * scale + shift <= 0) ? acc_t(0) : dy;
+              // relu's gradient as torch's: zero where the output is <= 0 (a NaN output passes dy),
+              // the output rounded to the activations' dtype as the forward stored it (a tiny
+              // positive value that float16 rounds to 0 is clamped there too)
+              const bool clamped = static_cast<acc_t>(static_cast<scalar_t>(zn[i] * scale + shift)) <= 0;
+              dzn[i] = (relu && clamped) ? acc_t(0) : dy;
               zn[i] = (zn[i] - mu) * invstd;
             }
           }
