@@ -543,6 +543,21 @@ def test_non_finite_logits_give_a_non_finite_loss(backend, device, bad_value, th
     assert torch.isfinite(grad[0]).all() and torch.isfinite(ref_grad[0]).all()
 
 
+def test_cpp_gradient_is_nan_where_the_reference_s_is():
+    """A head column read along x with weight exactly 0 (2x4 -> 4x8: the 0.5 scale puts some
+    sources on integers) still gets 0 * NaN from a non-finite logit, as in the reference; the
+    transposed x interpolation used to skip such taps, so the NaN reached fewer head pixels."""
+    logits = torch.zeros(1, 2, 2, 4)
+    logits[0, 1, 0, 1] = float("-inf")
+    target = torch.zeros(1, 4, 8, dtype=torch.long)
+    _, ref_grad = loss_and_grad("eager", logits, target, thresh=None)
+    _, grad = loss_and_grad("cpp", logits, target, thresh=None)
+    assert ref_grad.isnan().sum() > 2  # more than the -inf pixel's own column
+    assert torch.equal(grad.isnan(), ref_grad.isnan())
+    finite = ~ref_grad.isnan()
+    torch.testing.assert_close(grad[finite], ref_grad[finite], **TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("backend, device", fused_backends())
 def test_a_minus_inf_logit_of_another_class_keeps_the_loss_finite(backend, device):
     # 4x4 -> 8x8: the readers of head pixel (2, 2) all read it with a non-zero weight (a zero

@@ -1,5 +1,7 @@
-// Index math of size-based bilinear interpolation with align_corners=False, exactly as
-// ATen's upsample_bilinear2d computes it (scale in/out, source clamped at 0), plus
+// Index math of size-based bilinear interpolation with align_corners=False, as ATen's
+// upsample_bilinear2d computes it (scale in/out, source clamped at 0; exactly as its
+// default-ISA CPU kernel: its AVX2/AVX-512 builds contract scale * (dst + 0.5) - 0.5 into an
+// FMA, so a weight that is 0 here can be ~1e-8 there, about 1 ulp on finite results), plus
 // its transpose: which destination indices read a given source index. Shared by the CPU
 // and CUDA kernels so both compute the same taps as F.interpolate.
 #pragma once

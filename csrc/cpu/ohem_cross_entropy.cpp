@@ -83,7 +83,8 @@ struct AxisTaps {
 
 // The transpose of the x interpolation as a gather (applied by gather_columns below): head
 // column j sums weight[k] * g[x[k]] over k in [begin[j], begin[j + 1]), the output columns
-// that read j, in increasing x.
+// that read j, in increasing x. Taps of weight 0 are kept: 0 * NaN is NaN in the reference
+// (ohem_math.h: a non-finite logit's NaN must reach the gradient).
 // (A scatter along x would chain every add through memory on the same few columns.)
 template <typename acc_t>
 struct ColumnGather {
@@ -96,8 +97,8 @@ struct ColumnGather {
     for (int64_t j = 0; j < in_size; ++j) {
       const DstRange range = dst_range_reading(j, in_size, out_size, scale);
       for (int64_t d = range.begin; d < range.end; ++d) {
+        if (tx.i0[d] != j && tx.i1[d] != j) continue;  // in the range, but does not read j
         const acc_t wt = (tx.i0[d] == j ? tx.w0[d] : acc_t(0)) + (tx.i1[d] == j ? tx.w1[d] : acc_t(0));
-        if (wt == acc_t(0)) continue;
         x.push_back(d);
         weight.push_back(wt);
       }
