@@ -450,11 +450,12 @@ def test_triton_rejects_a_row_beyond_32_bit_positions(monkeypatch):
 # --- the model ----------------------------------------------------------------------------
 
 
-def test_backbone_cpp_matches_eager():
-    """BGALayer runs the fused op; the backbone's outputs and parameter gradients match eager."""
+def backbone_outputs_and_grads(dtype):
+    """{backend: (the backbone's outputs, each parameter's gradient)} for eager and cpp on one
+    training step of a model and batch drawn alike."""
     torch.manual_seed(0)
-    model = bf.BiSeNetV2().train()
-    x = torch.randn(2, 3, 64, 96)  # batch 2: CEBlock batch-norms a 1x1 pooled map in training
+    model = bf.BiSeNetV2().to(dtype).train()
+    x = torch.randn(2, 3, 64, 96, dtype=dtype)  # batch 2: CEBlock batch-norms a 1x1 pooled map in training
     results = {}
     for impl in ("eager", "cpp"):
         model.zero_grad()
@@ -462,6 +463,12 @@ def test_backbone_cpp_matches_eager():
             outs = model(x)
         sum(o.square().mean() for o in outs).backward()
         results[impl] = ([o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()})
+    return results
+
+
+def test_backbone_cpp_matches_eager():
+    """BGALayer runs the fused op; the backbone's outputs and parameter gradients match eager."""
+    results = backbone_outputs_and_grads(torch.float32)
     for a, b in zip(results["eager"][0], results["cpp"][0]):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     for name, grad in results["eager"][1].items():
@@ -471,16 +478,7 @@ def test_backbone_cpp_matches_eager():
 def test_backbone_cpp_matches_eager_to_rounding_in_float64():
     """float64 as a tight oracle for the whole backbone: the fused BGA's taps are float64 as
     ATen's float64 upsample's, so only rounding separates the two."""
-    torch.manual_seed(0)
-    model = bf.BiSeNetV2().double().train()
-    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
-    results = {}
-    for impl in ("eager", "cpp"):
-        model.zero_grad()
-        with bf.backends.use(impl):
-            outs = model(x)
-        sum(o.square().mean() for o in outs).backward()
-        results[impl] = ([o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()})
+    results = backbone_outputs_and_grads(torch.float64)
     for a, b in zip(results["eager"][0], results["cpp"][0]):
         assert_close_to_scale(b, a, 1e-12, "output")
     # Some gradients are sums that cancel to rounding noise (a bias before a conv and a
