@@ -126,6 +126,18 @@ def test_triton_rejects_images_beyond_32_bit_offsets(monkeypatch):
         op(small, weight, bias, huge, huge, huge)
 
 
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_batch_beyond_the_grid_runs_in_slices(monkeypatch, layout):
+    """Images take the grid's z (CUDA bounds it to 65535): a larger batch runs in slices,
+    each addressed from its own first image. Shown with the bound lowered to 2."""
+    from bisenet_fast.triton_kernels import bga_pointwise as bga_pointwise_triton
+
+    monkeypatch.setattr(bga_pointwise_triton, "MAX_GRID_Z", 2)
+    inputs = make_inputs((5, 3, 7, 9, 2, 3), device=triton_device(), layout=layout)
+    assert_matches_reference("triton", inputs, tolerance("triton", torch.float32))
+
+
 @pytest.mark.skipif(not CUDA, reason="TF32 only exists on the GPU")
 def test_triton_float32_ieee_when_tf32_is_off(monkeypatch):
     """With cuDNN's TF32 off, the Triton GEMM runs in IEEE fp32 and meets the fp32 tolerance."""

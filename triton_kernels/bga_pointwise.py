@@ -23,7 +23,7 @@ import triton.language as tl
 
 from bisenet_fast.ops._checks import check_image_fits_int32
 from bisenet_fast.triton_kernels.bga import BLOCK as GATED_BLOCK
-from bisenet_fast.triton_kernels.bga import _bilinear, _gated_down_kernel
+from bisenet_fast.triton_kernels.bga import MAX_GRID_Z, _bilinear, _gated_down_kernel
 from bisenet_fast.triton_kernels.bilinear import linear_tap_of_sizes
 from bisenet_fast.triton_kernels.interpreter import needs_fp32_dot
 
@@ -134,11 +134,14 @@ def bga_pointwise_forward(detail_dw, pw_weight, pw_bias, semantic, detail_down, 
     _gated_down_kernel[(triton.cdiv(gated.numel(), GATED_BLOCK),)](detail_down, semantic_down, gated, gated.numel(),
                                                                    BLOCK=GATED_BLOCK)
     block_c = min(MAX_BLOCK_C if channels_last else MAX_BLOCK_C_NCHW, max(16, triton.next_power_of_2(channels)))
-    grid = (triton.cdiv(H * W, BLOCK_P), triton.cdiv(channels, block_c), batch)
-    _bga_pointwise_kernel[grid](
-        detail_dw, pw_weight, pw_bias, semantic, gated, out,
-        H, W, h, w, channels, *_pixel_strides(detail_dw, channels_last), *_pixel_strides(semantic, channels_last),
-        INPUT_PRECISION=dot_precision(detail_dw.dtype), DOT_IN_FP32=needs_fp32_dot(detail_dw.dtype),
-        BLOCK_P=BLOCK_P, BLOCK_C=block_c, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
-    )
+    # The images take the grid's z, which CUDA bounds: a larger batch runs in slices of it.
+    for first in range(0, batch, MAX_GRID_Z):
+        images = slice(first, first + MAX_GRID_Z)
+        grid = (triton.cdiv(H * W, BLOCK_P), triton.cdiv(channels, block_c), min(batch - first, MAX_GRID_Z))
+        _bga_pointwise_kernel[grid](
+            detail_dw[images], pw_weight, pw_bias, semantic[images], gated[images], out[images],
+            H, W, h, w, channels, *_pixel_strides(detail_dw, channels_last), *_pixel_strides(semantic, channels_last),
+            INPUT_PRECISION=dot_precision(detail_dw.dtype), DOT_IN_FP32=needs_fp32_dot(detail_dw.dtype),
+            BLOCK_P=BLOCK_P, BLOCK_C=block_c, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+        )
     return out
