@@ -1,11 +1,15 @@
 """Markers and helpers shared by the tests (conftest.py has switched the Triton interpreter on
 when there is no GPU)."""
+import os
+
 import pytest
 import torch
 
 import bisenet_fast as bf
 
 CUDA = torch.cuda.is_available()
+# The contract's generated mmseg data (../shared/reference), copied so that a clone tests alone.
+MMSEG_REFERENCE = os.path.join(os.path.dirname(__file__), "data", "mmseg_reference")
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 requires_cuda_build = pytest.mark.skipif(
     not (CUDA and bf.build_info()["cuda"]), reason="needs a CUDA device and bisenet_fast._C built with CUDA"

@@ -199,6 +199,11 @@ def test_normalize_and_pad_values():
     img = np.tile(np.array(T.MEAN_RGB, np.float32).round().astype(np.uint8), (2, 3, 1))
     x = T.normalize(img)
     assert x.shape == (3, 2, 3) and x.abs().max() < 0.01
+    # The constants themselves are the configs' (tests/test_recipes_match_mmseg.py).
+    img = np.random.RandomState(0).randint(0, 256, (5, 7, 3), dtype=np.uint8)
+    expected = (torch.from_numpy(img).permute(2, 0, 1).double() - torch.tensor(T.MEAN_RGB, dtype=torch.float64)[:, None, None]) \
+        / torch.tensor(T.STD_RGB, dtype=torch.float64)[:, None, None]
+    torch.testing.assert_close(T.normalize(img).double(), expected, atol=1e-5, rtol=0)
     padded, label = T.pad_to(x + 1, np.zeros((2, 3), np.uint8), (4, 5))
     assert padded.shape == (3, 4, 5) and label.shape == (4, 5)
     assert (padded[:, 2:] == 0).all() and (padded[:, :, 3:] == 0).all()
@@ -217,6 +222,22 @@ def test_train_pipeline_output_shapes_values_and_determinism():
         x2, y2 = pipeline(img, label, np.random.RandomState(seed))
         assert torch.equal(x, x2) and torch.equal(y, y2)
     assert padded_seen  # ratios under 0.75 make 48-row images: padded at the bottom
+
+
+def test_train_pipeline_runs_the_steps_in_mmseg_order():
+    """Resize, RandomCrop, RandomFlip, PhotoMetricDistortion, Normalize, Pad: the config's
+    train_pipeline (tests/test_recipes_match_mmseg.py), drawing from one RandomState in turn."""
+    img, label = scene(0, "train", 1, height=64, width=128)
+    pipeline = T.TrainPipeline(img_scale=(128, 64), crop_size=(48, 48))
+    for seed in range(8):
+        x, y = pipeline(img, label, np.random.RandomState(seed))
+        rng = np.random.RandomState(seed)
+        step_img, step_label = T.random_rescale(img, label, rng, (128, 64), (0.5, 2.0))
+        step_img, step_label = T.random_crop(step_img, step_label, (48, 48), rng, 0.75)
+        step_img, step_label = T.random_flip(step_img, step_label, rng, 0.5)
+        step_img = T.PhotoMetricDistortion()(np.ascontiguousarray(step_img), rng)
+        expected_x, expected_y = T.pad_to(T.normalize(step_img), np.ascontiguousarray(step_label), (48, 48))
+        assert torch.equal(x, expected_x) and np.array_equal(y.numpy(), expected_y)
 
 
 def test_test_pipeline_keeps_cityscapes_size():

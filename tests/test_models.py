@@ -10,14 +10,11 @@ from torch import nn
 
 import bisenet_fast as bf
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+from tests.helpers import MMSEG_REFERENCE
 
 
 def _reference_state_dict():
-    path = os.path.join(REFERENCE, "mmseg_bisenetv2_state_dict.json")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found (the contract lives in ../shared beside the checkout)")
-    with open(path) as f:
+    with open(os.path.join(MMSEG_REFERENCE, "mmseg_bisenetv2_state_dict.json")) as f:
         return json.load(f)
 
 

@@ -606,6 +606,7 @@ def test_float16_skips_a_step_with_a_non_finite_loss_as_mmcv(tiny_data, tmp_path
     assert math.isinf(float(read_log(tmp_path)[1]["decode.loss_ce"]))
     state = train_state.load_training_checkpoint(result["checkpoint"])
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert state["scaler"]["scale"] == 512.0  # static: a dynamic scaler halves it on the overflow
 
 
 def test_float16_stops_after_too_many_skipped_steps_in_a_row(tiny_data, tmp_path, monkeypatch):
