@@ -176,6 +176,8 @@ def test_bad_inputs(backend):
         ((x, weight, bias), ValueError, "packed_weight must be 3-D"),
         ((x, packed, bias[:5]), ValueError, "bias must have shape \\(6,\\)"),
         ((x[:, :, :0], packed, bias), ValueError, "x must be non-empty"),
+        ((x, packed.to("meta"), bias), ValueError, "packed_weight must be on cpu like the other inputs, got meta"),
+        ((x, packed, bias.to("meta")), ValueError, "bias must be on cpu like the other inputs, got meta"),
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message), torch.no_grad(), bf.backends.use(backend):

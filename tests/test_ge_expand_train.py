@@ -34,9 +34,9 @@ def make_inputs(n, cin, ratio, height, width, dtype=torch.float32, device="cpu",
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, weight, bn_weight, bn_bias)]
 
 
-def run(backend, args, stride, relu, grad_seed=1):
+def run(backend, args, stride, relu, grad_seed=1, eps=1e-5):
     with bf.backends.use(backend):
-        out, mean, var = ge_expand_train(*args, stride, relu)
+        out, mean, var = ge_expand_train(*args, stride, relu, eps)
     g = torch.Generator().manual_seed(grad_seed)
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
     grads = torch.autograd.grad(out, args, grad_out)
@@ -51,10 +51,10 @@ def assert_close_to_scale(actual, expected, rel, what):
     assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel} * scale {scale:.3g}"
 
 
-def assert_matches_reference(backend, args, stride, relu, rel):
-    out, mean, var, grads = run(backend, args, stride, relu)
+def assert_matches_reference(backend, args, stride, relu, rel, eps=1e-5):
+    out, mean, var, grads = run(backend, args, stride, relu, eps=eps)
     ref = [t.detach().double().requires_grad_() for t in args]
-    r_out, r_mean, r_var, r_grads = run("eager", ref, stride, relu)
+    r_out, r_mean, r_var, r_grads = run("eager", ref, stride, relu, eps=eps)
     assert out.dtype == args[0].dtype and out.shape == r_out.shape
     assert mean.dtype == var.dtype == (torch.float64 if args[0].dtype == torch.float64 else torch.float32)
     assert_close_to_scale(out, r_out, rel, "out")
@@ -124,6 +124,24 @@ def test_layouts(backend, layout):
         x = x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
         assert not x.is_contiguous()
     assert_matches_reference(backend, [x, weight, bn_weight, bn_bias], 2, True, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_eps_other_than_the_default(backend, stride):
+    """A large eps next to a small batch variance: an op that ignored eps is off by ~10 %."""
+    args = [t.detach() for t in make_inputs(2, 3, 2, 5, 7, device=device_of(backend))]
+    args[0] = (args[0] * 0.1).requires_grad_()
+    args[1:] = [t.requires_grad_() for t in args[1:]]
+    assert_matches_reference(backend, args, stride, True, 1e-5, eps=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("height, width", [(5, 7), (6, 3)])
+def test_batch_of_one(backend, stride, height, width):
+    assert_matches_reference(backend, make_inputs(1, 3, 2, height, width, device=device_of(backend)), stride,
+                             stride == 1, 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -229,6 +247,8 @@ def test_deterministic(backend):
         (lambda a: a.update(relu=1), TypeError, "relu must be a bool"),
         (lambda a: a.update(eps=0.0), ValueError, "eps must be > 0"),
         (lambda a: a.update(x=a["x"][:1, :, :1, :1]), ValueError, "more than one value per channel"),
+        (lambda a: a.update(bn_bias=a["bn_bias"].to("meta")), ValueError, "bn_bias must be on cpu like the other"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "weight must be on cpu like the other"),
     ],
 )
 def test_bad_inputs(change, error, match):
@@ -347,19 +367,19 @@ def test_compile_fullgraph_forward_and_backward():
 # ---- The module and the model-level switch ---------------------------------------------
 
 
-def _trained_pair(cin, ratio, stride, act, momentum):
+def _trained_pair(cin, ratio, stride, act, momentum, eps=1e-5):
     eager = ConvModule(cin, cin * ratio, 3, stride, groups=cin, act=act)
-    eager.bn.momentum = momentum
+    eager.bn.momentum, eager.bn.eps = momentum, eps
     with torch.no_grad():
         eager.bn.weight.uniform_(0.5, 1.5)
         eager.bn.bias.uniform_(-0.5, 0.5)
     return eager, FusedExpandConvModule(copy.deepcopy(eager))
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("momentum, eps", [(0.1, 1e-5), (None, 1e-5), (0.1, 1e-3)])
 @pytest.mark.parametrize("stride, act", [(1, True), (2, False)])
-def test_module_matches_conv_module(stride, act, momentum):
-    eager, fused = _trained_pair(4, 6, stride, act, momentum)
+def test_module_matches_conv_module(stride, act, momentum, eps):
+    eager, fused = _trained_pair(4, 6, stride, act, momentum, eps)
     assert list(fused.state_dict()) == list(eager.state_dict())
     x = torch.randn(2, 4, 9, 8) + 1
     for step in range(2):

@@ -1,6 +1,8 @@
 """The fused GE-layer inference op (bisenet_fast.ops.ge_layer_stride1/2) against its eager
 reference: every GE configuration of BiSeNetV2, odd sizes, layouts, dtypes, bad inputs,
 the fake kernel under torch.compile, Triton under the interpreter."""
+import re
+
 import pytest
 import torch
 
@@ -97,8 +99,12 @@ def test_cpp_low_precision(stride, dtype):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-def test_cpp_layouts(stride, layout):
-    args = make_inputs(2, 8, 8 if stride == 1 else 16, stride, 6, 11)
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=requires_triton),
+                                     pytest.param("cuda", marks=requires_cuda_build)])
+def test_layouts(backend, stride, layout, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # GPU GEMMs in IEEE float32
+    device = {"cpp": "cpu", "triton": triton_device(), "cuda": "cuda"}[backend]
+    args = make_inputs(2, 8, 8 if stride == 1 else 16, stride, 6, 11, device=device)
     expected = reference_float64(stride, args)
     if layout == "channels_last":
         args[0] = args[0].contiguous(memory_format=torch.channels_last)
@@ -106,7 +112,7 @@ def test_cpp_layouts(stride, layout):
     else:  # non-contiguous views of bigger tensors, weights included
         args = [torch.stack([a, torch.full_like(a, float("nan"))], dim=-1)[..., 0] for a in args]
         assert not args[0].is_contiguous() and not args[2].is_contiguous()
-    assert_close_to_scale(run("cpp", stride, args), expected, TOLERANCE[torch.float32])
+    assert_close_to_scale(run(backend, stride, args), expected, TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -541,6 +547,8 @@ def test_bad_inputs(backend):
         (2, lambda a: a.__setitem__(8, a[8][:3]), ValueError, "sc_dw_weight must have shape \\(4, 1, 3, 3\\)"),
         (2, lambda a: a.__setitem__(10, a[10][:7]), ValueError, "sc_pw_weight must have shape \\(8, 4\\)"),
         (2, lambda a: a.__setitem__(3, a[3].to(torch.int32)), TypeError, "dw0_bias must have dtype"),
+        (1, lambda a: a.__setitem__(1, a[1].to("meta")), ValueError, "y must be on cpu like the other inputs, got meta"),
+        (2, lambda a: a.__setitem__(10, a[10].to("meta")), ValueError, "sc_pw_weight must be on cpu like the other"),
     ]
     for stride, corrupt, error, message in cases:
         args = list(good1 if stride == 1 else good2)
@@ -556,6 +564,21 @@ CORRUPTIONS = {
     "device": lambda t: t.to("meta"),
     "parameter": torch.nn.Parameter,  # a subclass: passes the checks, but only the detailed ones
 }
+# What the detailed checks' message says was expected, per corruption.
+EXPECTED = {"short": "must have (x's )?shape", "reshaped": "must be 4-D|must have shape", "dtype": "must have dtype",
+            "device": "must be on cpu like|must be on meta like"}
+ARGUMENT_NAMES = {
+    1: ["x", "y", "dw_weight", "dw_bias", "pw_weight", "pw_bias"],
+    2: ["x", "y", "dw0_weight", "dw0_bias", "dw1_weight", "dw1_bias", "pw_weight", "pw_bias", "sc_dw_weight",
+        "sc_dw_bias", "sc_pw_weight", "sc_pw_bias"],
+}
+
+
+def assert_names_the_argument(error, name, corruption):
+    """x is what the others are checked against: a bad x is reported as y unlike it."""
+    message = str(error.value)
+    named = rf"(^|\W)(x|y)\W" if name == "x" else rf"(^|\W){re.escape(name)}\W"
+    assert re.search(named, message) and re.search(EXPECTED[corruption], message), message
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -575,16 +598,18 @@ def test_fast_checks_pass_nothing_the_detailed_checks_refuse(stride, corruption)
             bad[index] = CORRUPTIONS[corruption](bad[index])
             assert not valid(*bad), index
             if corruption != "parameter":
-                with pytest.raises((ValueError, TypeError)):
+                with pytest.raises((ValueError, TypeError)) as error:
                     check(*bad)
+                assert_names_the_argument(error, ARGUMENT_NAMES[stride][index], corruption)
         for index in range(len(packed)):
             bad = list(packed)
             bad[index] = CORRUPTIONS[corruption](bad[index])
             if corruption == "parameter":
                 ge._check_triton_weights("op", bad, shapes, args[0])
             else:
-                with pytest.raises((ValueError, TypeError)):
+                with pytest.raises((ValueError, TypeError)) as error:
                     ge._check_triton_weights("op", bad, shapes, args[0])
+                assert_names_the_argument(error, f"triton_weights[{index}]", corruption)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

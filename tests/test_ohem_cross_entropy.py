@@ -617,7 +617,9 @@ def test_bad_arguments_raise_clearly(mutate, error, match):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(thresh=1.5), "thresh"), (dict(min_kept=-1), "min_kept"), (dict(min_kept=2.0), "min_kept"),
+    [(dict(thresh=1.5), "thresh must be None or a probability in \\[1e-30, 1\\], got 1.5"),
+     (dict(min_kept=-1), "min_kept must be a non-negative int below 2\\*\\*63, got -1"),
+     (dict(min_kept=2.0), "min_kept must be a non-negative int below 2\\*\\*63, got 2.0"),
      # below 1e-30 the kernels' flushed exp would keep other pixels than the reference
      (dict(thresh=1e-40), "thresh must be None or a probability in \\[1e-30, 1\\], got 1e-40"),
      (dict(min_kept=2**63), "min_kept must be a non-negative int below 2\\*\\*63"),
