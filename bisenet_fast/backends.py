@@ -168,6 +168,20 @@ def use(name: str, ops: Iterable[str] | None = None) -> Iterator[str]:
         stack.pop()
 
 
+def use_or_current(name: str | None) -> contextlib.AbstractContextManager[str]:
+    """use(name); for None, the current choice (an enclosing use(), else BISENET_FAST_BACKEND,
+    else 'auto') is kept, and checked now rather than at the first op: what the command
+    lines' --backend and train()'s backend default to."""
+    if name is not None:
+        return use(name)
+    chosen = current()
+    if chosen != "auto":
+        reason = _why_unavailable(chosen)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {chosen!r} (from {ENV_VAR}) is not available: {reason}")
+    return contextlib.nullcontext(chosen)
+
+
 def cpu_kernel_selected(device: torch.device) -> bool:
     """Whether a CPU-only kernel (one whose GPU counterpart is ATen/cuDNN itself) runs for
     tensors on `device`: CPU tensors with no backend, or 'cpp', forced."""

@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=POSITIVE_INT, default=None, help="training iterations (default: the recipe's)")
     p.add_argument("--train-images", type=POSITIVE_INT, default=200)
     p.add_argument("--val-images", type=POSITIVE_INT, default=40)
-    p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, ...")
+    p.add_argument("--backend", default=None,
+                   help="bisenet_fast kernels: auto, eager, cpp, cuda, triton (default: BISENET_FAST_BACKEND, else auto)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--threads", type=POSITIVE_INT, default=None,
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     bf.load_mmseg_checkpoint(model, result["checkpoint"])
     model.to(ctx.device).eval()
     val_set = CityscapesDataset(data_root, "val")
-    with bf.backends.use(args.backend):
+    with bf.backends.use_or_current(args.backend):
         metrics = evaluate_model(model, val_set, ctx, recipe["test"], num_classes=recipe["model"]["num_classes"])
         picture = write_predictions(model, val_set, recipe["test"], out / "prediction.png")
     print(format_table(metrics, CLASSES))

@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=list(AMP_DTYPES), default=None,
                    help="autocast dtype (default: float16 for the fp16 recipe on CUDA, as mmseg 0.x did; else none)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, cuda, triton")
+    p.add_argument("--backend", default=None,
+                   help="bisenet_fast kernels: auto, eager, cpp, cuda, triton (default: BISENET_FAST_BACKEND, else auto)")
     p.add_argument("--limit", type=POSITIVE_INT, default=None, help="evaluate only the first N images")
     p.add_argument("--fused", action="store_true",
                    help="evaluate the inference form (model.fuse(): BN folded, fused kernels), in the --amp dtype "
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     if args.fused:
         model, autocast_dtype = model.fuse(dtype=autocast_dtype, autotune=args.autotune), None
     dataset = CityscapesDataset(args.data_root or recipe["data"]["root"], args.split)
-    with bf.backends.use(args.backend):
+    with bf.backends.use_or_current(args.backend):
         result = evaluate_model(model, dataset, ctx, recipe["test"], args.aug_test, autocast_dtype,
                                 recipe["model"]["num_classes"], args.limit)
     if ctx.is_main:

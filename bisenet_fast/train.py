@@ -243,9 +243,10 @@ def cpu_threads_per_process(ctx: DistContext, loader_workers: int) -> int:
 
 
 def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = None, device: str | None = None,
-          backend: str = "auto", seed: int = 0, stop_after: int | None = None, deterministic: bool = False,
+          backend: str | None = None, seed: int = 0, stop_after: int | None = None, deterministic: bool = False,
           threads: int | None = None, recompute: bool = False, channels_last: bool = False, log=print) -> dict:
     """Runs (or continues) training; returns {'iteration', 'checkpoint', 'metrics', 'stopped_by'}.
+    backend: bisenet_fast's kernels (default: the current choice, see backends.use_or_current);
     threads: torch CPU threads per process (default: cpu_threads_per_process); recompute and
     channels_last: see build_model (the batches follow channels_last too)."""
     check_training_options(recipe, seed)
@@ -363,7 +364,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                             "aAcc": metrics["aAcc"]})
 
     try:
-        with bf.backends.use(backend):
+        with bf.backends.use_or_current(backend):
             if eval_pending and val_set is not None:
                 say(f"iteration {start_iteration}: the evaluation the stop interrupted")
                 run_eval(start_iteration)
@@ -480,7 +481,8 @@ def parse_args(argv=None):
     p.add_argument("--crop", type=POSITIVE_INT, nargs=2, metavar=("H", "W"))
     p.add_argument("--workers", type=NON_NEGATIVE_INT, help="DataLoader workers per process")
     p.add_argument("--amp", choices=list(AMP_DTYPES), help="autocast dtype (float16 uses the static loss scale)")
-    p.add_argument("--backend", default="auto", help="bisenet_fast kernels: auto, eager, cpp, cuda, triton")
+    p.add_argument("--backend", default=None,
+                   help="bisenet_fast kernels: auto, eager, cpp, cuda, triton (default: BISENET_FAST_BACKEND, else auto)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", default=None, help="a checkpoint path, or 'auto' for work_dir's last one")
     p.add_argument("--seed", type=SEED, default=0)

@@ -108,6 +108,27 @@ def test_environment_variable_and_use_precedence(monkeypatch):
         resolve("op", torch.device("cpu"))
 
 
+def test_use_or_current_keeps_the_current_choice_and_checks_it_now(monkeypatch):
+    """What the command lines' --backend defaults to: BISENET_FAST_BACKEND (or an enclosing
+    use()) is kept, not overridden by 'auto'; a bad value fails before any work."""
+    monkeypatch.setenv(bf.backends.ENV_VAR, "eager")
+    with bf.backends.use_or_current(None) as chosen:
+        assert chosen == "eager" and resolve("op", torch.device("cpu")) == "eager"
+    with bf.backends.use_or_current("cpp"):
+        assert resolve("op", torch.device("cpu")) == "cpp"
+    monkeypatch.delenv(bf.backends.ENV_VAR)
+    with bf.backends.use("eager", ops=["ohem_cross_entropy"]), bf.backends.use_or_current(None):
+        assert resolve("ohem_cross_entropy", torch.device("cpu")) == "eager"  # not covered by a global 'auto'
+        assert resolve("bga_aggregate", torch.device("cpu")) == "cpp"
+    monkeypatch.setenv(bf.backends.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="BISENET_FAST_BACKEND='fastest' is not a backend"):
+        bf.backends.use_or_current(None)
+    if not (CUDA and bf.build_info()["cuda"]):
+        monkeypatch.setenv(bf.backends.ENV_VAR, "cuda")
+        with pytest.raises(BackendUnavailableError, match="backend 'cuda' \\(from BISENET_FAST_BACKEND\\) is not available"):
+            bf.backends.use_or_current(None)
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
         with bf.backends.use("tensorrt"):

@@ -595,6 +595,22 @@ def _inf_decode_loss_on_calls(monkeypatch, calls):
     monkeypatch.setattr(bf.BiSeNetV2Segmentor, "loss", overflowing_loss)
 
 
+def test_the_backend_environment_variable_reaches_training(tiny_data, tmp_path, monkeypatch):
+    """Without --backend (train()'s backend=None) BISENET_FAST_BACKEND decides; it used to be
+    overridden by the 'auto' default."""
+    assert train_module.parse_args(["--recipe", "synthetic"]).backend is None
+    seen, loss = [], bf.BiSeNetV2Segmentor.loss
+
+    def spying_loss(self, images, labels):
+        seen.append(bf.backends.current("ohem_cross_entropy"))
+        return loss(self, images, labels)
+
+    monkeypatch.setattr(bf.BiSeNetV2Segmentor, "loss", spying_loss)
+    monkeypatch.setenv(bf.backends.ENV_VAR, "eager")
+    train(tiny_recipe(tiny_data, iters=1), tmp_path, threads=1, log=None)
+    assert seen == ["eager"]
+
+
 def test_float16_skips_a_step_with_a_non_finite_loss_as_mmcv(tiny_data, tmp_path, monkeypatch):
     """The fp16 recipe's static GradScaler skips such a step and training goes on (spec §7)."""
     _inf_decode_loss_on_calls(monkeypatch, {2})
