@@ -1,6 +1,7 @@
 """Data: the spec §7 train pipeline step by step, the §5 test pipeline, the Cityscapes layout
 and its errors, the labelIds conversion, the synthetic set and the resumable sampler."""
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -73,6 +74,31 @@ def test_bilinear_matches_cv2_half_pixel_rule():
     # 4x shrink does NOT average 4 pixels (that would be antialiasing): samples at x = 1.5
     row4 = np.array([[[0] * 3, [0] * 3, [100] * 3, [100] * 3]], np.uint8)
     assert T.resize_bilinear_uint8(row4, (1, 1))[0, 0, 0] == 50
+
+
+CV2_RESIZE_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "cv2_resize.npz")
+
+
+def test_bilinear_is_bit_exact_with_recorded_cv2_outputs():
+    # cv2.resize(src, (w, h), INTER_LINEAR) of seeded random images, recorded by
+    # scripts/make_cv2_resize_fixture.py (tests/data/README.md): up- and downscales, odd sizes,
+    # widths that are and are not multiples of 16, an exact x0.5 (cv2's INTER_AREA path), x0.25.
+    fixture = np.load(CV2_RESIZE_FIXTURE)
+    cases = sorted(int(k[len("src_"):]) for k in fixture.files if k.startswith("src_"))
+    assert len(cases) >= 8
+    mismatches = {}
+    for i in cases:
+        src, expected = fixture[f"src_{i}"], fixture[f"dst_{i}"]
+        out = T.resize_bilinear_uint8(src, expected.shape[:2])
+        assert out.dtype == np.uint8 and out.shape == expected.shape
+        if not np.array_equal(out, expected):
+            diff = np.abs(out.astype(int) - expected)
+            mismatches[(src.shape[:2], expected.shape[:2])] = (int(np.count_nonzero(diff)), int(diff.max()))
+    assert not mismatches, f"(source, output): (values that differ, max difference): {mismatches}"
+    # A non-contiguous view (a flipped image) resizes as its contiguous copy does.
+    src, expected = fixture[f"src_{cases[0]}"], fixture[f"dst_{cases[0]}"]
+    flipped = T.resize_bilinear_uint8(src[:, ::-1], expected.shape[:2])
+    assert np.array_equal(flipped, T.resize_bilinear_uint8(np.ascontiguousarray(src[:, ::-1]), expected.shape[:2]))
 
 
 def test_nearest_uses_cv2_floor_index_rule():
