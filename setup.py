@@ -15,15 +15,22 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def nvcc_found() -> bool:
+    """torch's CUDA_HOME may be a runtime-only toolkit (it falls back to /usr/local/cuda when
+    that folder exists), which cannot compile: nvcc itself must be there."""
+    return CUDA_HOME is not None and os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
 def want_cuda() -> bool:
     force = os.environ.get("FORCE_CUDA", "")
     if force == "0":
         return False
-    if torch.version.cuda is None or CUDA_HOME is None:
+    if torch.version.cuda is None or not nvcc_found():
         if force == "1":
             raise RuntimeError(
                 "FORCE_CUDA=1 but "
-                + ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
+                + ("torch is a CPU-only build" if torch.version.cuda is None
+                   else f"nvcc was not found under CUDA_HOME={CUDA_HOME} (set CUDA_HOME to a CUDA toolkit)")
             )
         return False
     return force == "1" or torch.cuda.is_available()

@@ -6,7 +6,13 @@
 """
 import torch  # noqa: F401  (loads libc10/libtorch before the extension)
 
-from bisenet_fast import _C  # noqa: F401  (registers the torch.ops.bisenet_fast operators)
+try:
+    from bisenet_fast import _C  # noqa: F401  (registers the torch.ops.bisenet_fast operators)
+except ImportError as err:  # unbuilt, or built against another torch: say what to do
+    raise ImportError(
+        f"bisenet_fast's compiled extension bisenet_fast._C could not be loaded ({err}); build it "
+        "with the torch it runs with: `make setup`, or `pip install --no-build-isolation -e .` in the checkout"
+    ) from err
 from bisenet_fast import backends, ops
 from bisenet_fast._build_info import build_info
 from bisenet_fast.checkpoint import load_mmseg_checkpoint

@@ -53,3 +53,50 @@ def test_sdist_carries_every_source_the_build_needs(tmp_path):
         if path.is_file() and "__pycache__" not in path.parts
     ]
     assert needed and not sorted(set(needed) - packed)
+    # Tests that need the repository's helpers and data would be packed without them.
+    assert not [name for name in packed if name.startswith("tests/") or name == "Makefile"]
+
+
+@pytest.fixture
+def setup_functions(monkeypatch):
+    """setup.py's functions, run without building (setuptools.setup does nothing)."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    monkeypatch.setenv("FORCE_CUDA", "0")
+    return runpy.run_path(str(ROOT / "setup.py"))
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU-only build")
+def test_cuda_is_built_only_where_nvcc_is(setup_functions, tmp_path, monkeypatch):
+    """torch's CUDA_HOME can be a runtime-only toolkit (/usr/local/cuda without nvcc): a plain
+    install builds the CPU kernels there, and FORCE_CUDA=1 says nvcc is missing."""
+    want_cuda = setup_functions["want_cuda"]
+    monkeypatch.setitem(want_cuda.__globals__, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("FORCE_CUDA")
+    assert not want_cuda()
+    monkeypatch.setenv("FORCE_CUDA", "1")
+    with pytest.raises(RuntimeError, match=f"nvcc was not found under CUDA_HOME={tmp_path}"):
+        want_cuda()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    assert want_cuda()
+    monkeypatch.delenv("FORCE_CUDA")
+    assert want_cuda()
+    monkeypatch.setenv("FORCE_CUDA", "0")
+    assert not want_cuda()
+
+
+def test_an_unbuilt_checkout_says_how_to_build(tmp_path):
+    shutil.copytree(ROOT / "bisenet_fast", tmp_path / "bisenet_fast",
+                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    # The editable install's finder would still hand out this checkout's built _C.
+    code = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            "import bisenet_fast")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode != 0
+    assert "bisenet_fast._C could not be loaded" in result.stderr and "make setup" in result.stderr
