@@ -186,8 +186,20 @@ def test_bad_inputs(backend):
 
 def test_refuses_grad():
     x, weight, bias = make_inputs(1, 4, 6, 5, 5)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        ops.conv3x3_winograd(x.requires_grad_(), ops.winograd_weight(weight), bias)
+    with pytest.raises(RuntimeError, match="inference-only .* but bias requires grad"):
+        ops.conv3x3_winograd(x, ops.winograd_weight(weight), bias.requires_grad_())
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_bad_options(backend):
+    x, weight, bias = make_inputs(1, 4, 6, 5, 5)
+    packed = ops.winograd_weight(weight)
+    for relu in ("yes", None, 1):
+        with torch.no_grad(), bf.backends.use(backend), pytest.raises(TypeError, match="relu must be a bool, got"):
+            ops.conv3x3_winograd(x, packed, bias, relu=relu)
+    for tile in (4.0, True, 3):
+        with pytest.raises(ValueError, match=r"tile must be one of \(2, 4\), got"):
+            ops.winograd_weight(weight, tile=tile)
 
 
 def test_bad_weight_to_pack():

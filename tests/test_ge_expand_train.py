@@ -246,6 +246,8 @@ def test_deterministic(backend):
         (lambda a: a.update(stride=3), ValueError, "stride must be 1 or 2"),
         (lambda a: a.update(relu=1), TypeError, "relu must be a bool"),
         (lambda a: a.update(eps=0.0), ValueError, "eps must be > 0"),
+        (lambda a: a.update(eps=None), TypeError, "eps must be a float, got NoneType"),
+        (lambda a: a.update(eps=True), TypeError, "eps must be a float, got bool"),
         (lambda a: a.update(x=a["x"][:1, :, :1, :1]), ValueError, "more than one value per channel"),
         (lambda a: a.update(bn_bias=a["bn_bias"].to("meta")), ValueError, "bn_bias must be on cpu like the other"),
         (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "weight must be on cpu like the other"),

@@ -613,11 +613,29 @@ def test_fast_checks_pass_nothing_the_detailed_checks_refuse(stride, corruption)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_requires_grad_raises(stride):
-    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3)
-    args[0].requires_grad_(True)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        fused(stride)(*args)
+def test_requires_grad_raises_naming_the_input(stride):
+    for index, name in enumerate(ARGUMENT_NAMES[stride]):
+        args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3)
+        args[index].requires_grad_(True)
+        with pytest.raises(RuntimeError, match=f"ge_layer_stride{stride} is inference-only .* but {name} requires grad"):
+            fused(stride)(*args)
+
+
+@requires_triton
+@pytest.mark.parametrize("stride", [1, 2])
+def test_raw_triton_op_names_its_arguments(stride):
+    """Called directly, the Triton op's checks (and its fake kernel's) use the schema's names."""
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3, device=triton_device())
+    packed = list((ge.pack_triton_stride1 if stride == 1 else ge.pack_triton_stride2)(*args[2:]))
+    op = getattr(torch.ops.bisenet_fast_triton, f"ge_layer_stride{stride}")
+    for index, name in enumerate(ARGUMENT_NAMES[stride][2:]):
+        bad = list(packed)
+        bad[index] = bad[index][..., :1]
+        with torch.no_grad(), pytest.raises(ValueError, match=f"(^|: ){name} must (have shape|be packed|be contiguous)"):
+            op(*args[:2], *bad)
+        bad[index] = packed[index].to("meta")  # dispatched to the fake kernel, which checks devices
+        with torch.no_grad(), pytest.raises(ValueError, match=f"{name} is on meta"):
+            op(*args[:2], *bad)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the error raised where the cuda backend does not exist")
@@ -695,7 +713,7 @@ def test_raw_triton_op_checks_its_packed_weights(stride):
     packed = list(pack(*args[2:]))
     with torch.no_grad():
         short = packed[:2] + [packed[2][:-1]] + packed[3:]  # one row of the next weight missing
-        with pytest.raises(ValueError, match=r"triton_weights\[2\] must have shape"):
+        with pytest.raises(ValueError, match=f"{ARGUMENT_NAMES[stride][4]} must have shape"):
             op(args[0], args[1], *short)
         with pytest.raises(ValueError, match=r"y \(conv1's output\) must have x's shape"):
             op(args[0], args[1][:, :, :2], *packed)

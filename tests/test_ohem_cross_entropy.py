@@ -627,9 +627,17 @@ def test_bad_arguments_raise_clearly(mutate, error, match):
 )
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
 def test_bad_options_raise_clearly(kwargs, match, backend):
+    """(thresh of the wrong type: test_thresh_must_be_a_number.)"""
     logits, target = make_inputs((2, 3, 3, 4, 6, 7))
     with pytest.raises(ValueError, match=match), bf.backends.use(backend):
         bf.ops.ohem_cross_entropy(logits, target, **kwargs)
+
+
+@pytest.mark.parametrize("thresh", ["0.5", True])
+def test_thresh_must_be_a_number(thresh):
+    logits, target = make_inputs((2, 3, 3, 4, 6, 7))
+    with pytest.raises(TypeError, match=f"thresh must be None or a float, got {type(thresh).__name__}"):
+        bf.ops.ohem_cross_entropy(logits, target, thresh=thresh)
 
 
 @pytest.mark.parametrize("backend, device", fused_backends())

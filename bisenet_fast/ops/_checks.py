@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 
@@ -59,13 +59,17 @@ def check_non_empty(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(value.shape)}")
 
 
-def check_inference_only(op: str, tensors: Iterable[torch.Tensor], for_training: str) -> None:
-    """Ops without a backward refuse inputs that would need one, naming what to train with."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError(
-            f"{op} is inference-only (no backward); run it under torch.no_grad() or torch.inference_mode(), "
-            f"or {for_training}"
-        )
+def check_inference_only(op: str, tensors: Mapping[str, torch.Tensor], for_training: str) -> None:
+    """Ops without a backward refuse inputs that would need one, naming the input and what to
+    train with."""
+    if not torch.is_grad_enabled():
+        return
+    for name, value in tensors.items():
+        if value.requires_grad:
+            raise RuntimeError(
+                f"{op} is inference-only (no backward), but {name} requires grad: run it under torch.no_grad() or "
+                f"torch.inference_mode(), or {for_training}"
+            )
 
 
 def check_image_fits_int32(op: str, name: str, value: torch.Tensor, instead: str) -> None:

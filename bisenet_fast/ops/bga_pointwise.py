@@ -42,7 +42,8 @@ def check_bga_pointwise_inputs(detail_dw, pw_weight, pw_bias, semantic, detail_d
     check_tensor("pw_bias", pw_bias, dim=1, dtypes=(detail_dw.dtype,), device=detail_dw.device)
     if tuple(pw_bias.shape) != (c,):
         raise ValueError(f"pw_bias must have shape ({c},), got {tuple(pw_bias.shape)}")
-    inputs = (detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down)
+    inputs = dict(detail_dw=detail_dw, pw_weight=pw_weight, pw_bias=pw_bias, semantic=semantic,
+                  detail_down=detail_down, semantic_down=semantic_down)
     check_inference_only("bga_pointwise_aggregate", inputs, "use bga_aggregate after the conv for training")
 
 

@@ -72,7 +72,7 @@ def winograd_weight(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
     check_tensor("weight", weight, dim=4, dtypes=DTYPES)
     if tuple(weight.shape[2:]) != (3, 3) or weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"weight must have shape (cout, cin, 3, 3) with cout, cin > 0, got {tuple(weight.shape)}")
-    if tile not in MATRICES:
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile not in MATRICES:
         raise ValueError(f"tile must be one of {tuple(MATRICES)}, got {tile}")
     w64 = weight.double()
     g = _matrix(MATRICES[tile][0], w64)
@@ -112,7 +112,8 @@ def check_inputs(x, packed_weight, bias):
         )
     if bias.shape[0] != packed_weight.shape[2]:
         raise ValueError(f"bias must have shape ({packed_weight.shape[2]},), got {tuple(bias.shape)}")
-    check_inference_only("conv3x3_winograd", (x, packed_weight, bias), "use F.conv2d for training")
+    check_inference_only("conv3x3_winograd", {"x": x, "packed_weight": packed_weight, "bias": bias},
+                         "use F.conv2d for training")
 
 
 @torch.library.register_fake("bisenet_fast::conv3x3_winograd")
@@ -127,6 +128,8 @@ def conv3x3_winograd(x, packed_weight, bias, *, relu=False):
     """conv2d(x, w, bias, stride=1, padding=1) (then ReLU) with packed_weight = winograd_weight(w, tile).
     Output channels_last."""
     check_inputs(x, packed_weight, bias)
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
     backend = backends.resolve("conv3x3_winograd", x.device, gpu_preference=())
     if backend == "eager":
         return conv3x3_winograd_reference(x, packed_weight, bias, relu)

@@ -17,6 +17,8 @@ allows); their gradients come back in their dtype.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +70,8 @@ def check_inputs(x, weight, bn_weight, bn_bias, stride, relu, eps):
         raise ValueError(f"stride must be 1 or 2, got {stride!r}")
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
     count = x.shape[0] * _out_size(x.shape[2], stride) * _out_size(x.shape[3], stride)

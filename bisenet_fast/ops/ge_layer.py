@@ -42,6 +42,10 @@ from bisenet_fast.ops._checks import (
 # Triton first: it has been run and timed on GPUs; the CUDA kernels (csrc/cuda/ge_layer.cu)
 # have been tested only as CPU-emulated block code (tests/cuda_emulation) so far.
 GPU_PREFERENCE = ("triton", "cuda")
+# The ops' argument names, as their schemas give them (error messages name these).
+STRIDE1_ARGUMENTS = ("x", "y", "dw_weight", "dw_bias", "pw_weight", "pw_bias")
+STRIDE2_ARGUMENTS = ("x", "y", "dw0_weight", "dw0_bias", "dw1_weight", "dw1_bias", "pw_weight", "pw_bias",
+                     "sc_dw_weight", "sc_dw_bias", "sc_pw_weight", "sc_pw_bias")
 
 
 def ge_layer_stride1_reference(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
@@ -116,7 +120,8 @@ def check_stride1_inputs(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
         _check_weight("dw_bias", dw_bias, (mid,), x)
         _check_weight("pw_weight", pw_weight, (cin, mid), x)  # residual: cout == cin
         _check_weight("pw_bias", pw_bias, (cin,), x)
-    check_inference_only("ge_layer_stride1", (x, y, dw_weight, dw_bias, pw_weight, pw_bias), "train the unfused model")
+    check_inference_only("ge_layer_stride1", dict(zip(STRIDE1_ARGUMENTS, (x, y, dw_weight, dw_bias, pw_weight, pw_bias))),
+                         "train the unfused model")
 
 
 def _stride2_valid(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias,
@@ -152,7 +157,8 @@ def check_stride2_inputs(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_we
         _check_weight("sc_pw_bias", sc_pw_bias, (cout,), x)
     check_inference_only(
         "ge_layer_stride2",
-        (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias),
+        dict(zip(STRIDE2_ARGUMENTS, (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight,
+                                     sc_dw_bias, sc_pw_weight, sc_pw_bias))),
         "train the unfused model",
     )
 
@@ -194,8 +200,9 @@ def pack_triton_stride2(dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, p
     )
 
 
-def _check_triton_weights(op, packed, shapes, like):
-    """Packed weights must have the shapes pack_triton_* gives this call's weights."""
+def _check_triton_weights(op, packed, shapes, like, names=None):
+    """Packed weights must have the shapes pack_triton_* gives this call's weights; named
+    triton_weights[i] (the fronts' argument) unless `names` gives the raw op's."""
     if (isinstance(packed, (tuple, list)) and len(packed) == len(shapes) and plain_tensors_match(like, zip(packed, shapes))
             and all(t.is_contiguous() for t in packed)):
         return  # the checks below find what is wrong
@@ -204,9 +211,10 @@ def _check_triton_weights(op, packed, shapes, like):
             f"{op}: triton_weights must be the {len(shapes)} tensors pack_triton_* returns, got {packed!r:.80}"
         )
     for i, (t, shape) in enumerate(zip(packed, shapes)):
-        _check_weight(f"triton_weights[{i}]", t, shape, like)
+        name = f"triton_weights[{i}]" if names is None else names[i]
+        _check_weight(name, t, shape, like)
         if not t.is_contiguous():
-            raise ValueError(f"{op}: triton_weights[{i}] must be contiguous, as pack_triton_* returns it")
+            raise ValueError(f"{op}: {name} must be contiguous, as pack_triton_* returns it")
 
 
 def _packed_size(op, name, packed, dim, cin=None):
@@ -224,8 +232,10 @@ def _check_packed_stride1(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     _check_activations(x, y)
     cin = x.shape[1]
     mid = _packed_size(op, "dw_weight", dw_weight, 1, cin)
-    _check_triton_weights(op, (dw_weight, dw_bias, pw_weight, pw_bias), [(9, mid), (mid,), (mid, cin), (cin,)], x)
-    check_inference_only(op, (x, y, dw_weight, dw_bias, pw_weight, pw_bias), "train the unfused model")
+    _check_triton_weights(op, (dw_weight, dw_bias, pw_weight, pw_bias), [(9, mid), (mid,), (mid, cin), (cin,)], x,
+                          STRIDE1_ARGUMENTS[2:])
+    check_inference_only(op, dict(zip(STRIDE1_ARGUMENTS, (x, y, dw_weight, dw_bias, pw_weight, pw_bias))),
+                         "train the unfused model")
 
 
 def _check_packed_stride2(x, y, *packed):
@@ -235,8 +245,8 @@ def _check_packed_stride2(x, y, *packed):
     mid = _packed_size(op, "dw0_weight", packed[0], 1, cin)
     cout = _packed_size(op, "pw_weight", packed[4], 1)
     shapes = [(9, mid), (mid,), (9, mid), (mid,), (mid, cout), (cout,), (9, cin), (cin,), (cin, cout), (cout,)]
-    _check_triton_weights(op, packed, shapes, x)
-    check_inference_only(op, (x, y, *packed), "train the unfused model")
+    _check_triton_weights(op, packed, shapes, x, STRIDE2_ARGUMENTS[2:])
+    check_inference_only(op, dict(zip(STRIDE2_ARGUMENTS, (x, y, *packed))), "train the unfused model")
 
 
 def _empty_like_output(x, cout, height, width):
@@ -303,7 +313,8 @@ def _ge_layer_stride2_triton(
 
 @_ge_layer_stride2_triton.register_fake
 @fake_on_one_device("ge_layer_stride2")
-def _(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, *rest):  # packed: pw_weight is (mid, cout)
+def _(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight,
+      sc_pw_bias):  # packed: pw_weight is (mid, cout)
     return _empty_like_output(x, pw_weight.shape[1], _stride2_size(x.shape[2]), _stride2_size(x.shape[3]))
 
 

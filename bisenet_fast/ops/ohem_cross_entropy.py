@@ -1,6 +1,8 @@
 """OHEM top-k cross-entropy on head-resolution logits (spec §6, mmseg 0.28+ semantics)."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +58,8 @@ def check_ohem_inputs(logits, target, thresh, min_kept, ignore_index) -> None:
             f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have non-empty batch, class and "
             "spatial dims"
         )
+    if thresh is not None and (isinstance(thresh, bool) or not isinstance(thresh, numbers.Real)):
+        raise TypeError(f"thresh must be None or a float, got {type(thresh).__name__}")
     if thresh is not None and not MIN_OHEM_THRESH <= float(thresh) <= 1.0:
         raise ValueError(f"thresh must be None or a probability in [1e-30, 1], got {thresh}")
     if isinstance(min_kept, bool) or not isinstance(min_kept, int) or not 0 <= min_kept < 2**63:

@@ -51,7 +51,7 @@ def _bad_size(size) -> str:
 def check_inputs(x, size):
     check_tensor("x", x, dim=4, dtypes=DTYPES)
     check_non_empty("x", x)
-    check_inference_only("resize_bilinear", (x,), "use F.interpolate for training")
+    check_inference_only("resize_bilinear", {"x": x}, "use F.interpolate for training")
 
 
 @torch.library.register_fake("bisenet_fast::resize_bilinear")
