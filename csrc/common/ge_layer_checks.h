@@ -16,6 +16,8 @@ namespace bisenet_fast {
 // kernel takes it), 4-D inputs of one shape with channels and pixels, none requiring grad.
 inline void check_ge_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, NamedTensors weights,
                             bool allow_float64) {
+  check_defined(op, {{"x", &x}, {"y", &y}});
+  check_defined(op, weights);
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||

@@ -6,12 +6,9 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
-#include <initializer_list>
-#include <utility>
+#include "common/tensor_args.h"
 
 namespace bisenet_fast {
-
-using NamedTensors = std::initializer_list<std::pair<const char*, const at::Tensor*>>;
 
 inline void check_inference_only(const char* op, NamedTensors tensors) {
   if (!at::GradMode::is_enabled()) return;

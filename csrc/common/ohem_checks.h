@@ -6,6 +6,8 @@
 
 #include <utility>
 
+#include "common/tensor_args.h"
+
 namespace bisenet_fast {
 
 // logits (N, C, h, w) and target (N, H, W), non-empty, on one device; logits float32,
@@ -33,6 +35,7 @@ inline void check_ohem_tensors(const char* kernel, const at::Tensor& logits, con
 // kernel reads them there: a host pointer would be an illegal address).
 inline void check_ohem_backward_scalars(const at::Tensor& grad_loss, const at::Tensor& threshold,
                                         const at::Tensor& logits) {
+  check_defined("ohem_cross_entropy_backward", {{"grad_loss", &grad_loss}, {"threshold", &threshold}});
   for (const auto& [name, scalar] : {std::pair<const char*, const at::Tensor&>{"grad_loss", grad_loss},
                                      std::pair<const char*, const at::Tensor&>{"threshold", threshold}}) {
     TORCH_CHECK(scalar.numel() == 1, "ohem_cross_entropy_backward: ", name, " must hold one value, got shape ",

@@ -89,7 +89,7 @@ void pointwise_forward_kernel(const Geometry& g, bool channels_last, const at::T
 at::Tensor bga_pointwise_aggregate_cpu(const at::Tensor& detail_dw, const at::Tensor& pw_weight,
                                        const at::Tensor& pw_bias, const at::Tensor& semantic,
                                        const at::Tensor& detail_down, const at::Tensor& semantic_down) {
-  check_bga_inputs("bga_pointwise_aggregate", detail_dw, semantic, detail_down, semantic_down);
+  check_bga_inputs("bga_pointwise_aggregate", detail_dw, semantic, detail_down, semantic_down, "detail_dw");
   check_bga_pointwise_weights(detail_dw, pw_weight, pw_bias);
   check_inference_only("bga_pointwise_aggregate",
                        {{"detail_dw", &detail_dw}, {"pw_weight", &pw_weight}, {"pw_bias", &pw_bias},

@@ -270,6 +270,7 @@ void winograd_conv(const at::Tensor& input, const at::Tensor& weight, const at::
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& bias,
                                 bool relu) {
   const char* op = "conv3x3_winograd";
+  check_defined(op, {{"x", &x}, {"packed_weight", &packed_weight}, {"bias", &bias}});
   check_inference_only(op, {{"x", &x}, {"packed_weight", &packed_weight}, {"bias", &bias}});
   for (const auto& [name, t] : {std::pair{"x", &x}, {"packed_weight", &packed_weight}, {"bias", &bias}}) {
     TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());

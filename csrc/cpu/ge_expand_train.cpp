@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/macros.h"
+#include "common/tensor_args.h"
 #include "cpu/huge_pages.h"
 
 namespace bisenet_fast {
@@ -130,6 +131,7 @@ struct Geometry {
 
 Geometry check_and_measure(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
                            const at::Tensor& bn_bias, int64_t stride, double eps) {
+  check_defined(op, {{"x", &x}, {"weight", &weight}, {"bn_weight", &bn_weight}, {"bn_bias", &bn_bias}});
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
   TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
   for (const auto* t : {&x, &weight, &bn_weight, &bn_bias}) {
@@ -218,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ge_expand_train_backw
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, int64_t stride, bool relu, double eps) {
   const Geometry g = check_and_measure("ge_expand_train_backward", x, weight, bn_weight, bn_bias, stride, eps);
+  check_defined("ge_expand_train_backward", {{"grad_out", &grad_out}, {"mean", &mean}, {"var", &var}});
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.n_batch, g.mid, g.out_h, g.out_w}) &&
                   grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
               "ge_expand_train_backward: grad_out must have the output's shape and x's dtype and device");

@@ -417,6 +417,7 @@ at::Tensor backward_impl(double grad, const at::Tensor& logits, const at::Tensor
 }
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
+  check_defined("ohem_cross_entropy", {{"logits", &logits}, {"target", &target}});
   TORCH_CHECK(logits.device().is_cpu() && target.device().is_cpu(),
               "ohem_cross_entropy (CPU kernel): logits and target must be CPU tensors");
   check_ohem_tensors("CPU kernel", logits, target, /*float64=*/true);

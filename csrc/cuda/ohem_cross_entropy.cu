@@ -13,6 +13,7 @@ namespace bisenet_fast {
 namespace {
 
 void check_on_gpu(const at::Tensor& logits, const at::Tensor& target) {
+  check_defined("ohem_cross_entropy", {{"logits", &logits}, {"target", &target}});
   TORCH_CHECK(logits.is_cuda() && target.is_cuda(), "ohem_cross_entropy (CUDA kernel): logits and target must be ",
               "CUDA tensors, got ", logits.device(), " and ", target.device());
 }

@@ -1,0 +1,49 @@
+"""The C++ ops called directly (torch.ops.bisenet_fast.*, past the Python fronts) with None for
+a Tensor argument: the dispatcher passes an undefined tensor, which every kernel refuses by
+name. (An op whose only tensor is None fails in the dispatcher itself: resize_bilinear.)"""
+import pytest
+import torch
+
+import bisenet_fast  # noqa: F401  (registers the ops)
+
+
+def valid_calls():
+    """(op name, arguments) of a valid call of each op with more than one Tensor argument."""
+    r = torch.randn
+    low = [r(1, 2, 2, 2) for _ in range(3)]
+    x2 = r(2, 2, 3, 3)
+    ge_expand = [x2, r(12, 1, 3, 3), torch.ones(12), torch.zeros(12)]
+    return {
+        "bga_aggregate": [r(1, 2, 4, 4), *low],
+        "bga_aggregate_backward": [r(1, 2, 4, 4), r(1, 2, 4, 4), *low],
+        "bga_pointwise_aggregate": [r(1, 2, 4, 4), r(2, 2), r(2), *low],
+        "ge_layer_stride1": [r(1, 2, 3, 3), r(1, 2, 3, 3), r(12, 1, 3, 3), r(12), r(2, 12), r(2)],
+        "ge_layer_stride2": [r(1, 2, 4, 4), r(1, 2, 4, 4), r(12, 1, 3, 3), r(12), r(12, 1, 3, 3), r(12), r(4, 12), r(4),
+                             r(2, 1, 3, 3), r(2), r(4, 2), r(4)],
+        "conv3x3_winograd": [r(1, 2, 4, 4), r(36, 2, 3), r(3), False],
+        "ge_expand_train": [*ge_expand, 1, True, 1e-5],
+        "ge_expand_train_backward": [r(2, 12, 3, 3), *ge_expand, torch.zeros(12), torch.ones(12), 1, True, 1e-5],
+        "ohem_cross_entropy_forward": [r(1, 3, 2, 2), torch.randint(0, 3, (1, 4, 4)), 0.7, 1, 255],
+        "ohem_cross_entropy_backward": [torch.tensor(1.0), r(1, 3, 2, 2), torch.randint(0, 3, (1, 4, 4)),
+                                        torch.tensor(0.7), 255],
+    }
+
+
+CASES = [
+    pytest.param(op, index, id=f"{op}-{index}")
+    for op, args in valid_calls().items()
+    for index, arg in enumerate(args)
+    if isinstance(arg, torch.Tensor)
+]
+
+
+@pytest.mark.parametrize("op_name, index", CASES)
+def test_none_for_a_tensor_is_refused_by_name(op_name, index):
+    op = getattr(torch.ops.bisenet_fast, op_name)
+    args = valid_calls()[op_name]
+    with torch.no_grad():
+        op(*args)  # the call is valid as it stands
+        name = op.default._schema.arguments[index].name
+        args[index] = None
+        with pytest.raises(TypeError, match=f"^[a-z_0-9]+: {name} must be a tensor, got None"):
+            op(*args)
