@@ -930,13 +930,16 @@ def test_eager_on_cuda_skips_the_label_check_only_when_told(monkeypatch):
 
 
 @requires_cuda_build
-def test_cuda_segmentor_checks_labels_once():
-    """BiSeNetV2Segmentor.loss checks the labels itself on a GPU (one synchronisation for
-    the five heads, which then skip theirs): a bad label still raises, naming it."""
+def test_cuda_segmentor_checks_labels_once(monkeypatch):
+    """On a GPU BiSeNetV2Segmentor.loss has the decode head's op check the labels (one
+    synchronisation for the five heads, which share them): a bad label still raises, naming it."""
     model = bf.BiSeNetV2Segmentor(num_classes=5).cuda().train()
     x = torch.randn(2, 3, 64, 64, device="cuda")
     target = torch.randint(0, 5, (2, 64, 64), device="cuda")
+    checks, op = [], bf.ops.ohem_cross_entropy
+    monkeypatch.setattr(bf.ops, "ohem_cross_entropy", lambda *a, **k: checks.append(k["check_labels"]) or op(*a, **k))
     losses = model.loss(x, target)
+    assert checks == [True, False, False, False, False]
     assert all(v.isfinite() for v in losses.values())
     target[1, 7, 9] = 6
     with pytest.raises(ValueError, match="label 6, which is neither a class id"):

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from bisenet_fast import ops
-from bisenet_fast.ops.ohem_cross_entropy import check_target_labels
 from bisenet_fast.models.bisenetv2 import BiSeNetV2, resize_bilinear
 from bisenet_fast.models.fcn_head import FCNHead
 
@@ -76,15 +75,14 @@ class BiSeNetV2Segmentor(nn.Module):
         if target.dim() == 4 and target.shape[1] == 1:
             target = target[:, 0]
         thresh = self.ohem_thresh if self.ohem else None
-        # On a GPU each label check is a host synchronisation: one here for the five heads.
-        # (The CPU kernel checks each label as it reads it, at no cost.)
-        checked_here = target.is_cuda
-        if checked_here:
-            check_target_labels(self.num_classes, target, self.ignore_index)
+        # The five heads read the same labels. On a GPU each label check is a host
+        # synchronisation, so the decode head's op checks them and the others skip the check
+        # (the CPU kernel checks each label as it reads it, at no cost). The check stays inside
+        # the op, where torch.compile keeps the step in one graph.
         return {
             f"{name}.loss_ce": ops.ohem_cross_entropy(
                 logits, target, thresh=thresh, min_kept=self.ohem_min_kept, ignore_index=self.ignore_index,
-                check_labels=not checked_here,
+                check_labels=index == 0 or not target.is_cuda,
             )
-            for name, logits in self.head_logits(x).items()
+            for index, (name, logits) in enumerate(self.head_logits(x).items())
         }
