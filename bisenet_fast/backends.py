@@ -143,6 +143,13 @@ def current(op: str | None = None) -> str:
     return name
 
 
+def _require_available(name: str, source: str = "") -> None:
+    if name != "auto":
+        reason = _why_unavailable(name)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r}{source} is not available: {reason}")
+
+
 @contextlib.contextmanager
 def use(name: str, ops: Iterable[str] | None = None) -> Iterator[str]:
     """Force backend `name` ('auto' restores the default choice) inside the block, for every
@@ -156,10 +163,7 @@ def use(name: str, ops: Iterable[str] | None = None) -> Iterator[str]:
         unknown = sorted(ops - set(OPS))
         if unknown:  # a misspelt name would leave that op on its default backend, silently
             raise ValueError(f"use(): unknown op name(s) {unknown}; expected names from {OPS}")
-    if name != "auto":
-        reason = _why_unavailable(name)
-        if reason is not None:
-            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+    _require_available(name)
     stack = _local.__dict__.setdefault("stack", [])
     stack.append((name, ops))
     try:
@@ -175,10 +179,7 @@ def use_or_current(name: str | None) -> contextlib.AbstractContextManager[str]:
     if name is not None:
         return use(name)
     chosen = current()
-    if chosen != "auto":
-        reason = _why_unavailable(chosen)
-        if reason is not None:
-            raise BackendUnavailableError(f"backend {chosen!r} (from {ENV_VAR}) is not available: {reason}")
+    _require_available(chosen, f" (from {ENV_VAR})")  # an enclosing use() has checked its own
     return contextlib.nullcontext(chosen)
 
 

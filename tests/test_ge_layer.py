@@ -567,11 +567,7 @@ CORRUPTIONS = {
 # What the detailed checks' message says was expected, per corruption.
 EXPECTED = {"short": "must have (x's )?shape", "reshaped": "must be 4-D|must have shape", "dtype": "must have dtype",
             "device": "must be on cpu like|must be on meta like"}
-ARGUMENT_NAMES = {
-    1: ["x", "y", "dw_weight", "dw_bias", "pw_weight", "pw_bias"],
-    2: ["x", "y", "dw0_weight", "dw0_bias", "dw1_weight", "dw1_bias", "pw_weight", "pw_bias", "sc_dw_weight",
-        "sc_dw_bias", "sc_pw_weight", "sc_pw_bias"],
-}
+ARGUMENT_NAMES = {1: ge.STRIDE1_ARGUMENTS, 2: ge.STRIDE2_ARGUMENTS}  # the schemas'
 
 
 def assert_names_the_argument(error, name, corruption):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bisenet_fast import _C  # noqa: F401  (defines the schemas read below)
 from bisenet_fast import backends
 from bisenet_fast.ops._checks import (
     FLOAT_DTYPES,
@@ -42,10 +43,9 @@ from bisenet_fast.ops._checks import (
 # Triton first: it has been run and timed on GPUs; the CUDA kernels (csrc/cuda/ge_layer.cu)
 # have been tested only as CPU-emulated block code (tests/cuda_emulation) so far.
 GPU_PREFERENCE = ("triton", "cuda")
-# The ops' argument names, as their schemas give them (error messages name these).
-STRIDE1_ARGUMENTS = ("x", "y", "dw_weight", "dw_bias", "pw_weight", "pw_bias")
-STRIDE2_ARGUMENTS = ("x", "y", "dw0_weight", "dw0_bias", "dw1_weight", "dw1_bias", "pw_weight", "pw_bias",
-                     "sc_dw_weight", "sc_dw_bias", "sc_pw_weight", "sc_pw_bias")
+# The ops' argument names, read from their schemas in csrc/ops.cpp (error messages name these).
+STRIDE1_ARGUMENTS = tuple(a.name for a in torch.ops.bisenet_fast.ge_layer_stride1.default._schema.arguments)
+STRIDE2_ARGUMENTS = tuple(a.name for a in torch.ops.bisenet_fast.ge_layer_stride2.default._schema.arguments)
 
 
 def ge_layer_stride1_reference(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
