@@ -19,6 +19,7 @@ from torch._prims_common import suggest_memory_format
 from bisenet_fast import backends
 from bisenet_fast.ops._autograd import refuse_double_backward
 from bisenet_fast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor, fake_on_one_device, plain_tensors_match
+from bisenet_fast.ops._triton_device import on_tensors_device
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -104,6 +105,7 @@ def _triton_layout(detail, *tensors):
 
 
 @torch.library.custom_op("bisenet_fast_triton::bga_aggregate", mutates_args=())
+@on_tensors_device
 def _bga_aggregate_triton(
     detail: torch.Tensor, semantic: torch.Tensor, detail_down: torch.Tensor, semantic_down: torch.Tensor
 ) -> torch.Tensor:
@@ -116,6 +118,7 @@ def _bga_aggregate_triton(
 
 
 @torch.library.custom_op("bisenet_fast_triton::bga_aggregate_backward", mutates_args=())
+@on_tensors_device
 def _bga_aggregate_backward_triton(
     grad_out: torch.Tensor,
     detail: torch.Tensor,

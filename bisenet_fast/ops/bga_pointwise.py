@@ -22,6 +22,7 @@ from torch._prims_common import suggest_memory_format
 
 from bisenet_fast import backends
 from bisenet_fast.ops._checks import check_inference_only, check_tensor, fake_on_one_device
+from bisenet_fast.ops._triton_device import on_tensors_device
 from bisenet_fast.ops.bga import TRITON_DTYPES, bga_aggregate_reference, check_bga_inputs
 
 GPU_PREFERENCE = ("triton",)  # no CUDA C++ kernel for this op
@@ -54,6 +55,7 @@ def _bga_pointwise_aggregate_fake(detail_dw, pw_weight, pw_bias, semantic, detai
 
 
 @torch.library.custom_op("bisenet_fast_triton::bga_pointwise_aggregate", mutates_args=())
+@on_tensors_device
 def _bga_pointwise_aggregate_triton(
     detail_dw: torch.Tensor,
     pw_weight: torch.Tensor,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from bisenet_fast import backends
 from bisenet_fast.ops._autograd import refuse_double_backward
 from bisenet_fast.ops._checks import FLOAT_DTYPES, check_shape, check_tensor, fake_on_one_device
+from bisenet_fast.ops._triton_device import on_tensors_device
 
 GPU_PREFERENCE = ("triton",)  # no CUDA C++ kernel for this op yet
 
@@ -104,6 +105,7 @@ def _ge_expand_train_backward_fake(grad_out, x, weight, bn_weight, bn_bias, mean
 
 
 @torch.library.custom_op("bisenet_fast_triton::ge_expand_train", mutates_args=())
+@on_tensors_device
 def _ge_expand_train_triton(
     x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, stride: int, relu: bool,
     eps: float,
@@ -120,6 +122,7 @@ def _(x, weight, bn_weight, bn_bias, stride, relu, eps):
 
 
 @torch.library.custom_op("bisenet_fast_triton::ge_expand_train_backward", mutates_args=())
+@on_tensors_device
 def _ge_expand_train_backward_triton(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
     mean: torch.Tensor, var: torch.Tensor, stride: int, relu: bool, eps: float,

@@ -39,6 +39,7 @@ from bisenet_fast.ops._checks import (
     check_tensor,
     plain_tensors_match,
 )
+from bisenet_fast.ops._triton_device import on_tensors_device
 
 # Triton first: it has been run and timed on GPUs; the CUDA kernels (csrc/cuda/ge_layer.cu)
 # have been tested only as CPU-emulated block code (tests/cuda_emulation) so far.
@@ -272,6 +273,7 @@ def _ge_layer_stride2_fake(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_
 
 
 @torch.library.custom_op("bisenet_fast_triton::ge_layer_stride1", mutates_args=())
+@on_tensors_device
 def _ge_layer_stride1_triton(
     x: torch.Tensor, y: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, pw_weight: torch.Tensor, pw_bias: torch.Tensor
 ) -> torch.Tensor:
@@ -288,6 +290,7 @@ def _(x, y, dw_weight, dw_bias, pw_weight, pw_bias):  # packed weights: pw_weigh
 
 
 @torch.library.custom_op("bisenet_fast_triton::ge_layer_stride2", mutates_args=())
+@on_tensors_device
 def _ge_layer_stride2_triton(
     x: torch.Tensor,
     y: torch.Tensor,

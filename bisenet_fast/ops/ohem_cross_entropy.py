@@ -10,6 +10,7 @@ from bisenet_fast import _C  # noqa: F401  (defines the torch.ops.bisenet_fast s
 from bisenet_fast import backends
 from bisenet_fast.ops._autograd import refuse_double_backward
 from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor, fake_on_one_device
+from bisenet_fast.ops._triton_device import on_tensors_device
 
 TARGET_DTYPES = (torch.uint8, torch.int32, torch.int64)
 # The kernels' float32 exp flushes probabilities below ~1.6e-38 (e^-87) to 0, so a smaller
@@ -140,6 +141,7 @@ def _check_triton_dtype(logits: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("bisenet_fast_triton::ohem_cross_entropy_forward", mutates_args=())
+@on_tensors_device
 def _triton_forward(
     logits: torch.Tensor, target: torch.Tensor, thresh: float | None, min_kept: int, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +153,7 @@ def _triton_forward(
 
 
 @torch.library.custom_op("bisenet_fast_triton::ohem_cross_entropy_backward", mutates_args=())
+@on_tensors_device
 def _triton_backward(
     grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, threshold: torch.Tensor, ignore_index: int
 ) -> torch.Tensor:
