@@ -13,8 +13,9 @@ def area_histograms(pred: torch.Tensor, label: torch.Tensor, num_classes: int, i
     """(intersection, predicted area, label area), each int64 (num_classes,), for one prediction."""
     if pred.shape != label.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and label {tuple(label.shape)} must have the same shape")
+    label = label.long()  # a uint8 label compared with ignore_index=-1 would compare with 255
     keep = label != ignore_index
-    pred, label = pred[keep].long(), label[keep].long()
+    pred, label = pred[keep].long(), label[keep]
     if label.numel() and (int(label.min()) < 0 or int(label.max()) >= num_classes):
         raise ValueError(f"label values must be in [0, {num_classes}) or {ignore_index}")
     hit = pred[pred == label]

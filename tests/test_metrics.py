@@ -71,6 +71,12 @@ def test_bad_labels_and_shapes_raise():
         area_histograms(t([[0, 1]]), t([[0, 7]]), 2)
 
 
+def test_uint8_labels_compare_as_integers():
+    """ignore_index=-1 does not ignore a uint8 label 255 (wrapped, it would)."""
+    with pytest.raises(ValueError, match=r"label values must be in \[0, 2\) or -1"):
+        area_histograms(t([[0, 1]]), t([[0, 255]]).to(torch.uint8), 2, ignore_index=-1)
+
+
 def test_label_equal_to_num_classes_raises():
     with pytest.raises(ValueError, match=r"label values must be in \[0, 2\)"):
         area_histograms(t([[0, 1]]), t([[0, 2]]), 2)

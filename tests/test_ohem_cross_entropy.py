@@ -459,6 +459,22 @@ def test_label_out_of_range_raises(backend, bad_label, target_dtype):
         bf.ops.ohem_cross_entropy(logits, target, thresh=0.7, min_kept=5)
 
 
+@pytest.mark.parametrize("backend", ["eager"] + cpu_backends())
+def test_uint8_labels_compare_as_integers(backend):
+    """uint8 labels against ints outside [0, 255]: 200 is a class id when there are 300
+    classes, and 255 is a bad label when ignore_index is -1 (not wrapped to uint8's 255)."""
+    logits, _ = make_inputs((1, 300, 2, 3, 4, 5))
+    target = torch.full((1, 4, 5), 200, dtype=torch.uint8)
+    with bf.backends.use(backend):
+        loss = bf.ops.ohem_cross_entropy(logits, target, thresh=None)
+    torch.testing.assert_close(loss, ohem_cross_entropy_reference(logits, target, thresh=None))
+    logits, target = make_inputs((1, 5, 3, 4, 6, 7), target_dtype=torch.uint8, ignore_index=4)
+    target[0, 2, 3] = 255
+    with bf.backends.use(backend), pytest.raises(ValueError, match="label 255, which is neither a class id in \\[0, 5\\) "
+                                                 "nor ignore_index \\(-1\\)"):
+        bf.ops.ohem_cross_entropy(logits, target, thresh=0.7, min_kept=5, ignore_index=-1)
+
+
 @pytest.mark.parametrize("backend, device", fused_backends())
 def test_broadcast_logits_and_target(backend, device):
     """Stride-0 (expanded) logits and target read as their contiguous copies."""

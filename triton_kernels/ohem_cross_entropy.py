@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from bisenet_fast.ops._checks import check_image_fits_int32
+from bisenet_fast.ops.ohem_cross_entropy import check_target_labels
 from bisenet_fast.triton_kernels.bilinear import linear_scale, linear_tap
 
 
@@ -165,16 +166,6 @@ def _blocks(num_classes: int, width: int) -> tuple[int, int]:
     return block_c, max(16, min(triton.next_power_of_2(width), 2048 // block_c))
 
 
-def _check_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    labels = target.long()
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    value = int(labels[bad][0])
-    raise ValueError(
-        f"ohem_cross_entropy: target holds label {value}, which is neither a class id in "
-        f"[0, {num_classes}) nor ignore_index ({ignore_index})"
-    )
-
-
 # Software-pipelining depth of the backward's loops. Each stage buffers the gathered logits
 # of a segment in shared memory and keeps more of them live in registers: at C=19 on sm_90,
 # two stages take 48 KiB and spill, one takes 16 KiB and 192 registers (tests/triton_sm90.py).
@@ -247,7 +238,7 @@ def forward(logits, target, thresh, min_kept, ignore_index):
     )
     n_valid, n_le_thresh, n_bad = counts.sum(0, dtype=torch.int64).tolist()  # the one sync
     if n_bad:
-        _check_labels(target, C, ignore_index)
+        check_target_labels(C, target, ignore_index)  # finds and names the first bad label
     threshold = torch.full((), thresh32, device=head.device, dtype=torch.float32)  # a fill: no host copy, no sync
     loss_sum = sums[:, 0 if thresh is None else 1].sum(dtype=torch.float64)
     if thresh is not None and n_valid > 0:

@@ -72,12 +72,15 @@ def check_ohem_inputs(logits, target, thresh, min_kept, ignore_index) -> None:
 
 
 def check_target_labels(num_classes, target, ignore_index) -> None:
-    """Labels other than ignore_index must be class ids in [0, num_classes)."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    """Labels other than ignore_index must be class ids in [0, num_classes). Compared as int64:
+    a uint8 target compared with an int outside [0, 255] (ignore_index=-1, 300 classes) would
+    compare with the int wrapped to uint8."""
+    labels = target.long()
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
-        value = int(target[bad][0])
+        value = int(labels[bad][0])
         raise ValueError(
-            f"target holds label {value}, which is neither a class id in [0, {num_classes}) "
+            f"ohem_cross_entropy: target holds label {value}, which is neither a class id in [0, {num_classes}) "
             f"nor ignore_index ({ignore_index})"
         )
 
