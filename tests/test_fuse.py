@@ -174,6 +174,19 @@ def test_bad_input_is_refused_naming_it(segmentor, image):
         torch.testing.assert_close(fused(image.double()), fused(image))
 
 
+def test_empty_or_non_tensor_input_is_refused_at_the_model(segmentor):
+    """An empty batch failed deep inside (an inner op's 'x must be non-empty, got shape
+    (0, 64, 32, 32)', not the caller's shape), and a non-tensor failed on `.device`
+    (AttributeError) before the input check ran: both are named at the model's input."""
+    fused = segmentor.fuse()
+    with torch.no_grad():
+        for model in (fused, fused.backbone):
+            with pytest.raises(ValueError, match=r"x must be non-empty, got shape \(0, 3, 64, 64\)"):
+                model(torch.empty(0, 3, 64, 64))
+            with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got ndarray"):
+                model(torch.zeros(1, 3, 64, 64).numpy())
+
+
 def test_bad_dtype(segmentor):
     with pytest.raises(ValueError, match="fuse\\(dtype=...\\) must be one of"):
         segmentor.fuse(dtype=torch.float64)

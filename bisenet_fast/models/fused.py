@@ -44,7 +44,7 @@ from bisenet_fast.models.bisenetv2 import (
 )
 from bisenet_fast.models.conv_module import ConvModule
 from bisenet_fast.models.fcn_head import FCNHead
-from bisenet_fast.ops._checks import FLOAT_DTYPES, check_tensor
+from bisenet_fast.ops._checks import FLOAT_DTYPES, check_non_empty, check_tensor
 from bisenet_fast.ops.ge_layer import GPU_PREFERENCE as GE_GPU_PREFERENCE
 
 INFERENCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -336,7 +336,17 @@ def _autocast_off(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _check_input(x) -> None:
+    """The model's input, named as the caller passed it: a 4-D floating tensor (any floating
+    dtype is cast to the model's; an integer image, raw 0-255 pixels not normalised, would give
+    meaningless logits, and the eager model refuses it too) with at least one image (an empty
+    batch would otherwise fail inside an inner op, naming an intermediate shape)."""
+    check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES)
+    check_non_empty("x", x)
+
+
 def _prepare_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (checked by _check_input) in the model's dtype, channels_last."""
     if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError(
             "the fused model is inference-only (BN folded, no backward): call it under torch.no_grad() or "
@@ -347,9 +357,6 @@ def _prepare_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             f"the fused model holds {dtype} weights (cast by .to()/.double()?); it runs in one of "
             f"{INFERENCE_DTYPES}: cast it to one of those, or fuse(dtype=...) the unfused model again"
         )
-    # Any floating dtype is cast to the model's; an integer image (raw 0-255 pixels, not
-    # normalised) would give meaningless logits, and the eager model refuses it too.
-    check_tensor("x", x, dim=4, dtypes=FLOAT_DTYPES)
     return x.to(dtype=dtype, memory_format=torch.channels_last)
 
 
@@ -396,6 +403,7 @@ class FusedBiSeNetV2(InferenceModule):
         return _buffer_dtype(self)
 
     def forward(self, x):
+        _check_input(x)  # before _autocast_off reads x.device
         with _autocast_off(x):
             x = _prepare_input(x, self.dtype)
             x_detail = self.detail(x)
@@ -435,6 +443,7 @@ class FusedBiSeNetV2Segmentor(InferenceModule):
         return _buffer_dtype(self)
 
     def forward(self, x):
+        _check_input(x)
         size = x.shape[-2:]
         with _autocast_off(x):
             logits = self.decode_head(self.backbone(x))
