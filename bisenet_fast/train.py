@@ -222,11 +222,38 @@ def format_eta(seconds: float) -> str:
 
 
 class CsvLog:
-    def __init__(self, path: Path, fields):
+    """A CSV file of rows keyed by 'iteration', appended to as the run goes.
+
+    start: the iteration this run starts from (the checkpoint resumed, or 0). An existing file's
+    rows past it (and at it, with keep_start False) are dropped first: this run writes them
+    anew, and a run that died after its last checkpoint (a crash, a killed job) had already
+    written them, so appending alone would repeat those iterations."""
+
+    def __init__(self, path: Path, fields, start: int = 0, keep_start: bool = True):
         self.path, self.fields = path, list(fields)
         if not path.exists():
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(self.fields)
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or "iteration" not in rows[0]:
+            return
+        column = rows[0].index("iteration")
+
+        def kept(row) -> bool:
+            try:
+                iteration = int(row[column])
+            except (IndexError, ValueError):
+                return True
+            return iteration < start or (keep_start and iteration == start)
+
+        body = [row for row in rows[1:] if kept(row)]
+        if len(body) != len(rows) - 1:
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([rows[0], *body])
+            os.replace(tmp, path)
 
     def write(self, row: dict):
         with open(self.path, "a", newline="") as f:
@@ -318,8 +345,13 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
         say(f"warning: recipe {recipe.get('name')} was published for {published_gpus} GPUs; this run has "
             f"{ctx.world_size} x {batch} = {ctx.world_size * batch} images per step (the lr is not rescaled)")
     log_interval = recipe.get("log_interval", DEFAULT_LOG_INTERVAL)
-    loss_log = CsvLog(work_dir / "log.csv", ["iteration", "lr", "loss", *LOSS_KEYS, "seconds"]) if ctx.is_main else None
-    eval_log = CsvLog(work_dir / "eval.csv", ["iteration", "mIoU", "mAcc", "aAcc"]) if ctx.is_main else None
+    # Rows past the starting iteration came from a run that died after its last checkpoint (or
+    # from an earlier run in this work_dir): this run logs those iterations again. An evaluation
+    # still pending at the checkpoint runs again too, so its row (if one was written) goes as well.
+    loss_log = CsvLog(work_dir / "log.csv", ["iteration", "lr", "loss", *LOSS_KEYS, "seconds"],
+                      start_iteration) if ctx.is_main else None
+    eval_log = CsvLog(work_dir / "eval.csv", ["iteration", "mIoU", "mAcc", "aAcc"], start_iteration,
+                      keep_start=not (eval_pending and val_set is not None)) if ctx.is_main else None
     stop = StopRequest().install()
     result = {"iteration": start_iteration, "checkpoint": None, "metrics": None, "stopped_by": None}
 

@@ -477,6 +477,32 @@ def test_resuming_past_the_schedule_is_an_error_and_at_its_end_trains_nothing(ti
         train(recipe, tmp_path, backend="eager", threads=1, resume="auto", log=None)
 
 
+def test_resuming_after_a_crash_logs_each_iteration_once(tiny_data, tmp_path):
+    """A run that dies after its last checkpoint (an OOM kill, a lost node: no SIGTERM
+    checkpoint) has already logged the iterations past it; the resumed run logs them again.
+    log.csv and eval.csv must then read as a run never stopped, not repeat those rows."""
+    recipe = tiny_recipe(tiny_data, iters=6)
+    recipe.update(checkpoint_interval=4, eval_interval=2)
+    full = train(copy.deepcopy(recipe), tmp_path / "full", backend="eager", threads=1, seed=3, log=None)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_iteration_5(line, **_):
+        if line.startswith("iter 5/"):
+            raise Crash
+
+    with pytest.raises(Crash):  # after evaluating iteration 2, checkpointing 4, evaluating 4, logging 5
+        train(copy.deepcopy(recipe), tmp_path / "crash", backend="eager", threads=1, seed=3, log=crash_after_iteration_5)
+    resumed = train(copy.deepcopy(recipe), tmp_path / "crash", backend="eager", threads=1, seed=3, resume="auto",
+                    log=None)
+    assert full["iteration"] == resumed["iteration"] == 6
+    assert read_log(tmp_path / "crash") == read_log(tmp_path / "full")
+    assert [r["iteration"] for r in read_log(tmp_path / "crash")] == ["1", "2", "3", "4", "5", "6"]
+    evals = [Path(tmp_path / d / "eval.csv").read_text() for d in ("full", "crash")]
+    assert evals[0] == evals[1] and [line.split(",")[0] for line in evals[1].splitlines()[1:]] == ["2", "4", "6"]
+
+
 def test_a_stop_before_an_evaluation_leaves_it_to_the_resumed_run(tiny_data, tmp_path):
     """SIGTERM at an evaluation iteration checkpoints at once; the resumed run evaluates that
     checkpoint first, so eval.csv has every scheduled row, as a run never stopped has."""
