@@ -8,8 +8,9 @@
 Per iteration: lr from the 0.x poly-with-warmup schedule, forward under autocast (AMP
 recipes), the five head losses (OHEM per recipe), backward (static loss scale 512 for
 float16: steps with a non-finite loss or inf/NaN gradients are skipped, the scale never
-changes), SGD step. A NaN or inf loss stops float32/bfloat16 runs at once, float16 runs
-after MAX_SKIPPED_STEPS skipped steps in a row.
+changes, and each skipped step is reported), SGD step. A NaN or inf loss stops
+float32/bfloat16 runs at once, float16 runs after MAX_SKIPPED_STEPS skipped steps in a row,
+for either reason.
 Checkpoints (atomic) every checkpoint_interval iterations and on SIGTERM/SIGINT; mIoU on the
 val split every eval_interval iterations; a progress line and log.csv / eval.csv in work_dir.
 log.csv has each head's loss averaged over the log interval and the ranks, as mmcv logs it,
@@ -214,6 +215,25 @@ def non_finite_error(bad: list[str], iteration: int, steps_in_a_row: int = 1) ->
         f"in {steps_in_a_row} steps in a row, the last at iteration {iteration + 1},"
     return NonFiniteLossError(f"non-finite loss {where} in head(s): {', '.join(bad)}; stopping (lower the lr, or "
                               "resume from the last checkpoint)")
+
+
+def gradients_overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """After scaler.step(optimizer) and before scaler.update(): whether the scaler skipped the
+    step for inf/NaN gradients. (GradScaler keeps that only in a private record, the one its own
+    step() reads; False where it is absent or the scaler is disabled.)"""
+    if not scaler.is_enabled():
+        return False
+    found = getattr(scaler, "_found_inf_per_device", None)
+    if found is None:
+        return False
+    return any(bool(v.item()) for v in found(optimizer).values())
+
+
+def gradient_overflow_error(iteration: int, steps_in_a_row: int, loss_scale: float) -> NonFiniteLossError:
+    return NonFiniteLossError(f"inf/NaN gradients in {steps_in_a_row} steps in a row, the last at iteration "
+                              f"{iteration + 1}: the float16 static loss scale {loss_scale:g} overflows them and "
+                              "every such step is skipped, so the model is not training; stopping (train in "
+                              "float32 or bfloat16, or with larger crops, or resume from the last checkpoint)")
 
 
 def format_eta(seconds: float) -> str:
@@ -424,10 +444,10 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 bad = non_finite_heads(losses, ctx)
                 if bad and not scaler.is_enabled():
                     raise non_finite_error(bad, iteration)
-                skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
-                if skipped_in_a_row >= MAX_SKIPPED_STEPS:
-                    raise non_finite_error(bad, iteration, skipped_in_a_row)
                 if bad:
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                        raise non_finite_error(bad, iteration, skipped_in_a_row)
                     say(f"iteration {iteration + 1}: non-finite loss in head(s) {', '.join(bad)}; step skipped "
                         "(float16 static loss scale)", flush=True)
                 total = sum(losses[k] for k in LOSS_KEYS)
@@ -436,6 +456,17 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 scaler.scale(total).backward()
                 if not bad:
                     scaler.step(optimizer)
+                    # A finite loss whose float16 gradients overflowed at the static scale: the
+                    # GradScaler skipped this step too (as mmcv's does). The gradients were
+                    # all_reduced, so every rank finds the same.
+                    if gradients_overflowed(scaler, optimizer):
+                        skipped_in_a_row += 1
+                        if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                            raise gradient_overflow_error(iteration, skipped_in_a_row, loss_scale)
+                        say(f"iteration {iteration + 1}: inf/NaN gradients at the float16 static loss scale "
+                            f"{loss_scale:g}; step skipped", flush=True)
+                    else:
+                        skipped_in_a_row = 0
                 if scaler.is_enabled():
                     scaler.update(loss_scale)
                 done = iteration + 1

@@ -659,6 +659,54 @@ def test_float16_stops_after_too_many_skipped_steps_in_a_row(tiny_data, tmp_path
         train(float16_recipe(tiny_data, iters=4), tmp_path, backend="eager", threads=1, log=None)
 
 
+class _InfGradient(torch.autograd.Function):
+    """Identity forward; inf gradient backward: a finite loss whose float16 gradients overflow."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _inf_gradients_on_calls(monkeypatch, calls):
+    """The decode head's loss stays finite, but its gradients are inf on the given forward calls."""
+    loss, count = bf.BiSeNetV2Segmentor.loss, [0]
+
+    def overflowing_gradients(self, images, labels):
+        losses = loss(self, images, labels)
+        count[0] += 1
+        if count[0] in calls:
+            losses["decode.loss_ce"] = _InfGradient.apply(losses["decode.loss_ce"])
+        return losses
+
+    monkeypatch.setattr(bf.BiSeNetV2Segmentor, "loss", overflowing_gradients)
+
+
+def test_float16_reports_a_step_skipped_for_overflowing_gradients(tiny_data, tmp_path, monkeypatch):
+    """The static GradScaler also skips a step whose loss is finite but whose float16 gradients
+    overflow (at small crops every step can): the run must say so, not train nothing silently."""
+    _inf_gradients_on_calls(monkeypatch, {2})
+    steps = count_optimizer_steps(monkeypatch)
+    messages = []
+    result = train(float16_recipe(tiny_data, iters=3), tmp_path, backend="eager", threads=1,
+                   log=lambda *a, **k: messages.append(a[0]))
+    assert result["iteration"] == 3 and len(steps) == 2
+    assert any("iteration 2: inf/NaN gradients at the float16 static loss scale 512; step skipped" in m
+               for m in messages)
+    assert math.isfinite(float(read_log(tmp_path)[1]["decode.loss_ce"]))
+
+
+def test_float16_stops_after_too_many_skipped_steps_of_either_kind(tiny_data, tmp_path, monkeypatch):
+    _inf_gradients_on_calls(monkeypatch, {2, 4})
+    _inf_decode_loss_on_calls(monkeypatch, {3})
+    monkeypatch.setattr(sys.modules["bisenet_fast.train"], "MAX_SKIPPED_STEPS", 3)
+    with pytest.raises(NonFiniteLossError, match=r"inf/NaN gradients in 3 steps in a row, the last at iteration 4"):
+        train(float16_recipe(tiny_data, iters=5), tmp_path, backend="eager", threads=1, log=None)
+
+
 def test_a_missing_val_split_fails_before_training(tmp_path):
     data_root = generate(tmp_path / "data", num_train=2, num_val=1, height=32, width=64)
     for path in sorted((data_root / "leftImg8bit" / "val").rglob("*.png"), reverse=True):
