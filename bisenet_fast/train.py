@@ -422,6 +422,9 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 run_eval(start_iteration)
             if start_iteration == max_iters:
                 say(f"iteration {start_iteration} is this run's last (max_iters): nothing left to train")
+            end = max_iters if stop_after is None else min(max_iters, max(stop_after, start_iteration))
+            if start_iteration == end < max_iters:
+                say(f"iteration {start_iteration} is at or past --stop-after ({stop_after}): nothing to train")
             batches = iter(loader)
             tick = time.perf_counter()
             window_start, window_iters = tick, 0
@@ -432,7 +435,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 loss_sums.copy_(log_window["loss_sums"])
                 summed_iters = log_window["iterations"]
             skipped_in_a_row = 0
-            for iteration in range(start_iteration, max_iters):
+            for iteration in range(start_iteration, end):
                 lr = lr_at(iteration, recipe)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -499,7 +502,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                     say(f"{result['stopped_by']}: stopped after iteration {done}; resume with --resume "
                         f"{result['checkpoint'] or 'auto'}", flush=True)
                     return result
-                last = done == max_iters or (stop_after is not None and done >= stop_after)
+                last = done == end
                 if done % recipe["checkpoint_interval"] == 0 or last:
                     checkpoint(done)
                 if is_eval_iteration(done):

@@ -477,6 +477,18 @@ def test_resuming_past_the_schedule_is_an_error_and_at_its_end_trains_nothing(ti
         train(recipe, tmp_path, backend="eager", threads=1, resume="auto", log=None)
 
 
+def test_resuming_at_or_past_stop_after_trains_nothing(tiny_data, tmp_path, monkeypatch):
+    recipe = tiny_recipe(tiny_data)
+    train(copy.deepcopy(recipe), tmp_path, backend="eager", threads=1, stop_after=3, log=None)
+    steps = count_optimizer_steps(monkeypatch)
+    for stop_after in (3, 2):
+        messages = []
+        result = train(copy.deepcopy(recipe), tmp_path, backend="eager", threads=1, stop_after=stop_after,
+                       resume="auto", log=lambda *a, **k: messages.append(a[0]))
+        assert result["iteration"] == 3 and not steps
+        assert f"iteration 3 is at or past --stop-after ({stop_after}): nothing to train" in messages
+
+
 def test_resuming_after_a_crash_logs_each_iteration_once(tiny_data, tmp_path):
     """A run that dies after its last checkpoint (an OOM kill, a lost node: no SIGTERM
     checkpoint) has already logged the iterations past it; the resumed run logs them again.
