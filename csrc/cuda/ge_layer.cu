@@ -51,8 +51,19 @@ ge_cuda::DeviceCaps device_caps() {
   return {props->multiProcessorCount, props->major >= 8};
 }
 
+// x picks the device guard, so it is checked before the guard is made: the dispatcher sends a
+// call here when any argument is a CUDA tensor, and a guard on an undefined x (None in a direct
+// torch.ops call) or on a CPU x would fail naming nothing ("tensor does not have a device",
+// "CUDAGuardImpl initialized with non-CUDA DeviceType"). The other arguments are checked
+// against x by check_ge_stride1/2.
+void check_x_on_gpu(const char* op, const at::Tensor& x) {
+  check_defined(op, {{"x", &x}});
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor for this kernel, got ", x.device());
+}
+
 at::Tensor ge_layer_stride1_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& dw_weight,
                                  const at::Tensor& dw_bias, const at::Tensor& pw_weight, const at::Tensor& pw_bias) {
+  check_x_on_gpu("ge_layer_stride1", x);
   const c10::cuda::CUDAGuard guard(x.device());
   return ge_cuda::ge_layer_stride1<GeCudaLauncher>(x, y, dw_weight, dw_bias, pw_weight, pw_bias, device_caps());
 }
@@ -62,6 +73,7 @@ at::Tensor ge_layer_stride2_cuda(const at::Tensor& x, const at::Tensor& y, const
                                  const at::Tensor& pw_weight, const at::Tensor& pw_bias,
                                  const at::Tensor& sc_dw_weight, const at::Tensor& sc_dw_bias,
                                  const at::Tensor& sc_pw_weight, const at::Tensor& sc_pw_bias) {
+  check_x_on_gpu("ge_layer_stride2", x);
   const c10::cuda::CUDAGuard guard(x.device());
   return ge_cuda::ge_layer_stride2<GeCudaLauncher>(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight,
                                                    pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias,
