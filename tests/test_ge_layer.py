@@ -773,3 +773,23 @@ def test_emulated_float32_gemm_follows_cudnn_tf32_flag(stride, monkeypatch):
         matmul.allow_tf32 = saved
     assert torch.equal(not_tf32, fma)
     assert not torch.equal(tf32, fma)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch.backends.cudnn.conv.fp32_precision "
+                    "(the new TF32 API) needs torch >= 2.8")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_emulated_float32_gemm_follows_the_new_cudnn_conv_precision_api(stride):
+    """torch.backends.cudnn.conv.fp32_precision alone (the API PyTorch recommends) leaves the
+    RNN flag as it was: the kernel must ask for the conv flag, since asking cuDNN's flag
+    without an op raises when the two differ (every float32 call then failed)."""
+    args = make_inputs(1, 16, 16 if stride == 1 else 32, stride, 8 * stride, 8 * stride)
+    fma = run_emulated(stride, args, tensor_cores=False)
+    conv, rnn = torch.backends.cudnn.conv, torch.backends.cudnn.rnn
+    saved = conv.fp32_precision, rnn.fp32_precision  # (monkeypatch cannot restore these properties)
+    try:
+        conv.fp32_precision, rnn.fp32_precision = "ieee", "tf32"
+        assert torch.equal(run_emulated(stride, args), fma)
+        conv.fp32_precision, rnn.fp32_precision = "tf32", "ieee"
+        assert not torch.equal(run_emulated(stride, args), fma)
+    finally:
+        conv.fp32_precision, rnn.fp32_precision = saved

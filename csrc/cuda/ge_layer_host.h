@@ -11,6 +11,8 @@
 #include <ATen/Context.h>
 
 #include <climits>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -81,16 +83,41 @@ struct DeviceCaps {
   bool tensor_cores;  // wmma with bfloat16 and TF32 operands: compute capability 8.0+
 };
 
+// Whether cuDNN's convolutions may use TF32, asked as cuDNN's conv asks it. Context's
+// allowTF32CuDNN was () up to torch 2.7, then (const std::string& op), then
+// (std::optional<Float32Op> op); picked by its type, so every supported torch compiles this.
+// Asked without the op, torch >= 2.8 raises when the conv and RNN flags differ, as they do
+// after torch.backends.cudnn.conv.fp32_precision = "ieee" (its new API, set alone).
+template <typename Method>
+struct CudnnConvTf32;
+template <typename C>
+struct CudnnConvTf32<bool (C::*)() const> {
+  static bool get(const C& context) { return context.allowTF32CuDNN(); }
+};
+template <typename C>
+struct CudnnConvTf32<bool (C::*)(const std::string&) const> {
+  static bool get(const C& context) { return context.allowTF32CuDNN("conv"); }
+};
+template <typename C, typename Op>
+struct CudnnConvTf32<bool (C::*)(std::optional<Op>) const> {
+  static bool get(const C& context) { return context.allowTF32CuDNN(Op::CONV); }
+};
+
+inline bool cudnn_conv_allows_tf32() {
+  return CudnnConvTf32<decltype(&at::Context::allowTF32CuDNN)>::get(at::globalContext());
+}
+
 // float16/bfloat16 multiply on tensor cores (their products are exact in float32, and the
 // expanded values are rounded to the input dtype, as eager's intermediate tensors are);
-// float32 too, in TF32, where cuDNN's convs may use TF32 (torch.backends.cudnn.allow_tf32,
-// PyTorch's default, so the fused layer rounds like the eager one); else float32 FMAs.
+// float32 too, in TF32, where cuDNN's convs may use TF32 (torch.backends.cudnn.allow_tf32 or
+// torch.backends.cudnn.conv.fp32_precision, TF32 by PyTorch's default, so the fused layer
+// rounds like the eager one); else float32 FMAs.
 inline Gemm choose_gemm(const char* op, at::ScalarType dtype, const DeviceCaps& caps) {
   if (dtype != at::kFloat) {
     TORCH_CHECK(caps.tensor_cores, op, " (cuda): float16 and bfloat16 need a GPU of compute capability 8.0 or newer");
     return Gemm::kTensorCores;
   }
-  return caps.tensor_cores && at::globalContext().allowTF32CuDNN() ? Gemm::kTensorCores : Gemm::kFma;
+  return caps.tensor_cores && cudnn_conv_allows_tf32() ? Gemm::kTensorCores : Gemm::kFma;
 }
 
 inline int operand_bytes(at::ScalarType dtype, Gemm gemm) {
