@@ -184,6 +184,23 @@ def test_triton_odd_sizes_more_than_one_block(stride):
 
 
 @requires_triton
+def test_triton_pixel_split_past_32_bit_planes():
+    """The (n, oh, ow) split shared by the GE kernels (ge_expand_train's and ge_layer's) at
+    a plane of 46341 x 46341 > 2**31 pixels, which the ops accept: the sizes are 32-bit
+    arguments, so a split through their product wrapped it (to a negative divisor) and gave
+    negative image indices (from the plane's last 9266 pixels on). Probed with a kernel of its
+    own: no such tensor fits a test."""
+    from tests.triton_probes import split_pixels
+
+    side = 46341
+    plane = side * side
+    assert plane >= 2**31
+    offsets = [0, 1, side, plane - 1, plane, plane + side + 3, 3 * plane + 7 * side + 5, 2**40 + 12345]
+    expected = [(o // plane, o // side % side, o % side) for o in offsets]
+    assert split_pixels(offsets, side, side, triton_device()) == expected
+
+
+@requires_triton
 @pytest.mark.parametrize("dtype, rel", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)])
 def test_triton_low_precision_with_float32_bn_params(dtype, rel):
     x, weight, bn_weight, bn_bias = (t.detach().to(triton_device()) for t in make_inputs(2, 4, 6, 7, 8))

@@ -42,10 +42,25 @@ def _conv_block(x_ptr, w_ptr, m, n, oh, ow, mask, H, W, CIN: tl.constexpr, RATIO
 
 
 @triton.jit
+def _plane(H, W):
+    """H * W as int64. The sizes are 32-bit arguments (or constants where Triton specialises
+    them): their own product would wrap for a plane of 2**31 or more pixels, which the ops
+    accept, before it met the 64-bit offsets."""
+    return tl.cast(H, tl.int64) * W
+
+
+@triton.jit
+def _split_pixels(offs, HO, WO):
+    """(n, oh, ow) of flat NHW positions offs (int64)."""
+    return offs // _plane(HO, WO), (offs // WO) % HO, offs % WO
+
+
+@triton.jit
 def _pixels(P, HO, WO, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
-    return offs, mask, offs // (HO * WO), (offs // WO) % HO, offs % WO
+    n, oh, ow = _split_pixels(offs, HO, WO)
+    return offs, mask, n, oh, ow
 
 
 @triton.jit
@@ -55,7 +70,7 @@ def _fwd_conv_stats_kernel(x_ptr, w_ptr, out_ptr, psum_ptr, pm2_ptr, P, H, W, HO
     m = tl.program_id(1)
     offs, mask, n, oh, ow = _pixels(P, HO, WO, BLOCK)
     z = _conv_block(x_ptr, w_ptr, m, n, oh, ow, mask, H, W, CIN, RATIO, STRIDE)
-    tl.store(out_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow, z.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + (n * MID + m) * _plane(HO, WO) + oh * WO + ow, z.to(out_ptr.dtype.element_ty), mask=mask)
     count = tl.sum(mask.to(tl.float32), axis=0)
     block_sum = tl.sum(tl.where(mask, z, 0.0), axis=0)
     dev = tl.where(mask, z - block_sum / count, 0.0)
@@ -69,7 +84,7 @@ def _fwd_apply_kernel(out_ptr, scale_ptr, shift_ptr, P, HO, WO, MID: tl.constexp
                       BLOCK: tl.constexpr):
     m = tl.program_id(1)
     offs, mask, n, oh, ow = _pixels(P, HO, WO, BLOCK)
-    ptr = out_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow
+    ptr = out_ptr + (n * MID + m) * _plane(HO, WO) + oh * WO + ow
     o = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) * tl.load(scale_ptr + m) + tl.load(shift_ptr + m)
     if RELU:
         o = tl.where(o < 0, 0.0, o)  # NaN stays NaN, as torch.relu keeps it (tl.maximum would drop it)
@@ -82,7 +97,7 @@ def _dy_xhat(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
     """(dy, x_hat) at the BN output of channel m: dy is grad_out masked by the ReLU."""
     z = _conv_block(x_ptr, w_ptr, m, n, oh, ow, mask, H, W, CIN, RATIO, STRIDE)
     xhat = (z - tl.load(mean_ptr + m)) * tl.load(invstd_ptr + m)
-    dy = tl.load(grad_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(grad_ptr + (n * MID + m) * _plane(HO, WO) + oh * WO + ow, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         # The output the forward wrote, computed and rounded as it did (z stored in the
         # activations' dtype, then scale and shift): the same ReLU mask bit for bit, also
@@ -117,7 +132,7 @@ def _bwd_grad_z_kernel(grad_ptr, x_ptr, w_ptr, mean_ptr, invstd_ptr, scale_ptr, 
     k = tl.load(scale_ptr + m)  # gamma * invstd
     dz = k * (dy - tl.load(mean_dy_ptr + m) - xhat * tl.load(mean_dyx_ptr + m))
     dz = tl.where(mask, dz, 0.0)
-    tl.store(dz_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow, dz, mask=mask)
+    tl.store(dz_ptr + (n * MID + m) * _plane(HO, WO) + oh * WO + ow, dz, mask=mask)
     plane = (n * CIN + m // RATIO) * H
     slot = (m * tl.num_programs(0) + tl.program_id(0)) * 9
     for tap in tl.static_range(9):
@@ -134,9 +149,7 @@ def _bwd_grad_x_kernel(dz_ptr, w_ptr, gx_ptr, P_IN, H, W, HO, WO, CIN: tl.conste
     c = tl.program_id(1)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P_IN
-    iw = offs % W
-    ih = (offs // W) % H
-    n = offs // (H * W)
+    n, ih, iw = _split_pixels(offs, H, W)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for tap in range(9):  # a loop: unrolled, its 9 x RATIO hoisted gathers spilled on sm_90
         # Output pixel (oh, ow) reads input (oh*STRIDE + ky - 1, ow*STRIDE + kx - 1).
@@ -147,9 +160,9 @@ def _bwd_grad_x_kernel(dz_ptr, w_ptr, gx_ptr, P_IN, H, W, HO, WO, CIN: tl.conste
         valid = mask & (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0) & (oh < HO) & (ow < WO)
         for r in tl.static_range(RATIO):
             m = c * RATIO + r
-            d = tl.load(dz_ptr + (n * MID + m) * (HO * WO) + oh * WO + ow, mask=valid, other=0.0)
+            d = tl.load(dz_ptr + (n * MID + m) * _plane(HO, WO) + oh * WO + ow, mask=valid, other=0.0)
             acc += d * tl.load(w_ptr + m * 9 + tap).to(tl.float32)
-    tl.store(gx_ptr + (n * CIN + c) * (H * W) + ih * W + iw, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gx_ptr + (n * CIN + c) * _plane(H, W) + ih * W + iw, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_dtype(x: torch.Tensor) -> None:
