@@ -459,6 +459,27 @@ def test_triton_rejects_a_row_beyond_32_bit_positions(monkeypatch):
     check_forward_sizes(channels_last, channels_last=False)  # NCHW rows of 32768 values are fine
 
 
+@requires_triton
+def test_triton_rejects_a_semantic_row_beyond_32_bit_positions(monkeypatch):
+    """The forward's bilinear taps address a row of semantic (and of gated, its size) with
+    32-bit positions too, and semantic may be wider than detail: a row of 2**31 values there
+    is refused like one of detail, before the op copies anything, not read at wrapped
+    (negative) offsets."""
+    from bisenet_fast.triton_kernels.bga import check_forward_sizes
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copied before the size check"))
+    device = triton_device()
+    detail = torch.zeros(1, 1, 1, 1, device=device)
+    wide = torch.zeros(1, 1, 1, 1, device=device).expand(1, 1, 1, 2**31)  # a view: nothing allocated
+    with torch.no_grad(), pytest.raises(ValueError, match=r"a row of semantic holds 2147483648 values .* 2\*\*31"):
+        torch.ops.bisenet_fast_triton.bga_aggregate(detail, wide, wide, wide)
+    detail = torch.empty(1, 128, 4, 4, device="meta", memory_format=torch.channels_last)
+    semantic = torch.empty(1, 128, 1, 2**24, device="meta", memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"semantic holds 2147483648 values \(shape \(1, 128, 1, 16777216\), channels_last"):
+        check_forward_sizes(detail, True, semantic)
+    check_forward_sizes(detail, False, semantic)  # NCHW rows of 2**24 values are fine
+
+
 # --- the model ----------------------------------------------------------------------------
 
 

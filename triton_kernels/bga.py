@@ -163,17 +163,22 @@ def _geometry(detail: torch.Tensor, semantic: torch.Tensor, channels_last: bool)
     return H, W, h, w, (c if channels_last else 1)
 
 
-def check_forward_sizes(detail: torch.Tensor, channels_last: bool) -> None:
+def check_forward_sizes(detail: torch.Tensor, channels_last: bool, semantic: torch.Tensor | None = None) -> None:
     """The forward's limits, checked before the op copies anything: a row per grid y, and
-    32-bit positions within a row (W values, times C in channels_last)."""
+    32-bit positions within a row (W values, times C in channels_last) of detail and of
+    semantic (whose taps' positions in a row, ci * K + k, are 32-bit too; semantic may be
+    wider than detail: any h, w)."""
     _n, c, H, W = detail.shape
     if H > MAX_GRID_Y:
         raise ValueError(f"bga_aggregate (Triton kernel): detail height must be <= {MAX_GRID_Y}, got {H}")
-    row = W * (c if channels_last else 1)
-    if row >= 2**31:
-        raise ValueError(f"bga_aggregate (Triton kernel): a row of detail holds {row} values (shape "
-                         f"{tuple(detail.shape)}{', channels_last' if channels_last else ''}), which must be "
-                         "fewer than 2**31; use the cpp or cuda backend")
+    for name, t in (("detail", detail), ("semantic", semantic)):
+        if t is None:
+            continue
+        row = t.shape[-1] * (c if channels_last else 1)
+        if row >= 2**31:
+            raise ValueError(f"bga_aggregate (Triton kernel): a row of {name} holds {row} values (shape "
+                             f"{tuple(t.shape)}{', channels_last' if channels_last else ''}), which must be "
+                             "fewer than 2**31; use the cpp or cuda backend")
 
 
 def bga_forward(detail, semantic, detail_down, semantic_down, channels_last: bool) -> torch.Tensor:

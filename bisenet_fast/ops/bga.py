@@ -112,7 +112,7 @@ def _bga_aggregate_triton(
     from bisenet_fast.triton_kernels.bga import bga_forward, check_forward_sizes
 
     check_bga_inputs(detail, semantic, detail_down, semantic_down)  # also when called as torch.ops directly
-    check_forward_sizes(detail, suggest_memory_format(detail) == torch.channels_last)
+    check_forward_sizes(detail, suggest_memory_format(detail) == torch.channels_last, semantic)
     channels_last, tensors = _triton_layout(detail, semantic, detail_down, semantic_down)
     return bga_forward(*tensors, channels_last=channels_last)
 
