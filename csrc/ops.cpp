@@ -4,6 +4,8 @@
 // Python (bisenet_fast/ops/).
 #include <torch/extension.h>
 
+#include "common/cudnn_tf32.h"
+
 #ifndef BISENET_FAST_CUDA_ARCHS
 #define BISENET_FAST_CUDA_ARCHS ""
 #endif
@@ -105,4 +107,6 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(_C, module) {
   module.def("build_info", &build_info, "What this build of bisenet_fast._C contains.");
+  module.def("cudnn_conv_allows_tf32", &bisenet_fast::cudnn_conv_allows_tf32,
+             "Whether cuDNN's convolutions may use TF32 now (the rule the CUDA GE layer follows).");
 }

@@ -793,3 +793,30 @@ def test_emulated_float32_gemm_follows_the_new_cudnn_conv_precision_api(stride):
         assert not torch.equal(run_emulated(stride, args), fma)
     finally:
         conv.fp32_precision, rnn.fp32_precision = saved
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch.backends.cudnn.conv.fp32_precision "
+                    "(the new TF32 API) needs torch >= 2.8")
+@requires_triton
+def test_triton_float32_dots_follow_cudnn_conv_tf32_as_the_cuda_kernel_does(monkeypatch):
+    """The Triton GE and BGA-pointwise kernels pick TF32 by the CUDA kernel's rule (cuDNN's
+    conv flag), also in the state the new API alone leaves, where the old
+    torch.backends.cudnn.allow_tf32 getter raises because the conv and RNN flags differ."""
+    from bisenet_fast.triton_kernels import bga_pointwise, ge_layer
+
+    def precisions():
+        return bf._C.cudnn_conv_allows_tf32(), ge_layer._fp32_dot_precision(), bga_pointwise.dot_precision(torch.float32)
+
+    conv, rnn = torch.backends.cudnn.conv, torch.backends.cudnn.rnn
+    saved = conv.fp32_precision, rnn.fp32_precision  # (monkeypatch cannot restore these properties)
+    try:
+        conv.fp32_precision, rnn.fp32_precision = "ieee", "tf32"
+        assert precisions() == (False, "tf32x3", "ieee")
+        conv.fp32_precision, rnn.fp32_precision = "tf32", "ieee"
+        assert precisions() == (True, "tf32", "tf32")
+    finally:
+        conv.fp32_precision, rnn.fp32_precision = saved
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert precisions() == (False, "tf32x3", "ieee")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert precisions() == (True, "tf32", "tf32")

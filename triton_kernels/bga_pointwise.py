@@ -12,8 +12,9 @@ of F.interpolate. The conv's output never leaves registers.
 Tensors are addressed through (batch, channel, pixel) strides, pixel = y * W + x, so NCHW
 and channels_last both run natively (every map of one call shares one layout).
 
-float32 inputs: tl.dot runs in TF32 when torch.backends.cudnn.allow_tf32 is set (PyTorch's
-default, and what F.conv2d does under the same flag), IEEE fp32 otherwise.
+float32 inputs: tl.dot runs in TF32 when cuDNN's convolutions may use it (PyTorch's default,
+and what F.conv2d then does; the rule of bisenet_fast._C.cudnn_conv_allows_tf32), IEEE fp32
+otherwise.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bisenet_fast._C import cudnn_conv_allows_tf32
 from bisenet_fast.ops._checks import check_image_fits_int32
 from bisenet_fast.triton_kernels.bga import BLOCK as GATED_BLOCK
 from bisenet_fast.triton_kernels.bga import MAX_GRID_Z, _bilinear, _gated_down_kernel
@@ -109,7 +111,7 @@ def _pixel_strides(t: torch.Tensor, channels_last: bool) -> tuple[int, int, int]
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: TF32 for float32 exactly when cuDNN convs may use it."""
-    if (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32) or needs_fp32_dot(dtype):
+    if (dtype == torch.float32 and not cudnn_conv_allows_tf32()) or needs_fp32_dot(dtype):
         return "ieee"
     return "tf32"
 

@@ -35,8 +35,8 @@ of expanded and of shortcut channels for stride 2) into float32 partial sums, an
 _sum_partials_kernel adds them in split order, then the epilogue. The sum's order is fixed,
 so the result stays deterministic.
 
-float32 dots run in TF32 where torch.backends.cudnn.allow_tf32 lets cuDNN's convs do so
-(PyTorch's default: the eager layer's convs round alike), else in 3xTF32 (error ~1e-6
+float32 dots run in TF32 where cuDNN's convs may use it (bisenet_fast._C.cudnn_conv_allows_tf32;
+PyTorch's default: the eager layer's convs round alike), else in 3xTF32 (error ~1e-6
 relative, so the fused model matches the eager one to 1e-4); IEEE fp32 dots run on FMA
 units and, compiled for sm_90, asked for more shared memory than a block may have.
 float16/bfloat16 feed the tensor cores with fp32 accumulation. float64 is not supported.
@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bisenet_fast._C import cudnn_conv_allows_tf32
 from bisenet_fast.triton_kernels.ge_expand_train import _pixels  # (offsets, mask, n, oh, ow) of a pixel block
 from bisenet_fast.triton_kernels.interpreter import needs_fp32_dot
 
@@ -311,9 +312,10 @@ def _partial_sums(k_splits: int, pixels: int, cout: int, out: torch.Tensor) -> t
 
 
 def _fp32_dot_precision() -> str:
-    """float32 projections: TF32 where cuDNN's convs may use it (torch.backends.cudnn.allow_tf32,
-    PyTorch's default, so the fused layer rounds like the eager one), else 3xTF32 (~1e-6)."""
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
+    """float32 projections: TF32 where cuDNN's convs may use it (PyTorch's default, so the
+    fused layer rounds like the eager one), else 3xTF32 (~1e-6). Asked as cuDNN's conv asks:
+    torch.backends.cudnn.allow_tf32's getter raises when the conv and RNN flags differ."""
+    return "tf32" if cudnn_conv_allows_tf32() else "tf32x3"
 
 
 def _warps(block_p: int, cout: int, dtype: torch.dtype) -> int:

@@ -12,7 +12,8 @@ refused while grad mode is on.
 
 Precision: the C++ kernel rounds the conv's output to the input dtype before the gate, as
 F.conv2d does; the Triton kernel keeps it in fp32 and runs float32 GEMMs in TF32 exactly
-when torch.backends.cudnn.allow_tf32 lets F.conv2d do so.
+when cuDNN's convolutions may use TF32 (torch.backends.cudnn.allow_tf32, or
+torch.backends.cudnn.conv.fp32_precision), as F.conv2d then does.
 """
 from __future__ import annotations
 

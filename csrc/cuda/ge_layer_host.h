@@ -11,11 +11,10 @@
 #include <ATen/Context.h>
 
 #include <climits>
-#include <optional>
-#include <string>
 #include <type_traits>
 #include <utility>
 
+#include "common/cudnn_tf32.h"
 #include "common/ge_layer_checks.h"
 #include "cuda/ge_layer_block.cuh"
 
@@ -82,30 +81,6 @@ struct DeviceCaps {
   int sm_count;
   bool tensor_cores;  // wmma with bfloat16 and TF32 operands: compute capability 8.0+
 };
-
-// Whether cuDNN's convolutions may use TF32, asked as cuDNN's conv asks it. Context's
-// allowTF32CuDNN was () up to torch 2.7, then (const std::string& op), then
-// (std::optional<Float32Op> op); picked by its type, so every supported torch compiles this.
-// Asked without the op, torch >= 2.8 raises when the conv and RNN flags differ, as they do
-// after torch.backends.cudnn.conv.fp32_precision = "ieee" (its new API, set alone).
-template <typename Method>
-struct CudnnConvTf32;
-template <typename C>
-struct CudnnConvTf32<bool (C::*)() const> {
-  static bool get(const C& context) { return context.allowTF32CuDNN(); }
-};
-template <typename C>
-struct CudnnConvTf32<bool (C::*)(const std::string&) const> {
-  static bool get(const C& context) { return context.allowTF32CuDNN("conv"); }
-};
-template <typename C, typename Op>
-struct CudnnConvTf32<bool (C::*)(std::optional<Op>) const> {
-  static bool get(const C& context) { return context.allowTF32CuDNN(Op::CONV); }
-};
-
-inline bool cudnn_conv_allows_tf32() {
-  return CudnnConvTf32<decltype(&at::Context::allowTF32CuDNN)>::get(at::globalContext());
-}
 
 // float16/bfloat16 multiply on tensor cores (their products are exact in float32, and the
 // expanded values are rounded to the input dtype, as eager's intermediate tensors are);
