@@ -36,6 +36,21 @@ def _sync(device: torch.device) -> None:
 L2_FLUSH_BYTES = 256 * 2**20
 
 
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+
+
+def _cold_l2(l2_flush: torch.Tensor, device: torch.device) -> None:
+    """Evict the op's data from L2 and wait until that is done. The wait matters for the
+    event timing: a start event queued behind the flush would be recorded only when the
+    flush ends on the GPU (~60 us for 256 MB on an H200), while the host already runs the
+    timed call's Python, checks and launches, so up to that much host overhead would drop
+    out of "ms" (more of it for the calls with more host work: eager's many ops, a compiled
+    function's guards), and the wall-time speed-ups of sub-millisecond ops with it."""
+    l2_flush.zero_()
+    torch.cuda.synchronize(device)
+
+
 def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int = 3, repeats: int = 10,
             top_kernels: int = 5, cpu_peak_memory: bool = True) -> dict:
     """Median/min time of fn() in ms, peak extra memory in MB (on CUDA over the timed calls;
@@ -60,12 +75,12 @@ def measure(fn: Callable[[], object], device: str | torch.device, *, warmup: int
     peak_mb = device_ms = None
     kernels: dict[str, float] = {}
     if device.type == "cuda":
-        l2_flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)  # before base: not counted
+        l2_flush = _l2_flush_buffer(device)  # before base: not counted
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            l2_flush.zero_()
+            _cold_l2(l2_flush, device)
             start.record()
             result = fn()
             end.record()
@@ -109,8 +124,7 @@ def device_busy_ms(fn: Callable[[], object], device: torch.device, *, repeats: i
     calls = []
     for _ in range(repeats):
         if l2_flush is not None:
-            l2_flush.zero_()
-            torch.cuda.synchronize(device)
+            _cold_l2(l2_flush, device)
         try:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()

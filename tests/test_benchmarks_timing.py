@@ -159,3 +159,48 @@ def test_cpu_peak_counts_what_the_allocator_held_at_once():
 
     assert cpu_peak_extra_mb(fn) == pytest.approx(12, abs=0.01)
     assert measure(fn, "cpu", warmup=1, repeats=1)["peak_extra_mb"] == pytest.approx(12, abs=0.01)
+
+
+def test_cuda_timing_starts_its_clock_after_the_l2_flush_is_done(monkeypatch):
+    """measure()'s GPU branch, run here with torch.cuda faked. Each timed call must wait for
+    the L2 flush before its start event is queued: queued behind the flush, the event is
+    recorded only when the flush ends on the GPU, while the host already runs the call, and
+    up to the flush's duration of host overhead would drop out of "ms"."""
+    from benchmarks import timing
+
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            log.append("wait")
+
+        def elapsed_time(self, end):
+            return 2.0
+
+    class FakeFlush:
+        def zero_(self):
+            log.append("flush")
+
+    monkeypatch.setattr(timing, "_l2_flush_buffer", lambda device: FakeFlush())
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    monkeypatch.setattr(timing, "device_busy_ms", lambda fn, device, **kwargs: (0.5, {"kernel": 0.5}))
+
+    def fn():
+        log.append("fn")
+        return torch.ones(2)
+
+    timing_ = measure(fn, "cuda", warmup=1, repeats=2)
+    one_call = ["flush", "sync", "record", "fn", "record", "wait"]
+    assert log == ["fn", "sync"] + one_call * 2
+    assert timing_["ms"] == 2.0 and timing_["peak_extra_mb"] == 2.0 and timing_["device_ms"] == 0.5
+    assert torch.equal(timing_["output"], torch.ones(2)) and timing_["device_kernels"] == {"kernel": 0.5}
