@@ -161,7 +161,7 @@ def test_cpu_peak_counts_what_the_allocator_held_at_once():
     assert measure(fn, "cpu", warmup=1, repeats=1)["peak_extra_mb"] == pytest.approx(12, abs=0.01)
 
 
-def test_cuda_timing_starts_its_clock_after_the_l2_flush_is_done(monkeypatch):
+def test_gpu_timing_starts_its_clock_after_the_l2_flush_is_done(monkeypatch):
     """measure()'s GPU branch, run here with torch.cuda faked. Each timed call must wait for
     the L2 flush before its start event is queued: queued behind the flush, the event is
     recorded only when the flush ends on the GPU, while the host already runs the call, and
