@@ -55,7 +55,14 @@ if ! timeout "$(at_most 240 150)" $py setup.py build_ext --inplace >>"$out/build
   echo "BUILD FAILED"
   exit 1
 fi
-$py -c "import bisenet_fast as bf; print(bf.build_info())" 2>&1 | tee -a "$out/build.log"
+# A build that links can still fail to load (an undefined symbol only shows at import) or
+# lack the CUDA backend: then every test and benchmark would fail, and the minutes left
+# are worth more to a rerun than to a stage of errors.
+if ! $py -c "import bisenet_fast as bf; info = bf.build_info(); print(info)
+assert info['cuda'] and 'cuda' in info['backends'], 'the CUDA backend is not usable'" 2>&1 | tee -a "$out/build.log"; then
+  echo "BUILD UNUSABLE: bisenet_fast does not import, or its CUDA backend does not run"
+  exit 1
+fi
 
 echo "== tests (build took ${SECONDS} s)"
 SECONDS=0
