@@ -60,8 +60,13 @@ def _takes_half_narrow_warps(stride: int, cin: int, cout: int, mid: int, out_pix
                              device: torch.device) -> bool:
     from bisenet_fast.triton_kernels import ge_layer as ge_triton
 
+    # Whether _eight_warps() changes this launch: a 16-pixel block takes SMALL_BLOCK_WARPS,
+    # which equals HALF_NARROW_WARPS (4) but is not what _eight_warps() changes, so comparing
+    # the warps with HALF_NARROW_WARPS would time the same kernel again as "triton-8warps".
     block_p = ge_triton.main_kernel_grid(stride, cin, mid, out_pixels, device)[0]
-    return ge_triton._warps(block_p, cout, dtype) == ge_triton.HALF_NARROW_WARPS != ge_triton.NUM_WARPS
+    warps = ge_triton._warps(block_p, cout, dtype)
+    with _eight_warps():
+        return ge_triton._warps(block_p, cout, dtype) != warps
 
 
 def _splits_k_loop(stride: int, cin: int, mid: int, out_pixels: int, device: torch.device) -> bool:

@@ -209,3 +209,31 @@ def test_model_candidates_all_run_without_arguments(monkeypatch):
             seen.append((impl, variant))
     assert ("compile", "channels_last mode=max-autotune") in seen and ("cuda-ge", "fused channels_last") in seen
     assert len(seen) == 9
+
+
+def test_ge_layer_8warps_rows_only_where_eight_warps_change_the_launch(monkeypatch):
+    """bench_ge_layer's triton-8warps rows (GPU only; the grid read with an H200's 132 SMs
+    faked): in the float16 layers whose 64-pixel blocks take 4 warps, not in the 16-pixel
+    blocks, which take 4 warps of their own that _eight_warps() leaves alone (a row there
+    would time the triton row's kernel again under another name)."""
+    pytest.importorskip("triton")
+    from benchmarks import bench_ge_layer
+    from bisenet_fast.triton_kernels import ge_layer as ge_triton
+
+    monkeypatch.setattr(ge_triton, "_sm_count", lambda device: 132)
+    gpu = torch.device("cuda")
+    chosen = set()
+    for dtype in (torch.float32, torch.float16):
+        for cin, cout, stride, frac in bench_ge_layer.LAYERS:
+            h, w = bench_ge_layer.FULL_IMAGE[0] // frac, bench_ge_layer.FULL_IMAGE[1] // frac
+            pixels = h * w if stride == 1 else ((h - 1) // 2 + 1) * ((w - 1) // 2 + 1)
+            mid = 6 * cin
+            block_p = ge_triton.main_kernel_grid(stride, cin, mid, pixels, gpu)[0]
+            options = ge_triton._launch_options(block_p, cout, dtype)
+            with bench_ge_layer._eight_warps():
+                changed = ge_triton._launch_options(block_p, cout, dtype) != options
+            takes = bench_ge_layer._takes_half_narrow_warps(stride, cin, cout, mid, pixels, dtype, gpu)
+            assert takes == changed, (cin, cout, stride, dtype)
+            if takes:
+                chosen.add((cin, cout, stride, dtype))
+    assert chosen == {(16, 32, 2, torch.float16), (32, 32, 1, torch.float16)}
