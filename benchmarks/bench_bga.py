@@ -70,13 +70,20 @@ def _fused(impl):
     return call
 
 
-def run(device: str, quick: bool, compile_mode: str | None = None):
+def run(device: str, quick: bool, compile_mode: str | None = None, compile_rows: str = "last"):
+    """compile_rows: "last" (every row, the compile rows after the others), "skip" (no
+    compile rows) or "only" (the compile rows alone; the eager rows they are compared with
+    are measured again, not yielded): benchmarks.run times every module's compile rows after
+    every module's other rows."""
     compile_mode = compile_mode or default_compile_mode(device)
     device = torch.device(device)
     gpu = device.type == "cuda"
     dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
     fused_impls = [impl for impl in ("cuda", "triton") if impl in bf.backends.available()] if gpu else ["cpp"]
-    with_compile = gpu or not quick
+    with_compile = (gpu or not quick) and compile_rows != "skip"
+    compile_only = compile_rows == "only"
+    if compile_only and not with_compile:
+        return
     repeats = 5 if quick else (50 if gpu else 10)
     warmup = 2 if quick else 5
     to_compile = []  # (case, inputs, mode's wrapper, eager timing, dtype, bytes moved) per case and mode
@@ -85,7 +92,8 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
             inputs = _inputs(n, H, W, channels_last, dtype, device, quick)
             high, low = inputs[0].numel(), inputs[1].numel()
             element = inputs[0].element_size()
-            impls = [("eager", bga_aggregate_reference)] + [(impl, _fused(impl)) for impl in fused_impls]
+            impls = [("eager", bga_aggregate_reference)] + [(impl, _fused(impl)) for impl in fused_impls
+                                                              if not compile_only]
             for mode, wrap, bytes_moved in (
                 ("forward", _forward, (2 * high + 3 * low) * element),
                 ("forward+backward", _forward_backward, (2 * high + 3 * low + 3 * high + 6 * low) * element),
@@ -95,7 +103,8 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
                 for impl, fn in impls:
                     timing = measure(wrap(fn, inputs), device, warmup=warmup, repeats=repeats)
                     eager = eager or timing
-                    yield _row(case, impl, inputs, timing, eager, dtype, bytes_moved)
+                    if not compile_only:
+                        yield _row(case, impl, inputs, timing, eager, dtype, bytes_moved)
                 if with_compile:
                     to_compile.append((case, inputs, wrap, eager, dtype, bytes_moved))
     # The compiled baselines after every other row: each compile takes seconds (max-autotune's

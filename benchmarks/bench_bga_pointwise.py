@@ -58,7 +58,8 @@ def _fused(impl):
     return call
 
 
-def run(device: str, quick: bool, compile_mode: str | None = None):
+def run(device: str, quick: bool, compile_mode: str | None = None, compile_rows: str = "last"):
+    """compile_rows: "last", "skip" or "only", as in bench_bga.run."""
     compile_mode = compile_mode or default_compile_mode(device)
     device = torch.device(device)
     gpu = device.type == "cuda"
@@ -68,31 +69,48 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
         aggregate_impls = [impl for impl in ("cuda", "triton") if impl in bf.backends.available()]
     else:
         fused_impls, aggregate_impls = ["cpp"], ["cpp"]
-    with_compile = gpu or not quick
+    with_compile = (gpu or not quick) and compile_rows != "skip"
+    compile_only = compile_rows == "only"
+    if compile_only and not with_compile:
+        return
     repeats = 5 if quick else (50 if gpu else 10)
     warmup = 2 if quick else 5
+    to_compile = []  # (case name, inputs, eager timing, dtype, bytes moved) per case
     for dtype in dtypes:
         for name, n, H, W in CASES:
             inputs = _inputs(n, H, W, dtype, device, quick)
             element = inputs[0].element_size()
             bytes_moved = (2 * inputs[0].numel() + 3 * inputs[3].numel() + inputs[1].numel() + C) * element
             impls = [("eager", bga_pointwise_aggregate_reference)]
-            impls += [(f"conv+{impl}", _conv_then_aggregate(impl)) for impl in aggregate_impls]
-            impls += [(impl, _fused(impl)) for impl in fused_impls]
-            if with_compile:  # last: see bench_bga
-                impls.append(("compile", compile_baseline(bga_pointwise_aggregate_reference, compile_mode)))
+            if not compile_only:
+                impls += [(f"conv+{impl}", _conv_then_aggregate(impl)) for impl in aggregate_impls]
+                impls += [(impl, _fused(impl)) for impl in fused_impls]
             eager = None
             for impl, fn in impls:
-                def call(fn=fn):
-                    with torch.no_grad():
-                        return fn(*inputs)
-                timing = measure(call, device, warmup=warmup, repeats=repeats)
+                timing = measure(_no_grad_call(fn, inputs), device, warmup=warmup, repeats=repeats)
                 eager = eager or timing
-                case = f"{name} channels_last forward" + (f" mode={compile_mode}" if impl == "compile" else "")
-                yield result_row(
-                    "bga_pointwise_aggregate", case, impl, dtype,
-                    list(inputs[0].shape) + ["low"] + list(inputs[3].shape[-2:]), timing, eager, bytes_moved,
-                )
+                if not compile_only:
+                    yield _row(f"{name} channels_last forward", impl, inputs, timing, eager, dtype, bytes_moved)
+            if with_compile:
+                to_compile.append((name, inputs, eager, dtype, bytes_moved))
+    # The compiled baselines after every other row: see bench_bga.
+    for name, inputs, eager, dtype, bytes_moved in to_compile:
+        compiled = compile_baseline(bga_pointwise_aggregate_reference, compile_mode)
+        timing = measure(_no_grad_call(compiled, inputs), device, warmup=warmup, repeats=repeats)
+        yield _row(f"{name} channels_last forward mode={compile_mode}", "compile", inputs, timing, eager, dtype,
+                   bytes_moved)
+
+
+def _no_grad_call(fn, inputs):
+    def call():
+        with torch.no_grad():
+            return fn(*inputs)
+    return call
+
+
+def _row(case, impl, inputs, timing, eager, dtype, bytes_moved):
+    return result_row("bga_pointwise_aggregate", case, impl, dtype,
+                      list(inputs[0].shape) + ["low"] + list(inputs[3].shape[-2:]), timing, eager, bytes_moved)
 
 
 if __name__ == "__main__":

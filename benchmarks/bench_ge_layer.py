@@ -84,10 +84,15 @@ def _layer(cin, cout, stride, device, dtype) -> FusedGELayer:
     return FusedGELayer(layer.eval()).to(device=device, dtype=dtype)
 
 
-def run(device: str, quick: bool, compile_mode: str | None = None):
+def run(device: str, quick: bool, compile_mode: str | None = None, compile_rows: str = "last"):
+    """compile_rows: "last", "skip" or "only", as in bench_bga.run."""
     compile_mode = compile_mode or default_compile_mode(device)
     device = torch.device(device)
     gpu = device.type == "cuda"
+    with_compile = gpu and compile_rows != "skip"
+    compile_only = compile_rows == "only"
+    if compile_only and not with_compile:
+        return
     dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
     image = QUICK_IMAGE if quick else (FULL_IMAGE if gpu else CPU_IMAGE)
     fused_impl = "triton" if gpu else "cpp"
@@ -135,12 +140,13 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
             case = dict(op="ge_layer", case=f"{cin}->{cout} s{stride}", dtype=str(dtype).replace("torch.", ""),
                         shape=[1, cin, h, w])
             base = None
-            for impl, layout, fn in candidates:
+            for impl, layout, fn in candidates[:1] if compile_only else candidates:  # [0]: the base
                 with torch.inference_mode():
                     timing = measure(fn, device, warmup=2 if quick else 5, repeats=repeats)
                 base = base or timing
-                yield _row(case, impl, layout, timing, base, dtype, min_bytes)
-            if gpu:
+                if not compile_only:
+                    yield _row(case, impl, layout, timing, base, dtype, min_bytes)
+            if with_compile:
                 to_compile.append((case, reference, (x_cl, y_cl, *weights), base, dtype, min_bytes))
     # The compiled baselines after every other row (their tuning is the slowest: a run
     # stopped at its deadline loses these first); compile_baseline resets dynamo's caches.

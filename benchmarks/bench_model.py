@@ -19,6 +19,7 @@ GPU; the target's setting (float16 at 1024x2048) first. Quick: 1x3x256x512 float
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 
 import torch
@@ -123,10 +124,15 @@ def _rows(candidate_list, x, dtype, base, models, quick, repeats):
         yield base, row
 
 
-def run(device: str, quick: bool, compile_mode: str | None = None):
+def run(device: str, quick: bool, compile_mode: str | None = None, compile_rows: str = "last"):
+    """compile_rows: "last", "skip" or "only", as in bench_bga.run."""
     compile_mode = compile_mode or default_compile_mode(device)
     device = torch.device(device)
     gpu = device.type == "cuda"
+    with_compile = gpu and compile_rows != "skip"
+    compile_only = compile_rows == "only"
+    if compile_only and not with_compile:
+        return
     sizes = QUICK_SIZES if quick else (FULL_SIZES if gpu else CPU_SIZES)
     dtypes = [torch.float16, torch.float32] if gpu and not quick else [torch.float32]
     repeats = 3 if quick else (30 if gpu else 5)
@@ -136,15 +142,18 @@ def run(device: str, quick: bool, compile_mode: str | None = None):
         models = {
             "eager": copy.deepcopy(model).to(dtype),
             "eager_cl": copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last),
-            "fused": model.fuse(dtype=dtype),
-            "tuned": model.fuse(dtype=dtype, autotune=True),
+            "fused": None if compile_only else model.fuse(dtype=dtype),
+            "tuned": None if compile_only else model.fuse(dtype=dtype, autotune=True),
         }
         for h, w in sizes:
             x = torch.randn(1, 3, h, w, device=device, dtype=dtype)
             base = None
-            for base, row in _rows(candidates(models, x, gpu), x, dtype, None, models, quick, repeats):
-                yield row
-            if gpu:
+            # compile_rows "only": the eager NCHW row alone (the first), the compile rows' base
+            timed = itertools.islice(candidates(models, x, gpu), 1 if compile_only else None)
+            for base, row in _rows(timed, x, dtype, None, models, quick, repeats):
+                if not compile_only:
+                    yield row
+            if with_compile:
                 to_compile.append(({k: models[k] for k in ("eager", "eager_cl")}, x, dtype, base))
     for eager_models, x, dtype, base in to_compile:
         for _, row in _rows(compile_candidates(eager_models, x, compile_mode), x, dtype, base, eager_models, quick,

@@ -42,14 +42,19 @@ def make_case(head: int, label: int, regime: str, dtype: torch.dtype, device: st
 
 
 def impls(device: str, head: int, quick: bool) -> list[str]:
+    """The impls of one case, but compile (see compiles)."""
     if device == "cpu":
         return ["eager", "cpp"]
-    # torch.compile of the reference only at the decode-head shape: each compile costs
-    # seconds, and the comparison is the same at every shape. It is timed last, as in bench_bga.
-    compiled = ["compile"] if head == HEAD_SIZES[0] // (4 if quick else 1) else []
     available = bf.backends.available()
     fused = [name for name in ("cuda", "triton") if name in available]
-    return ["eager"] + fused + (["eager-prechecked", "cuda-prechecked"] if "cuda" in fused else []) + compiled
+    return ["eager"] + fused + (["eager-prechecked", "cuda-prechecked"] if "cuda" in fused else [])
+
+
+def compiles(device: str, head: int, quick: bool) -> bool:
+    """Whether a case has a compile row: on a GPU, at the decode-head shape only (each compile
+    costs seconds, and the comparison is the same at every shape). Timed after every other
+    row, as in bench_bga."""
+    return device != "cpu" and head == HEAD_SIZES[0] // (4 if quick else 1)
 
 
 def step_fn(impl: str, logits: torch.Tensor, target: torch.Tensor, min_kept: int, compile_mode: str):
@@ -73,40 +78,57 @@ def step_fn(impl: str, logits: torch.Tensor, target: torch.Tensor, min_kept: int
     return step
 
 
-def run(device: str = "cpu", quick: bool = True, head_sizes=HEAD_SIZES, dtypes=None, compile_mode: str | None = None):
+def run(device: str = "cpu", quick: bool = True, head_sizes=HEAD_SIZES, dtypes=None, compile_mode: str | None = None,
+        compile_rows: str = "last"):
+    """compile_rows: "last", "skip" or "only", as in bench_bga.run."""
     compile_mode = compile_mode or default_compile_mode(device)
+    compile_only = compile_rows == "only"
     scale = 4 if quick else 1
     label = LABEL_SIZE // scale
     min_kept = MIN_KEPT // scale**2
     if dtypes is None:
         dtypes = [torch.float32] if (device == "cpu" and quick) else [torch.float32, torch.float16]
     repeats = 3 if device == "cpu" else 20
+    to_compile = []  # (case's row fields, logits, target, min_kept, eager timing, dtype)
     for head in head_sizes:
         head = head // scale
+        with_compile = compiles(device, head, quick) and compile_rows != "skip"
+        if compile_only and not with_compile:
+            continue
         for regime in ("early", "select"):
             case_min_kept = min_kept if regime == "early" else label * label // 4
             for dtype in dtypes:
                 logits, target = make_case(head, label, regime, dtype, device)
+                fields = {"op": OP, "case": f"{head}x{head}->{label}x{label} {regime}",
+                          "dtype": str(dtype).replace("torch.", ""),
+                          "shape": f"N={N} C={C} logits {head}x{head} labels {label}x{label} min_kept={case_min_kept}"}
                 baselines = {}
-                for impl in impls(device, head, quick):
+                for impl in ["eager"] if compile_only else impls(device, head, quick):
                     step = step_fn(impl, logits, target, case_min_kept, compile_mode)
                     timing = measure(step, device, warmup=1, repeats=repeats)
                     if impl.startswith("eager"):
                         baselines[impl] = timing
-                    eager = baselines["eager-prechecked" if impl == "cuda-prechecked" else "eager"]
-                    yield {
-                        "op": OP,
-                        "case": f"{head}x{head}->{label}x{label} {regime}"
-                        + (f" mode={compile_mode}" if impl == "compile" else ""),
-                        "impl": impl,
-                        "dtype": str(dtype).replace("torch.", ""),
-                        "shape": f"N={N} C={C} logits {head}x{head} labels {label}x{label} min_kept={case_min_kept}",
-                        "ms": timing["ms"],
-                        "ms_min": timing["ms_min"],
-                        "peak_extra_mb": timing["peak_extra_mb"],
-                        **speedups(eager, timing),
-                        **accuracy(eager, timing, dtype),
-                    }
+                    if not compile_only:
+                        yield _row(fields, impl, timing, baselines["eager-prechecked" if impl == "cuda-prechecked"
+                                                                   else "eager"], dtype)
+                if with_compile:
+                    to_compile.append((fields, logits, target, case_min_kept, baselines["eager"], dtype))
+    for fields, logits, target, case_min_kept, eager, dtype in to_compile:
+        timing = measure(step_fn("compile", logits, target, case_min_kept, compile_mode), device, warmup=1,
+                         repeats=repeats)
+        yield _row({**fields, "case": f"{fields['case']} mode={compile_mode}"}, "compile", timing, eager, dtype)
+
+
+def _row(fields: dict, impl: str, timing: dict, eager: dict, dtype: torch.dtype) -> dict:
+    return {
+        **fields,
+        "impl": impl,
+        "ms": timing["ms"],
+        "ms_min": timing["ms_min"],
+        "peak_extra_mb": timing["peak_extra_mb"],
+        **speedups(eager, timing),
+        **accuracy(eager, timing, dtype),
+    }
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ after every row: a run stopped at a deadline keeps all it measured. Every row's 
 checked against its eager row's (rel_err; benchmarks.timing.output_check): a row beyond
 tolerance is listed under "output_mismatches" and fails the run, its times kept.
 
+The torch.compile rows come after every module's other rows (--compile-rows after-all, the
+default): the modules' own rows first, in --only's order, then each module's compile rows
+(their speed-ups over their case's eager row, measured again in that pass). A compile takes
+seconds to minutes (max-autotune's tuning), so a run stopped at its deadline loses compile
+rows, not a later module's fused rows.
+
 On a GPU each module runs in a child process of its own (--isolate, the default there),
 which appends its rows to the same JSON: a fault that leaves the CUDA context unusable (an
 illegal address in a kernel never run on that GPU before) then costs that module alone.
@@ -164,35 +170,68 @@ class Results:
         os.replace(temporary, self.path)
 
 
-def run_module(name: str, results: Results, device: str, quick: bool, compile_mode: str) -> None:
-    """Module `name`'s rows into `results`, in this process."""
-    print(f"== {name}", flush=True)
-    results.start(name)
+# --compile-rows: "after-all" runs every module with "skip", then every module that has
+# compile rows with "only"; a module's run(compile_rows=...) takes "last" (its own rows, then
+# its compile rows: a module run alone), "skip" or "only" (its eager baselines are measured
+# again for the compile rows' speed-ups, and not yielded).
+COMPILE_ROWS = ("after-all", "last", "skip", "only")
+
+
+def has_compile_rows(name: str) -> bool:
+    """Whether module `name` can time its compile rows apart (run takes compile_rows)."""
+    try:
+        run = importlib.import_module(f"benchmarks.{name}").run
+    except Exception:  # its failure is recorded by the pass that ran its other rows
+        return False
+    return "compile_rows" in inspect.signature(run).parameters
+
+
+def _label(name: str, compile_rows: str) -> str:
+    """How the JSON's meta.running and failed name a module's run in this pass."""
+    return f"{name} (compile rows)" if compile_rows == "only" else name
+
+
+def run_module(name: str, results: Results, device: str, quick: bool, compile_mode: str,
+               compile_rows: str = "last") -> None:
+    """Module `name`'s rows into `results`, in this process. compile_rows "skip" or "only":
+    see COMPILE_ROWS; a module without compile rows runs whole with "skip", not with "only"."""
+    if compile_rows == "only" and not has_compile_rows(name):
+        return
+    label = _label(name, compile_rows)
+    print(f"== {label}", flush=True)
+    results.start(label)
     first = len(results.rows)
     try:
         run = importlib.import_module(f"benchmarks.{name}").run
-        options = {"compile_mode": compile_mode} if "compile_mode" in inspect.signature(run).parameters else {}
+        parameters = inspect.signature(run).parameters
+        options = {"compile_mode": compile_mode} if "compile_mode" in parameters else {}
+        if "compile_rows" in parameters:
+            options["compile_rows"] = compile_rows
         for row in run(device, quick, **options):
             results.add(row)
     except Exception:  # one broken benchmark must not hide the others' numbers
-        results.fail(name)
+        results.fail(label)
         traceback.print_exc()
     print(format_table(results.rows[first:]), flush=True)
 
 
-def run_module_isolated(name: str, results: Results, device: str, quick: bool, compile_mode: str) -> Results:
+def run_module_isolated(name: str, results: Results, device: str, quick: bool, compile_mode: str,
+                        compile_rows: str = "last") -> Results:
     """Module `name` in a child process that appends its rows to results' file; returns the
     results as it left them. A child that died without recording its failure (a crash, a
     fatal CUDA error) is listed as failed here."""
+    if compile_rows == "only" and not has_compile_rows(name):  # no child to start
+        return results
     command = [sys.executable, "-m", "benchmarks.run", "--device", device, "--only", name, "--compile-mode",
-               compile_mode, "--out", results.path, "--append", "--in-process", *(["--quick"] if quick else [])]
+               compile_mode, "--compile-rows", compile_rows, "--out", results.path, "--append", "--in-process",
+               *(["--quick"] if quick else [])]
     before = (len(results.failed), len(results.mismatched))
     returncode = subprocess.run(command).returncode
     results = Results.load(results.path)
     if returncode != 0 and (len(results.failed), len(results.mismatched)) == before:
-        print(f"{name}: its process exited with status {returncode}", file=sys.stderr)
+        print(f"{_label(name, compile_rows)}: its process exited with status {returncode}", file=sys.stderr)
         results.start(None)
-        results.fail(name)
+        results.fail(_label(name, compile_rows))
     return results
 
 
@@ -212,6 +251,9 @@ def main(argv=None) -> int:
                            help="each module in a child process of its own (the default on a GPU)")
     isolation.add_argument("--in-process", dest="isolate", action="store_false",
                            help="every module in this process (the default on the CPU)")
+    parser.add_argument("--compile-rows", choices=COMPILE_ROWS, default="after-all",
+                        help="when the torch.compile rows are timed: after-all (after every module's other "
+                             "rows), last (after their own module's), skip, only")
     parser.add_argument("--append", action="store_true", help="add to the results already at --out")
     args = parser.parse_args(argv)
     try:
@@ -234,11 +276,13 @@ def main(argv=None) -> int:
         results = Results(run_metadata(args.device, args.quick, compile_mode, argv), out)
         results.save()
     earlier_failures = (len(results.failed), len(results.mismatched))  # an --append run's are not its own
-    for name in names:
-        if isolate:
-            results = run_module_isolated(name, results, args.device, args.quick, compile_mode)
-        else:
-            run_module(name, results, args.device, args.quick, compile_mode)
+    passes = ["skip", "only"] if args.compile_rows == "after-all" else [args.compile_rows]
+    for compile_rows in passes:
+        for name in names:
+            if isolate:
+                results = run_module_isolated(name, results, args.device, args.quick, compile_mode, compile_rows)
+            else:
+                run_module(name, results, args.device, args.quick, compile_mode, compile_rows)
     results.start(None)
     failed = (len(results.failed), len(results.mismatched)) != earlier_failures
     if args.append:

@@ -16,8 +16,9 @@
 # substrings of them, e.g. ohem; run in that order; default: all),
 # BENCH_ARGS (extra benchmarks.run arguments, e.g. "--compile-mode default": the compiled
 # baselines take max-autotune-no-cudagraphs on a GPU otherwise, whose tuning takes minutes
-# per model; every module times its compile rows after all its other rows, so a run stopped
-# at its deadline loses those first; on a GPU each module runs in a process of its own),
+# per model; the compile rows of every module are timed after every module's other rows
+# (benchmarks.run --compile-rows after-all), so a run stopped at its deadline loses those
+# first; on a GPU each module runs in a process of its own, twice where it has compile rows),
 # GIT_COMMIT (the commit the working tree is at, recorded in env.txt and bench.json: the
 # device machine gets the tree without .git).
 # Everything printed also goes to OUT/summary.log (the device tool returns only the output's

@@ -237,3 +237,84 @@ def test_ge_layer_8warps_rows_only_where_eight_warps_change_the_launch(monkeypat
             if takes:
                 chosen.add((cin, cout, stride, dtype))
     assert chosen == {(16, 32, 2, torch.float16), (32, 32, 1, torch.float16)}
+
+
+def _module_with_compile_rows(name):
+    def run(device, quick, compile_mode=None, compile_rows="last"):
+        if compile_rows != "only":
+            yield {"op": name, "case": "c", "impl": "eager", "dtype": "float32", "ms": 2.0}
+        if compile_rows != "skip":
+            yield {"op": name, "case": "c", "impl": "compile", "dtype": "float32", "ms": 1.0}
+    return run
+
+
+def _three_modules(monkeypatch):
+    """bench_a and bench_b with compile rows, bench_c (run without compile_rows) without."""
+    for name in ("bench_a", "bench_b"):
+        module = types.ModuleType(f"benchmarks.{name}")
+        module.run = _module_with_compile_rows(name)
+        monkeypatch.setitem(sys.modules, f"benchmarks.{name}", module)
+
+    def plain(device, quick):
+        yield {"op": "bench_c", "case": "c", "impl": "cpp", "dtype": "float32", "ms": 1.0}
+
+    module = types.ModuleType("benchmarks.bench_c")
+    module.run = plain
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_c", module)
+    monkeypatch.setattr(runner, "modules", lambda only: ["bench_a", "bench_b", "bench_c"])
+
+
+def test_compile_rows_come_after_every_module_other_rows(tmp_path, monkeypatch):
+    """Minutes of compiling in the first modules must not push a later module's fused rows
+    past a lent GPU's deadline: every module's other rows first, then the compile rows."""
+    _three_modules(monkeypatch)
+    out = tmp_path / "bench.json"
+    assert runner.main(["--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["op"], r["impl"]) for r in result["rows"]] == [
+        ("bench_a", "eager"), ("bench_b", "eager"), ("bench_c", "cpp"), ("bench_a", "compile"), ("bench_b", "compile")]
+    assert result["meta"]["running"] is None
+    assert runner.main(["--device", "cpu", "--compile-rows", "last", "--out", str(out)]) == 0
+    assert [(r["op"], r["impl"]) for r in json.loads(out.read_text())["rows"]] == [
+        ("bench_a", "eager"), ("bench_a", "compile"), ("bench_b", "eager"), ("bench_b", "compile"), ("bench_c", "cpp")]
+
+
+def test_isolated_modules_time_their_compile_rows_in_a_second_pass(tmp_path, monkeypatch):
+    _three_modules(monkeypatch)
+    out = tmp_path / "bench.json"
+    ran = []
+    real_run = runner.subprocess.run
+
+    def child(command, **kwargs):
+        if "benchmarks.run" not in command:  # git, for the commit
+            return real_run(command, **kwargs)
+        ran.append((command[command.index("--only") + 1], command[command.index("--compile-rows") + 1]))
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(runner.subprocess, "run", child)
+    assert runner.main(["--device", "cpu", "--isolate", "--out", str(out)]) == 0
+    assert ran == [("bench_a", "skip"), ("bench_b", "skip"), ("bench_c", "skip"), ("bench_a", "only"),
+                   ("bench_b", "only")]
+
+
+def test_bga_and_ohem_time_compile_rows_alone_against_their_eager_rows(monkeypatch):
+    """compile_rows "skip" and "only" split a module's rows in two; "only" measures the eager
+    rows again for the speed-ups but does not yield them."""
+    from benchmarks import bench_bga, bench_ohem_cross_entropy as bench_ohem
+
+    monkeypatch.setattr(bench_bga, "CASES", [("tiny", 1, 8, 12, False)])
+    monkeypatch.setattr(bench_bga, "compile_baseline", lambda fn, mode: fn)
+    assert [r["impl"] for r in bench_bga.run("cpu", quick=False, compile_rows="skip")] == ["eager", "cpp"] * 2
+    only = list(bench_bga.run("cpu", quick=False, compile_mode="default", compile_rows="only"))
+    assert [r["impl"] for r in only] == ["compile"] * 2
+    assert all(r["output_ok"] and r["speedup_vs_eager"] > 0 for r in only)
+
+    # OHEM's compile rows (GPU only, at the decode head) faked at the 32x32 quick head
+    monkeypatch.setattr(bench_ohem, "compiles", lambda device, head, quick: head == 32)
+    monkeypatch.setattr(bench_ohem, "compile_baseline", lambda fn, mode: fn)
+    rows = [(r["case"], r["impl"]) for r in bench_ohem.run("cpu", True, head_sizes=(128, 256), compile_mode="m")]
+    assert rows[-2:] == [("32x32->256x256 early mode=m", "compile"), ("32x32->256x256 select mode=m", "compile")]
+    assert all(impl != "compile" for _, impl in rows[:-2]) and len(rows) == 10
+    assert all(r["impl"] != "compile" for r in bench_ohem.run("cpu", True, head_sizes=(128, 256), compile_rows="skip"))
+    only = list(bench_ohem.run("cpu", True, head_sizes=(128, 256), compile_mode="m", compile_rows="only"))
+    assert [r["impl"] for r in only] == ["compile"] * 2 and all(r["output_ok"] for r in only)
