@@ -64,11 +64,20 @@ def _fused_with_cuda_ge(fused, x):
 
 
 def _captured(model, x):
-    """model on x replayed as one CUDA graph, and the MB its capture allocated."""
-    before = torch.cuda.memory_allocated(x.device)
+    """model on x replayed as one CUDA graph, and the MB of device memory the graph holds:
+    its private memory pool (the forward's intermediates, reused by every replay) and static
+    input. Read as memory_reserved with the cache emptied before and after the capture, so
+    that neither the blocks cached before nor the warm-up's (on a side stream) count.
+    memory_allocated would count only the tensors still referenced after the capture (the
+    output): the intermediates are freed into the pool during the capture, not released."""
+    torch.cuda.synchronize(x.device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(x.device)
     with torch.inference_mode():
         graphed = capture_cuda_graph(model, x)  # its warm-up runs (and tunes) the model
-    return (lambda: graphed(x)), (torch.cuda.memory_allocated(x.device) - before) / 2**20
+    torch.cuda.synchronize(x.device)
+    torch.cuda.empty_cache()  # frees no block of a live graph's pool
+    return (lambda: graphed(x)), (torch.cuda.memory_reserved(x.device) - before) / 2**20
 
 
 def candidates(models: dict, x: torch.Tensor, gpu: bool):

@@ -318,3 +318,27 @@ def test_bga_and_ohem_time_compile_rows_alone_against_their_eager_rows(monkeypat
     assert all(r["impl"] != "compile" for r in bench_ohem.run("cpu", True, head_sizes=(128, 256), compile_rows="skip"))
     only = list(bench_ohem.run("cpu", True, head_sizes=(128, 256), compile_mode="m", compile_rows="only"))
     assert [r["impl"] for r in only] == ["compile"] * 2 and all(r["output_ok"] for r in only)
+
+
+def test_model_graph_pool_is_what_the_capture_keeps_reserved(monkeypatch):
+    """bench_model's graph_pool_mb (GPU only; torch.cuda faked): the graph's private pool
+    holds the forward's intermediates, freed into it during the capture, so it shows in
+    memory_reserved, not in memory_allocated, which counts only the output still referenced."""
+    state = {"allocated": 100 * 2**20, "reserved": 100 * 2**20, "cached": 0}
+
+    def capture(model, x):
+        state["allocated"] += 8 * 2**20  # the static input and output, referenced after the capture
+        state["reserved"] += 300 * 2**20  # + the pool's intermediates, freed into it
+        state["cached"] += 50 * 2**20  # the warm-up's blocks, cached on its side stream
+        return lambda x: x
+
+    def empty_cache():
+        state["cached"] = 0
+
+    monkeypatch.setattr(bench_model, "capture_cuda_graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: state["reserved"] + state["cached"])
+    run, pool_mb = bench_model._captured(None, torch.zeros(1))
+    assert pool_mb == 300 and torch.equal(run(), torch.zeros(1))
