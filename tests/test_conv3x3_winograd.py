@@ -242,3 +242,24 @@ def test_cpp_output_is_an_ordinary_tensor():
     scale = torch.ones_like(out, requires_grad=True)
     (out.relu_() * scale).sum().backward()
     assert torch.equal(scale.grad, out)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_weight_that_requires_grad_under_no_grad_with_threads(tile, mode):
+    # A packed weight or bias that requires grad (an nn.Parameter) under no_grad or
+    # inference_mode: the per-point GEMMs run in parallel_for's worker threads, which do not
+    # inherit the caller's below-autograd dispatch guard, and used to raise "mm(): functions
+    # with out=... arguments don't support automatic differentiation" there, only with more
+    # than one thread.
+    x, weight, bias = make_inputs(2, 3, 5, 32, 32)
+    packed = torch.nn.Parameter(ops.winograd_weight(weight, tile))
+    bias_param = torch.nn.Parameter(bias.clone())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with mode(), bf.backends.use("cpp"):
+            out = ops.conv3x3_winograd(x, packed, bias_param)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close_to_scale(out, direct_float64(x, weight, bias, False), TOLERANCE[(torch.float32, tile)])

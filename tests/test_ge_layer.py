@@ -121,6 +121,27 @@ def test_cpp_deterministic(stride):
     assert torch.equal(run("cpp", stride, args), run("cpp", stride, args))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_cpp_weights_that_require_grad_under_no_grad_with_threads(stride, mode):
+    # nn.Parameters (requires_grad=True) are fine under no_grad/inference_mode, whatever the
+    # thread count: the kernel's tile GEMMs run in parallel_for's worker threads, which do
+    # not inherit the caller's below-autograd dispatch guard; stride 1's projection used to
+    # raise "addmm(): functions with out=... arguments don't support automatic
+    # differentiation" there, and only with more than one thread.
+    cin, cout = (4, 4) if stride == 1 else (4, 8)
+    x, y, *weights = make_inputs(1, cin, cout, stride, 16, 16)
+    params = [torch.nn.Parameter(w) for w in weights]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with mode(), bf.backends.use("cpp"):
+            out = fused(stride)(x, y, *params)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close_to_scale(out, reference_float64(stride, [x, y, *weights]), TOLERANCE[torch.float32])
+
+
 def test_cpp_general_expansion_ratio():
     args = make_inputs(1, 5, 5, 1, 4, 6, ratio=2)
     assert_close_to_scale(run("cpp", 1, args), reference_float64(1, args), TOLERANCE[torch.float32])

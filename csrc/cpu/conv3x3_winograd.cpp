@@ -228,6 +228,12 @@ void winograd_conv(const at::Tensor& input, const at::Tensor& weight, const at::
   const auto options = at::TensorOptions().dtype(input.scalar_type());
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    // The caller's AutoDispatchBelowADInplaceOrView is thread-local: parallel_for's OpenMP
+    // workers do not inherit it, so without this guard their GEMMs went through autograd
+    // and raised ("functions with out=... arguments don't support automatic
+    // differentiation") for a weight that requires grad, under no_grad/inference_mode too,
+    // but only with more than one thread.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd_here;
     scalar_t* v = thread_scratch<scalar_t>(points * (v_plane + m_plane) + cout);
     scalar_t* m = v + points * v_plane;
     scalar_t* outside = m + points * m_plane;

@@ -130,6 +130,12 @@ at::Tensor ge_layer_stride1_cpu(const at::Tensor& x, const at::Tensor& y, const 
     const int64_t tiles_w = (width + kStride1TileW - 1) / kStride1TileW;
 
     at::parallel_for(0, n_batch * height * tiles_w, 1, [&](int64_t begin, int64_t end) {
+      // The caller's AutoDispatchBelowADInplaceOrView is thread-local: parallel_for's OpenMP
+      // workers do not inherit it, so without this guard their GEMMs went through autograd
+      // and raised ("functions with out=... arguments don't support automatic
+      // differentiation") for a weight that requires grad, under no_grad/inference_mode too,
+      // but only with more than one thread.
+      const at::AutoDispatchBelowADInplaceOrView below_autograd_here;
       std::vector<acc_t> expanded(kStride1TileW * mid), projected(kStride1TileW * cout);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t tw = task % tiles_w, h = (task / tiles_w) % height, n = task / (tiles_w * height);
@@ -201,6 +207,8 @@ at::Tensor ge_layer_stride2_cpu(const at::Tensor& x, const at::Tensor& y, const 
     constexpr int64_t halo_w = kStride2TileW + 2;
 
     at::parallel_for(0, n_batch * tiles_h * tiles_w, 1, [&](int64_t begin, int64_t end) {
+      // In each worker thread, as in ge_layer_stride1_cpu (the caller's guard is thread-local).
+      const at::AutoDispatchBelowADInplaceOrView below_autograd_here;
       std::vector<acc_t> first((kStride2TileH + 2) * halo_w * mid);  // dw0 output on the tile's halo
       std::vector<acc_t> expanded(kStride2TileH * kStride2TileW * depth), projected(kStride2TileH * kStride2TileW * cout);
       for (int64_t task = begin; task < end; ++task) {
