@@ -608,6 +608,37 @@ def test_logits_read_only_by_ignored_pixels_never_matter(backend, device, shape)
     torch.testing.assert_close(grad, clean_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_cpp_float64_logits_read_only_by_ignored_pixels_never_matter(bad_value):
+    # As above, for the CPU kernel's float64 path (gradcheck's dtype): its exp is libm's,
+    # whose NaN (the softmax term exp(NaN - NaN) of an ignored pixel) times the pixel's zero
+    # loss weight used to reach the gradient of every head logit the row read.
+    shape = (1, 3, 4, 5, 8, 10)
+    logits, target = make_inputs(shape, dtype=torch.float64)
+    head_pixel = torch.zeros(1, 1, *shape[2:4])
+    head_pixel[..., 2, 2] = 1
+    readers = torch.nn.functional.interpolate(head_pixel, size=shape[4:], mode="bilinear", align_corners=False)
+    target[readers[:, 0] != 0] = 255
+    clean_loss, clean_grad = loss_and_grad("cpp", logits, target, thresh=0.7, min_kept=5)
+    logits[0, 1, 2, 2] = bad_value
+    loss, grad = loss_and_grad("cpp", logits, target, thresh=0.7, min_kept=5)
+    assert torch.isfinite(clean_loss)
+    torch.testing.assert_close(loss, clean_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, clean_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_cpp_float64_non_finite_logit_of_a_valid_pixel_stays_non_finite(bad_value):
+    logits, target = make_inputs((2, 3, 4, 5, 9, 11), dtype=torch.float64)
+    target.fill_(1)
+    logits[1, 2, 1, 3] = bad_value
+    ref_loss, ref_grad = loss_and_grad("eager", logits, target, thresh=0.7, min_kept=3)
+    loss, grad = loss_and_grad("cpp", logits, target, thresh=0.7, min_kept=3)
+    assert not torch.isfinite(ref_loss) and not torch.isfinite(loss)
+    assert not torch.isfinite(grad).all() and not torch.isfinite(ref_grad).all()
+    assert torch.isfinite(grad[0]).all()
+
+
 # ---- argument errors (the front checks, the same for every backend)
 
 

@@ -62,7 +62,12 @@ inline float exp_fast(float x) {
   return result;
 }
 
-inline double exp_fast(double x) { return std::exp(x); }
+// float64 (the gradcheck path): libm's exp, but NaN maps to 0 as in the float overload
+// above, which row_softmax and the backward rely on: a pixel not kept (an ignored one) is
+// masked by multiplying its softmax terms by 0, so a NaN term there (a NaN or infinite logit
+// read only by ignored pixels) would otherwise leak NaN into the gradient. Valid pixels keep
+// their NaN: row_softmax's max propagates it, and their sum of exps is then 0 (p = 0/0).
+inline double exp_fast(double x) { return x == x ? std::exp(x) : 0.0; }
 
 template <typename acc_t>
 struct AxisTaps {
