@@ -295,6 +295,21 @@ def test_raw_op_checks_every_argument():
         backward(out.double(), x, weight, bn_weight, bn_bias, mean, var, 1, True, 1e-5)
 
 
+@pytest.mark.parametrize("empty", [2, 3])
+def test_raw_op_refuses_an_empty_spatial_axis(empty):
+    # At stride 2 the kernel's output size (size - 1) / 2 + 1 truncates to 1 for size 0, where
+    # F.conv2d and the fake kernel give 0: the raw op returned a (2, 24, 1, 2) "output" of an
+    # empty input (BatchNorm of a conv of nothing) instead of refusing it.
+    x, weight, bn_weight, bn_bias = (t.detach() for t in make_inputs(2, 4, 6, 5, 5))
+    x = x.narrow(empty, 0, 0)
+    op, backward = torch.ops.bisenet_fast.ge_expand_train, torch.ops.bisenet_fast.ge_expand_train_backward
+    with pytest.raises(ValueError, match="x must have a non-empty spatial size"):
+        op(x, weight, bn_weight, bn_bias, 2, True, 1e-5)
+    stats = torch.zeros(24)
+    with pytest.raises(ValueError, match="x must have a non-empty spatial size"):
+        backward(torch.zeros(2, 24, 1, 1), x, weight, bn_weight, bn_bias, stats, stats, 2, True, 1e-5)
+
+
 @requires_triton
 def test_raw_triton_op_checks_its_arguments():
     x, weight, bn_weight, bn_bias = (t.detach() for t in make_inputs(2, 4, 6, 5, 5, device=triton_device()))

@@ -133,6 +133,9 @@ Geometry check_and_measure(const char* op, const at::Tensor& x, const at::Tensor
                            const at::Tensor& bn_bias, int64_t stride, double eps) {
   check_defined(op, {{"x", &x}, {"weight", &weight}, {"bn_weight", &bn_weight}, {"bn_bias", &bn_bias}});
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.sizes());
+  // conv_out_size truncates (size - 1) / stride toward zero: an empty axis would give one
+  // output at stride 2 (F.conv2d and the fake kernel: none), and a conv of nothing.
+  TORCH_CHECK_VALUE(x.size(2) > 0 && x.size(3) > 0, op, ": x must have a non-empty spatial size, got ", x.sizes());
   TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
   for (const auto* t : {&x, &weight, &bn_weight, &bn_bias}) {
     TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU, got ", t->device());
