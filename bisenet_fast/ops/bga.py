@@ -4,11 +4,11 @@ with up = bilinear resize (align_corners=False) to detail's spatial size.
 
 detail (N, C, H, W); semantic, detail_down, semantic_down (N, C, h, w), any h, w (1/8 is
 not always 4x 1/32, spec §2.4). The fused kernels compute in float32 (float64 for float64
-inputs, with the bilinear weights in float32 as every kernel computes them, so float64
-results agree with the reference to about float32 precision, not float64's: relative
-differences up to ~2e-5 where terms cancel), return the input dtype
-in detail's memory format (channels_last stays channels_last), and have a deterministic
-backward.
+inputs: on the CPU with float64 bilinear weights, as ATen's CPU upsample, so to float64
+precision; the CUDA kernel's weights are float32 for every dtype, so its float64 results
+agree with the reference to about float32 precision: relative differences up to ~2e-5
+where terms cancel), return the input dtype in detail's memory format (channels_last stays
+channels_last), and have a deterministic backward.
 """
 from __future__ import annotations
 

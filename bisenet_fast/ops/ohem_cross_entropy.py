@@ -205,8 +205,8 @@ def ohem_cross_entropy(logits, target, *, thresh=0.7, min_kept=10000, ignore_ind
     Kept or not is a comparison of a rounded probability with the threshold: a pixel within
     rounding of it (e.g. tied with the budget-th probability) may be kept by one backend and
     not another, changing the loss by that pixel's cross-entropy / (N*H*W). float64 logits
-    are upsampled with float32 tap weights (as in the BGA), so float64 results agree with the
-    reference to about float32 precision.
+    (the cpp backend) are upsampled with float64 tap weights, as ATen's CPU upsample does, so
+    float64 results agree with the reference to float64 precision.
     """
     check_ohem_inputs(logits, target, thresh, min_kept, ignore_index)
     backend = backends.resolve("ohem_cross_entropy", logits.device, GPU_PREFERENCE)
