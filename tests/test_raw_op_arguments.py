@@ -30,43 +30,28 @@ def valid_calls():
     }
 
 
+# The ops with CUDA kernels: a CUDA kernel runs when any argument is a CUDA tensor, so it
+# must check the tensor its device guard is made from before making it.
+CUDA_OPS = ("bga_aggregate", "bga_aggregate_backward", "ge_layer_stride1", "ge_layer_stride2",
+            "ohem_cross_entropy_forward", "ohem_cross_entropy_backward")
 CASES = [
-    pytest.param(op, index, id=f"{op}-{index}")
+    pytest.param(op, index, device, id=f"{op}-{index}" + ("-cuda" if device == "cuda" else ""),
+                 marks=[requires_cuda_build] if device == "cuda" else [])
+    for device in ("cpu", "cuda")
     for op, args in valid_calls().items()
     for index, arg in enumerate(args)
-    if isinstance(arg, torch.Tensor)
+    if isinstance(arg, torch.Tensor) and (device == "cpu" or op in CUDA_OPS)
 ]
 
 
-@pytest.mark.parametrize("op_name, index", CASES)
-def test_none_for_a_tensor_is_refused_by_name(op_name, index):
+def calls_on(device, op_name):
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in valid_calls()[op_name]]
+
+
+@pytest.mark.parametrize("op_name, index, device", CASES)
+def test_none_for_a_tensor_is_refused_by_name(op_name, index, device):
     op = getattr(torch.ops.bisenet_fast, op_name)
-    args = valid_calls()[op_name]
-    with torch.no_grad():
-        op(*args)  # the call is valid as it stands
-        name = op.default._schema.arguments[index].name
-        args[index] = None
-        with pytest.raises(TypeError, match=f"^[a-z_0-9]+: {name} must be a tensor, got None"):
-            op(*args)
-
-
-# The ops with CUDA kernels, their arguments on the GPU: a CUDA kernel runs when any argument
-# is a CUDA tensor, so it must check the tensor its device guard is made from before making it.
-CUDA_OPS = ("bga_aggregate", "bga_aggregate_backward", "ge_layer_stride1", "ge_layer_stride2",
-            "ohem_cross_entropy_forward", "ohem_cross_entropy_backward")
-CUDA_CASES = [pytest.param(op, index, id=f"{op}-{index}") for op, index in
-              ((case.values[0], case.values[1]) for case in CASES) if op in CUDA_OPS]
-
-
-def cuda_calls(op_name):
-    return [a.cuda() if isinstance(a, torch.Tensor) else a for a in valid_calls()[op_name]]
-
-
-@requires_cuda_build
-@pytest.mark.parametrize("op_name, index", CUDA_CASES)
-def test_none_for_a_tensor_is_refused_by_name_on_cuda(op_name, index):
-    op = getattr(torch.ops.bisenet_fast, op_name)
-    args = cuda_calls(op_name)
+    args = calls_on(device, op_name)
     with torch.no_grad():
         op(*args)  # the call is valid as it stands
         name = op.default._schema.arguments[index].name
@@ -81,7 +66,7 @@ def test_ge_layer_cuda_names_a_cpu_x(op_name):
     # x on the CPU, the rest on the GPU: the CUDA kernel runs, and x made its device guard
     # ("CUDAGuardImpl initialized with non-CUDA DeviceType: cpu", naming nothing).
     op = getattr(torch.ops.bisenet_fast, op_name)
-    args = cuda_calls(op_name)
+    args = calls_on("cuda", op_name)
     args[0] = args[0].cpu()
     with torch.no_grad(), pytest.raises(ValueError, match=f"^{op_name}: x must be a CUDA tensor"):
         op(*args)

@@ -620,18 +620,23 @@ def count_optimizer_steps(monkeypatch) -> list:
     return steps
 
 
-def _inf_decode_loss_on_calls(monkeypatch, calls):
-    """Make the decode head's loss inf on the given forward calls (1-based), as an fp16 overflow would."""
+def _decode_loss_changed_on_calls(monkeypatch, calls, change):
+    """The decode head's loss replaced by change(loss) on the given forward calls (1-based)."""
     loss, count = bf.BiSeNetV2Segmentor.loss, [0]
 
-    def overflowing_loss(self, images, labels):
+    def changed(self, images, labels):
         losses = loss(self, images, labels)
         count[0] += 1
         if count[0] in calls:
-            losses["decode.loss_ce"] = losses["decode.loss_ce"] * float("inf")
+            losses["decode.loss_ce"] = change(losses["decode.loss_ce"])
         return losses
 
-    monkeypatch.setattr(bf.BiSeNetV2Segmentor, "loss", overflowing_loss)
+    monkeypatch.setattr(bf.BiSeNetV2Segmentor, "loss", changed)
+
+
+def _inf_decode_loss_on_calls(monkeypatch, calls):
+    """Make the decode head's loss inf on the given forward calls, as an fp16 overflow would."""
+    _decode_loss_changed_on_calls(monkeypatch, calls, lambda value: value * float("inf"))
 
 
 def test_the_backend_environment_variable_reaches_training(tiny_data, tmp_path, monkeypatch):
@@ -685,16 +690,7 @@ class _InfGradient(torch.autograd.Function):
 
 def _inf_gradients_on_calls(monkeypatch, calls):
     """The decode head's loss stays finite, but its gradients are inf on the given forward calls."""
-    loss, count = bf.BiSeNetV2Segmentor.loss, [0]
-
-    def overflowing_gradients(self, images, labels):
-        losses = loss(self, images, labels)
-        count[0] += 1
-        if count[0] in calls:
-            losses["decode.loss_ce"] = _InfGradient.apply(losses["decode.loss_ce"])
-        return losses
-
-    monkeypatch.setattr(bf.BiSeNetV2Segmentor, "loss", overflowing_gradients)
+    _decode_loss_changed_on_calls(monkeypatch, calls, _InfGradient.apply)
 
 
 def test_float16_reports_a_step_skipped_for_overflowing_gradients(tiny_data, tmp_path, monkeypatch):
