@@ -337,7 +337,10 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
                 f"{sampler_state['seed']} and {batch_then} images per process; the data order will differ "
                 "from a run never stopped")
         rng = state["rng"]
-        restore_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
+        if ctx.rank < len(rng):
+            restore_rng_state(rng[ctx.rank])
+        # else: a rank the checkpoint's run did not have keeps its own seed (seed + rank, above);
+        # rank 0's state would give it rank 0's dropout stream.
         say(f"resumed from {resume} at iteration {start_iteration}")
         max_iters = recipe["schedule"]["max_iters"]
         if start_iteration > max_iters:

@@ -791,3 +791,22 @@ def test_torchrun_two_gloo_processes_train_evaluate_and_resume(tiny_data, tmp_pa
     second = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from" in second.stdout and "iter 3/3" in second.stdout
+
+
+def test_a_rank_the_checkpoint_lacks_keeps_a_dropout_stream_of_its_own(tiny_data, tmp_path):
+    """A checkpoint of one process resumed on two: the second rank has no saved RNG state. It
+    used to take rank 0's, and both ranks then drew the same dropout masks."""
+    recipe = tiny_recipe(tiny_data, iters=2)
+    train(copy.deepcopy(recipe), tmp_path, backend="eager", threads=1, stop_after=1, log=None)
+    with open(tmp_path / "recipe.json", "w") as f:
+        json.dump(recipe, f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(31500 + os.getpid() % 1000), "-m", "bisenet_fast.train", "--recipe", str(tmp_path / "recipe.json"),
+           "--backend", "eager", "--threads", "1", "--work-dir", str(tmp_path), "--resume", "auto"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "the data order will differ" in run.stdout
+    state = train_state.load_training_checkpoint(tmp_path / "iter_2.pth")
+    assert len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
