@@ -34,9 +34,18 @@ def init_distributed(device: str | None = None) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device: expected 'cpu', 'cuda' or 'cuda:<index>', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index >= count:
+            raise ValueError(f"--device {device!r} (CUDA device {dev.index}): this machine has {count} usable CUDA "
+                             f"device(s); use --device cpu" + ("" if count == 0 else f" or cuda:0..cuda:{count - 1}"))
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"

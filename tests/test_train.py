@@ -736,6 +736,27 @@ def test_float16_static_loss_scale_stays_512(tiny_data, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("device, match", [
+    ("gpu", "--device: expected 'cpu', 'cuda' or 'cuda:<index>', got 'gpu'"),
+    ("meta", "--device: expected 'cpu', 'cuda' or 'cuda:<index>', got 'meta'"),
+    ("cuda:99", "--device 'cuda:99' \\(CUDA device 99\\): this machine has [0-9]+ usable CUDA device"),
+])
+def test_evaluate_cli_names_a_bad_device(tiny_data, tmp_path, device, match):
+    """A device name torch does not know, or a CUDA device the machine lacks, was a RuntimeError
+    from torch.device or torch.cuda's initialisation."""
+    with pytest.raises(ValueError, match=match):
+        evaluate_main(["--recipe", "synthetic", "--checkpoint", str(tmp_path / "x.pth"), "--data-root",
+                       str(tiny_data), "--device", device])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_cli_device_cuda_without_a_gpu_is_a_clear_error(tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_data, iters=1)
+    with pytest.raises(ValueError, match="--device 'cuda' \\(CUDA device 0\\): this machine has 0 usable CUDA "
+                                         "device\\(s\\); use --device cpu"):
+        train(recipe, tmp_path, device="cuda", backend="eager", threads=1, log=None)
+
+
 def test_evaluate_cli_reads_training_checkpoints(tiny_data, tmp_path, capsys):
     result = train(tiny_recipe(tiny_data, iters=1), tmp_path, backend="eager", threads=1, log=None)
     code = evaluate_main(["--recipe", "synthetic", "--checkpoint", str(result["checkpoint"]), "--data-root",
