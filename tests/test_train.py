@@ -757,6 +757,31 @@ def test_train_cli_device_cuda_without_a_gpu_is_a_clear_error(tiny_data, tmp_pat
         train(recipe, tmp_path, device="cuda", backend="eager", threads=1, log=None)
 
 
+def test_a_recipe_file_with_a_wrongly_typed_value_is_a_clear_error(tmp_path):
+    """A string lr or a non-pair crop_size used to fail mid-run as a TypeError inside torch or
+    the transforms (num_classes 0 as a conv RuntimeError); load_recipe names each such key."""
+    recipe = load_recipe("synthetic")
+    recipe["optimizer"]["lr"] = "0.05"
+    recipe["data"]["crop_size"] = [64]
+    recipe["model"]["num_classes"] = 0
+    recipe["model"]["ohem"] = 1
+    recipe["test"]["aug_ratios"] = []
+    bad = tmp_path / "typed.json"
+    bad.write_text(json.dumps(recipe))
+    with pytest.raises(ValueError, match="typed.json' has invalid values") as err:
+        load_recipe(str(bad))
+    for line in ("data.crop_size: expected a list of two positive integers, got [64]",
+                 "model.num_classes: expected an integer >= 1, got 0", "model.ohem: expected a boolean, got 1",
+                 "optimizer.lr: expected a number, got '0.05'",
+                 "test.aug_ratios: expected a list of one or more numbers, got []"):
+        assert line in str(err.value)
+    ok = load_recipe("synthetic")
+    ok["schedule"]["warmup_ratio"], ok["test"]["aug_ratios"] = 0, [1]  # an int number, another count of ratios
+    good = tmp_path / "ok.json"
+    good.write_text(json.dumps(ok))
+    assert load_recipe(str(good))["test"]["aug_ratios"] == [1]
+
+
 def test_evaluate_cli_reads_training_checkpoints(tiny_data, tmp_path, capsys):
     result = train(tiny_recipe(tiny_data, iters=1), tmp_path, backend="eager", threads=1, log=None)
     code = evaluate_main(["--recipe", "synthetic", "--checkpoint", str(result["checkpoint"]), "--data-root",

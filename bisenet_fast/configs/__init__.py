@@ -42,8 +42,73 @@ def required_keys() -> list[str]:
     return sorted(p for p in shared if p.split(".")[0] not in OPTIONAL_KEYS)
 
 
+def _get(recipe: dict, path: str):
+    for key in path.split("."):
+        recipe = recipe[key]
+    return recipe
+
+
+def _kind(value) -> str:
+    """The JSON kind a recipe value must have, as the bundled recipes write it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _has_kind(value, kind: str) -> bool:
+    if kind == "an integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "a number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return _kind(value) == kind
+
+
+def _type_errors(recipe: dict, paths: list[str]) -> list[str]:
+    """'key: expected ..., got ...' for each value whose kind differs from the bundled recipes'
+    (a string lr, a non-list crop_size, ...), which would otherwise fail deep inside a run.
+    Pairs ([h, w], [w, h], [lo, hi]) must have two entries; integer pairs and num_classes, positive."""
+    bundled = [json.loads(f.read_text()) for f in recipe_files().values()]
+    errors = []
+    for path in paths:
+        examples = [_get(r, path) for r in bundled]
+        if any(isinstance(e, dict) for e in examples):
+            continue
+        kinds = {_kind(e) for e in examples}
+        if len(kinds) != 1:
+            continue
+        kind, value = kinds.pop(), _get(recipe, path)
+        if not _has_kind(value, kind):
+            errors.append(f"{path}: expected {kind}, got {value!r}")
+            continue
+        if path == "model.num_classes" and value < 1:
+            errors.append(f"{path}: expected an integer >= 1, got {value!r}")
+        if kind != "a list":
+            continue
+        item_kinds = {_kind(v) for e in examples for v in e}
+        item_kind = "a number" if item_kinds <= {"an integer", "a number"} and len(item_kinds) > 1 else \
+            next(iter(item_kinds)) if len(item_kinds) == 1 else None
+        pair = all(len(e) == 2 for e in examples)
+        if (not value or (pair and len(value) != 2)
+                or (item_kind and not all(_has_kind(v, item_kind) for v in value))
+                or (item_kind == "an integer" and not all(v >= 1 for v in value))):
+            what = "two" if pair else "one or more"
+            positive = " positive" if item_kind == "an integer" else ""
+            errors.append(f"{path}: expected a list of {what}{positive} "
+                          f"{(item_kind or 'value').split(' ', 1)[1]}s, got {value!r}")
+    return errors
+
+
 def check_recipe(recipe, source: str) -> None:
-    """A clear error for a recipe file that lacks keys, instead of a KeyError mid-run."""
+    """A clear error for a recipe file that lacks keys or has a value of the wrong type,
+    instead of a KeyError or TypeError mid-run."""
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {source}: expected a JSON object, got {type(recipe).__name__}")
     present = _key_paths(recipe)
@@ -51,6 +116,10 @@ def check_recipe(recipe, source: str) -> None:
     if missing:
         raise ValueError(f"recipe {source} lacks {', '.join(missing)} (the bundled recipes, e.g. "
                          f"{CONFIG_DIR / 'synthetic.json'}, show every key)")
+    wrong = _type_errors(recipe, required_keys())
+    if wrong:
+        raise ValueError(f"recipe {source} has invalid values:\n  " + "\n  ".join(wrong)
+                         + f"\n(the bundled recipes, e.g. {CONFIG_DIR / 'synthetic.json'}, show each key's type)")
 
 
 def load_recipe(name_or_path: str) -> dict:
