@@ -24,6 +24,9 @@ CORRUPT_FILE_ERRORS = (KeyError, EOFError, RuntimeError, ValueError, zipfile.Bad
 
 def read_checkpoint(path: str | os.PathLike) -> Mapping:
     """torch.load with weights_only=True: tensors, plain containers, numbers and strings only."""
+    if not os.path.isfile(path):
+        why = "is a directory, not a checkpoint file" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} {why}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

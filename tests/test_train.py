@@ -782,6 +782,15 @@ def test_a_recipe_file_with_a_wrongly_typed_value_is_a_clear_error(tmp_path):
     assert load_recipe(str(good))["test"]["aug_ratios"] == [1]
 
 
+def test_evaluate_cli_names_a_missing_checkpoint(tiny_data, tmp_path):
+    """A missing --checkpoint was torch.serialization's FileNotFoundError, a directory its IsADirectoryError."""
+    args = ["--recipe", "synthetic", "--data-root", str(tiny_data), "--device", "cpu", "--checkpoint"]
+    with pytest.raises(FileNotFoundError, match="checkpoint '.*nothere.pth' does not exist"):
+        evaluate_main(args + [str(tmp_path / "nothere.pth")])
+    with pytest.raises(FileNotFoundError, match="is a directory, not a checkpoint file"):
+        evaluate_main(args + [str(tmp_path)])
+
+
 def test_evaluate_cli_reads_training_checkpoints(tiny_data, tmp_path, capsys):
     result = train(tiny_recipe(tiny_data, iters=1), tmp_path, backend="eager", threads=1, log=None)
     code = evaluate_main(["--recipe", "synthetic", "--checkpoint", str(result["checkpoint"]), "--data-root",
