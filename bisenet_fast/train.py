@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import bisenet_fast as bf
+from bisenet_fast.checkpoint import CheckpointMismatchError
 from bisenet_fast.cli_args import MAX_SEED, NON_NEGATIVE_INT, POSITIVE_INT, SEED, int_at_least
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
@@ -324,7 +325,14 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
             say(f"--resume auto: no checkpoint in {work_dir}, starting from scratch")
     if resume:
         state = load_training_checkpoint(resume)
-        model.load_state_dict(state["state_dict"])
+        try:
+            model.load_state_dict(state["state_dict"])
+        except RuntimeError as err:  # another model: num_classes, or weights of another network
+            written_by = (state.get("meta") or {}).get("recipe") if isinstance(state.get("meta"), dict) else None
+            raise CheckpointMismatchError(
+                f"cannot resume from {resume}: its weights do not fit this run's model (recipe {recipe.get('name')!r}, "
+                f"num_classes {recipe['model']['num_classes']}; the checkpoint was written by recipe {written_by!r}); "
+                f"resume with the recipe that wrote it, or train afresh in another --work-dir\n{err}") from None
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

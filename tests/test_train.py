@@ -791,6 +791,19 @@ def test_evaluate_cli_names_a_missing_checkpoint(tiny_data, tmp_path):
         evaluate_main(args + [str(tmp_path)])
 
 
+def test_resuming_a_checkpoint_of_another_model_names_the_checkpoint_and_recipe(tiny_data, tmp_path):
+    """--resume of a checkpoint written with another num_classes was load_state_dict's bare
+    RuntimeError; it names the checkpoint, both models and what to do."""
+    first = train(tiny_recipe(tiny_data, iters=1), tmp_path / "a", backend="eager", threads=1, log=None)
+    other = tiny_recipe(tiny_data, iters=2)
+    other["model"]["num_classes"] = 5
+    with pytest.raises(bf.checkpoint.CheckpointMismatchError,
+                       match=f"cannot resume from {re.escape(str(first['checkpoint']))}: its weights do not fit this "
+                             "run's model \\(recipe 'synthetic', num_classes 5; the checkpoint was written by recipe "
+                             "'synthetic'\\); resume with the recipe that wrote it"):
+        train(other, tmp_path / "b", resume=str(first["checkpoint"]), backend="eager", threads=1, log=None)
+
+
 def test_evaluate_cli_reads_training_checkpoints(tiny_data, tmp_path, capsys):
     result = train(tiny_recipe(tiny_data, iters=1), tmp_path, backend="eager", threads=1, log=None)
     code = evaluate_main(["--recipe", "synthetic", "--checkpoint", str(result["checkpoint"]), "--data-root",
