@@ -301,7 +301,12 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     ctx = init_distributed(device)
     work_dir = Path(work_dir)
     if ctx.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError, PermissionError) as err:
+            raise NotADirectoryError(f"cannot use {str(work_dir)!r} as the work dir (--work-dir), where checkpoints "
+                                     f"and logs go: {err.strerror.lower()} ({err.filename}); give a directory "
+                                     "that can be created or written") from None
     say = log if ctx.is_main and log is not None else (lambda *a, **k: None)
     torch.set_num_threads(threads or cpu_threads_per_process(ctx, recipe["data"]["workers_per_gpu"]))
     torch.backends.cudnn.benchmark = not deterministic

@@ -804,6 +804,16 @@ def test_resuming_a_checkpoint_of_another_model_names_the_checkpoint_and_recipe(
         train(other, tmp_path / "b", resume=str(first["checkpoint"]), backend="eager", threads=1, log=None)
 
 
+def test_a_work_dir_that_is_a_file_is_a_clear_error(tiny_data, tmp_path):
+    """--work-dir naming a file (or below one) was pathlib's bare FileExistsError/NotADirectoryError."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for work_dir in (taken, taken / "run"):
+        with pytest.raises(NotADirectoryError, match=f"cannot use '{re.escape(str(work_dir))}' as the work dir "
+                                                     "\\(--work-dir\\), where checkpoints and logs go: "):
+            train(tiny_recipe(tiny_data, iters=1), work_dir, backend="eager", threads=1, log=None)
+
+
 def test_evaluate_cli_reads_training_checkpoints(tiny_data, tmp_path, capsys):
     result = train(tiny_recipe(tiny_data, iters=1), tmp_path, backend="eager", threads=1, log=None)
     code = evaluate_main(["--recipe", "synthetic", "--checkpoint", str(result["checkpoint"]), "--data-root",
