@@ -92,9 +92,13 @@ def _type_errors(recipe: dict, paths: list[str]) -> list[str]:
             errors.append(f"{path}: expected an integer >= 1, got {value!r}")
         if kind != "a list":
             continue
+        # The kind of the lists' items: one kind, or numbers where the bundled lists mix ints
+        # and floats; None (anything) where they mix other kinds.
         item_kinds = {_kind(v) for e in examples for v in e}
-        item_kind = "a number" if item_kinds <= {"an integer", "a number"} and len(item_kinds) > 1 else \
-            next(iter(item_kinds)) if len(item_kinds) == 1 else None
+        if item_kinds == {"an integer", "a number"}:
+            item_kind = "a number"
+        else:
+            item_kind = item_kinds.pop() if len(item_kinds) == 1 else None
         pair = all(len(e) == 2 for e in examples)
         if (not value or (pair and len(value) != 2)
                 or (item_kind and not all(_has_kind(v, item_kind) for v in value))
