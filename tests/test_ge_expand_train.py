@@ -201,6 +201,19 @@ def test_triton_pixel_split_past_32_bit_planes():
 
 
 @requires_triton
+def test_triton_rejects_more_expanded_channels_than_the_grid_takes():
+    from bisenet_fast.triton_kernels.ge_expand_train import ge_expand_train_triton
+
+    # Each expanded channel takes a grid y index (at most 65535): more are refused by name.
+    x = torch.zeros(1, 1, 2, 2, device=triton_device())
+    weight = torch.zeros(65536, 1, 3, 3, device=triton_device())
+    bn = torch.ones(65536, device=triton_device())
+    with pytest.raises(ValueError, match=r"weight's 65536 expanded channels would need 65536 programs along one "
+                                         r"launch axis.*cpp backend"):
+        ge_expand_train_triton(x, weight, bn, bn, 1, True, 1e-5)
+
+
+@requires_triton
 @pytest.mark.parametrize("dtype, rel", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)])
 def test_triton_low_precision_with_float32_bn_params(dtype, rel):
     x, weight, bn_weight, bn_bias = (t.detach().to(triton_device()) for t in make_inputs(2, 4, 6, 7, 8))

@@ -900,6 +900,32 @@ def test_triton_rejects_images_beyond_32_bit_offsets():
 
 
 @requires_triton
+@pytest.mark.parametrize("classes, block_x", [(19, 64), (150, 16)])
+def test_triton_rejects_a_target_row_beyond_the_grid(classes, block_x):
+    from bisenet_fast.triton_kernels import ohem_cross_entropy as triton_ohem
+
+    # The forward's row segments of BLOCK_X pixels take the grid's y axis (at most 65535):
+    # one target row more than 65535 segments wide is refused, naming the width, not launched.
+    logits = torch.zeros(1, classes, 1, 1)
+    wide = torch.zeros(1, 1, 65535 * block_x + 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=rf"target's width {65535 * block_x + 1} at {classes} classes would need 65536 "
+                                         r"programs along one launch axis.*cpp and cuda backends"):
+        triton_ohem.forward(logits, wide, 0.7, 5, 255)
+    triton_ohem._check_image_size(logits, wide[..., :-1])  # 65535 segments launch
+
+
+@requires_triton
+def test_triton_rejects_a_logits_row_beyond_the_grid():
+    from bisenet_fast.triton_kernels import ohem_cross_entropy as triton_ohem
+
+    # The backward's segments of 32 logit columns take the grid's y axis.
+    logits = torch.zeros(1, 2, 1, 1).expand(1, 2, 1, 65535 * 32 + 1)
+    target = torch.zeros(1, 1, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=rf"logits' width {65535 * 32 + 1} would need 65536 programs"):
+        triton_ohem.backward(torch.ones(()), logits, target, torch.tensor(0.5), 255)
+
+
+@requires_triton
 def test_triton_rejects_float64():
     logits, target = make_inputs(TRITON_SHAPES[0], dtype=torch.float64, device=triton_device())
     with bf.backends.use("triton"), pytest.raises(TypeError, match="float64 logits"):

@@ -30,13 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
+from bisenet_fast.ops._checks import MAX_GRID_YZ
 from bisenet_fast.triton_kernels.bilinear import first_dst_with_i0_at_least, linear_tap_of_sizes
 
 BLOCK = 1024
 BLOCK_BACKWARD = 256
 # CUDA's bound on a grid's y and z extents: the forward's rows take y (a larger height is
 # refused), its planes z (the programs loop over planes beyond it).
-MAX_GRID_Y = MAX_GRID_Z = 65535
+MAX_GRID_Y = MAX_GRID_Z = MAX_GRID_YZ
 _SIZES = ["total", "H", "W", "h", "w", "K"]
 
 

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bisenet_fast.ops._checks import check_grid_extent
+
 BLOCK = 1024
 
 
@@ -173,6 +175,9 @@ def _check_dtype(x: torch.Tensor) -> None:
 def _geometry(x, weight, stride):
     n, cin, h, w = x.shape
     mid = weight.shape[0]
+    # Every pass gives each expanded channel (each input channel, for grad_x) a grid y index.
+    check_grid_extent("ge_expand_train (triton)", mid, f"weight's {mid} expanded channels",
+                      "the cpp backend has no such limit")
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     return n, cin, h, w, mid, ho, wo, n * ho * wo
 

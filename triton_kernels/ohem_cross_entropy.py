@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bisenet_fast.ops._checks import check_image_fits_int32
+from bisenet_fast.ops._checks import check_grid_extent, check_image_fits_int32
 from bisenet_fast.ops.ohem_cross_entropy import check_target_labels
 from bisenet_fast.triton_kernels.bilinear import linear_scale, linear_tap
 
@@ -212,14 +212,24 @@ def _kth_smallest(prob: torch.Tensor, k: int) -> torch.Tensor:
     return prefix.view(torch.float32).reshape(())
 
 
-def _check_image_size(logits: torch.Tensor) -> None:
+def _check_image_size(logits: torch.Tensor, target: torch.Tensor) -> None:
     """32-bit offsets within one image: 64-bit ones cost registers the backward does not have
-    (module docstring)."""
-    check_image_fits_int32("ohem_cross_entropy (triton)", "logits", logits, "the cpp and cuda backends have no such limit")
+    (module docstring). The row segments of the forward (of target) and of the backward (of
+    logits) take the grid's y axis."""
+    op, instead = "ohem_cross_entropy (triton)", "the cpp and cuda backends have no such limit"
+    check_image_fits_int32(op, "logits", logits, instead)
+    C, w = logits.shape[1], logits.shape[3]
+    W = target.shape[2]
+    check_grid_extent(op, triton.cdiv(W, _blocks(C, W)[1]), f"target's width {W} at {C} classes", instead)
+    check_grid_extent(op, triton.cdiv(w, _backward_block_j(w)), f"logits' width {w}", instead)
+
+
+def _backward_block_j(w: int) -> int:
+    return max(16, min(triton.next_power_of_2(w), 32))
 
 
 def forward(logits, target, thresh, min_kept, ignore_index):
-    _check_image_size(logits)
+    _check_image_size(logits, target)
     head = logits.to(torch.float32).contiguous()
     target = target.contiguous()
     N, C, h, w = head.shape
@@ -252,13 +262,13 @@ def forward(logits, target, thresh, min_kept, ignore_index):
 
 
 def backward(grad_loss, logits, target, threshold, ignore_index):
-    _check_image_size(logits)
+    _check_image_size(logits, target)
     head = logits.to(torch.float32).contiguous()
     target = target.contiguous()
     N, C, h, w = head.shape
     H, W = target.shape[1:]
     block_c, block_x = _blocks(C, W)  # the padding classes are zeroed in dz
-    block_j = max(16, min(triton.next_power_of_2(w), 32))
+    block_j = _backward_block_j(w)
     coef = (grad_loss.to(torch.float32) / (N * H * W)).reshape(1)
     grad = torch.empty_like(head)
     ratio_h, ratio_w = H / h, W / w

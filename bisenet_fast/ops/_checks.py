@@ -84,6 +84,18 @@ def check_image_fits_int32(op: str, name: str, value: torch.Tensor, instead: str
         )
 
 
+# CUDA's bound on a launch grid's y and z extents (x may reach 2**31 - 1).
+MAX_GRID_YZ = 65535
+
+
+def check_grid_extent(op: str, extent: int, what: str, instead: str) -> None:
+    """A clear error, before anything is launched, for a Triton grid axis that would take more
+    than CUDA's y/z bound: `what` says which sizes the axis counts, `instead` what to use."""
+    if extent > MAX_GRID_YZ:
+        raise ValueError(f"{op}: {what} would need {extent} programs along one launch axis, which CUDA bounds "
+                         f"by {MAX_GRID_YZ}; {instead}")
+
+
 def fake_on_one_device(op: str):
     """Decorator of a fake kernel. A call mixing devices, e.g. CPU tensors and a meta one, is
     dispatched to the fake kernel (the Meta key wins), past the real kernels' device checks,
