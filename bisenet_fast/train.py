@@ -37,7 +37,7 @@ from bisenet_fast.cli_args import MAX_SEED, NON_NEGATIVE_INT, POSITIVE_INT, SEED
 from bisenet_fast.configs import load_recipe
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.data.sampler import InfiniteShardedSampler
-from bisenet_fast.data.transforms import PhotoMetricDistortion, TrainPipeline
+from bisenet_fast.data.transforms import IGNORE_INDEX, PhotoMetricDistortion, TrainPipeline
 from bisenet_fast.distributed import (DistContext, any_rank, broadcast_bn_statistics, gather_objects,
                                       heads_to_sync_bn, init_distributed, leave_distributed, max_over_ranks,
                                       mean_over_ranks)
@@ -148,7 +148,8 @@ def build_train_loader(recipe: dict, ctx: DistContext, seed: int, start_iteratio
         cat_max_ratio=data["cat_max_ratio"], flip_prob=data["flip_prob"],
         photometric=PhotoMetricDistortion() if data["photometric_distortion"] else None,
     )
-    dataset = CityscapesDataset(data["root"], data["train_split"], pipeline)
+    dataset = CityscapesDataset(data["root"], data["train_split"], pipeline, num_classes=recipe["model"]["num_classes"],
+                                ignore_index=IGNORE_INDEX)
     batch = data["samples_per_gpu"]
     sampler = InfiniteShardedSampler(len(dataset), ctx.rank, ctx.world_size, seed, start=start_iteration * batch)
     workers = data["workers_per_gpu"]

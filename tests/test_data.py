@@ -2,6 +2,7 @@
 and its errors, the labelIds conversion, the synthetic set and the resumable sampler."""
 import itertools
 import os
+import re
 
 import numpy as np
 import pytest
@@ -283,6 +284,23 @@ def test_missing_labels_are_listed(tmp_path):
     msg = str(err.value)
     assert "2 of 3 images" in msg and labels[0].name in msg and labels[2].name in msg
     assert labels[1].name not in msg and "bisenet_fast.data.convert" in msg
+
+
+@pytest.mark.parametrize("num_classes, ignore_index, bad", [(19, 255, 26), (19, 0, 255), (2, 255, 2)])
+def test_dataset_with_num_classes_names_a_label_of_another_kind(tmp_path, num_classes, ignore_index, bad):
+    generate(tmp_path, num_train=2, num_val=1, height=32, width=64)
+    pairs = find_pairs(tmp_path, "train")
+    label = np.zeros((32, 64), dtype=np.uint8)
+    Image.fromarray(label).save(pairs[0][1])
+    label[3, 5] = bad
+    Image.fromarray(label).save(pairs[1][1])
+    checked = CityscapesDataset(tmp_path, "train", num_classes=num_classes, ignore_index=ignore_index)
+    checked[0]
+    with pytest.raises(ValueError, match=re.escape(
+            f"{pairs[1][1]}: label values must be in [0, {num_classes}) or {ignore_index}, found {bad} (labelIds not "
+            f"yet converted to trainIds? run python -m bisenet_fast.data.convert {tmp_path})")):
+        checked[1]
+    CityscapesDataset(tmp_path, "train")[1]  # without num_classes, labels are not read for their values
 
 
 def test_missing_split_is_a_clear_error(tmp_path):

@@ -79,10 +79,16 @@ class CityscapesDataset(torch.utils.data.Dataset):
     numpy RandomState seeded by the sampler (see sampler.SeededIndex); without a pipeline,
     the raw uint8 RGB image (HxWx3 tensor) and uint8 label (HxW tensor)."""
 
-    def __init__(self, root: str | os.PathLike, split: str, pipeline: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, split: str, pipeline: Callable | None = None, *,
+                 num_classes: int | None = None, ignore_index: int = 255):
+        """With num_classes, every label read is checked to hold only class ids below it and
+        ignore_index: a label of another kind (labelIds not converted) is then named with the
+        converter, instead of failing later in the loss without its file."""
         self.root = Path(root)
         self.split = split
         self.pipeline = pipeline
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
         self.pairs = find_pairs(self.root, split)
 
     def __len__(self) -> int:
@@ -94,6 +100,17 @@ class CityscapesDataset(torch.utils.data.Dataset):
         img, label = read_image(image_path), read_label(label_path)
         if img.shape[:2] != label.shape:
             raise ValueError(f"{image_path} is {img.shape[:2]} but its label {label_path} is {label.shape}")
+        if self.num_classes is not None:
+            self._check_label_values(label, label_path)
         if self.pipeline is None:
             return torch.from_numpy(img.copy()), torch.from_numpy(label.copy())
         return self.pipeline(img, label, np.random.RandomState(seed))
+
+    def _check_label_values(self, label: np.ndarray, label_path: Path) -> None:
+        bad = label[(label >= self.num_classes) & (label != self.ignore_index)]
+        if bad.size:
+            raise ValueError(
+                f"{label_path}: label values must be in [0, {self.num_classes}) or {self.ignore_index}, found "
+                f"{int(bad.min())} (labelIds not yet converted to trainIds? run python -m bisenet_fast.data.convert "
+                f"{self.root})"
+            )
