@@ -303,6 +303,30 @@ def test_dataset_with_num_classes_names_a_label_of_another_kind(tmp_path, num_cl
     CityscapesDataset(tmp_path, "train")[1]  # without num_classes, labels are not read for their values
 
 
+def test_split_listing_follows_symlinked_cities_and_skips_dot_files(tmp_path):
+    """As mmseg lists a split (mmcv's scandir): a city directory that is a symlink is read
+    (Path.rglob would silently leave its images out), and a name starting with '.' (macOS's
+    ._* AppleDouble copies) is no image."""
+    generate(tmp_path / "data", num_train=2, num_val=1, height=32, width=64)
+    cities = tmp_path / "data" / "leftImg8bit" / "train"
+    (cities / "synthville").rename(tmp_path / "synthville")
+    (cities / "synthville").symlink_to(tmp_path / "synthville", target_is_directory=True)
+    (cities / "synthville" / "._synthville_000000_000019_leftImg8bit.png").write_bytes(b"not a PNG")
+    pairs = find_pairs(tmp_path / "data", "train")
+    assert [image.name for image, _ in pairs] == [f"synthville_{i:06d}_000019_leftImg8bit.png" for i in range(2)]
+    assert all(label.is_file() for _, label in pairs)
+
+
+def test_convert_skips_dot_files(tmp_path):
+    """A ._*_gtFine_labelIds.png AppleDouble copy is not a label to convert (nor to fail on)."""
+    city = tmp_path / "gtFine" / "val" / "x"
+    city.mkdir(parents=True)
+    Image.fromarray(np.array([[7, 8]], np.uint8)).save(city / "a_000000_000000_gtFine_labelIds.png")
+    (city / "._a_000000_000000_gtFine_labelIds.png").write_bytes(b"not a PNG")
+    assert convert_tree(tmp_path, workers=1) == 1
+    assert not (city / "._a_000000_000000_gtFine_labelTrainIds.png").exists()
+
+
 def test_missing_split_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="leftImg8bit/val"):
         CityscapesDataset(tmp_path, "val")

@@ -47,6 +47,18 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
         return np.array(im, dtype=np.uint8)
 
 
+def files_with_suffix(directory: str | os.PathLike, suffix: str) -> list[Path]:
+    """The files under `directory` whose names end in `suffix`, sorted, found as mmseg lists a
+    split (mmcv's scandir): symlinked directories are followed, and names starting with '.'
+    (macOS's ._* AppleDouble copies) are skipped. Path.rglob does neither: it would leave out
+    the images of a symlinked city directory without a word."""
+    found = []
+    for parent, _dirs, names in os.walk(directory, followlinks=True):
+        found += [Path(parent, name) for name in names
+                  if name.endswith(suffix) and not name.startswith(".") and Path(parent, name).is_file()]
+    return sorted(found)
+
+
 def label_path_for(root: Path, split: str, image: Path) -> Path:
     rel = image.relative_to(root / "leftImg8bit" / split)
     name = rel.name[: -len(IMG_SUFFIX)] + LABEL_SUFFIX
@@ -60,7 +72,7 @@ def find_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
     if not image_dir.is_dir():
         raise FileNotFoundError(f"no Cityscapes images: {image_dir} is not a directory (expected the layout "
                                 f"leftImg8bit/{split}/<city>/*{IMG_SUFFIX})")
-    images = sorted(image_dir.rglob(f"*{IMG_SUFFIX}"))
+    images = files_with_suffix(image_dir, IMG_SUFFIX)
     if not images:
         raise FileNotFoundError(f"no *{IMG_SUFFIX} files under {image_dir}")
     pairs = [(img, label_path_for(root, split, img)) for img in images]

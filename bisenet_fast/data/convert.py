@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from bisenet_fast.cli_args import POSITIVE_INT
-from bisenet_fast.data.cityscapes import LABEL_SUFFIX
+from bisenet_fast.data.cityscapes import LABEL_SUFFIX, files_with_suffix
 
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 # Cityscapes id -> trainId; every id not listed (0-6, 9, 10, 14-16, 18, 29, 30, -1) is 255.
@@ -53,7 +53,7 @@ def convert_file(src: Path) -> Path:
 
 
 def convert_tree(root: str | Path, workers: int = 4) -> int:
-    sources = sorted((Path(root) / "gtFine").rglob(f"*{LABEL_IDS_SUFFIX}"))
+    sources = files_with_suffix(Path(root) / "gtFine", LABEL_IDS_SUFFIX)
     if not sources:
         raise FileNotFoundError(f"no *{LABEL_IDS_SUFFIX} under {Path(root) / 'gtFine'}")
     with ProcessPoolExecutor(max_workers=workers) as pool:
