@@ -237,6 +237,29 @@ def test_normalize_and_pad_values():
     assert (label[2:] == 255).all() and (label[:, 3:] == 255).all() and (label[:2, :3] == 0).all()
 
 
+# (grey level, RGB channel, mmcv.imnormalize's float32 output) recorded with opencv-python-headless
+# 5.0.0: cv2.subtract in float32, then cv2.multiply by the float64 1 / std, rounded once. Each
+# is one ulp away from a float32 (x - mean) / std.
+IMNORMALIZE_VALUES = [
+    (0, 1, -2.0357141494750977), (28, 0, -1.6384109258651733), (62, 1, -0.9502800703048706),
+    (97, 0, -0.4568028748035431), (119, 1, 0.04761906713247299), (149, 1, 0.5728291273117065),
+    (184, 0, 1.033050775527954), (217, 0, 1.5981676578521729), (237, 1, 2.113445281982422),
+]
+
+
+@pytest.mark.parametrize("grey, channel, expected", IMNORMALIZE_VALUES)
+def test_normalize_rounds_as_mmcv_imnormalize(grey, channel, expected):
+    img = np.full((1, 1, 3), grey, np.uint8)
+    assert T.normalize(img)[channel, 0, 0].item() == expected
+
+
+@pytest.mark.parametrize("img", [np.zeros((2, 3, 3), np.float32), np.zeros((2, 3, 3), np.uint16),
+                                 np.zeros((2, 3), np.uint8), np.zeros((2, 3, 4), np.uint8)])
+def test_normalize_refuses_what_is_not_a_uint8_rgb_image(img):
+    with pytest.raises(TypeError, match=r"normalize: img must be a uint8 H x W x 3 array"):
+        T.normalize(img)
+
+
 def test_train_pipeline_output_shapes_values_and_determinism():
     img, label = scene(0, "train", 1, height=64, width=128)
     pipeline = T.TrainPipeline(img_scale=(128, 64), crop_size=(48, 48))
