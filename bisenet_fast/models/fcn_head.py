@@ -42,7 +42,10 @@ class FCNHead(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """ConvModule init (Kaiming normal fan_out relu, BN 1/0); conv_seg ~ N(0, 0.01)."""
+        """ConvModule init (Kaiming normal fan_out relu, BN 1/0); conv_seg ~ N(0, 0.01), for every
+        head as spec §2.5 states. (mmseg's own run differs for the auxiliary heads: they sit in a
+        plain nn.ModuleList, which mmcv's init_weights does not descend into, so their conv_seg
+        keep PyTorch's default init. Only a from-scratch run's starting point differs.)"""
         for m in self.convs.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
