@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bisenet_fast.data.cityscapes import read_image
-from bisenet_fast.data.transforms import imrescale, normalize
+from bisenet_fast.data.transforms import imrescale, normalize, rescale_size
 from bisenet_fast.models.fused import FusedBiSeNetV2Segmentor
 from bisenet_fast.palette import colorize
 
@@ -85,6 +85,11 @@ def predict_probs(model, image, img_scale=(2048, 1024), ratios=(1.0,), flip=Fals
     height, width = img.shape[:2]
     if height == 0 or width == 0:
         raise ValueError(f"image must be non-empty, got {height} x {width} pixels")
+    for scale in scales:
+        rescaled = rescale_size(height, width, scale)
+        if min(rescaled) < 1:  # a thin image: its short side rounds to no pixels
+            raise ValueError(f"a {height} x {width} image rescaled into the test scale {scale} (w, h) keeping its "
+                             f"aspect ratio is {rescaled[0]} x {rescaled[1]} pixels: an empty image")
     total = None
     for scale in scales:
         x = normalize(imrescale(img, scale))[None].to(device)

@@ -119,6 +119,13 @@ def test_predict_probs_names_a_bad_test_scale(model, options, match):
         predict_probs(model, np.zeros((8, 8, 3), dtype=np.uint8), **options)
 
 
+@pytest.mark.parametrize("shape", [(1, 500, 3), (500, 1, 3)])
+def test_predict_probs_names_a_thin_image_that_rescales_to_nothing(model, shape):
+    # 500 pixels long into (140, 90): a factor of 0.18, so the one-pixel side rounds to 0
+    with pytest.raises(ValueError, match=r"a \d+ x \d+ image rescaled into the test scale \(140, 90\) .* empty"):
+        predict_probs(model, np.zeros(shape, dtype=np.uint8), img_scale=SMALL_SCALE)
+
+
 def test_colorize_and_save(tmp_path):
     ids = np.array([[0, 18], [255, 13]])
     colored = colorize(ids)
