@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import numbers
 import os
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -60,9 +62,12 @@ def _test_scales(img_scale, ratios) -> list[tuple[int, int]]:
     if (not isinstance(img_scale, (tuple, list)) or len(img_scale) != 2
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in img_scale)):
         raise ValueError(f"img_scale must be two positive ints (w, h), got {img_scale!r}")
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
+        raise ValueError(f"ratios must be one or more positive finite numbers, got {ratios!r}")
     ratios = list(ratios)
-    if not ratios or not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and r > 0 for r in ratios):
-        raise ValueError(f"ratios must be one or more positive numbers, got {ratios!r}")
+    if not ratios or not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r < math.inf
+                             for r in ratios):
+        raise ValueError(f"ratios must be one or more positive finite numbers, got {ratios!r}")
     scales = [(int(img_scale[0] * r), int(img_scale[1] * r)) for r in ratios]
     for ratio, scale in zip(ratios, scales):
         if min(scale) < 1:

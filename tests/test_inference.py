@@ -110,8 +110,10 @@ def test_segment_rejects_bad_images_and_options(model):
     (dict(img_scale=(-5, 64)), "img_scale must be two positive ints"),
     (dict(img_scale=(96,)), "img_scale must be two positive ints"),
     (dict(img_scale=(96.0, 64)), "img_scale must be two positive ints"),
-    (dict(ratios=()), "ratios must be one or more positive numbers, got \\[\\]"),
-    (dict(ratios=(1.0, -0.5)), "ratios must be one or more positive numbers"),
+    (dict(ratios=()), "ratios must be one or more positive finite numbers, got \\[\\]"),
+    (dict(ratios=(1.0, -0.5)), "ratios must be one or more positive finite numbers"),
+    (dict(ratios=(float("inf"),)), "ratios must be one or more positive finite numbers, got \\[inf\\]"),
+    (dict(ratios=1.0), "ratios must be one or more positive finite numbers, got 1.0"),
     (dict(img_scale=(96, 64), ratios=(0.01,)), "img_scale \\(96, 64\\) times ratio 0.01 is \\(0, 0\\): an empty image"),
 ])
 def test_predict_probs_names_a_bad_test_scale(model, options, match):
