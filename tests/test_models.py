@@ -102,6 +102,13 @@ def test_out_indices_select_outputs():
     torch.testing.assert_close(b[1], a[0])
 
 
+@pytest.mark.parametrize("num_classes", [0, -1, 2.5, True, "19"])
+def test_num_classes_must_be_a_positive_int(num_classes):
+    # 0 would build a head with no classes; the others failed inside nn.Conv2d, not naming num_classes
+    with pytest.raises(ValueError, match=f"num_classes must be a positive int, got {num_classes!r}"):
+        bf.BiSeNetV2Segmentor(num_classes=num_classes)
+
+
 def test_head_logit_shapes_and_eval_forward_resizes(segmentor):
     segmentor.eval()
     x = torch.randn(2, 3, 67, 101)

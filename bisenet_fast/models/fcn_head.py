@@ -9,6 +9,8 @@ BiSeNetV2 head passes both.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -28,6 +30,8 @@ class FCNHead(nn.Module):
         concat_input: bool = False,
     ):
         super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if num_convs < 1:
             raise ValueError(f"num_convs must be >= 1 for BiSeNetV2's heads, got {num_convs}")
         if concat_input:
