@@ -102,6 +102,13 @@ def test_out_indices_select_outputs():
     torch.testing.assert_close(b[1], a[0])
 
 
+@pytest.mark.parametrize("out_indices", [(5,), (0, -6), (1.0,), (True,)])
+def test_out_indices_outside_the_five_outputs_are_refused_when_built(out_indices):
+    # not an IndexError at the first forward
+    with pytest.raises(ValueError, match=r"out_indices must be indices into the backbone's 5 outputs"):
+        bf.BiSeNetV2(out_indices=out_indices)
+
+
 @pytest.mark.parametrize("num_classes", [0, -1, 2.5, True, "19"])
 def test_num_classes_must_be_a_positive_int(num_classes):
     # 0 would build a head with no classes; the others failed inside nn.Conv2d, not naming num_classes

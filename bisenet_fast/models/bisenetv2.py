@@ -5,6 +5,8 @@ BatchNorm2d and ReLU, which is what is built here.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,7 +159,12 @@ class BiSeNetV2(nn.Module):
                 "detail_channels[-1], semantic_channels[-1] and bga_channels must be equal, got "
                 f"{detail_channels[-1]}, {semantic_channels[-1]}, {bga_channels}"
             )
-        self.out_indices = tuple(out_indices)
+        out_indices = tuple(out_indices)
+        count = 1 + len(semantic_channels)  # bga, then each semantic stage before the CE block
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and -count <= i < count
+                   for i in out_indices):
+            raise ValueError(f"out_indices must be indices into the backbone's {count} outputs, got {out_indices}")
+        self.out_indices = tuple(int(i) for i in out_indices)
         self.detail = DetailBranch(detail_channels, in_channels)
         self.semantic = SemanticBranch(semantic_channels, in_channels, semantic_expansion_ratio)
         self.bga = BGALayer(bga_channels, align_corners)
