@@ -578,6 +578,28 @@ def test_bad_inputs(backend):
             fused(stride)(*args)
 
 
+@pytest.mark.parametrize("stride, index, corrupt, error, message", [
+    (1, 2, lambda w: w[:23], ValueError, "dw_weight must have shape \\(k \\* 4, 1, 3, 3\\)"),
+    (1, 3, lambda w: w[:5], ValueError, "dw_bias must have shape \\(24,\\)"),
+    (1, 4, lambda w: w[:, :, None, None], ValueError, "pw_weight must be 2-D"),
+    (1, 4, lambda w: w[:0], ValueError, "pw_weight must have shape \\(cin, mid\\) with cin > 0"),
+    (1, 5, lambda w: w.tolist(), TypeError, "pw_bias must be a torch.Tensor"),
+    (2, 2, lambda w: w[:23], ValueError, "dw0_weight must have shape \\(k \\* 4, 1, 3, 3\\)"),
+    (2, 6, lambda w: w[:, :5], ValueError, "pw_weight must have shape \\(cout, 24\\)"),
+    (2, 8, lambda w: w[:0], ValueError, "sc_dw_weight must have shape \\(cin, 1, 3, 3\\) with cin > 0"),
+    (2, 10, lambda w: w[:7], ValueError, "sc_pw_weight must have shape \\(8, 4\\)"),
+    (2, 11, lambda w: w.double(), TypeError, "sc_pw_bias must have dtype"),
+])
+def test_packing_names_a_bad_weight(stride, index, corrupt, error, message):
+    # pack_triton_* is public (FusedGELayer's triton_weights); mismatched weights failed in a
+    # reshape or a division by zero, or were packed with a wrong expansion ratio
+    args = make_inputs(1, 4, 4 if stride == 1 else 8, stride, 3, 3)
+    args[index] = corrupt(args[index])
+    pack = ge.pack_triton_stride1 if stride == 1 else ge.pack_triton_stride2
+    with pytest.raises(error, match=message):
+        pack(*args[2:])
+
+
 CORRUPTIONS = {
     "short": lambda t: t[..., :1],
     "reshaped": lambda t: t.reshape(1, -1),

@@ -179,8 +179,45 @@ def _pack_projection(weight, ratio):
     return weight.reshape(cout, mid // ratio, ratio).permute(2, 1, 0).reshape(mid, cout).contiguous()
 
 
+def _check_stride1_weights(dw_weight, dw_bias, pw_weight, pw_bias):
+    """The stride-1 weights agree in shape, dtype and device (a residual layer: cin == cout,
+    read from pw_weight)."""
+    check_tensor("pw_weight", pw_weight, dim=2, dtypes=FLOAT_DTYPES)
+    cin = pw_weight.shape[0]
+    if cin == 0:
+        raise ValueError(f"pw_weight must have shape (cin, mid) with cin > 0, got {tuple(pw_weight.shape)}")
+    mid = _check_mid("dw_weight", dw_weight, cin, pw_weight)
+    _check_weight("dw_bias", dw_bias, (mid,), pw_weight)
+    _check_weight("pw_weight", pw_weight, (cin, mid), pw_weight)
+    _check_weight("pw_bias", pw_bias, (cin,), pw_weight)
+
+
+def _check_stride2_weights(dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
+                           sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
+    """The stride-2 weights agree in shape, dtype and device (cin read from sc_dw_weight)."""
+    check_tensor("sc_dw_weight", sc_dw_weight, dim=4, dtypes=FLOAT_DTYPES)
+    cin = sc_dw_weight.shape[0]
+    if cin == 0:
+        raise ValueError(f"sc_dw_weight must have shape (cin, 1, 3, 3) with cin > 0, got {tuple(sc_dw_weight.shape)}")
+    like = sc_dw_weight
+    _check_weight("sc_dw_weight", sc_dw_weight, (cin, 1, 3, 3), like)
+    _check_weight("sc_dw_bias", sc_dw_bias, (cin,), like)
+    mid = _check_mid("dw0_weight", dw0_weight, cin, like)
+    _check_weight("dw0_bias", dw0_bias, (mid,), like)
+    _check_weight("dw1_weight", dw1_weight, (mid, 1, 3, 3), like)
+    _check_weight("dw1_bias", dw1_bias, (mid,), like)
+    check_tensor("pw_weight", pw_weight, dim=2, dtypes=(like.dtype,), device=like.device)
+    cout = pw_weight.shape[0]
+    if pw_weight.shape[1] != mid or cout == 0:
+        raise ValueError(f"pw_weight must have shape (cout, {mid}), got {tuple(pw_weight.shape)}")
+    _check_weight("pw_bias", pw_bias, (cout,), like)
+    _check_weight("sc_pw_weight", sc_pw_weight, (cout, cin), like)
+    _check_weight("sc_pw_bias", sc_pw_bias, (cout,), like)
+
+
 def pack_triton_stride1(dw_weight, dw_bias, pw_weight, pw_bias):
     """The stride-1 weights in the Triton kernel's layout (see the module docstring)."""
+    _check_stride1_weights(dw_weight, dw_bias, pw_weight, pw_bias)
     ratio = dw_weight.shape[0] // pw_weight.shape[0]
     return (*_pack_conv3x3(dw_weight, dw_bias, ratio), _pack_projection(pw_weight, ratio), pw_bias.contiguous())
 
@@ -189,6 +226,8 @@ def pack_triton_stride2(dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, p
                         sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
     """The stride-2 weights in the Triton kernels' layout: dw0's output is stored in the
     packed channel order, so dw1 and pw follow that order too."""
+    _check_stride2_weights(dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
+                           sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias)
     ratio = dw0_weight.shape[0] // sc_dw_weight.shape[0]
     return (
         *_pack_conv3x3(dw0_weight, dw0_bias, ratio),
