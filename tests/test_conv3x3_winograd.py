@@ -3,6 +3,7 @@ F.conv2d on the untransformed weight, and its eager transcription against the sa
 sizes that leave partial tiles, several tile blocks, channel counts that are not multiples
 of the kernel's lane block, batch 1 and 3, layouts, bad input, the fake kernel under
 torch.compile, and its use by model.fuse()."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,6 +201,12 @@ def test_bad_options(backend):
     for tile in (4.0, True, 3):
         with pytest.raises(ValueError, match=r"tile must be one of \(2, 4\), got"):
             ops.winograd_weight(weight, tile=tile)
+
+
+def test_numpy_integer_tile():
+    # a numpy integer is a tile like an int (refusing it read "tile must be one of (2, 4), got 4")
+    weight = make_inputs(1, 4, 6, 5, 5)[1]
+    assert torch.equal(ops.winograd_weight(weight, tile=np.int64(2)), ops.winograd_weight(weight, tile=2))
 
 
 def test_bad_weight_to_pack():

@@ -32,6 +32,8 @@ outputs would not keep.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -72,8 +74,8 @@ def winograd_weight(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
     check_tensor("weight", weight, dim=4, dtypes=DTYPES)
     if tuple(weight.shape[2:]) != (3, 3) or weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"weight must have shape (cout, cin, 3, 3) with cout, cin > 0, got {tuple(weight.shape)}")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile not in MATRICES:
-        raise ValueError(f"tile must be one of {tuple(MATRICES)}, got {tile}")
+    if isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile not in MATRICES:
+        raise ValueError(f"tile must be one of {tuple(MATRICES)}, got {tile!r}")
     w64 = weight.double()
     g = _matrix(MATRICES[tile][0], w64)
     packed = torch.einsum("ai,ocij,bj->abco", g, w64, g)  # (alpha, alpha, cin, cout)
