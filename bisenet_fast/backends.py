@@ -158,6 +158,8 @@ def use(name: str, ops: Iterable[str] | None = None) -> Iterator[str]:
     _check_name(name)
     if isinstance(ops, str):
         raise TypeError(f"use(): ops must be a collection of op names, got the string {ops!r}")
+    if ops is not None and not isinstance(ops, Iterable):
+        raise TypeError(f"use(): ops must be a collection of op names, got {type(ops).__name__}")
     if ops is not None:
         ops = frozenset(ops)
         unknown = sorted(ops - set(OPS))

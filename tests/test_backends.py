@@ -56,6 +56,9 @@ def test_use_for_named_ops_only(monkeypatch):
     with pytest.raises(TypeError, match="ops must be a collection of op names"):
         with bf.backends.use("eager", ops="ge_layer_stride1"):
             pass
+    with pytest.raises(TypeError, match="ops must be a collection of op names, got int"):
+        with bf.backends.use("eager", ops=3):  # not "'int' object is not iterable"
+            pass
     with pytest.raises(ValueError, match=r"unknown op name\(s\) \['ohem'\]; expected names from"):
         with bf.backends.use("eager", ops=["ohem", "bga_aggregate"]):
             pass
