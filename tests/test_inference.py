@@ -84,6 +84,13 @@ def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
     np.testing.assert_array_equal(upright, np.rot90(rgb, k=-1))
 
 
+def test_a_16_bit_grey_image_is_read_by_its_high_byte_as_cv2_reads_it(tmp_path):
+    grey = np.array([[0, 255, 256, 40000], [65535, 1000, 20000, 511]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")  # mode I;16, not clipped to 255
+    rgb = load_rgb(tmp_path / "grey16.png")
+    np.testing.assert_array_equal(rgb, np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2))
+
+
 def test_segment_autocast_bfloat16_runs_on_cpu(model):
     rgb = np.full((32, 48, 3), 100, dtype=np.uint8)
     out = segment(model, rgb, autocast="bfloat16", img_scale=(48, 32))

@@ -34,9 +34,14 @@ class MissingLabelsError(FileNotFoundError):
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """uint8 HxWx3 RGB (mmseg reads BGR with cv2; see transforms.py for the channel order),
     turned upright by its EXIF orientation tag as cv2's IMREAD_COLOR does (Cityscapes' PNGs
-    have none; photos from a phone often do)."""
+    have none; photos from a phone often do). A 16-bit greyscale image keeps each value's high
+    byte, as cv2's IMREAD_COLOR does (PIL's convert("RGB") would clip it to 255 instead)."""
     with Image.open(path) as im:
-        return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16"):
+            grey = (np.array(im, dtype=np.uint16) >> 8).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=2)
+        return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
