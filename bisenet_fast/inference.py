@@ -82,9 +82,18 @@ def predict_probs(model, image, img_scale=(2048, 1024), ratios=(1.0,), flip=Fals
     logits resized to the network input then to the original size (bilinear,
     align_corners=False), softmax in float32, un-flip. The argmax is the prediction.
 
-    image: as load_rgb takes it; img_scale: (w, h) as mmseg writes it; device: where the
-    model runs (default: its parameters' or buffers' device)."""
+    image: as load_rgb takes it; img_scale: (w, h) as mmseg writes it; amp_dtype: None,
+    torch.float16 or torch.bfloat16, the autocast dtype (None for a fuse()d model, which
+    computes in its own); device: where the model runs (default: its parameters' or
+    buffers' device)."""
     scales = _test_scales(img_scale, ratios)
+    if amp_dtype is not None and amp_dtype not in AUTOCAST_DTYPES.values():
+        raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}")
+    if amp_dtype is not None and isinstance(model, FusedBiSeNetV2Segmentor):  # autocast would be silently ignored
+        raise ValueError(
+            f"amp_dtype={amp_dtype} does not apply to a fuse()d model, which computes in the dtype it was fused to "
+            f"({model.dtype}); fuse(dtype={amp_dtype}) gives a model in that dtype"
+        )
     device = model_device(model) if device is None else torch.device(device)
     img = load_rgb(image)
     height, width = img.shape[:2]

@@ -91,6 +91,18 @@ def test_a_16_bit_grey_image_is_read_by_its_high_byte_as_cv2_reads_it(tmp_path):
     np.testing.assert_array_equal(rgb, np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2))
 
 
+@pytest.mark.parametrize("amp_dtype, fuse, match", [
+    (torch.bfloat16, True, r"amp_dtype=torch.bfloat16 does not apply to a fuse\(\)d model"),
+    (torch.int8, False, "amp_dtype must be None, torch.float16 or torch.bfloat16, got torch.int8"),
+    ("float16", False, "amp_dtype must be None, torch.float16 or torch.bfloat16, got 'float16'"),
+])
+def test_predict_probs_refuses_an_autocast_dtype_that_would_not_apply(model, amp_dtype, fuse, match):
+    # a fused model ignored autocast, and CPU autocast disables itself for int8 with a warning
+    with pytest.raises(ValueError, match=match):
+        predict_probs(model.fuse() if fuse else model, np.zeros((8, 8, 3), dtype=np.uint8), img_scale=SMALL_SCALE,
+                      amp_dtype=amp_dtype)
+
+
 def test_segment_autocast_bfloat16_runs_on_cpu(model):
     rgb = np.full((32, 48, 3), 100, dtype=np.uint8)
     out = segment(model, rgb, autocast="bfloat16", img_scale=(48, 32))
