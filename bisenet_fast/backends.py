@@ -64,8 +64,17 @@ def _compiled_with_cuda() -> bool:
     return bool(build_info()["cuda"])
 
 
+# Triton picks its interpreter as it decorates kernels, its own helpers at its import, which
+# loading bisenet_fast brings about (torch._dynamo imports triton): TRITON_INTERPRET=1 set
+# later would run interpreted kernels calling compiled helpers, an InterpreterError inside
+# the kernel, so the setting at import is the one that counts.
+_TRITON_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1 when
+    bisenet_fast was imported)."""
+    return _TRITON_INTERPRET_AT_IMPORT
 
 
 @_installation_fact
@@ -112,7 +121,8 @@ def _why_unavailable(name: str) -> str | None:
     if name == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
     if name == "triton" and not (torch.cuda.is_available() or triton_interpreted()):
-        return "no CUDA device is available (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+        return ("no CUDA device is available (set TRITON_INTERPRET=1 before importing bisenet_fast to run Triton "
+                "kernels on the CPU)")
     return None
 
 

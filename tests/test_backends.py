@@ -1,5 +1,8 @@
 """Backend registry: what is available, forcing one, the environment override, errors."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,11 +163,27 @@ def test_backend_that_cannot_run_the_device_raises():
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     if "triton" not in bf.backends.available():
         pytest.skip("triton not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(bf.backends, "triton_interpreted", lambda: False)
     if not CUDA:
-        with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1 before importing bisenet_fast"):
             with bf.backends.use("triton"):
                 pass
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter matters for CPU tensors only")
+@pytest.mark.skipif(bf.backends.triton_install_problem() is not None, reason="needs triton")
+def test_triton_interpreter_switched_on_after_import_is_refused():
+    """Triton decided on its interpreter at its import: a late TRITON_INTERPRET=1 made the
+    backend look available, then failed inside the kernel with an InterpreterError."""
+    code = ("import os, torch, bisenet_fast as bf; os.environ['TRITON_INTERPRET'] = '1'; "
+            "print('triton' in bf.backends.available()); "
+            "x = torch.ones(1, 1, 2, 2)\n"
+            "try:\n"
+            "    with bf.backends.use('triton'): bf.ops.bga_aggregate(x, x, x, x)\n"
+            "except bf.backends.BackendUnavailableError as err: print(err)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False\n") and "TRITON_INTERPRET=1 before importing bisenet_fast" in out, out
 
 
 def test_triton_older_than_the_tested_releases_is_refused_with_its_reason(monkeypatch):
