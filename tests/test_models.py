@@ -109,6 +109,18 @@ def test_out_indices_outside_the_five_outputs_are_refused_when_built(out_indices
         bf.BiSeNetV2(out_indices=out_indices)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(semantic_expansion_ratio=0), "semantic_expansion_ratio must be a positive int, got 0"),
+    (dict(semantic_expansion_ratio=1.5), "semantic_expansion_ratio must be a positive int, got 1.5"),
+    (dict(detail_channels=(64, 64, 16), semantic_channels=(16,), bga_channels=16, out_indices=(0,)),
+     "semantic_channels must have one stage more than detail_channels .* got 1 and 3 stages"),
+])
+def test_a_backbone_that_cannot_work_is_refused_when_built(kwargs, match):
+    # not a torch error from inside nn.Conv2d, nor a size mismatch inside the BGA op at the first forward
+    with pytest.raises(ValueError, match=match):
+        bf.BiSeNetV2(**kwargs)
+
+
 @pytest.mark.parametrize("num_classes", [0, -1, 2.5, True, "19"])
 def test_num_classes_must_be_a_positive_int(num_classes):
     # 0 would build a head with no classes; the others failed inside nn.Conv2d, not naming num_classes

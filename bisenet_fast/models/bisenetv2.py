@@ -159,6 +159,16 @@ class BiSeNetV2(nn.Module):
                 "detail_channels[-1], semantic_channels[-1] and bga_channels must be equal, got "
                 f"{detail_channels[-1]}, {semantic_channels[-1]}, {bga_channels}"
             )
+        # The BGA layer meets the detail branch, downsampled 4x more, with the last semantic
+        # stage: both 1/32 of the input when the semantic branch has one stage more.
+        if len(semantic_channels) != len(detail_channels) + 1:
+            raise ValueError(
+                f"semantic_channels must have one stage more than detail_channels (their outputs meet in the BGA "
+                f"layer at one resolution), got {len(semantic_channels)} and {len(detail_channels)} stages"
+            )
+        if (isinstance(semantic_expansion_ratio, bool) or not isinstance(semantic_expansion_ratio, numbers.Integral)
+                or semantic_expansion_ratio < 1):
+            raise ValueError(f"semantic_expansion_ratio must be a positive int, got {semantic_expansion_ratio!r}")
         out_indices = tuple(out_indices)
         count = 1 + len(semantic_channels)  # bga, then each semantic stage before the CE block
         if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and -count <= i < count
