@@ -202,6 +202,12 @@ def _direct_head_loss(logits, target, thresh, min_kept, ignore_index=255):
     return (ce * weight).sum() / (n * height * width)
 
 
+def test_loss_names_a_target_that_is_not_a_tensor():
+    model = bf.BiSeNetV2Segmentor().train()
+    with pytest.raises(TypeError, match="target must be a torch.Tensor, got list"):  # not "no attribute 'dim'"
+        model.loss(torch.randn(2, 3, 32, 32), [[0, 1], [1, 0]])
+
+
 @pytest.mark.parametrize("ohem", [False, True])
 def test_loss_matches_direct_computation(ohem):
     torch.manual_seed(0)

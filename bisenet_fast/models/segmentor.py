@@ -7,6 +7,7 @@ from torch import nn
 from bisenet_fast import ops
 from bisenet_fast.models.bisenetv2 import BiSeNetV2, resize_bilinear
 from bisenet_fast.models.fcn_head import FCNHead
+from bisenet_fast.ops._checks import check_tensor
 
 # (in_index, in_channels, channels) of auxiliary_head.0..3 (spec §3); each has 2 convs.
 AUX_HEADS = ((1, 16, 16), (2, 32, 64), (3, 64, 256), (4, 128, 1024))
@@ -72,6 +73,7 @@ class BiSeNetV2Segmentor(nn.Module):
 
         target: (N, H, W) or mmseg's (N, 1, H, W) integer labels at x's (padded) size.
         """
+        check_tensor("target", target)  # before the forward, and before reading its shape
         if target.dim() == 4 and target.shape[1] == 1:
             target = target[:, 0]
         thresh = self.ohem_thresh if self.ohem else None
