@@ -3,6 +3,9 @@ and its errors, the labelIds conversion, the synthetic set and the resumable sam
 import itertools
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from bisenet_fast.data.cityscapes import CLASSES, CityscapesDataset, MissingLabe
 from bisenet_fast.data.convert import convert_tree, label_ids_to_train_ids
 from bisenet_fast.data.sampler import InfiniteShardedSampler
 from bisenet_fast.data.synthetic import generate, scene
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class ScriptedRNG:
@@ -401,6 +406,20 @@ def test_synthetic_scenes_are_deterministic_and_cover_all_classes():
     for i in range(40):
         seen |= set(np.unique(scene(0, "val", i)[1]).tolist())
     assert seen == set(range(len(CLASSES))) | {255}
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (3, 2)])
+def test_synthetic_command_finishes_at_any_size(tmp_path, height, width):
+    """The skyline's pieces were drawn 0 pixels wide below ~7 pixels of width, so a scene 1 or
+    2 pixels wide never finished and the command hung. Run as a child process with a timeout,
+    so that a hang fails the test instead of stalling the suite."""
+    cmd = [sys.executable, "-m", "bisenet_fast.data.synthetic", str(tmp_path), "--train", "1", "--val", "1",
+           "--height", str(height), "--width", str(width)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    img, label = scene(0, "val", 0, height, width)
+    assert img.shape == (height, width, 3) and label.shape == (height, width)
 
 
 # ---------------------------------------------------------------- sampler

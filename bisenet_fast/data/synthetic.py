@@ -91,7 +91,8 @@ def draw_scene(height: int, width: int, rng: np.random.RandomState) -> tuple[np.
     cv.paint(C["sky"], 0, horizon, 0, width)
     x = 0
     while x < width:  # skyline: buildings, walls, trees
-        w = u(0.15 * width, 0.35 * width)
+        # At least a pixel: below ~7 pixels of width the draw rounds to 0, and the loop never ended.
+        w = max(1, u(0.15 * width, 0.35 * width))
         kind = rng.choice(["building", "building", "wall", "vegetation"])
         top = {"building": u(0.05 * height, 0.25 * height), "wall": horizon - u(0.1 * height, 0.18 * height),
                "vegetation": u(0.1 * height, 0.3 * height)}[kind]
