@@ -61,7 +61,8 @@ def evaluate_model(model, dataset, ctx: DistContext, test_cfg: dict, aug_test=Fa
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="bisenetv2_fcn_4x4_1024x1024_160k_cityscapes",
-                   help="recipe name (0.x or 1.x) or .json path: gives num_classes and the test scales")
+                   help="recipe name (0.x or 1.x) or .json path: gives num_classes, the test scales and the "
+                        "default --amp (default: %(default)s, whatever trained the checkpoint)")
     p.add_argument("--checkpoint", required=True, help="official mmseg .pth or a bisenet_fast training checkpoint")
     p.add_argument("--data-root", help="Cityscapes root (default: the recipe's)")
     p.add_argument("--split", default="val")

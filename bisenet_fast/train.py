@@ -556,9 +556,9 @@ def apply_overrides(recipe: dict, args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="bisenetv2_fcn_4x4_1024x1024_160k_cityscapes",
-                   help="recipe name (0.x or 1.x name, or 'synthetic') or a .json path")
+                   help="recipe name (0.x or 1.x name, or 'synthetic') or a .json path (default: %(default)s)")
     p.add_argument("--work-dir", default=None, help="checkpoints and logs (default work_dirs/<recipe>)")
-    p.add_argument("--data-root")
+    p.add_argument("--data-root", help="Cityscapes root (default: the recipe's)")
     p.add_argument("--iters", type=POSITIVE_INT, help="total iterations (the schedule spans them)")
     p.add_argument("--batch", type=int_at_least(MIN_BATCH), help="images per process (samples_per_gpu), at least 2")
     p.add_argument("--crop", type=POSITIVE_INT, nargs=2, metavar=("H", "W"))

@@ -29,6 +29,7 @@ from bisenet_fast.distributed import (DistContext, broadcast_bn_statistics, head
                                       leave_distributed, mean_over_ranks)
 from bisenet_fast.evaluate import evaluate_model
 from bisenet_fast.evaluate import main as evaluate_main
+from bisenet_fast.evaluate import parse_args as evaluate_parse_args
 from bisenet_fast.train import (
     LOSS_KEYS,
     NonFiniteLossError,
@@ -580,6 +581,16 @@ def test_command_line_values_override_the_recipe_even_when_small():
     recipe = apply_overrides(load_recipe("synthetic"), parse_args(["--iters", "1", "--batch", "2", "--eval-interval", "0"]))
     assert recipe["schedule"]["max_iters"] == 1 and recipe["data"]["samples_per_gpu"] == 2
     assert recipe["eval_interval"] == 0
+
+
+@pytest.mark.parametrize("parse", [parse_args, evaluate_parse_args], ids=["train", "evaluate"])
+def test_help_names_the_recipe_taken_without_recipe(parse, capsys, monkeypatch):
+    """Without --recipe both commands take the 4x4 recipe (for evaluate: its test scales and
+    --amp default, whatever trained the checkpoint); --help did not say so."""
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option: the name is not wrapped
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    assert "(default: bisenetv2_fcn_4x4_1024x1024_160k_cityscapes" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content", [b"hello\n", b"PK\x03\x04" + bytes(200)])  # text; a broken zip
