@@ -16,7 +16,8 @@ def build_info() -> dict:
     """What was compiled into bisenet_fast._C and what it runs with.
 
     Keys: cpu (always True), cuda (CUDA kernels compiled), cuda_archs (TORCH_CUDA_ARCH_LIST
-    of the build), openmp, compiled_with_torch, torch, torch_cuda, triton (version or None),
+    of the build), openmp, parallel (ATen's parallel_info(): threads and parallel backend in
+    this process), compiled_with_torch, torch, torch_cuda, triton (version or None),
     cuda_available, backends (those that can run here).
     """
     from bisenet_fast import backends

@@ -207,6 +207,8 @@ def test_build_info_reports_the_build():
     if info["cuda"]:
         assert info["cuda_archs"]
     assert set(info) >= {"cuda_archs", "parallel", "triton", "torch_cuda", "cuda_available"}
+    # The docstring is build_info's only documentation: it listed every key but 'parallel'.
+    assert [key for key in info if not re.search(rf"\b{key}\b", bf.build_info.__doc__)] == []
 
 
 def test_cpu_kernels_are_built_to_run_in_parallel():
