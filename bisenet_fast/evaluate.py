@@ -1,7 +1,7 @@
 """mIoU evaluation (spec §5, §9): single-scale whole-image or ms+flip, on one or many GPUs.
 
-    python -m bisenet_fast.evaluate --recipe bisenetv2_fcn_4x4_1024x1024_160k_cityscapes \
-        --checkpoint bisenetv2_fcn_4x4_1024x1024_160k_cityscapes_20210902_015551-bcf10f09.pth \
+    python -m bisenet_fast.evaluate --recipe bisenetv2_fcn_4x4_1024x1024_160k_cityscapes \\
+        --checkpoint bisenetv2_fcn_4x4_1024x1024_160k_cityscapes_20210902_015551-bcf10f09.pth \\
         --data-root data/cityscapes [--aug-test] [--amp float16]
     torchrun --nproc_per_node 4 -m bisenet_fast.evaluate ...   # images sharded, histograms all_reduced
 """

@@ -1,6 +1,6 @@
 """Train BiSeNetV2 with one of the published recipes (spec §7, mmseg 0.x semantics).
 
-    python -m bisenet_fast.train --recipe bisenetv2_fcn_4x4_1024x1024_160k_cityscapes \
+    python -m bisenet_fast.train --recipe bisenetv2_fcn_4x4_1024x1024_160k_cityscapes \\
         --data-root data/cityscapes --work-dir work_dirs/4x4
     torchrun --nproc_per_node 4 -m bisenet_fast.train --recipe ...   # NCCL on GPUs, gloo on CPU
     python -m bisenet_fast.train ... --resume auto                    # continue exactly

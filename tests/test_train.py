@@ -593,6 +593,16 @@ def test_help_names_the_recipe_taken_without_recipe(parse, capsys, monkeypatch):
     assert "(default: bisenetv2_fcn_4x4_1024x1024_160k_cityscapes" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("parse", [parse_args, evaluate_parse_args], ids=["train", "evaluate"])
+def test_help_prints_the_example_commands_as_written(parse, capsys):
+    """A backslash ending a line of the module docstring (the --help text) joined the next line
+    onto it: the example command printed as one line with a run of spaces in the middle."""
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    description = capsys.readouterr().out.split("\n\n", 1)[1].split("\noptions:")[0]  # between usage and options
+    assert [line for line in description.splitlines() if re.search(r"\S {2,}--", line)] == []
+
+
 @pytest.mark.parametrize("content", [b"hello\n", b"PK\x03\x04" + bytes(200)])  # text; a broken zip
 def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, content):
     path = tmp_path / "not_a_checkpoint.pth"
