@@ -25,6 +25,14 @@ from bisenet_fast.metrics import IoUAccumulator, format_table
 AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def recipe_eval_amp(recipe: dict, device: torch.device) -> str:
+    """The autocast dtype ('none', 'float16', 'bfloat16') a recipe evaluates in without --amp:
+    on CUDA, the recipe's AMP dtype where it sets eval_autocast (mmseg 0.x tested its fp16
+    recipe under float16 autocast); else 'none'. Training's evaluations use it too."""
+    amp = recipe.get("amp") or {}
+    return amp.get("dtype", "none") if amp.get("eval_autocast") and device.type == "cuda" else "none"
+
+
 def label_name(dataset, index: int) -> str:
     """The label file of item `index` where the dataset tells it (CityscapesDataset.pairs)."""
     pairs = getattr(dataset, "pairs", None)
@@ -68,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--split", default="val")
     p.add_argument("--aug-test", action="store_true", help="ms+flip: the recipe's ratios, each with a flip")
     p.add_argument("--amp", choices=list(AMP_DTYPES), default=None,
-                   help="autocast dtype (default: float16 for the fp16 recipe on CUDA, as mmseg 0.x did; else none)")
+                   help="autocast dtype (default on CUDA: the recipe's AMP dtype where it sets eval_autocast, i.e. "
+                        "float16 for the fp16 recipe, as mmseg 0.x did; else none)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--backend", default=None,
                    help="bisenet_fast kernels: auto, eager, cpp, cuda, triton (default: BISENET_FAST_BACKEND, else auto)")
@@ -88,9 +97,7 @@ def main(argv=None) -> int:
     ctx = init_distributed(args.device)
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
-    amp = args.amp
-    if amp is None:
-        amp = "float16" if (recipe.get("amp") or {}).get("eval_autocast") and ctx.device.type == "cuda" else "none"
+    amp = args.amp if args.amp is not None else recipe_eval_amp(recipe, ctx.device)
     if args.autotune and not args.fused:
         raise SystemExit("evaluate: --autotune tunes the inference form; use it with --fused")
     model = bf.BiSeNetV2Segmentor(num_classes=recipe["model"]["num_classes"])

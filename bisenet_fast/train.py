@@ -41,7 +41,7 @@ from bisenet_fast.data.transforms import IGNORE_INDEX, PhotoMetricDistortion, Tr
 from bisenet_fast.distributed import (DistContext, any_rank, broadcast_bn_statistics, gather_objects,
                                       heads_to_sync_bn, init_distributed, leave_distributed, max_over_ranks,
                                       mean_over_ranks)
-from bisenet_fast.evaluate import AMP_DTYPES, evaluate_model
+from bisenet_fast.evaluate import AMP_DTYPES, evaluate_model, recipe_eval_amp
 from bisenet_fast.metrics import format_table
 from bisenet_fast.models import use_fused_ge_training, use_recomputing_detail_branch
 from bisenet_fast.train_state import (
@@ -422,7 +422,7 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     def run_eval(iteration: int):
         broadcast_bn_statistics(model, ctx)
         # As `evaluate` does: mmseg 0.x's fp16 recipe evaluated under float16 autocast, on GPUs.
-        eval_dtype = amp_dtype if amp.get("eval_autocast") and ctx.device.type == "cuda" else None
+        eval_dtype = AMP_DTYPES[recipe_eval_amp(recipe, ctx.device)]
         metrics = evaluate_model(model, val_set, ctx, recipe["test"], amp_dtype=eval_dtype,
                                  num_classes=recipe["model"]["num_classes"], log=say)
         result["metrics"] = metrics

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 import bisenet_fast as bf
+from bisenet_fast import evaluate as evaluate_module
 from bisenet_fast import train as train_module
 from bisenet_fast import train_state
 from bisenet_fast.configs import load_recipe, recipe_names
@@ -463,6 +464,31 @@ def test_training_evaluates_the_float16_recipe_in_float32_on_the_cpu(tiny_data, 
     recipe["eval_interval"] = 1
     train(recipe, tmp_path, backend="eager", threads=1, device="cpu", log=None)
     assert seen == [None]
+
+
+@pytest.mark.parametrize("amp, expected", [
+    ({"dtype": "float16", "loss_scale": 512.0, "eval_autocast": True}, torch.float16),  # the fp16 recipe's
+    ({"dtype": "bfloat16", "loss_scale": 512.0, "eval_autocast": True}, torch.bfloat16),
+    ({"dtype": "bfloat16", "loss_scale": 512.0}, None),
+    (None, None),
+], ids=["float16", "bfloat16", "bfloat16-train-only", "no-amp"])
+def test_evaluate_on_cuda_autocasts_in_the_recipes_amp_dtype(tiny_data, tmp_path, monkeypatch, amp, expected):
+    """Without --amp, evaluate took float16 for every recipe that sets eval_autocast, where
+    training's evaluations took the recipe's own AMP dtype: a bfloat16 recipe scored in
+    eval.csv and in `evaluate` under different autocasts. The GPU is faked: evaluate only
+    reads the device (the model is not moved, the evaluation is recorded, not run)."""
+    seen = []
+    recipe = tiny_recipe(tiny_data)
+    recipe["amp"] = amp
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    torch.save(bf.BiSeNetV2Segmentor().state_dict(), tmp_path / "weights.pth")
+    monkeypatch.setattr(evaluate_module, "init_distributed", lambda device: DistContext(device=torch.device("cuda", 0)))
+    monkeypatch.setattr(nn.Module, "to", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(evaluate_module, "evaluate_model",
+                        lambda model, dataset, ctx, test_cfg, aug_test, amp_dtype, *rest: seen.append(amp_dtype) or
+                        {"mIoU": 0.0, "mAcc": 0.0, "aAcc": 0.0, "IoU": [0.0] * 19, "Acc": [0.0] * 19})
+    assert evaluate_main(["--recipe", str(tmp_path / "recipe.json"), "--checkpoint", str(tmp_path / "weights.pth")]) == 0
+    assert seen == [expected]
 
 
 def test_resuming_past_the_schedule_is_an_error_and_at_its_end_trains_nothing(tiny_data, tmp_path):
