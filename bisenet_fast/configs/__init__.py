@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -110,6 +111,29 @@ def _type_errors(recipe: dict, paths: list[str]) -> list[str]:
     return errors
 
 
+AMP_DTYPE_NAMES = ("none", "float16", "bfloat16")  # evaluate.AMP_DTYPES' keys
+
+
+def _amp_errors(recipe: dict) -> list[str]:
+    """'amp' is optional (absent or null: float32), so the required keys' check skips it; when
+    given, what train and evaluate read from it must be valid (a dtype 'fp16' was a bare
+    KeyError: 'fp16' at the start of training, a string amp an AttributeError)."""
+    amp = recipe.get("amp")
+    if amp is None:
+        return []
+    if not isinstance(amp, dict):
+        return [f'amp: expected null or an object such as {{"dtype": "float16", "loss_scale": 512.0}}, got {amp!r}']
+    errors = []
+    if amp.get("dtype", "none") not in AMP_DTYPE_NAMES:
+        errors.append(f"amp.dtype: expected one of {AMP_DTYPE_NAMES}, got {amp['dtype']!r}")
+    scale = amp.get("loss_scale", 512.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        errors.append(f"amp.loss_scale: expected a positive number, got {scale!r}")
+    if not isinstance(amp.get("eval_autocast", False), bool):
+        errors.append(f"amp.eval_autocast: expected a boolean, got {amp['eval_autocast']!r}")
+    return errors
+
+
 def check_recipe(recipe, source: str) -> None:
     """A clear error for a recipe file that lacks keys or has a value of the wrong type,
     instead of a KeyError or TypeError mid-run."""
@@ -120,7 +144,7 @@ def check_recipe(recipe, source: str) -> None:
     if missing:
         raise ValueError(f"recipe {source} lacks {', '.join(missing)} (the bundled recipes, e.g. "
                          f"{CONFIG_DIR / 'synthetic.json'}, show every key)")
-    wrong = _type_errors(recipe, required_keys())
+    wrong = _type_errors(recipe, required_keys()) + _amp_errors(recipe)
     if wrong:
         raise ValueError(f"recipe {source} has invalid values:\n  " + "\n  ".join(wrong)
                          + f"\n(the bundled recipes, e.g. {CONFIG_DIR / 'synthetic.json'}, show each key's type)")
