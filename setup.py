@@ -7,8 +7,16 @@ TORCH_CUDA_ARCH_LIST picks the architectures (default: 8.0;8.6;8.9;9.0).
 import glob
 import os
 
-import torch
 from setuptools import find_packages, setup
+
+try:
+    import torch
+except ModuleNotFoundError as err:  # pip's isolated build environment has no torch: say what to run instead
+    raise SystemExit(
+        f"bisenet_fast compiles against the torch already installed, which this build cannot import ({err}). "
+        "Install torch first, then build without pip's isolated environment: "
+        "pip install --no-build-isolation .  (or -e . ; see README.md, 'Installing into your own environment')"
+    ) from None
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"

@@ -57,6 +57,16 @@ def test_sdist_carries_every_source_the_build_needs(tmp_path):
     assert not [name for name in packed if name.startswith("tests/") or name == "Makefile"]
 
 
+def test_a_build_without_torch_says_to_build_without_isolation(tmp_path):
+    """A plain `pip install .` runs setup.py in pip's isolated build environment, which has no
+    torch: the build failed with a bare "No module named 'torch'" beside an installed torch."""
+    (tmp_path / "torch").mkdir()  # a torch that cannot be imported, as in that environment
+    (tmp_path / "torch" / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n')
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path), "FORCE_CUDA": "0"})
+    assert result.returncode != 0
+    assert "pip install --no-build-isolation ." in result.stderr, result.stderr
+
 @pytest.fixture
 def setup_functions(monkeypatch):
     """setup.py's functions, run without building (setuptools.setup does nothing)."""
