@@ -830,21 +830,26 @@ def test_a_recipe_file_with_a_wrongly_typed_value_is_a_clear_error(tmp_path):
     assert load_recipe(str(good))["test"]["aug_ratios"] == [1]
 
 
-@pytest.mark.parametrize("amp, message", [
-    ({"dtype": "fp16", "loss_scale": 512.0}, "amp.dtype: expected one of ('none', 'float16', 'bfloat16'), got 'fp16'"),
-    ("float16", "amp: expected null or an object such as"),
-    ({"dtype": "float16", "loss_scale": "512"}, "amp.loss_scale: expected a positive number, got '512'"),
-    ({"dtype": "float16", "loss_scale": 0}, "amp.loss_scale: expected a positive number, got 0"),
-    ({"dtype": "float16", "eval_autocast": "yes"}, "amp.eval_autocast: expected a boolean, got 'yes'"),
-], ids=["dtype", "not-an-object", "string-scale", "zero-scale", "eval-autocast"])
-def test_a_recipe_files_bad_amp_is_a_clear_error(tmp_path, amp, message):
-    """'amp' is optional, so the check of the required keys skipped it: a dtype 'fp16' stopped
-    training as KeyError: 'fp16', a string amp as an AttributeError."""
+@pytest.mark.parametrize("key, value, message", [
+    ("amp", {"dtype": "fp16", "loss_scale": 512.0},
+     "amp.dtype: expected one of ('none', 'float16', 'bfloat16'), got 'fp16'"),
+    ("amp", "float16", "amp: expected null or an object such as"),
+    ("amp", {"dtype": "float16", "loss_scale": "512"}, "amp.loss_scale: expected a positive number, got '512'"),
+    ("amp", {"dtype": "float16", "loss_scale": 0}, "amp.loss_scale: expected a positive number, got 0"),
+    ("amp", {"dtype": "float16", "eval_autocast": "yes"}, "amp.eval_autocast: expected a boolean, got 'yes'"),
+    ("name", 5, "name: expected a non-empty string"),
+    ("name", "", "name: expected a non-empty string"),
+], ids=["amp-dtype", "amp-not-an-object", "amp-string-scale", "amp-zero-scale", "amp-eval-autocast", "name-int",
+        "name-empty"])
+def test_a_recipe_files_bad_optional_value_is_a_clear_error(tmp_path, key, value, message):
+    """'amp' and 'name' are optional, so the check of the required keys skipped them: an amp
+    dtype 'fp16' stopped training as KeyError: 'fp16', a string amp as an AttributeError, a
+    name 5 as a TypeError in os.path.join; an empty name trained in work_dirs/ itself."""
     recipe = load_recipe("synthetic")
-    recipe["amp"] = amp
-    path = tmp_path / "amp.json"
+    recipe[key] = value
+    path = tmp_path / "optional.json"
     path.write_text(json.dumps(recipe))
-    with pytest.raises(ValueError, match="amp.json' has invalid values") as err:
+    with pytest.raises(ValueError, match="optional.json' has invalid values") as err:
         load_recipe(str(path))
     assert message in str(err.value)
 

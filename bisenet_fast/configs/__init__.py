@@ -114,16 +114,21 @@ def _type_errors(recipe: dict, paths: list[str]) -> list[str]:
 AMP_DTYPE_NAMES = ("none", "float16", "bfloat16")  # evaluate.AMP_DTYPES' keys
 
 
-def _amp_errors(recipe: dict) -> list[str]:
-    """'amp' is optional (absent or null: float32), so the required keys' check skips it; when
-    given, what train and evaluate read from it must be valid (a dtype 'fp16' was a bare
-    KeyError: 'fp16' at the start of training, a string amp an AttributeError)."""
+def _optional_errors(recipe: dict) -> list[str]:
+    """'name' and 'amp' are optional (absent: the file's stem; absent or null: float32), so the
+    required keys' check skips them; when given, what train and evaluate read from them must be
+    valid (a name 5 was a TypeError in os.path.join, an empty one put the run in work_dirs/
+    itself; an amp dtype 'fp16' a bare KeyError: 'fp16', a string amp an AttributeError)."""
+    errors = []
+    if "name" in recipe and not (isinstance(recipe["name"], str) and recipe["name"].strip()):
+        errors.append(f"name: expected a non-empty string (the default work dir is work_dirs/<name>), "
+                      f"got {recipe['name']!r}")
     amp = recipe.get("amp")
     if amp is None:
-        return []
+        return errors
     if not isinstance(amp, dict):
-        return [f'amp: expected null or an object such as {{"dtype": "float16", "loss_scale": 512.0}}, got {amp!r}']
-    errors = []
+        return errors + [f'amp: expected null or an object such as {{"dtype": "float16", "loss_scale": 512.0}}, '
+                         f"got {amp!r}"]
     if amp.get("dtype", "none") not in AMP_DTYPE_NAMES:
         errors.append(f"amp.dtype: expected one of {AMP_DTYPE_NAMES}, got {amp['dtype']!r}")
     scale = amp.get("loss_scale", 512.0)
@@ -144,7 +149,7 @@ def check_recipe(recipe, source: str) -> None:
     if missing:
         raise ValueError(f"recipe {source} lacks {', '.join(missing)} (the bundled recipes, e.g. "
                          f"{CONFIG_DIR / 'synthetic.json'}, show every key)")
-    wrong = _type_errors(recipe, required_keys()) + _amp_errors(recipe)
+    wrong = _type_errors(recipe, required_keys()) + _optional_errors(recipe)
     if wrong:
         raise ValueError(f"recipe {source} has invalid values:\n  " + "\n  ".join(wrong)
                          + f"\n(the bundled recipes, e.g. {CONFIG_DIR / 'synthetic.json'}, show each key's type)")
