@@ -93,8 +93,9 @@ def find_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
 
 class CityscapesDataset(torch.utils.data.Dataset):
     """Items are (image, label) as `pipeline(img, label, rng)` returns them, where rng is a
-    numpy RandomState seeded by the sampler (see sampler.SeededIndex); without a pipeline,
-    the raw uint8 RGB image (HxWx3 tensor) and uint8 label (HxW tensor)."""
+    numpy RandomState seeded by the sampler (dataset[(index, sample_seed)], the items of
+    sampler.InfiniteShardedSampler; a plain dataset[index] seeds 0); without a pipeline, the
+    raw uint8 RGB image (HxWx3 tensor) and uint8 label (HxW tensor)."""
 
     def __init__(self, root: str | os.PathLike, split: str, pipeline: Callable | None = None, *,
                  num_classes: int | None = None, ignore_index: int = 255):
