@@ -6,9 +6,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
-# CUDA_HOME if set, else the toolkit that the nvcc on PATH (or /usr/local/cuda) belongs to.
+# CUDA_HOME if set, else the toolkit that the nvcc on PATH (or /usr/local/cuda) belongs to; a
+# folder of CUDA headers without nvcc is no toolkit (FORCE_CUDA=1 would fail there).
 CUDA_ROOT ?= $(or $(CUDA_HOME),$(shell d=$$(dirname $$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)); \
-	for c in "$$d/.." /usr/local/cuda; do [ -f "$$c/include/cuda_runtime.h" ] && { cd "$$c" && pwd; break; }; done))
+	for c in "$$d/.." /usr/local/cuda; do [ -f "$$c/include/cuda_runtime.h" ] && [ -x "$$c/bin/nvcc" ] && { cd "$$c" && pwd; break; }; done))
 # torch's CUDA headers include cuBLAS/cuSPARSE headers that a bare toolkit may lack; the
 # CUDA build of torch ships them under nvidia/cu13.
 NVIDIA_DIR = $(shell $(PY) -c "import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))" 2>/dev/null)
