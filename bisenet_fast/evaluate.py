@@ -11,18 +11,29 @@ import argparse
 import os
 import sys
 import time
+from typing import Mapping
 
 import torch
 
 import bisenet_fast as bf
 from bisenet_fast.cli_args import POSITIVE_INT
-from bisenet_fast.configs import load_recipe
+from bisenet_fast.checkpoint import read_checkpoint
+from bisenet_fast.configs import load_recipe, recipe_names
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
 from bisenet_fast.distributed import DistContext, init_distributed, leave_distributed
 from bisenet_fast.inference import predict_probs
 from bisenet_fast.metrics import IoUAccumulator, format_table
 
 AMP_DTYPES = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_RECIPE = "bisenetv2_fcn_4x4_1024x1024_160k_cityscapes"
+
+
+def checkpoint_recipe(checkpoint: Mapping) -> str | None:
+    """The bundled recipe that wrote a bisenet_fast training checkpoint (its meta.recipe), else
+    None (an official mmseg checkpoint, a bare state_dict, a recipe read from a file)."""
+    meta = checkpoint.get("meta") if isinstance(checkpoint, Mapping) else None
+    name = meta.get("recipe") if isinstance(meta, Mapping) else None
+    return name if isinstance(name, str) and name in recipe_names() else None
 
 
 def recipe_eval_amp(recipe: dict, device: torch.device) -> str:
@@ -68,9 +79,10 @@ def evaluate_model(model, dataset, ctx: DistContext, test_cfg: dict, aug_test=Fa
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="bisenetv2_fcn_4x4_1024x1024_160k_cityscapes",
+    p.add_argument("--recipe", default=None,
                    help="recipe name (0.x or 1.x) or .json path: gives num_classes, the test scales and the "
-                        "default --amp (default: %(default)s, whatever trained the checkpoint)")
+                        f"default --amp (default: the bundled recipe that trained a bisenet_fast checkpoint, as "
+                        f"its meta.recipe says; else {DEFAULT_RECIPE})")
     p.add_argument("--checkpoint", required=True, help="official mmseg .pth or a bisenet_fast training checkpoint")
     p.add_argument("--data-root", help="Cityscapes root (default: the recipe's)")
     p.add_argument("--split", default="val")
@@ -93,15 +105,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    recipe = load_recipe(args.recipe)
     ctx = init_distributed(args.device)
+    checkpoint = read_checkpoint(args.checkpoint)
+    written_by = checkpoint_recipe(checkpoint)
+    recipe = load_recipe(args.recipe or written_by or DEFAULT_RECIPE)
+    if args.recipe and written_by and recipe.get("name") != written_by:
+        print(f"evaluate: {args.checkpoint} was trained with recipe {written_by!r}; evaluating with "
+              f"{recipe.get('name')!r}'s test settings as --recipe asks", file=sys.stderr)
     if ctx.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
     amp = args.amp if args.amp is not None else recipe_eval_amp(recipe, ctx.device)
     if args.autotune and not args.fused:
         raise SystemExit("evaluate: --autotune tunes the inference form; use it with --fused")
     model = bf.BiSeNetV2Segmentor(num_classes=recipe["model"]["num_classes"])
-    bf.load_mmseg_checkpoint(model, args.checkpoint, strict=True)
+    bf.load_mmseg_checkpoint(model, checkpoint, strict=True)
     model.to(ctx.device)
     autocast_dtype = AMP_DTYPES[amp]
     if args.fused:

@@ -609,14 +609,38 @@ def test_command_line_values_override_the_recipe_even_when_small():
     assert recipe["eval_interval"] == 0
 
 
-@pytest.mark.parametrize("parse", [parse_args, evaluate_parse_args], ids=["train", "evaluate"])
-def test_help_names_the_recipe_taken_without_recipe(parse, capsys, monkeypatch):
-    """Without --recipe both commands take the 4x4 recipe (for evaluate: its test scales and
-    --amp default, whatever trained the checkpoint); --help did not say so."""
-    monkeypatch.setenv("COLUMNS", "200")  # one line per option: the name is not wrapped
+@pytest.mark.parametrize("parse, default", [
+    (parse_args, "(default: bisenetv2_fcn_4x4_1024x1024_160k_cityscapes)"),
+    (evaluate_parse_args, "(default: the bundled recipe that trained a bisenet_fast checkpoint, as its meta.recipe "
+                          "says; else bisenetv2_fcn_4x4_1024x1024_160k_cityscapes)"),
+], ids=["train", "evaluate"])
+def test_help_names_the_recipe_taken_without_recipe(parse, default, capsys, monkeypatch):
+    """--help says which recipe runs without --recipe (it did not)."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option: the text is not wrapped
     with pytest.raises(SystemExit):
         parse(["--help"])
-    assert "(default: bisenetv2_fcn_4x4_1024x1024_160k_cityscapes" in capsys.readouterr().out
+    assert default in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe_arg, expected_scale, warned", [
+    ([], [256, 128], False),  # the synthetic recipe that wrote the checkpoint, not the 4x4 recipe's [2048, 1024]
+    (["--recipe", "bisenetv2_fcn_4x4_1024x1024_160k_cityscapes"], [2048, 1024], True),
+    (["--recipe", "synthetic"], [256, 128], False),
+], ids=["from-checkpoint", "other-recipe-warned", "same-recipe"])
+def test_evaluate_takes_the_recipe_that_wrote_the_checkpoint(tiny_data, tmp_path, monkeypatch, capsys, recipe_arg,
+                                                             expected_scale, warned):
+    """Without --recipe, evaluate took the 4x4 recipe's test scale (2048x1024) for any
+    checkpoint, a synthetic demo run's too; the recipe named in a training checkpoint's meta
+    is now taken, and another --recipe is said on stderr."""
+    result = train(tiny_recipe(tiny_data, iters=1), tmp_path, backend="eager", threads=1, log=None)
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate_model",
+                        lambda model, dataset, ctx, test_cfg, *rest: seen.append(test_cfg["img_scale"]) or
+                        {"mIoU": 0.0, "mAcc": 0.0, "aAcc": 0.0, "IoU": [0.0] * 19, "Acc": [0.0] * 19})
+    assert evaluate_main([*recipe_arg, "--checkpoint", str(result["checkpoint"]), "--data-root", str(tiny_data),
+                          "--device", "cpu"]) == 0
+    assert seen == [expected_scale]
+    assert ("was trained with recipe 'synthetic'" in capsys.readouterr().err) == warned
 
 
 @pytest.mark.parametrize("parse", [parse_args, evaluate_parse_args], ids=["train", "evaluate"])
