@@ -88,6 +88,14 @@ def test_out_of_range_predictions_count_in_no_class():
     assert area_pred.tolist() == [1, 0] and intersection.tolist() == [1, 0] and area_label.tolist() == [1, 2]
 
 
+def test_aacc_divides_by_the_labelled_area_not_the_predicted_one():
+    """mmseg's aAcc is intersection / label area: predictions outside the classes count in
+    neither, so the two areas differ (1 of 3 labelled pixels hit, not 1 of 1 predicted)."""
+    acc = IoUAccumulator(num_classes=2)
+    acc.update(t([[0, 5, -1]]), t([[0, 1, 1]]))
+    assert acc.result()["aAcc"] == pytest.approx(100 / 3)
+
+
 def test_table_lists_every_class():
     acc = IoUAccumulator(num_classes=2)
     acc.update(t([[0, 1]]), t([[0, 1]]))
