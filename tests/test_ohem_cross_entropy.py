@@ -326,6 +326,14 @@ def test_cpp_opcheck(check_labels):
                                              (torch.tensor(1.0), logits, target, threshold, 255))
 
 
+def test_cpp_forward_fake_keeps_float64_losses():
+    """float64 logits give a float64 loss and threshold (the cpp op's float64 path): the fake
+    kernel must promise that dtype, or a compiled graph would carry float32 for them."""
+    logits, target = make_inputs(SHAPES[0], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.bisenet_fast.ohem_cross_entropy_forward.default,
+                          (logits, target, 0.2, 200, 255), test_utils=("test_faketensor",))
+
+
 @requires_triton
 def test_triton_opcheck():
     """The Triton custom ops under every opcheck utility, as the C++ ones above: the autograd
