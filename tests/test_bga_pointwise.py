@@ -194,15 +194,19 @@ def test_deterministic(impl):
     assert torch.equal(run(impl, inputs), run(impl, inputs))
 
 
-def test_opcheck_cpp():
-    inputs = make_inputs((2, 3, 9, 11, 3, 4))
+# channels_last: the fused model's layout, whose output the fake kernel must give the same
+# strides as the kernels (opcheck's fake-tensor test compares them).
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_cpp(layout):
+    inputs = make_inputs((2, 3, 9, 11, 3, 4), layout=layout)
     torch.library.opcheck(torch.ops.bisenet_fast.bga_pointwise_aggregate.default, tuple(inputs))
     assert_fake_kernel_refuses_mixed_devices(torch.ops.bisenet_fast.bga_pointwise_aggregate, inputs)
 
 
 @requires_triton
-def test_opcheck_triton():
-    inputs = make_inputs((1, 2, 9, 7, 3, 2), device=triton_device())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_triton(layout):
+    inputs = make_inputs((1, 2, 9, 7, 3, 2), device=triton_device(), layout=layout)
     torch.library.opcheck(torch.ops.bisenet_fast_triton.bga_pointwise_aggregate.default, tuple(inputs))
     assert_fake_kernel_refuses_mixed_devices(torch.ops.bisenet_fast_triton.bga_pointwise_aggregate, inputs)
 
