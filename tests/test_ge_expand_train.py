@@ -392,6 +392,13 @@ def test_fake_statistics_are_float32_for_float16_input(namespace):
                           test_utils=("test_faketensor",))
 
 
+def test_cpp_fake_statistics_are_float64_for_float64_input():
+    """The cpp kernel's float64 path returns float64 statistics: the fake kernel must too."""
+    args = [t.detach() for t in make_inputs(2, 4, 2, 6, 5, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.bisenet_fast.ge_expand_train.default, (*args, 1, True, 1e-5),
+                          test_utils=("test_faketensor",))
+
+
 def test_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
     args = make_inputs(2, 3, 6, 6, 7)
