@@ -440,6 +440,9 @@ def test_triton_rejects_a_height_beyond_its_grid():
     inputs = make_inputs((1, 1, 65536, 1, 2, 1), device=triton_device())
     with bf.backends.use("triton"), pytest.raises(ValueError, match="detail height must be <= 65535, got 65536"):
         bf.ops.bga_aggregate(*inputs)
+    from bisenet_fast.triton_kernels.bga import check_forward_sizes
+
+    check_forward_sizes(torch.empty(1, 1, 65535, 1, device="meta"), channels_last=False)  # the largest that launches
 
 
 @requires_triton
