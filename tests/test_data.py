@@ -57,6 +57,8 @@ def test_rescale_size_of_cityscapes_frames(ratio, expected):
 def test_rescale_size_uses_imrescale_rounding():
     # factor = min(2048 / 1000, 1024 / 999) = 1.025025..., sizes int(x * f + 0.5)
     assert T.rescale_size(999, 1000, (2048, 1024)) == (1024, 1025)
+    # factor = 1024 / 600: 999 * f = 1704.96 rounds up, where truncating would give 1704
+    assert T.rescale_size(600, 999, (2048, 1024)) == (1024, 1705)
     assert T.rescale_size(1024, 2048, (2048, 1024)) == (1024, 2048)  # test pipeline: identity
 
 
