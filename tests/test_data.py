@@ -435,6 +435,8 @@ def test_sampler_shards_cover_the_dataset_and_resume_exactly():
     assert resumed == full[6:]
     seeds = [s for _, s in full]
     assert len(set(seeds)) == len(seeds)
+    # Each rank augments its item of a step with its own seed, not the same crop and flip as the others.
+    assert len({s[0][1] for s in streams}) == world
 
 
 def test_sampler_pads_a_dataset_smaller_than_the_padding():
