@@ -190,6 +190,21 @@ def test_photometric_mode_0_applies_contrast_last_and_skips_off_steps():
     assert out[0, 0].tolist() == [150, 150, 150]
 
 
+def test_photometric_steps_change_what_they_name():
+    """Each step's effect on a coloured pixel (the order tests above use a grey image, on
+    which saturation and hue do nothing): brightness adds the drawn delta, saturation scales
+    S, hue shifts H modulo 180 (cv2's uint8 hue range)."""
+    distort = T.PhotoMetricDistortion()
+    img = np.array([[[200, 100, 50]]], np.uint8)
+    assert distort.brightness(img, ScriptedRNG(randint=[1], uniform=-20.0)).tolist() == [[[180, 80, 30]]]
+    hsv = T.rgb_to_hsv_cv2(img)
+    hsv[..., 1] = hsv[..., 1] // 2
+    assert (distort.saturation(img, ScriptedRNG(randint=[1], uniform=0.5)) == T.hsv_to_rgb_cv2(hsv)).all()
+    red = np.array([[[255, 0, 0]]], np.uint8)  # hue 0: a shift of -5 wraps to 175
+    shifted = T.hsv_to_rgb_cv2(np.array([[[175, 255, 255]]], np.uint8))
+    assert (distort.hue(red, ScriptedRNG(randint=[1, -5])) == shifted).all()
+
+
 def test_brightness_and_contrast_clip_and_truncate():
     img = np.array([[[250, 10, 100]]], np.uint8)
     assert T.PhotoMetricDistortion.convert(img, beta=10.7).tolist() == [[[255, 20, 110]]]
