@@ -27,7 +27,7 @@ IMPLS = [
 SHAPES = [
     pytest.param((1, 3, 16, 24, 4, 6), id="ratio4"),
     pytest.param((2, 4, 17, 23, 5, 3), id="odd"),
-    # 1/8 is not 4x 1/32 (spec §2.4); too slow for the Triton interpreter ("odd" covers it there).
+    # 1/8 is not 4x 1/32 (spec §2.4); the Triton interpreter runs them on one plane.
     pytest.param((2, 3, 129, 257, 33, 65), id="spec_1025x2049"),
     pytest.param((1, 2, 125, 125, 32, 32), id="spec_1000x1000"),
     pytest.param((2, 3, 5, 7, 9, 3), id="low_larger_than_high"),
@@ -106,7 +106,7 @@ def assert_close_to_reference(impl, inputs, grad_out, tol, **run_kwargs):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference_float32(impl, shape):
     if impl == "triton" and triton_device() == "cpu" and shape[2] * shape[3] > 10_000:
-        pytest.skip("large shape: the Triton interpreter takes minutes")
+        shape = (1, 1, *shape[2:])  # the spec's sizes on one plane: the interpreter takes ~30 s for it
     inputs = make_inputs(shape, device=device_of(impl))
     grad_out = torch.randn(inputs[0].shape, device=device_of(impl))
     assert_close_to_reference(impl, inputs, grad_out, TOLERANCES[torch.float32])
