@@ -1,6 +1,7 @@
 """The C++ ops called directly (torch.ops.bisenet_fast.*, past the Python fronts) with None for
 a Tensor argument: the dispatcher passes an undefined tensor, which every kernel refuses by
-name. (An op whose only tensor is None fails in the dispatcher itself: resize_bilinear.)"""
+name. (An op whose only tensor is None fails in the dispatcher itself: resize_bilinear.) And
+the ops without a backward, compiled, with an input that requires grad."""
 import pytest
 import torch
 
@@ -70,3 +71,29 @@ def test_ge_layer_cuda_names_a_cpu_x(op_name):
     args[0] = args[0].cpu()
     with torch.no_grad(), pytest.raises(ValueError, match=f"^{op_name}: x must be a CUDA tensor"):
         op(*args)
+
+
+INFERENCE_ONLY_OPS = ("bga_pointwise_aggregate", "ge_layer_stride1", "ge_layer_stride2", "conv3x3_winograd",
+                      "resize_bilinear")
+
+
+def inference_only_call(op_name):
+    """A valid call of an op without a backward (resize_bilinear's only tensor is x)."""
+    return [torch.randn(1, 2, 4, 4), [8, 8]] if op_name == "resize_bilinear" else valid_calls()[op_name]
+
+
+@pytest.mark.parametrize("op_name", INFERENCE_ONLY_OPS)
+@pytest.mark.parametrize("which", ["first", "last"], ids=["first-tensor", "last-tensor"])
+def test_compiled_inference_only_op_refuses_an_input_that_requires_grad(op_name, which):
+    # Compiled, the kernel runs with grad mode off, past its own refusal (inference_only.h):
+    # the gradient of such an input would silently never arrive. The fake kernel refuses it
+    # while tracing, naming the input, as the kernel does in eager mode.
+    op = getattr(torch.ops.bisenet_fast, op_name)
+    args = inference_only_call(op_name)
+    index = max(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)) if which == "last" else 0
+    args[index].requires_grad_()
+    name = op.default._schema.arguments[index].name
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: op(*a), backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match=f"{op_name} is inference-only \\(no backward\\), but {name} requires grad"):
+        compiled(*args)

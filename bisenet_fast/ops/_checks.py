@@ -124,3 +124,25 @@ def fake_on_one_device(op: str):
         return checked
 
     return decorate
+
+
+def fake_inference_only(op: str, for_training: str):
+    """Decorator of the fake kernel of a C++ op without a backward. A direct torch.ops call
+    under torch.compile is traced through the fake kernel, and the compiled graph then runs
+    the real kernel with grad mode off, past its refusal of inputs that require grad
+    (csrc/common/inference_only.h): their gradients would silently never arrive. The fake
+    kernel refuses them instead, as check_inference_only (`for_training` as there)."""
+
+    def decorate(fake):
+        signature = inspect.signature(fake)
+
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            arguments = signature.bind(*args, **kwargs).arguments
+            check_inference_only(op, {name: value for name, value in arguments.items()
+                                      if isinstance(value, torch.Tensor)}, for_training)
+            return fake(*args, **kwargs)
+
+        return checked
+
+    return decorate

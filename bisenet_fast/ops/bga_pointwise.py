@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import check_inference_only, check_tensor, fake_on_one_device
+from bisenet_fast.ops._checks import check_inference_only, check_tensor, fake_inference_only, fake_on_one_device
 from bisenet_fast.ops._triton_device import on_tensors_device
 from bisenet_fast.ops.bga import TRITON_DTYPES, bga_aggregate_reference, check_bga_inputs
 
@@ -51,6 +51,7 @@ def check_bga_pointwise_inputs(detail_dw, pw_weight, pw_bias, semantic, detail_d
 
 @torch.library.register_fake("bisenet_fast::bga_pointwise_aggregate")
 @fake_on_one_device("bga_pointwise_aggregate")
+@fake_inference_only("bga_pointwise_aggregate", "use bga_aggregate after the conv for training")
 def _bga_pointwise_aggregate_fake(detail_dw, pw_weight, pw_bias, semantic, detail_down, semantic_down):
     return torch.empty_like(detail_dw, memory_format=suggest_memory_format(detail_dw))
 

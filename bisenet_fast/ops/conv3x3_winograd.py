@@ -38,7 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import check_inference_only, check_non_empty, check_tensor, fake_on_one_device
+from bisenet_fast.ops._checks import (
+    check_inference_only,
+    check_non_empty,
+    check_tensor,
+    fake_inference_only,
+    fake_on_one_device,
+)
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -120,6 +126,7 @@ def check_inputs(x, packed_weight, bias):
 
 @torch.library.register_fake("bisenet_fast::conv3x3_winograd")
 @fake_on_one_device("conv3x3_winograd")
+@fake_inference_only("conv3x3_winograd", "use F.conv2d for training")
 def _conv3x3_winograd_fake(x, packed_weight, bias, relu):
     n, _, height, width = x.shape
     return torch.empty((n, packed_weight.shape[2], height, width), dtype=x.dtype, device=x.device,

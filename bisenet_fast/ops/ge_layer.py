@@ -33,6 +33,7 @@ from bisenet_fast import backends
 from bisenet_fast.ops._checks import (
     FLOAT_DTYPES,
     check_inference_only,
+    fake_inference_only,
     fake_on_one_device,
     check_non_empty,
     check_shape,
@@ -301,12 +302,14 @@ def _stride2_size(size):
 
 @torch.library.register_fake("bisenet_fast::ge_layer_stride1")
 @fake_on_one_device("ge_layer_stride1")
+@fake_inference_only("ge_layer_stride1", "train the unfused model")
 def _ge_layer_stride1_fake(x, y, dw_weight, dw_bias, pw_weight, pw_bias):
     return _empty_like_output(x, pw_weight.shape[0], x.shape[2], x.shape[3])
 
 
 @torch.library.register_fake("bisenet_fast::ge_layer_stride2")
 @fake_on_one_device("ge_layer_stride2")
+@fake_inference_only("ge_layer_stride2", "train the unfused model")
 def _ge_layer_stride2_fake(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
     return _empty_like_output(x, pw_weight.shape[0], _stride2_size(x.shape[2]), _stride2_size(x.shape[3]))
 

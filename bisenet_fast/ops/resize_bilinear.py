@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from bisenet_fast import backends
-from bisenet_fast.ops._checks import check_inference_only, check_non_empty, check_tensor, fake_on_one_device
+from bisenet_fast.ops._checks import (
+    check_inference_only,
+    check_non_empty,
+    check_tensor,
+    fake_inference_only,
+    fake_on_one_device,
+)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,6 +62,7 @@ def check_inputs(x, size):
 
 @torch.library.register_fake("bisenet_fast::resize_bilinear")
 @fake_on_one_device("resize_bilinear")
+@fake_inference_only("resize_bilinear", "use F.interpolate for training")
 def _resize_bilinear_fake(x, size):
     return x.new_empty((x.shape[0], x.shape[1], size[0], size[1]))
 
