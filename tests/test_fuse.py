@@ -131,6 +131,19 @@ def test_compiles_once_for_every_input_size(segmentor, image):
             assert_matches(compiled(x), fused(x), 1e-6)
 
 
+@pytest.mark.parametrize("form", ["fused", "unfused"])
+def test_exports_with_dynamic_height_and_width(segmentor, image, form):
+    """As the README says: torch.export with dynamic height and width (33 or more: below that
+    the 1/32-resolution maps have size 1, which torch specialises) gives a program that runs
+    at another height and width, fused or not."""
+    model = segmentor.fuse() if form == "fused" else segmentor
+    height, width = torch.export.Dim("height", min=33), torch.export.Dim("width", min=33)
+    with torch.no_grad():
+        program = torch.export.export(model, (image,), dynamic_shapes=({2: height, 3: width},))
+        for x in (image, torch.randn(2, 3, 33, 161, generator=torch.Generator().manual_seed(3))):
+            assert_matches(program.module()(x), model(x), 1e-6)
+
+
 def test_autocast_around_the_fused_model_has_no_effect(segmentor, image):
     """The fused model computes in the dtype it was fused to; an enclosing autocast (which
     would cast ATen's conv outputs but not the fused ops' weights) is switched off inside."""
