@@ -121,4 +121,4 @@ def _row(case, impl, inputs, timing, eager, dtype, bytes_moved):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(["--only", "bench_bga", *sys.argv[1:]]))
+    sys.exit(cli(module="bench_bga"))

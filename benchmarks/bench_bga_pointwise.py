@@ -114,4 +114,4 @@ def _row(case, impl, inputs, timing, eager, dtype, bytes_moved):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(["--only", "bench_bga_pointwise", *sys.argv[1:]]))
+    sys.exit(cli(module="bench_bga_pointwise"))

@@ -65,4 +65,4 @@ def run(device: str, quick: bool):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(["--only", "bench_conv3x3_winograd", *sys.argv[1:]]))
+    sys.exit(cli(module="bench_conv3x3_winograd"))

@@ -113,4 +113,4 @@ def run(device: str, quick: bool):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(["--only", "bench_ge_expand_train", *sys.argv[1:]]))
+    sys.exit(cli(module="bench_ge_expand_train"))

@@ -166,4 +166,4 @@ def _row(case: dict, impl: str, layout: str, timing: dict, base: dict, dtype: to
 
 
 if __name__ == "__main__":
-    sys.exit(cli(["--only", "bench_ge_layer", *sys.argv[1:]]))
+    sys.exit(cli(module="bench_ge_layer"))

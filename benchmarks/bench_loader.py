@@ -55,4 +55,4 @@ def run(device: str = "cpu", quick: bool = True):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(["--only", "bench_loader", *sys.argv[1:]]))
+    sys.exit(cli(module="bench_loader"))

@@ -171,4 +171,4 @@ def run(device: str, quick: bool, compile_mode: str | None = None, compile_rows:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(["--only", "bench_model", *sys.argv[1:]]))
+    sys.exit(cli(module="bench_model"))

@@ -45,4 +45,4 @@ def run(device: str, quick: bool):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(["--only", "bench_resize_bilinear", *sys.argv[1:]]))
+    sys.exit(cli(module="bench_resize_bilinear"))

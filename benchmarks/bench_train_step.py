@@ -148,4 +148,4 @@ def run(device: str = "cpu", quick: bool = True):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(["--only", "bench_train_step", *sys.argv[1:]]))
+    sys.exit(cli(module="bench_train_step"))

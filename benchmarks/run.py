@@ -1,7 +1,7 @@
 """Run every benchmark module (benchmarks/bench_*.py), print one table, write JSON.
 
     python -m benchmarks.run [--device cuda] [--quick] [--only ohem,bga] [--out results.json]
-    python -m benchmarks.bench_bga [same options]      (one module)
+    python -m benchmarks.bench_bga [same options but --only]   (that module alone)
 
 Each module exposes run(device: str, quick: bool) -> an iterable of row dicts (a generator,
 so that every row is kept as soon as it is measured); modules that build torch.compile
@@ -235,13 +235,20 @@ def run_module_isolated(name: str, results: Results, device: str, quick: bool, c
     return results
 
 
-def main(argv=None) -> int:
+def main(argv=None, module: str | None = None) -> int:
+    """The command line; `module` (e.g. "bench_bga"): `python -m benchmarks.<module>`, which
+    runs that module alone and has no --only."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{module}" if module else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Run the {module} benchmarks; the options and the output are benchmarks.run's." if module
+        else __doc__,
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes (CI-sized)")
-    parser.add_argument("--only", default="", help="comma-separated module names (bga, bench_bga) or substrings "
-                                                   "of them (ohem), run in this order")
+    if not module:
+        parser.add_argument("--only", default="", help="comma-separated module names (bga, bench_bga) or substrings "
+                                                       "of them (ohem), run in this order")
     parser.add_argument("--out", default=None, help="write the rows and metadata as JSON here")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode of the compiled baselines (default: max-autotune-no-cudagraphs "
@@ -257,7 +264,7 @@ def main(argv=None) -> int:
     parser.add_argument("--append", action="store_true", help="add to the results already at --out")
     args = parser.parse_args(argv)
     try:
-        names = modules([s for s in args.only.split(",") if s])
+        names = modules([module] if module else [s for s in args.only.split(",") if s])
     except ValueError as err:
         parser.error(str(err))
     if args.append and not (args.out and os.path.exists(args.out)):

@@ -264,6 +264,22 @@ def _three_modules(monkeypatch):
     monkeypatch.setattr(runner, "modules", lambda only: ["bench_a", "bench_b", "bench_c"])
 
 
+def test_a_module_command_runs_that_module_alone(tmp_path, monkeypatch, capsys):
+    """`python -m benchmarks.bench_c` took a user's --only over its own module (argparse keeps
+    the last --only), and its --help described every module's run."""
+    _three_modules(monkeypatch)
+    monkeypatch.setattr(runner, "modules", lambda only: only)
+    out = tmp_path / "bench.json"
+    assert runner.main(["--device", "cpu", "--out", str(out)], module="bench_c") == 0
+    assert [r["op"] for r in json.loads(out.read_text())["rows"]] == ["bench_c"]
+    with pytest.raises(SystemExit) as exit_:
+        runner.main(["--only", "bench_a"], module="bench_c")
+    assert exit_.value.code == 2 and "unrecognized arguments: --only bench_a" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["--help"], module="bench_c")
+    assert "usage: python -m benchmarks.bench_c" in capsys.readouterr().out
+
+
 def test_compile_rows_come_after_every_module_other_rows(tmp_path, monkeypatch):
     """Minutes of compiling in the first modules must not push a later module's fused rows
     past a lent GPU's deadline: every module's other rows first, then the compile rows."""
