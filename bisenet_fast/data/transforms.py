@@ -3,7 +3,12 @@
 Images are uint8 HxWx3 arrays in **RGB** order (PIL's order). mmseg works on cv2's BGR
 images and swaps to RGB in Normalize; every step before that is either channel-order
 independent or (HSV) written for RGB input so that it equals cv2's BGR2HSV on the BGR
-image. The results are identical to mmseg's (mmcv 1.x, cv2 backend), resize included.
+image. The results are identical to mmseg's (mmcv 1.x, cv2 backend), resize included, with
+one exception: cv2 converts HSV back to BGR in SIMD lanes and the few pixels a row's width
+leaves over in scalar code, which rounds instead of truncating; this module truncates
+everywhere, so at widths that are not a multiple of cv2's lane count (not Cityscapes' 1024
+crops) those last pixels of a row may differ by one grey level after a hue or saturation
+change (hsv_to_rgb_cv2).
 
 Bilinear resize is cv2.resize(INTER_LINEAR) on uint8, reproduced in numpy integer arithmetic
 (resize_bilinear_uint8; checked against opencv-python-headless 4.10.0 and 5.0.0 on x86_64: 0 of
