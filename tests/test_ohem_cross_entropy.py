@@ -601,6 +601,25 @@ def test_cpp_gradient_is_nan_where_the_reference_s_is():
 
 
 @pytest.mark.parametrize("backend, device", fused_backends())
+@pytest.mark.parametrize("shape, bad_pixel", [((1, 3, 5, 4, 3, 8), (2, 1)), ((1, 3, 3, 40, 7, 150), (1, 20))],
+                         ids=["rows-5-to-3", "wide-upsampled"])
+def test_gradient_is_nan_wherever_the_reference_s_is(backend, device, shape, bad_pixel):
+    # 5 -> 3 rows: output row 1 reads head rows 2 and 3 with weights 1 and exactly 0, so a
+    # NaN logit in head row 2 reaches row 3's gradient only as 0 * NaN; the Triton backward
+    # used to skip rows of weight 0 and left row 3 finite. A kernel may spread the NaN wider
+    # (README: the Triton backward's column tile), never narrower.
+    logits, target = make_inputs(shape, device=device)
+    target.fill_(1)
+    logits[0, 0, bad_pixel[0], bad_pixel[1]] = float("nan")
+    ref_loss, ref_grad = loss_and_grad("eager", logits, target, thresh=0.7, min_kept=3)
+    loss, grad = loss_and_grad(backend, logits, target, thresh=0.7, min_kept=3)
+    assert ref_loss.isnan() and loss.isnan()
+    assert not (ref_grad.isnan() & ~grad.isnan()).any(), "finite gradient where the reference's is NaN"
+    finite = ~grad.isnan()
+    torch.testing.assert_close(grad[finite], ref_grad[finite], **GRAD_TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("backend, device", fused_backends())
 def test_a_minus_inf_logit_of_another_class_keeps_the_loss_finite(backend, device):
     # 4x4 -> 8x8: the readers of head pixel (2, 2) all read it with a non-zero weight (a zero
     # weight times -inf would make NaN), so its -inf in class 0, the class an online softmax

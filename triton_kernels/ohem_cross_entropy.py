@@ -126,8 +126,10 @@ def _backward_kernel(logits_ptr, target_ptr, threshold_ptr, coef_ptr, grad_ptr,
         y = y_lo + dy
         yi0, yi1, wy0, wy1 = linear_tap(y, h, scale_h)
         wy = tl.where(yi0 == i, wy0, 0.0) + tl.where(yi1 == i, wy1, 0.0)
-        wy = tl.where(y < H, wy, 0.0)
-        if wy != 0.0:
+        # A row that reads head row i with weight 0 still counts: its gradient times 0 adds
+        # nothing when finite, but a NaN (from a non-finite logit) must reach row i as
+        # 0 * NaN does in the reference.
+        if ((yi0 == i) | (yi1 == i)) & (y < H):
             for x_start in range(0, x_span, BLOCK_X):
                 x = x_lo + x_start + tl.arange(0, BLOCK_X)
                 mask = x < W
