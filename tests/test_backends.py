@@ -186,6 +186,33 @@ def test_triton_interpreter_switched_on_after_import_is_refused():
     assert out.startswith("False\n") and "TRITON_INTERPRET=1 before importing bisenet_fast" in out, out
 
 
+@pytest.mark.skipif(CUDA, reason="the interpreter matters for CPU tensors only")
+@pytest.mark.skipif(not bf.backends.triton_interpreted(), reason="needs TRITON_INTERPRET=1 at import")
+@pytest.mark.parametrize("op", ["ge_layer_stride1", "bga_pointwise_aggregate"])
+def test_triton_interpreter_switched_off_after_import_still_computes_bfloat16_dots(monkeypatch, op):
+    """The kernels stay interpreted once imported, but whether to upcast bfloat16 tl.dot
+    operands (the interpreter multiplies them as raw bits) was read from the environment at
+    each call: with TRITON_INTERPRET unset later, results came out ~1e10 off, silently."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).bfloat16()
+
+    if op == "ge_layer_stride1":
+        x, y = rand(1, 16, 5, 5), rand(1, 16, 5, 5)
+        args = (x, y, rand(96, 1, 3, 3, scale=0.3), rand(96, scale=0.1), rand(16, 96, scale=0.1), rand(16, scale=0.1))
+        run, reference = bf.ops.ge_layer_stride1, bf.ops.ge_layer_stride1_reference
+    else:
+        args = (rand(1, 16, 8, 8), rand(16, 16, scale=0.3), rand(16, scale=0.1), *(rand(1, 16, 2, 2) for _ in range(3)))
+        run, reference = bf.ops.bga_pointwise_aggregate, bf.ops.bga_pointwise_aggregate_reference
+    expected = reference(*(a.float() for a in args))
+    with torch.no_grad(), bf.backends.use("triton"):
+        run(*args)  # the kernels' module is imported (and the kernels decorated) at the first call
+        monkeypatch.delenv("TRITON_INTERPRET")
+        out = run(*args)
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
 def test_triton_older_than_the_tested_releases_is_refused_with_its_reason(monkeypatch):
     monkeypatch.setattr(bf.backends, "_triton_version", lambda: (3, 1))
     assert "triton" not in bf.backends.available()
