@@ -177,11 +177,14 @@ def use(name: str, ops: Iterable[str] | None = None) -> Iterator[str]:
             raise ValueError(f"use(): unknown op name(s) {unknown}; expected names from {OPS}")
     _require_available(name)
     stack = _local.__dict__.setdefault("stack", [])
-    stack.append((name, ops))
+    entry = (name, ops)
+    stack.append(entry)
     try:
         yield name
     finally:
-        stack.pop()
+        # This block's own entry, not the last one: generators and coroutines can leave their
+        # use() blocks in another order than they entered them.
+        del stack[max(i for i, other in enumerate(stack) if other is entry)]
 
 
 def use_or_current(name: str | None) -> contextlib.AbstractContextManager[str]:

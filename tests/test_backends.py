@@ -35,6 +35,22 @@ def test_use_forces_and_restores():
     assert bf.backends.current() == "auto"
 
 
+def test_use_blocks_left_out_of_order_remove_their_own_choice():
+    """Generators (coroutines too) can leave use() blocks in another order than they entered
+    them: the first to leave removed the other's choice, and its own went on applying."""
+    def forcing(name):
+        with bf.backends.use(name):
+            yield
+
+    first, second = forcing("eager"), forcing("cpp")
+    next(first)
+    next(second)
+    first.close()
+    assert bf.backends.current() == "cpp"
+    second.close()
+    assert bf.backends.current() == "auto"
+
+
 def test_cpu_kernels_step_aside_for_another_forced_backend():
     cpu = torch.device("cpu")
     assert bf.backends.cpu_kernel_selected(cpu)
