@@ -24,6 +24,7 @@ import csv
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -180,13 +181,18 @@ def stop_workers(batches) -> None:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the iteration and exits."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the iteration and exits.
+
+    Only the main thread can install the handlers (Python runs them there): train() called in
+    another thread runs without them, and a signal acts on the process as it would otherwise."""
 
     def __init__(self):
         self.signum = None
         self.previous = {}
 
     def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal.signal would raise ValueError
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self.handle)
         return self

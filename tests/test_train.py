@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +334,24 @@ def test_channels_last_trains_like_nchw(tiny_data, tmp_path):
     for key in first_nchw:
         assert float(first_nhwc[key]) == pytest.approx(float(first_nchw[key]), rel=1e-4), key
     assert all(math.isfinite(float(v)) for row in read_log(tmp_path / "nhwc") for v in row.values())
+
+
+def test_train_runs_outside_the_main_thread(tiny_data, tmp_path):
+    """Only the main thread may install signal handlers: train() called in another thread (a
+    notebook's, a job runner's) failed at once with "signal only works in main thread"."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = train(tiny_recipe(tiny_data, iters=2), tmp_path, backend="eager", threads=1, log=None)
+        except Exception as err:  # noqa: BLE001 - an exception in a thread would only be printed; asserted below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"]["iteration"] == 2 and outcome["result"]["checkpoint"].exists()
 
 
 def test_truncated_checkpoint_is_a_clear_error(tiny_data, tmp_path):
