@@ -26,6 +26,14 @@ class DistContext:
         return self.rank == 0
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's or a batch
+    job's cpuset), which os.cpu_count(), every core of the machine, ignores."""
+    if hasattr(os, "sched_getaffinity"):  # not on macOS or Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def init_distributed(device: str | None = None) -> DistContext:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; joins the group when WORLD_SIZE > 1.
     device None: cuda:<local_rank> when a GPU exists, else cpu."""

@@ -20,7 +20,7 @@ from bisenet_fast.cli_args import POSITIVE_INT
 from bisenet_fast.checkpoint import read_checkpoint
 from bisenet_fast.configs import load_recipe, recipe_names
 from bisenet_fast.data.cityscapes import CityscapesDataset, class_names
-from bisenet_fast.distributed import DistContext, init_distributed, leave_distributed
+from bisenet_fast.distributed import DistContext, init_distributed, leave_distributed, usable_cores
 from bisenet_fast.inference import predict_probs
 from bisenet_fast.metrics import IoUAccumulator, format_table
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         print(f"evaluate: {args.checkpoint} was trained with recipe {written_by!r}; evaluating with "
               f"{recipe.get('name')!r}'s test settings as --recipe asks", file=sys.stderr)
     if ctx.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
+        torch.set_num_threads(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))))
     amp = args.amp if args.amp is not None else recipe_eval_amp(recipe, ctx.device)
     if args.autotune and not args.fused:
         raise SystemExit("evaluate: --autotune tunes the inference form; use it with --fused")

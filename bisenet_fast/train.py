@@ -41,7 +41,7 @@ from bisenet_fast.data.sampler import InfiniteShardedSampler
 from bisenet_fast.data.transforms import IGNORE_INDEX, PhotoMetricDistortion, TrainPipeline
 from bisenet_fast.distributed import (DistContext, any_rank, broadcast_bn_statistics, gather_objects,
                                       heads_to_sync_bn, init_distributed, leave_distributed, max_over_ranks,
-                                      mean_over_ranks)
+                                      mean_over_ranks, usable_cores)
 from bisenet_fast.evaluate import AMP_DTYPES, evaluate_model, recipe_eval_amp
 from bisenet_fast.metrics import format_table
 from bisenet_fast.models import use_fused_ge_training, use_recomputing_detail_branch
@@ -289,11 +289,12 @@ class CsvLog:
 
 
 def cpu_threads_per_process(ctx: DistContext, loader_workers: int) -> int:
-    """The cores shared out among this machine's processes (torchrun's LOCAL_WORLD_SIZE), less
+    """The cores this job may use (usable_cores) shared out among its processes on this machine
+    (torchrun's LOCAL_WORLD_SIZE), less
     the DataLoader workers when the model also runs on the CPU: OpenMP threads that have to share
     a core with other busy processes spin waiting for each other and slow every step down."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    cores = (os.cpu_count() or 1) // local_world
+    cores = usable_cores() // local_world
     return max(1, cores - (loader_workers if ctx.device.type == "cpu" else 0))
 
 

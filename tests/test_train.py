@@ -112,6 +112,24 @@ def test_lr_schedule_of_the_published_recipes(iteration, expected):
     assert poly_lr(iteration) == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("affinity, local_world, workers, device, expected", [
+    (range(8), 1, 0, "cpu", 8),
+    (range(8), 2, 1, "cpu", 3),   # 4 cores each, one of them left to the loader worker
+    (range(8), 2, 1, "cuda", 4),  # the model runs on the GPU: the workers take no core from it
+    ([0], 1, 0, "cpu", 1),        # taskset -c 0 on a bigger machine
+    ([0, 1], 4, 2, "cpu", 1),     # never fewer than one
+])
+def test_cpu_threads_per_process_counts_the_cores_this_process_may_use(monkeypatch, affinity, local_world, workers,
+                                                                       device, expected):
+    """os.cpu_count() counts every core of the machine: under taskset or a job's cpuset, train()
+    and evaluate set more threads than the process may run, where torch's own default did not."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    ctx = DistContext(world_size=local_world, device=torch.device(device))
+    assert train_module.cpu_threads_per_process(ctx, workers) == expected
+
+
 def test_one_optimizer_step_is_plain_sgd():
     torch.manual_seed(0)
     model = bf.BiSeNetV2Segmentor(num_classes=19)
