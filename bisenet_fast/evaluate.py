@@ -57,23 +57,25 @@ def evaluate_model(model, dataset, ctx: DistContext, test_cfg: dict, aug_test=Fa
     the histograms are summed over ranks. Returns metrics.IoUAccumulator.result()."""
     was_training = model.training
     model.eval()
-    ratios = tuple(test_cfg["aug_ratios"]) if aug_test else (1.0,)
-    flip = bool(test_cfg.get("aug_flip", True)) and aug_test
-    acc = IoUAccumulator(num_classes, device=ctx.device)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    start = time.perf_counter()
-    for n, i in enumerate(range(ctx.rank, count, ctx.world_size)):
-        image, label = dataset[i]
-        probs = predict_probs(model, image, tuple(test_cfg["img_scale"]), ratios, flip, amp_dtype)
-        try:
-            acc.update(probs.argmax(dim=0), label.to(probs.device))
-        except ValueError as err:
-            raise ValueError(f"{label_name(dataset, i)}: {err} (labelIds not yet converted to trainIds? run "
-                             "python -m bisenet_fast.data.convert <root>)") from err
-        if ctx.is_main and log and (n + 1) % 50 == 0:
-            log(f"eval {(n + 1) * ctx.world_size}/{count} images, {time.perf_counter() - start:.0f} s")
-    acc.all_reduce()
-    model.train(was_training)
+    try:  # the model goes back to training mode on an error (or Ctrl-C) too
+        ratios = tuple(test_cfg["aug_ratios"]) if aug_test else (1.0,)
+        flip = bool(test_cfg.get("aug_flip", True)) and aug_test
+        acc = IoUAccumulator(num_classes, device=ctx.device)
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        start = time.perf_counter()
+        for n, i in enumerate(range(ctx.rank, count, ctx.world_size)):
+            image, label = dataset[i]
+            probs = predict_probs(model, image, tuple(test_cfg["img_scale"]), ratios, flip, amp_dtype)
+            try:
+                acc.update(probs.argmax(dim=0), label.to(probs.device))
+            except ValueError as err:
+                raise ValueError(f"{label_name(dataset, i)}: {err} (labelIds not yet converted to trainIds? run "
+                                 "python -m bisenet_fast.data.convert <root>)") from err
+            if ctx.is_main and log and (n + 1) % 50 == 0:
+                log(f"eval {(n + 1) * ctx.world_size}/{count} images, {time.perf_counter() - start:.0f} s")
+        acc.all_reduce()
+    finally:
+        model.train(was_training)
     return acc.result()
 
 

@@ -598,16 +598,20 @@ def test_a_stop_before_an_evaluation_leaves_it_to_the_resumed_run(tiny_data, tmp
         assert [row["iteration"] for row in csv.DictReader(f)] == ["2", "4"]
 
 
-def test_evaluating_unconverted_labels_names_the_file_and_the_converter(tiny_data, tmp_path):
+def test_evaluating_unconverted_labels_names_the_file_and_the_converter_and_restores_training_mode(tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     for label in (data / "gtFine" / "val").rglob("*_labelTrainIds.png"):
         Image.fromarray(np.full((32, 64), 26, dtype=np.uint8)).save(label)  # a labelId: car
     dataset = CityscapesDataset(data, "val")
+    model = bf.BiSeNetV2Segmentor().train()
     with pytest.raises(ValueError, match=re.escape(f"{dataset.pairs[0][1]}: label values must be in [0, 19) or 255 "
                                                    "(labelIds not yet converted to trainIds? run python -m "
                                                    "bisenet_fast.data.convert <root>)")):
-        evaluate_model(bf.BiSeNetV2Segmentor(), dataset, DistContext(), load_recipe("synthetic")["test"])
+        evaluate_model(model, dataset, DistContext(), load_recipe("synthetic")["test"])
+    # Left in eval mode, a caller that goes on training would train with frozen BatchNorm
+    # statistics and no dropout, silently.
+    assert all(module.training for module in model.modules())
 
 
 def test_an_error_while_loader_workers_run_ends_the_process(tiny_data, tmp_path):
