@@ -304,7 +304,9 @@ def train(recipe: dict, work_dir: str | os.PathLike, *, resume: str | None = Non
     """Runs (or continues) training; returns {'iteration', 'checkpoint', 'metrics', 'stopped_by'}.
     backend: bisenet_fast's kernels (default: the current choice, see backends.use_or_current);
     threads: torch CPU threads per process (default: cpu_threads_per_process); recompute and
-    channels_last: see build_model (the batches follow channels_last too)."""
+    channels_last: see build_model (the batches follow channels_last too).
+    Like a training script, it sets process-wide state and leaves it set: torch's CPU thread
+    count, cudnn.benchmark/deterministic (from `deterministic`) and the torch RNG's seed."""
     check_training_options(recipe, seed)
     ctx = init_distributed(device)
     work_dir = Path(work_dir)

@@ -201,7 +201,8 @@ class FusedGELayer(InferenceModule):
             self.register_buffer(name, value.float().contiguous())
         # The Triton kernels' layout of the same weights, packed once here rather than on
         # every call; not in the state_dict (derived, and repacked when one is loaded), but
-        # moved and cast with the module.
+        # moved and cast with the module. Weights changed any other way (in place, or swapped
+        # by torch.func.functional_call) leave them stale: call _repack() after.
         self.packed_names = []
         for i, value in enumerate(self._pack()):
             self.packed_names.append(f"triton_packed_{i}")
@@ -458,7 +459,10 @@ def capture_cuda_graph(model: nn.Module, example: torch.Tensor, warmup: int = 3)
     For fixed input sizes on a GPU: run(x) copies x (same shape, dtype and device as
     `example`) into the graph's static input and replays every kernel in one launch. The
     returned tensor is the graph's static output, overwritten by the next call: clone it
-    to keep it. Kernels are compiled/autotuned during the `warmup` eager calls first.
+    to keep it. Kernels are compiled/autotuned during the `warmup` eager calls first. The
+    graph holds the addresses of the model's buffers: weights loaded in place
+    (load_state_dict) are seen by later replays, but a model cast or moved after capture
+    (.half(), .to()) leaves the graph reading freed memory; capture again after either.
 
         fused = model.fuse(dtype=torch.float16).cuda()
         run = capture_cuda_graph(fused, torch.empty(1, 3, 1024, 2048, device="cuda"))
