@@ -11,6 +11,11 @@ and on CUDA the op's preferred GPU backend among those available. `use(name)` (a
 context manager, thread-local; `use(name, ops=[...])` for the named ops only) or the
 BISENET_FAST_BACKEND environment variable force one; a forced backend that cannot run the
 call raises instead of silently running something else.
+
+Being thread-local, a `use()` block does not reach work that torch runs on other threads:
+nn.DataParallel's replicas, and the forward that torch.utils.checkpoint recomputes during a
+CUDA backward (autograd's device thread). Force a backend for those through
+BISENET_FAST_BACKEND, or inside the module's own forward.
 """
 from __future__ import annotations
 
