@@ -143,20 +143,8 @@ def check_stride2_inputs(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_we
     if not _stride2_valid(x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight,
                           sc_dw_bias, sc_pw_weight, sc_pw_bias):  # find what is wrong
         _check_activations(x, y)
-        cin = x.shape[1]
-        mid = _check_mid("dw0_weight", dw0_weight, cin, x)
-        _check_weight("dw0_bias", dw0_bias, (mid,), x)
-        _check_weight("dw1_weight", dw1_weight, (mid, 1, 3, 3), x)
-        _check_weight("dw1_bias", dw1_bias, (mid,), x)
-        check_tensor("pw_weight", pw_weight, dim=2, dtypes=(x.dtype,), device=x.device)
-        cout = pw_weight.shape[0]
-        if pw_weight.shape[1] != mid or cout == 0:
-            raise ValueError(f"pw_weight must have shape (cout, {mid}), got {tuple(pw_weight.shape)}")
-        _check_weight("pw_bias", pw_bias, (cout,), x)
-        _check_weight("sc_dw_weight", sc_dw_weight, (cin, 1, 3, 3), x)
-        _check_weight("sc_dw_bias", sc_dw_bias, (cin,), x)
-        _check_weight("sc_pw_weight", sc_pw_weight, (cout, cin), x)
-        _check_weight("sc_pw_bias", sc_pw_bias, (cout,), x)
+        _check_stride2_weights_for(x.shape[1], x, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
+                                   sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias)
     check_inference_only(
         "ge_layer_stride2",
         dict(zip(STRIDE2_ARGUMENTS, (x, y, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias, sc_dw_weight,
@@ -200,9 +188,13 @@ def _check_stride2_weights(dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight
     cin = sc_dw_weight.shape[0]
     if cin == 0:
         raise ValueError(f"sc_dw_weight must have shape (cin, 1, 3, 3) with cin > 0, got {tuple(sc_dw_weight.shape)}")
-    like = sc_dw_weight
-    _check_weight("sc_dw_weight", sc_dw_weight, (cin, 1, 3, 3), like)
-    _check_weight("sc_dw_bias", sc_dw_bias, (cin,), like)
+    _check_stride2_weights_for(cin, sc_dw_weight, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
+                               sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias)
+
+
+def _check_stride2_weights_for(cin, like, dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight, pw_bias,
+                               sc_dw_weight, sc_dw_bias, sc_pw_weight, sc_pw_bias):
+    """The stride-2 weights of a layer of cin input channels, each of like's dtype and device."""
     mid = _check_mid("dw0_weight", dw0_weight, cin, like)
     _check_weight("dw0_bias", dw0_bias, (mid,), like)
     _check_weight("dw1_weight", dw1_weight, (mid, 1, 3, 3), like)
@@ -212,6 +204,8 @@ def _check_stride2_weights(dw0_weight, dw0_bias, dw1_weight, dw1_bias, pw_weight
     if pw_weight.shape[1] != mid or cout == 0:
         raise ValueError(f"pw_weight must have shape (cout, {mid}), got {tuple(pw_weight.shape)}")
     _check_weight("pw_bias", pw_bias, (cout,), like)
+    _check_weight("sc_dw_weight", sc_dw_weight, (cin, 1, 3, 3), like)
+    _check_weight("sc_dw_bias", sc_dw_bias, (cin,), like)
     _check_weight("sc_pw_weight", sc_pw_weight, (cout, cin), like)
     _check_weight("sc_pw_bias", sc_pw_bias, (cout,), like)
 
