@@ -290,9 +290,9 @@ class CsvLog:
 
 def cpu_threads_per_process(ctx: DistContext, loader_workers: int) -> int:
     """The cores this job may use (usable_cores) shared out among its processes on this machine
-    (torchrun's LOCAL_WORLD_SIZE), less
-    the DataLoader workers when the model also runs on the CPU: OpenMP threads that have to share
-    a core with other busy processes spin waiting for each other and slow every step down."""
+    (torchrun's LOCAL_WORLD_SIZE), less the DataLoader workers when the model also runs on the
+    CPU: OpenMP threads that have to share a core with other busy processes spin waiting for
+    each other and slow every step down."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
     cores = usable_cores() // local_world
     return max(1, cores - (loader_workers if ctx.device.type == "cpu" else 0))
