@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
