@@ -30,14 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from bisenet_fast.ops._checks import MAX_GRID_YZ
+from bisenet_fast.ops._checks import MAX_GRID_YZ, check_grid_extent
 from bisenet_fast.triton_kernels.bilinear import first_dst_with_i0_at_least, linear_tap_of_sizes
 
 BLOCK = 1024
 BLOCK_BACKWARD = 256
-# CUDA's bound on a grid's y and z extents: the forward's rows take y (a larger height is
-# refused), its planes z (the programs loop over planes beyond it).
-MAX_GRID_Y = MAX_GRID_Z = MAX_GRID_YZ
+# The forward's rows take the grid's y (a larger height is refused), its planes z (the
+# programs loop over planes beyond CUDA's bound; a name of its own for tests to lower).
+MAX_GRID_Z = MAX_GRID_YZ
 _SIZES = ["total", "H", "W", "h", "w", "K"]
 
 
@@ -170,8 +170,7 @@ def check_forward_sizes(detail: torch.Tensor, channels_last: bool, semantic: tor
     semantic (whose taps' positions in a row, ci * K + k, are 32-bit too; semantic may be
     wider than detail: any h, w)."""
     _n, c, H, W = detail.shape
-    if H > MAX_GRID_Y:
-        raise ValueError(f"bga_aggregate (Triton kernel): detail height must be <= {MAX_GRID_Y}, got {H}")
+    check_grid_extent("bga_aggregate (Triton kernel)", H, f"detail's height {H}", "use the cpp or cuda backend")
     for name, t in (("detail", detail), ("semantic", semantic)):
         if t is None:
             continue
